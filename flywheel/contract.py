@@ -1,0 +1,163 @@
+"""Feedback contract v1: one event per JSON line, checked field by field.
+
+The JSON Schema shipped beside this module (``feedback-v1.schema.json``) is generated from these
+models (``flywheel contract schema``) and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+SCHEMA_PATH = Path(__file__).with_name("feedback-v1.schema.json")
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+DEFAULT_MAX_CHARS = 16000
+DEFAULT_MAX_TURNS = 64
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_text(value: str, info: ValidationInfo) -> str:
+    limit = (info.context or {}).get("max_text_chars", DEFAULT_MAX_CHARS)
+    if not value.strip():
+        raise ValueError("text is empty")
+    if len(value) > limit:
+        raise ValueError(f"text is {len(value)} characters, over the limit of {limit}")
+    return value
+
+
+class Message(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    _content = field_validator("content")(_check_text)
+
+
+class Thumbs(_Model):
+    type: Literal["thumbs"]
+    value: Literal["up", "down"]
+
+
+class Rating(_Model):
+    type: Literal["rating"]
+    value: int = Field(ge=1, le=5)
+
+
+class Preference(_Model):
+    """``response`` was preferred over ``rejected``."""
+
+    type: Literal["preference"]
+    rejected: str
+
+    _rejected = field_validator("rejected")(_check_text)
+
+
+class Correction(_Model):
+    type: Literal["correction"]
+    text: str
+
+    _text = field_validator("text")(_check_text)
+
+
+Feedback = Annotated[Union[Thumbs, Rating, Preference, Correction], Field(discriminator="type")]
+
+
+class FeedbackEvent(_Model):
+    """One piece of user feedback on one assistant answer."""
+
+    schema_version: Literal[1] = 1
+    event_id: str = Field(min_length=1, max_length=128)
+    timestamp: str = Field(description="RFC 3339, e.g. 2026-11-27T10:00:00Z")
+    conversation_id: str = Field(min_length=1, max_length=128)
+    model_version: str = Field(min_length=1, max_length=128)
+    prompt: list[Message] = Field(min_length=1)
+    response: str
+    user_id: str | None = Field(None, max_length=128)
+    feedback: Feedback
+
+    _response = field_validator("response")(_check_text)
+
+    @field_validator("timestamp")
+    @classmethod
+    def _rfc3339(cls, value: str) -> str:
+        if not _RFC3339.match(value):
+            raise ValueError("not an RFC 3339 timestamp (e.g. 2026-11-27T10:00:00Z)")
+        try:
+            datetime.fromisoformat(value.replace("z", "Z"))
+        except ValueError as exc:
+            raise ValueError(f"not a valid date and time: {exc}") from None
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _turns(cls, value: list[Message], info: ValidationInfo) -> list[Message]:
+        limit = (info.context or {}).get("max_turns", DEFAULT_MAX_TURNS)
+        if len(value) > limit:
+            raise ValueError(f"{len(value)} turns, over the limit of {limit}")
+        if not any(m.role == "user" for m in value):
+            raise ValueError("the prompt has no user turn")
+        return value
+
+    @model_validator(mode="after")
+    def _two_answers(self) -> "FeedbackEvent":
+        if isinstance(self.feedback, Preference) and self.feedback.rejected == self.response:
+            raise ValueError("feedback.rejected equals response; a preference needs two different answers")
+        return self
+
+
+class ContractError(ValueError):
+    """A line that breaks the contract; ``reason`` names the field and the problem."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def format_errors(err: ValidationError) -> str:
+    """Field-level errors on one line: ``feedback.value: Input should be 'up' or 'down'; ...``."""
+    parts = []
+    for e in err.errors(include_url=False):
+        loc = ".".join(str(p) for p in e["loc"]) or "event"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_event(line: str | bytes, max_text_chars: int = DEFAULT_MAX_CHARS,
+                max_turns: int = DEFAULT_MAX_TURNS) -> FeedbackEvent:
+    """Parse one JSON line into an event, or raise ``ContractError`` naming what is wrong."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ContractError(f"not valid UTF-8 (byte {exc.start})") from None
+    context = {"max_text_chars": max_text_chars, "max_turns": max_turns}
+    try:
+        return FeedbackEvent.model_validate_json(line, context=context)
+    except ValidationError as exc:
+        if exc.errors() and exc.errors()[0]["type"] == "json_invalid":
+            raise ContractError(f"invalid JSON: {exc.errors()[0]['ctx'].get('error', '')}") from None
+        if exc.errors() and exc.errors()[0]["type"] in ("model_type", "model_attributes_type"):
+            raise ContractError("a line must be a JSON object") from None
+        raise ContractError(format_errors(exc)) from None
+
+
+def json_schema() -> dict:
+    """The contract as a JSON Schema (draft 2020-12)."""
+    schema = FeedbackEvent.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://flywheel.dev/schemas/feedback-v1.json"
+    schema["title"] = "Flywheel feedback event, contract v1"
+    return schema
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,214 @@
+"""The one settings object: read once at each entry point, passed down as typed values.
+
+Precedence: environment variables (``FLYWHEEL_<KEY>``) over ``params.yaml`` over defaults. Every path
+and URI is made absolute from the workspace root. A bad value fails here, naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "FLYWHEEL_"
+_URI_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
+
+
+class SettingsError(ValueError):
+    """A setting or parameter is missing, misspelt or has a bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathSettings(_Strict):
+    raw_store: str = "data/raw"
+    quarantine: str = "data/quarantine"
+    prepared: str = "data/prepared"
+    reports: str = "reports"
+    models: str = "models"
+    tracking_uri: str = "mlruns.db"
+    registry_uri: str = ""
+    artifact_root: str = "mlartifacts"
+    feedback_store: str = "feedback.db"
+    dvc_remote: str = ""
+    airflow_home: str = ".airflow"
+
+
+class ContractParams(_Strict):
+    max_text_chars: int = Field(16000, gt=0)
+    max_turns: int = Field(64, gt=0)
+    max_line_bytes: int = Field(262144, gt=0)
+
+
+class IngestChecks(_Strict):
+    max_empty_answer_rate: float = Field(0.05, ge=0, le=1)
+    max_duplicate_answer_rate: float = Field(0.5, ge=0, le=1)
+    min_positive_rate: float = Field(0.05, ge=0, le=1)
+    max_positive_rate: float = Field(0.95, ge=0, le=1)
+    max_negative_rate_rise: float = Field(0.3, ge=0, le=1)
+    max_pii_rate: float = Field(0.5, ge=0, le=1)
+    min_response_chars: int = Field(1, ge=0)
+    max_response_chars: int = Field(16000, gt=0)
+    min_events_for_rate_checks: int = Field(20, ge=0)
+
+
+class IngestParams(_Strict):
+    chunk_events: int = Field(20000, gt=0)
+    checks: IngestChecks = IngestChecks()
+    quarantine_retention_days: int = Field(30, ge=0)
+
+
+class ValidateParams(_Strict):
+    window_days: int = Field(0, ge=0)
+    max_null_rate: float = Field(0.0, ge=0, le=1)
+    min_rows: int = Field(10, ge=0)
+    min_positive_rate: float = Field(0.05, ge=0, le=1)
+    max_positive_rate: float = Field(0.95, ge=0, le=1)
+    max_length_drift_ratio: float = Field(3.0, ge=1)
+    max_negative_rate_rise: float = Field(0.3, ge=0, le=1)
+    max_response_chars: int = Field(16000, gt=0)
+
+
+class SplitParams(_Strict):
+    test_pct: int = Field(20, ge=0, le=100)
+    val_pct: int = Field(10, ge=0, le=100)
+
+
+class PrepareParams(_Strict):
+    near_dup_threshold: float = Field(0.9, gt=0, le=1)
+    minhash_perms: int = Field(64, gt=0)
+    shingle_chars: int = Field(5, gt=0)
+    split: SplitParams = SplitParams()
+    sft_min_rating: int = Field(5, ge=1, le=5)
+    pair_min_rating_gap: int = Field(2, ge=1, le=4)
+
+
+class Params(BaseModel):
+    """params.yaml, typed. Sections of later stages are kept as plain dicts until their stage parses them."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    settings: PathSettings = PathSettings()
+    contract: ContractParams = ContractParams()
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    prepare: PrepareParams = PrepareParams()
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A later stage's raw section, to parse into its own typed model."""
+        extra = self.model_extra or {}
+        if name not in extra:
+            raise SettingsError(f"params.yaml has no section {name!r}")
+        return extra[name]
+
+
+class Settings(BaseModel):
+    """Resolved settings: absolute paths and URIs, plus the typed params."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    root: Path
+    params: Params
+    raw_store: Path
+    quarantine: Path
+    prepared: Path
+    reports: Path
+    models: Path
+    tracking_uri: str
+    registry_uri: str
+    artifact_root: Path
+    feedback_store: str
+    dvc_remote: str
+    airflow_home: Path
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The workspace root: $FLYWHEEL_ROOT, else the nearest folder upwards holding params.yaml."""
+    env = os.environ.get(ENV_PREFIX + "ROOT")
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not (root / "params.yaml").is_file():
+            raise SettingsError(f"FLYWHEEL_ROOT={env!r}: no params.yaml there")
+        return root
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    raise SettingsError(f"no params.yaml in {here} or any folder above it; set FLYWHEEL_ROOT")
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
+        parts.append(f"{key}: {e['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_params(path: Path) -> Params:
+    """Parse params.yaml; a wrong key or type fails with the key's name."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping at top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise SettingsError(_format_error(str(path), exc)) from exc
+
+
+def _db_uri(name: str, value: str, root: Path) -> str:
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        if scheme not in _URI_SCHEMES:
+            raise SettingsError(f"{name}={value!r}: unsupported scheme {scheme!r}")
+        return value
+    if not value:
+        raise SettingsError(f"{name} is empty")
+    return "sqlite:///" + str((root / value).resolve())
+
+
+def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Build the settings object for the workspace at ``root`` (default: found from the cwd)."""
+    env = dict(os.environ if env is None else env)
+    root = (root or find_root()).resolve()
+    params = load_params(root / "params.yaml")
+    values = params.settings.model_dump()
+    for key in values:
+        override = env.get(ENV_PREFIX + key.upper())
+        if override is not None:
+            values[key] = override
+    if "AIRFLOW_HOME" in env and ENV_PREFIX + "AIRFLOW_HOME" not in env:
+        values["airflow_home"] = env["AIRFLOW_HOME"]
+
+    def path(key: str) -> Path:
+        if not values[key]:
+            raise SettingsError(f"setting {key} is empty")
+        return (root / Path(values[key]).expanduser()).resolve()
+
+    tracking = _db_uri("tracking_uri", values["tracking_uri"], root)
+    registry = _db_uri("registry_uri", values["registry_uri"], root) if values["registry_uri"] else tracking
+    store = values["feedback_store"]
+    remote = values["dvc_remote"]
+    if remote and "://" not in remote and not remote.startswith("/"):
+        remote = str(path("dvc_remote"))
+    return Settings(
+        root=root,
+        params=params,
+        raw_store=path("raw_store"),
+        quarantine=path("quarantine"),
+        prepared=path("prepared"),
+        reports=path("reports"),
+        models=path("models"),
+        tracking_uri=tracking,
+        registry_uri=registry,
+        artifact_root=path("artifact_root"),
+        feedback_store=_db_uri("feedback_store", store, root),
+        dvc_remote=remote,
+        airflow_home=path("airflow_home"),
+    )

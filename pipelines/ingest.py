@@ -1,0 +1,294 @@
+"""Ingest feedback files into the raw store: contract check, redaction, de-duplication, batch checks.
+
+``ingest()`` is the core; ``flywheel ingest`` is its edge. Lines are parsed and redacted in worker
+processes (chunk by chunk, so memory stays flat), written to a temporary Parquet file, checked as a
+batch with Great Expectations, then committed whole or quarantined whole.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+
+from flywheel.contract import ContractError, parse_event
+from flywheel.redact import redact
+from flywheel.settings import ContractParams, IngestParams
+from pipelines import rawstore
+
+FORMATS = ("native", "hh-rlhf")
+_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+class IngestError(RuntimeError):
+    """The input as a whole cannot be ingested (unreadable, wrong format, empty)."""
+
+
+@dataclass
+class IngestResult:
+    batch_id: str
+    read: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    pii: dict[str, int] = field(default_factory=dict)
+    failed_checks: list[str] = field(default_factory=list)
+    batch_file: str | None = None
+    quarantine_dir: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_checks
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) of a JSONL or JSONL.gz file; blank lines are skipped."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError as exc:
+        raise IngestError(f"cannot read {path}: {exc.strerror or exc}") from None
+    opener = gzip.open if magic == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.rstrip(b"\r\n")
+                if line.strip():
+                    yield n, line
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise IngestError(f"cannot read {path}: {exc}") from None
+
+
+def split_dialogue(text: str) -> list[dict]:
+    """``\\n\\nHuman: … \\n\\nAssistant: …`` into [{role, content}]; the text before the first turn is dropped."""
+    parts = _TURN.split(text)
+    turns = []
+    for i in range(1, len(parts) - 1, 2):
+        turns.append({"role": "user" if parts[i] == "Human" else "assistant", "content": parts[i + 1].strip()})
+    return turns
+
+
+def hh_to_event(line: bytes, ingested_at: str) -> dict:
+    """An HH-RLHF ``{"chosen", "rejected"}`` row as a preference event (``response`` preferred)."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ContractError(f"invalid JSON: {exc}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
+        raise ContractError("hh-rlhf line needs string fields 'chosen' and 'rejected'")
+    chosen, rejected = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
+    if len(chosen) < 2 or chosen[-1]["role"] != "assistant" or rejected[-1:] and rejected[-1]["role"] != "assistant":
+        raise ContractError("hh-rlhf dialogue does not end with an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise ContractError("hh-rlhf chosen and rejected do not share the dialogue before the last answer")
+    prompt = chosen[:-1]
+    digest = hashlib.sha256(line).hexdigest()
+    conv = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
+    return {
+        "event_id": f"hh-{digest[:32]}",
+        "timestamp": ingested_at,
+        "conversation_id": f"hh-{conv[:24]}",
+        "model_version": "hh-rlhf",
+        "prompt": prompt,
+        "response": chosen[-1]["content"],
+        "feedback": {"type": "preference", "rejected": rejected[-1]["content"]},
+    }
+
+
+def _polarity(fb) -> int:
+    if fb.type == "thumbs":
+        return 1 if fb.value == "up" else -1
+    if fb.type == "rating":
+        return 1 if fb.value >= 4 else (-1 if fb.value <= 2 else 0)
+    if fb.type == "correction":
+        return -1
+    return 0
+
+
+@dataclass
+class _Chunk:
+    rows: dict[str, list]
+    bad: list[tuple[int, str, str]]      # line number, reason, redacted line
+    empty_lines: int
+    pii: Counter
+
+
+def _process_chunk(lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, int], batch_id: str,
+                   ingested_at: str) -> _Chunk:
+    max_chars, max_turns = limits
+    rows: dict[str, list] = {name: [] for name in rawstore.SCHEMA.names}
+    bad, pii, empty = [], Counter(), 0
+    for n, raw in lines:
+        try:
+            if fmt == "hh-rlhf":
+                event = parse_event(json.dumps(hh_to_event(raw, ingested_at)), max_chars, max_turns)
+            else:
+                event = parse_event(raw, max_chars, max_turns)
+        except ContractError as exc:
+            if "text is empty" in exc.reason:
+                empty += 1
+            text = raw.decode("utf-8", "replace")
+            bad.append((n, redact(exc.reason), redact(text)))
+            continue
+        found: Counter = Counter()
+        fb = event.feedback
+        prompt = [{"role": m.role, "content": redact(m.content, found)} for m in event.prompt]
+        rows["event_id"].append(event.event_id)
+        rows["schema_version"].append(event.schema_version)
+        rows["timestamp"].append(event.timestamp)
+        rows["ingested_at"].append(ingested_at)
+        rows["batch_id"].append(batch_id)
+        rows["conversation_id"].append(event.conversation_id)
+        rows["model_version"].append(event.model_version)
+        rows["user_id"].append(event.user_id)
+        rows["prompt"].append(json.dumps(prompt, ensure_ascii=False))
+        rows["n_turns"].append(len(prompt))
+        response = redact(event.response, found)
+        rows["response"].append(response)
+        rows["response_chars"].append(len(response))
+        rows["feedback_type"].append(fb.type)
+        rows["thumbs"].append(fb.value if fb.type == "thumbs" else None)
+        rows["rating"].append(fb.value if fb.type == "rating" else None)
+        rows["rejected"].append(redact(fb.rejected, found) if fb.type == "preference" else None)
+        rows["correction"].append(redact(fb.text, found) if fb.type == "correction" else None)
+        rows["polarity"].append(_polarity(fb))
+        rows["pii_found"].append(sum(found.values()))
+        pii.update(found)
+    return _Chunk(rows, bad, empty, pii)
+
+
+def _chunks(files: Iterable[Path], size: int) -> Iterator[list[tuple[int, bytes]]]:
+    chunk: list[tuple[int, bytes]] = []
+    for path in files:
+        for item in read_lines(path):
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def _map_chunks(chunks: Iterator, args: tuple, workers: int) -> Iterator[_Chunk]:
+    first = next(chunks, None)
+    if first is None:
+        return
+    second = next(chunks, None)
+    if second is None or workers <= 1:
+        yield _process_chunk(first, *args)
+        if second is not None:
+            yield _process_chunk(second, *args)
+            for c in chunks:
+                yield _process_chunk(c, *args)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        pending = [pool.submit(_process_chunk, first, *args), pool.submit(_process_chunk, second, *args)]
+        for c in chunks:
+            pending.append(pool.submit(_process_chunk, c, *args))
+            yield pending.pop(0).result()
+            # keep at most `workers + 1` chunks in flight so memory stays bounded
+            while len(pending) > workers:
+                yield pending.pop(0).result()
+        for f in pending:
+            yield f.result()
+
+
+def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, params: IngestParams,
+           contract: ContractParams, workers: int | None = None, now: datetime | None = None) -> IngestResult:
+    """Ingest ``files`` as one batch; returns the counts (read = accepted + duplicates + quarantined)."""
+    from pipelines import batch_checks
+
+    if fmt not in FORMATS:
+        raise IngestError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not files:
+        raise IngestError("no input files")
+    for f in files:
+        if not Path(f).is_file():
+            raise IngestError(f"cannot read {f}: no such file")
+    now = now or datetime.now(timezone.utc)
+    batch_id = now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    ingested_at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    result = IngestResult(batch_id=batch_id)
+    rawstore.clean_temporary(raw_store)
+    seen = rawstore.existing_ids(raw_store)
+    workers = workers or min(2, os.cpu_count() or 1)
+    args = (fmt, (contract.max_text_chars, contract.max_turns), batch_id, ingested_at)
+    qdir = quarantine / batch_id
+    tmp, writer = rawstore.new_batch_writer(raw_store, batch_id)
+    bad_file = None
+    stats: dict[str, list] = {"response_chars": [], "answer_hash": [], "polarity": [], "pii_found": []}
+    empty_lines, pii = 0, Counter()
+    try:
+        for chunk in _map_chunks(_chunks(files, params.chunk_events), args, workers):
+            result.read += len(chunk.rows["event_id"]) + len(chunk.bad)
+            empty_lines += chunk.empty_lines
+            pii.update(chunk.pii)
+            if chunk.bad:
+                if bad_file is None:
+                    qdir.mkdir(parents=True, exist_ok=True)
+                    bad_file = open(qdir / "rejected-lines.jsonl", "w", encoding="utf-8")
+                for n, reason, text in chunk.bad:
+                    bad_file.write(json.dumps({"line": n, "reason": reason, "text": text}, ensure_ascii=False) + "\n")
+                result.quarantined += len(chunk.bad)
+            keep = []
+            for i, eid in enumerate(chunk.rows["event_id"]):
+                if eid in seen:
+                    result.duplicates += 1
+                else:
+                    seen.add(eid)
+                    keep.append(i)
+            if not keep:
+                continue
+            table = pa.Table.from_pydict(chunk.rows, schema=rawstore.SCHEMA)
+            if len(keep) < table.num_rows:
+                table = table.take(keep)
+            writer.write_table(table)
+            result.accepted += table.num_rows
+            stats["response_chars"].extend(table.column("response_chars").to_pylist())
+            stats["answer_hash"].extend(hash(r) for r in table.column("response").to_pylist())
+            stats["polarity"].extend(table.column("polarity").to_pylist())
+            stats["pii_found"].extend(table.column("pii_found").to_pylist())
+        writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bad_file is not None:
+            bad_file.close()
+    result.pii = dict(pii)
+    if result.read == 0:
+        tmp.unlink(missing_ok=True)
+        raise IngestError("empty input: no lines to ingest")
+    if result.accepted == 0:
+        tmp.unlink(missing_ok=True)
+        result.quarantine_dir = str(qdir) if bad_file else None
+        return result
+    previous = batch_checks.previous_negative_rate(raw_store)
+    verdict = batch_checks.check_batch(stats, empty_lines, result.read, previous, params.checks, qdir)
+    if verdict.failures:
+        qdir.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, qdir / "batch.parquet")
+        result.failed_checks = verdict.failures
+        result.quarantined += result.accepted
+        result.accepted = 0
+        result.quarantine_dir = str(qdir)
+        return result
+    final = rawstore.commit_batch(raw_store, tmp, now.strftime("%Y-%m-%d"), batch_id)
+    result.batch_file = str(final)
+    result.quarantine_dir = str(qdir) if bad_file else None
+    return result

@@ -1,0 +1,180 @@
+"""The ``prepare`` stage: de-duplicate the raw events and compile the training sets.
+
+Out come three sets, each split into train / val / test by a hash of ``conversation_id`` (a
+conversation never straddles two splits, and an example's split never changes as data grows):
+- ``pairs``: preference pairs (prompt, chosen, rejected) for DPO, from preference events and from
+  thumbs up / down on the same prompt;
+- ``sft``: (prompt, completion) from corrections and top-rated answers;
+- ``reward_pairs``: the preference pairs plus pairs from ratings of the same prompt.
+Every record keeps the ``event_ids`` and ``user_ids`` it came from, so erasure can find it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from flywheel.settings import PrepareParams, SplitParams
+from pipelines import rawstore
+
+SETS = ("pairs", "sft", "reward_pairs")
+SPLITS = ("train", "val", "test")
+
+
+def split_of(conversation_id: str, split: SplitParams) -> str:
+    """test / val / train by a stable hash of the conversation id."""
+    bucket = int(hashlib.sha256(conversation_id.encode()).hexdigest()[:8], 16) % 100
+    if bucket < split.test_pct:
+        return "test"
+    if bucket < split.test_pct + split.val_pct:
+        return "val"
+    return "train"
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _key_text(e: dict) -> str:
+    last_user = next((m["content"] for m in reversed(e["prompt"]) if m["role"] == "user"), "")
+    return " ".join([last_user, e["response"], e.get("rejected") or "", e.get("correction") or ""])
+
+
+@dataclass
+class DedupReport:
+    exact: int = 0
+    near: int = 0
+
+
+def deduplicate(events: list[dict], params: PrepareParams) -> tuple[list[dict], DedupReport]:
+    """Drop exact duplicates (same prompt, answers and feedback) and MinHash near-duplicates; keep the first."""
+    from datasketch import MinHash, MinHashLSH
+
+    report = DedupReport()
+    seen: set[str] = set()
+    unique = []
+    for e in events:
+        key = hashlib.sha256(json.dumps(
+            [e["prompt"], _norm(e["response"]), e["feedback_type"], e.get("thumbs"), e.get("rating"),
+             _norm(e.get("rejected") or ""), _norm(e.get("correction") or "")], sort_keys=True).encode()).hexdigest()
+        if key in seen:
+            report.exact += 1
+            continue
+        seen.add(key)
+        unique.append(e)
+    lsh = MinHashLSH(threshold=params.near_dup_threshold, num_perm=params.minhash_perms)
+    kept = []
+    k = params.shingle_chars
+    for i, e in enumerate(unique):
+        text = _norm(_key_text(e))
+        m = MinHash(num_perm=params.minhash_perms)
+        m.update_batch(s.encode() for s in {text[j:j + k] for j in range(max(1, len(text) - k + 1))})
+        # feedback of a different kind on the same answer is not a duplicate
+        if any(unique[int(j)]["feedback_type"] == e["feedback_type"] for j in lsh.query(m)):
+            report.near += 1
+            continue
+        lsh.insert(str(i), m)
+        kept.append(e)
+    return kept, report
+
+
+def _record(kind: str, events: list[dict], split: str, **fields) -> dict:
+    return {"source": kind, "split": split, "conversation_id": events[0]["conversation_id"],
+            "event_ids": [e["event_id"] for e in events],
+            "user_ids": sorted({e["user_id"] for e in events if e.get("user_id")}),
+            "n_turns": events[0]["n_turns"], **fields}
+
+
+def compile_sets(events: list[dict], params: PrepareParams) -> dict[str, list[dict]]:
+    """Preference pairs, SFT examples and reward pairs from de-duplicated events."""
+    sets: dict[str, list[dict]] = {s: [] for s in SETS}
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for e in events:
+        split = split_of(e["conversation_id"], params.split)
+        fb = e["feedback_type"]
+        if fb == "preference":
+            rec = _record("preference", [e], split, prompt=e["prompt"], chosen=e["response"], rejected=e["rejected"])
+            sets["pairs"].append(rec)
+            sets["reward_pairs"].append(rec)
+        elif fb == "correction":
+            sets["sft"].append(_record("correction", [e], split, prompt=e["prompt"], completion=e["correction"]))
+        elif fb == "rating" and e["rating"] >= params.sft_min_rating:
+            sets["sft"].append(_record("rating", [e], split, prompt=e["prompt"], completion=e["response"]))
+        if fb in ("thumbs", "rating"):
+            groups[(split, json.dumps(e["prompt"], sort_keys=True))].append(e)
+    for (split, _), group in groups.items():
+        ups = [e for e in group if e.get("thumbs") == "up"]
+        downs = [e for e in group if e.get("thumbs") == "down"]
+        for u in ups:
+            for d in downs:
+                if _norm(u["response"]) != _norm(d["response"]):
+                    rec = _record("thumbs", [u, d], split, prompt=u["prompt"], chosen=u["response"],
+                                  rejected=d["response"])
+                    sets["pairs"].append(rec)
+                    sets["reward_pairs"].append(rec)
+        rated = [e for e in group if e.get("rating") is not None]
+        for a in rated:
+            for b in rated:
+                if a["rating"] - b["rating"] >= params.pair_min_rating_gap and _norm(a["response"]) != _norm(b["response"]):
+                    sets["reward_pairs"].append(_record("rating", [a, b], split, prompt=a["prompt"],
+                                                        chosen=a["response"], rejected=b["response"]))
+    return sets
+
+
+def load_events(raw_store: Path) -> list[dict]:
+    """Every stored event as a dict with its prompt decoded, in ingestion order."""
+    cols = ["event_id", "ingested_at", "conversation_id", "user_id", "prompt", "n_turns", "response",
+            "feedback_type", "thumbs", "rating", "rejected", "correction"]
+    table = rawstore.read_columns(raw_store, cols)
+    table = table.take(pc.sort_indices(table, [("ingested_at", "ascending"), ("event_id", "ascending")]))
+    rows = table.to_pylist()
+    for r in rows:
+        r["prompt"] = json.loads(r["prompt"])
+    return rows
+
+
+@dataclass
+class PrepareResult:
+    sets: dict[str, list[dict]]
+    dedup: DedupReport
+    metrics: dict = field(default_factory=dict)
+
+
+def prepare(events: list[dict], params: PrepareParams) -> PrepareResult:
+    kept, report = deduplicate(events, params)
+    sets = compile_sets(kept, params)
+    metrics = {"events": len(events), "exact_duplicates": report.exact, "near_duplicates": report.near}
+    for name, records in sets.items():
+        for split in SPLITS:
+            metrics[f"{name}_{split}"] = sum(1 for r in records if r["split"] == split)
+    return PrepareResult(sets, report, metrics)
+
+
+def write_sets(result: PrepareResult, out_dir: Path) -> None:
+    """One JSONL file per set and split: ``<set>-<split>.jsonl``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, records in result.sets.items():
+        for split in SPLITS:
+            with open(out_dir / f"{name}-{split}.jsonl", "w", encoding="utf-8") as fh:
+                for r in records:
+                    if r["split"] == split:
+                        fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_set(out_dir: Path, name: str, split: str) -> list[dict]:
+    path = out_dir / f"{name}-{split}.jsonl"
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def main(raw_store: Path, params: PrepareParams, out_dir: Path, metrics_file: Path) -> PrepareResult:
+    result = prepare(load_events(raw_store), params)
+    write_sets(result, out_dir)
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(result.metrics, indent=2))
+    return result
