@@ -56,6 +56,19 @@ def init() -> None:
 
 
 @app.command()
+def demo(turns: int = typer.Option(2, min=1, max=2)) -> None:
+    """Turn the improvement loop on the shipped data and models (what `make demo` runs)."""
+    from flywheel import workspace
+    from flywheel.demo import run
+
+    s = settings()
+    try:
+        run(s, turns)
+    except workspace.WorkspaceError as exc:
+        fail(str(exc), code=1)
+
+
+@app.command()
 def ingest(
     files: list[Path] = typer.Argument(..., help="JSONL or JSONL.gz files, read as one batch"),
     fmt: str = typer.Option("native", "--format", help="native (contract v1) or hh-rlhf"),
@@ -147,6 +160,295 @@ def stage_prepare(out: Path = typer.Option(...), metrics: Path = typer.Option(..
     s = settings()
     result = main(s.raw_store, s.params.prepare, s.root / out, s.root / metrics)
     console.print("prepare: " + json.dumps(result.metrics))
+
+
+def _typed(cls, section: dict, name: str):
+    """A stage's params section as its typed object; an unknown key fails naming it."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        fail(f"params.yaml {name}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    return cls(**section)
+
+
+def _section(s: Settings, name: str) -> dict:
+    try:
+        return s.params.section(name)
+    except SettingsError as exc:
+        fail(str(exc))
+
+
+@stage_app.command("base_models")
+def stage_base_models(out: Path = typer.Option(...)) -> None:
+    """Make the shipped pretrained models loadable folders (policy and base reward model)."""
+    from pipelines.base_models import main as build
+
+    s = settings()
+    info = build(s.root / out, int(_section(s, "train_reward").get("max_length", 192)))
+    console.print(f"base_models: {info}")
+
+
+@stage_app.command("resolve_champion")
+def stage_resolve_champion(base: Path = typer.Option(...), out: Path = typer.Option(...)) -> None:
+    """Write which registry versions are champion now (always runs)."""
+    from pipelines.resolve_champion import main as resolve
+
+    s = settings()
+    info = resolve(s, s.root / base, s.root / out)
+    console.print("champion: " + ", ".join(f"{k} v{v['version']}" for k, v in info.items()))
+
+
+@stage_app.command("train_reward")
+def stage_train_reward(base: Path = typer.Option(...), prepared: Path = typer.Option(...),
+                       out: Path = typer.Option(...), metrics: Path = typer.Option(...)) -> None:
+    """Train the reward model on the reward pairs."""
+    from pipelines.reward_model import RewardTrainParams
+    from pipelines.train_reward import main as train
+
+    s = settings()
+    params = _typed(RewardTrainParams, _section(s, "train_reward"), "train_reward")
+    summary = train(s, params, s.root / base, s.root / prepared, s.root / out, s.root / metrics)
+    console.print(f"train_reward: {summary}")
+
+
+@stage_app.command("train_policy")
+def stage_train_policy(champion: Path = typer.Option(...), prepared: Path = typer.Option(...),
+                       out: Path = typer.Option(...), metrics: Path = typer.Option(...)) -> None:
+    """Fine-tune the champion policy (DPO + SFT on corrections, frozen lower layers)."""
+    from pipelines.resolve_champion import load
+    from pipelines.train_policy import PolicyParams, main as train
+
+    s = settings()
+    params = _typed(PolicyParams, _section(s, "train_policy"), "train_policy")
+    info = load(s.root / champion)
+    summary = train(s, params, Path(info["policy"]["path"]), info["policy"], s.root / prepared, s.root / out,
+                    s.root / metrics)
+    console.print(f"train_policy: {summary}")
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(champion: Path = typer.Option(...), base: Path = typer.Option(...),
+                   challenger: Path = typer.Option(...), prepared: Path = typer.Option(...),
+                   suites: Path = typer.Option(...), out: Path = typer.Option(...),
+                   metrics: Path = typer.Option(...)) -> None:
+    """Evaluate the challengers against the champions on the same test split."""
+    from pipelines.evaluate import EvalParams, main as run_eval
+    from pipelines.resolve_champion import load
+
+    s = settings()
+    params = _typed(EvalParams, _section(s, "evaluate"), "evaluate")
+    m = run_eval(s, params, load(s.root / champion), s.root / base, s.root / challenger, s.root / prepared,
+                 s.root / suites, s.root / out, s.root / metrics)
+    pa, ra = m["policy"]["pref_accuracy"], m["reward"]["pairwise_accuracy"]
+    console.print(f"evaluate: policy accuracy {pa['champion']:.3f} -> {pa['challenger']:.3f}, "
+                  f"reward accuracy {ra['champion']:.3f} -> {ra['challenger']:.3f}")
+
+
+def _gate(s: Settings):
+    from pydantic import ValidationError
+
+    from pipelines.bless import GateParams
+
+    section = _section(s, "bless")
+    name = section.get("gate", "default")
+    gates = section.get("gates", {})
+    if name not in gates:
+        fail(f"params.yaml bless.gate: unknown gate {name!r}; defined: {', '.join(gates)}")
+    try:
+        return name, GateParams.model_validate(gates[name])
+    except ValidationError as exc:
+        fail(f"params.yaml bless.gates.{name}: {exc}")
+
+
+@stage_app.command("bless")
+def stage_bless(evaluation: Path = typer.Option(..., "--metrics"), out: Path = typer.Option(...)) -> None:
+    """The gate: bless a challenger only if better beyond noise and no regression."""
+    from pipelines.bless import main as run_bless
+
+    s = settings()
+    name, gate = _gate(s)
+    verdict = run_bless(s.root / evaluation, gate, s.root / out)
+    verdict_table(verdict, f"gate verdict ({name})")
+
+
+def verdict_table(verdict: dict, title: str) -> None:
+    table = Table(title=title, show_lines=True)
+    table.add_column("model")
+    table.add_column("blessed")
+    table.add_column("reasons / checks")
+    for kind in ("policy", "reward"):
+        v = verdict.get(kind, {})
+        lines = v.get("reasons") or v.get("passed") or []
+        table.add_row(kind, "yes" if v.get("blessed") else "no", "\n".join(lines))
+    Console().print(table)
+
+
+def _smoke(s: Settings):
+    from flywheel.release import SmokeParams
+
+    return _typed(SmokeParams, _section(s, "release").get("smoke", {}), "release.smoke")
+
+
+def _registry(s: Settings):
+    from flywheel.registry import Registry
+
+    return Registry(s)
+
+
+@app.command()
+def bootstrap(base: Path = typer.Option(Path("models/base"), help="the base_models stage's output")) -> None:
+    """On an empty registry, register the base models as version 1 and make them champion."""
+    from flywheel.release import bootstrap as boot
+
+    s = settings()
+    if not (s.root / base / "policy").exists():
+        fail(f"{base} has no base models yet: run `dvc repro base_models` first")
+    done = boot(_registry(s), s.root / base)
+    console.print("bootstrap: " + ("; ".join(done) if done else "registry already has champions"))
+
+
+@app.command()
+def release(
+    challenger: Path = typer.Option(Path("models/challenger")),
+    blessing: Path = typer.Option(Path("reports/blessing.json")),
+    base: Path = typer.Option(Path("models/base")),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Register the challengers, smoke-check them, and promote those the gate blessed."""
+    from flywheel import tracking
+    from flywheel.release import bootstrap as boot, release as run_release
+
+    s = settings()
+    for path in (challenger, blessing):
+        if not (s.root / path).exists():
+            fail(f"{path} not found: run `dvc repro` first")
+    registry = _registry(s)
+    boot(registry, s.root / base)
+    verdict = json.loads((s.root / blessing).read_text())
+    lineage = _lineage(s)
+    outcomes = run_release(registry, s.root / challenger, verdict, lineage, _smoke(s), log=console.print)
+    rows = [{"model": o.kind, "version": o.version, "new_version": o.created, "blessed": o.blessed,
+             "smoke_check": o.smoke_ok, "promoted": o.promoted, "reasons": o.reasons} for o in outcomes]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table(title="release", show_lines=True)
+    for col in ("model", "version", "blessed", "smoke check", "promoted", "reasons"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], str(r["version"]), str(r["blessed"]), str(r["smoke_check"]), str(r["promoted"]),
+                      "\n".join(r["reasons"]))
+    Console().print(table)
+
+
+def _lineage(s: Settings) -> dict:
+    """What produced the challengers: commit, dvc.lock input hashes, feedback window, run ids."""
+    import yaml
+
+    from flywheel import tracking
+    from pipelines import rawstore
+
+    out = {"git_commit": tracking.git_commit(s.root), "airflow_run_id": s.airflow_run_id,
+           "loop_run_id": s.parent_run_id}
+    lock = s.root / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for st in ("prepare", "train_reward", "train_policy"):
+            deps = stages.get(st, {}).get("deps", [])
+            out[f"dvc_{st}_inputs"] = json.dumps({d["path"]: d.get("md5") for d in deps})
+    window = rawstore.read_columns(s.raw_store, ["ingested_at", "batch_id"])
+    if window.num_rows:
+        col = window.column("ingested_at").to_pylist()
+        out["feedback_window"] = f"{min(col)}..{max(col)} ({window.num_rows} events, " \
+                                 f"{len(set(window.column('batch_id').to_pylist()))} batches)"
+    for kind, f in (("policy", "metrics/train_policy.json"), ("reward", "metrics/train_reward.json")):
+        p = s.root / f
+        if p.exists():
+            out[f"{kind}_mlflow_run_id"] = json.loads(p.read_text()).get("mlflow_run_id", "")
+    if lock.exists() and s.parent_run_id:
+        import mlflow
+
+        tracking.configure_from(s)
+        with mlflow.start_run(run_id=s.parent_run_id):
+            mlflow.log_artifact(str(lock))
+    return out
+
+
+@app.command()
+def promote(version: str, model: str = typer.Option("policy", help="policy or reward")) -> None:
+    """Make VERSION the champion (it must have been blessed and passed its smoke check)."""
+    from flywheel.registry import RegistryError
+    from flywheel.release import promote as do_promote
+
+    if model not in ("policy", "reward"):
+        fail("--model must be policy or reward")
+    s = settings()
+    try:
+        do_promote(_registry(s), model, version)
+    except RegistryError as exc:
+        fail(str(exc))
+    console.print(f"flywheel-{model} v{version} is champion")
+
+
+@app.command()
+def rollback(model: str = typer.Option("policy", help="policy or reward"),
+             to: Optional[str] = typer.Option(None, help="version (default: previous-champion)")) -> None:
+    """Point champion back at the previous champion (or a named version)."""
+    from flywheel.registry import MODELS, RegistryError
+
+    if model not in MODELS:
+        fail("--model must be policy or reward")
+    s = settings()
+    try:
+        new, old = _registry(s).rollback(MODELS[model], to)
+    except RegistryError as exc:
+        fail(str(exc))
+    console.print(f"{MODELS[model]}: champion v{old.version} -> v{new.version}")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Versions, aliases, key figures and verdicts of the registered models."""
+    from flywheel.registry import MODELS
+
+    s = settings()
+    registry = _registry(s)
+    rows = []
+    for kind, name in MODELS.items():
+        for v in registry.versions(name):
+            rows.append({"model": name, "version": v.version, "aliases": v.aliases,
+                         "blessed": v.tags.get("blessed", ""), "smoke_check": v.tags.get("smoke_check", ""),
+                         "origin": v.tags.get("origin", "fine-tuned"), "reasons": json.loads(v.tags.get("gate_reasons", "[]"))})
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table(title=f"registry ({s.registry_uri})", show_lines=True)
+    for col in ("model", "version", "aliases", "blessed", "smoke check", "gate reasons"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["model"], r["version"], ", ".join(r["aliases"]), r["blessed"], r["smoke_check"],
+                      "\n".join(r["reasons"])[:400])
+    Console().print(table)
+
+
+@app.command("eval-reward")
+def eval_reward(
+    model_uri: str = typer.Option(..., "--model", help="a folder or models:/flywheel-reward@champion"),
+    pairs_file: Path = typer.Option(..., "--pairs"),
+    fmt: str = typer.Option("native", "--format", help="native (preference events) or hh-rlhf"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Pairwise accuracy of a reward model on any preference file."""
+    from pipelines.eval_reward import EvalRewardError, run
+
+    s = settings()
+    try:
+        result = run(s, model_uri, pairs_file, fmt, s.params.contract)
+    except EvalRewardError as exc:
+        fail(str(exc))
+    _print(result, as_json, "eval-reward")
 
 
 def main() -> None:

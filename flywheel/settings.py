@@ -123,6 +123,9 @@ class Settings(BaseModel):
     feedback_store: str
     dvc_remote: str
     airflow_home: Path
+    profile: str = ""
+    parent_run_id: str = ""      # the loop's MLflow parent run (FLYWHEEL_PARENT_RUN_ID)
+    airflow_run_id: str = ""     # the Airflow DAG run driving this process, if any
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -148,14 +151,29 @@ def _format_error(source: str, err: ValidationError) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-def load_params(path: Path) -> Params:
-    """Parse params.yaml; a wrong key or type fails with the key's name."""
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_params(path: Path, profile: str | None = None) -> Params:
+    """Parse params.yaml, with the chosen profile's overrides merged in; a wrong key or type fails
+    with the key's name."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise SettingsError(f"cannot read {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise SettingsError(f"{path}: expected a mapping at top level")
+    profiles = raw.pop("profiles", {}) or {}
+    chosen = profile if profile is not None else raw.get("profile", "")
+    if chosen:
+        if chosen not in profiles:
+            raise SettingsError(f"profile: unknown profile {chosen!r}; params.yaml defines {sorted(profiles)}")
+        raw = _merge(raw, profiles[chosen])
+        raw["profile"] = chosen
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -177,7 +195,7 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
     """Build the settings object for the workspace at ``root`` (default: found from the cwd)."""
     env = dict(os.environ if env is None else env)
     root = (root or find_root()).resolve()
-    params = load_params(root / "params.yaml")
+    params = load_params(root / "params.yaml", env.get(ENV_PREFIX + "PROFILE"))
     values = params.settings.model_dump()
     for key in values:
         override = env.get(ENV_PREFIX + key.upper())
@@ -211,4 +229,7 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
         feedback_store=_db_uri("feedback_store", store, root),
         dvc_remote=remote,
         airflow_home=path("airflow_home"),
+        profile=str((params.model_extra or {}).get("profile", "")),
+        parent_run_id=env.get(ENV_PREFIX + "PARENT_RUN_ID", ""),
+        airflow_run_id=env.get(ENV_PREFIX + "AIRFLOW_RUN_ID", env.get("AIRFLOW_CTX_DAG_RUN_ID", "")),
     )

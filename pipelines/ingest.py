@@ -13,6 +13,7 @@ import json
 import os
 import re
 import uuid
+import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -69,7 +70,7 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 line = line.rstrip(b"\r\n")
                 if line.strip():
                     yield n, line
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise IngestError(f"cannot read {path}: {exc}") from None
 
 
@@ -127,13 +128,15 @@ class _Chunk:
     pii: Counter
 
 
-def _process_chunk(lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, int], batch_id: str,
+def _process_chunk(lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, int, int], batch_id: str,
                    ingested_at: str) -> _Chunk:
-    max_chars, max_turns = limits
+    max_chars, max_turns, max_bytes = limits
     rows: dict[str, list] = {name: [] for name in rawstore.SCHEMA.names}
     bad, pii, empty = [], Counter(), 0
     for n, raw in lines:
         try:
+            if len(raw) > max_bytes:
+                raise ContractError(f"line is {len(raw)} bytes, over the limit of {max_bytes}")
             if fmt == "hh-rlhf":
                 event = parse_event(json.dumps(hh_to_event(raw, ingested_at)), max_chars, max_turns)
             else:
@@ -226,10 +229,10 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
     rawstore.clean_temporary(raw_store)
     seen = rawstore.existing_ids(raw_store)
     workers = workers or min(2, os.cpu_count() or 1)
-    args = (fmt, (contract.max_text_chars, contract.max_turns), batch_id, ingested_at)
+    args = (fmt, (contract.max_text_chars, contract.max_turns, contract.max_line_bytes), batch_id, ingested_at)
     qdir = quarantine / batch_id
     tmp, writer = rawstore.new_batch_writer(raw_store, batch_id)
-    bad_file = None
+    bad_file, first_bad = None, None
     stats: dict[str, list] = {"response_chars": [], "answer_hash": [], "polarity": [], "pii_found": []}
     empty_lines, pii = 0, Counter()
     try:
@@ -241,6 +244,7 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
                 if bad_file is None:
                     qdir.mkdir(parents=True, exist_ok=True)
                     bad_file = open(qdir / "rejected-lines.jsonl", "w", encoding="utf-8")
+                    first_bad = chunk.bad[0]
                 for n, reason, text in chunk.bad:
                     bad_file.write(json.dumps({"line": n, "reason": reason, "text": text}, ensure_ascii=False) + "\n")
                 result.quarantined += len(chunk.bad)
@@ -277,18 +281,26 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
     if result.accepted == 0:
         tmp.unlink(missing_ok=True)
         result.quarantine_dir = str(qdir) if bad_file else None
+        if result.quarantined == result.read:
+            raise IngestError(f"no line of the input is a valid {fmt} event ({result.read} rejected, first: line "
+                              f"{first_bad[0]}: {first_bad[1]}); see {qdir / 'rejected-lines.jsonl'}")
         return result
-    previous = batch_checks.previous_negative_rate(raw_store)
-    verdict = batch_checks.check_batch(stats, empty_lines, result.read, previous, params.checks, qdir)
-    if verdict.failures:
-        qdir.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, qdir / "batch.parquet")
-        result.failed_checks = verdict.failures
-        result.quarantined += result.accepted
-        result.accepted = 0
-        result.quarantine_dir = str(qdir)
-        return result
-    final = rawstore.commit_batch(raw_store, tmp, now.strftime("%Y-%m-%d"), batch_id)
+    try:
+        previous = batch_checks.previous_negative_rate(raw_store)
+        verdict = batch_checks.check_batch(stats, empty_lines, result.read, previous, params.checks, qdir)
+        if verdict.failures:
+            qdir.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, qdir / "batch.parquet")
+            result.failed_checks = verdict.failures
+            result.quarantined += result.accepted
+            result.accepted = 0
+            result.quarantine_dir = str(qdir)
+            return result
+        final = rawstore.commit_batch(raw_store, tmp, now.strftime("%Y-%m-%d"), batch_id)
+    except BaseException:
+        # a failed check run or commit leaves the store as it was: no half batch, no temporary file
+        tmp.unlink(missing_ok=True)
+        raise
     result.batch_file = str(final)
     result.quarantine_dir = str(qdir) if bad_file else None
     return result

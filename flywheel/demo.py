@@ -1,0 +1,63 @@
+"""``flywheel demo``: turn the improvement loop twice on the shipped data and models.
+
+Each step is the command a user would type, run in this workspace: ingest a batch, `dvc repro`,
+`flywheel release`. Turn 1 ingests the first half of the HH-RLHF demo file and the native batch;
+turn 2 the second half.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from flywheel import tracking, workspace
+
+TURNS = [
+    [("hh-rlhf", "data/demo/hh-rlhf-batch1.jsonl.gz"), ("native", "data/demo/native-batch.jsonl")],
+    [("hh-rlhf", "data/demo/hh-rlhf-batch2.jsonl.gz")],
+]
+
+
+def _flywheel(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flywheel.cli", *args]
+
+
+def _step(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def run(settings, turns: int = 2) -> dict:
+    root = settings.root
+    t_start = time.perf_counter()
+    done = workspace.init(root)
+    if done:
+        _step("initialised " + ", ".join(done))
+    _step("base models: SmolLM2-135M-Instruct (from GGUF) and MiniLM, made loadable")
+    workspace.run([workspace._bin("dvc"), "repro", "base_models"], root)
+    workspace.run(_flywheel("bootstrap"), root)
+    timings = {}
+    for turn, batches in enumerate(TURNS[:turns], 1):
+        t0 = time.perf_counter()
+        for fmt, path in batches:
+            _step(f"turn {turn}: ingest {path} ({fmt})")
+            proc = workspace.run(_flywheel("ingest", "--format", fmt, path), root, check=False)
+            if proc.returncode not in (0,):
+                raise workspace.WorkspaceError(f"ingest of {path} failed (exit {proc.returncode})")
+        parent = tracking.start_loop_run(settings, f"loop turn {turn}", {"flywheel.turn": str(turn)})
+        os.environ["FLYWHEEL_PARENT_RUN_ID"] = parent
+        _step(f"turn {turn}: dvc repro (validate, prepare, train, evaluate, bless); MLflow run {parent}")
+        workspace.run([workspace._bin("dvc"), "repro"], root)
+        _step(f"turn {turn}: release")
+        workspace.run(_flywheel("release"), root)
+        timings[f"turn_{turn}_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"turn {turn} took {timings[f'turn_{turn}_seconds']} s", flush=True)
+    _step("registry")
+    workspace.run(_flywheel("status"), root)
+    timings["loop_seconds"] = round(time.perf_counter() - t_start, 1)
+    print(f"\nThe loop took {timings['loop_seconds']} s (install excluded).")
+    print("Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri " + settings.tracking_uri +
+          " --port 5000   then http://127.0.0.1:5000")
+    print("Evaluation report:   " + str(root / "reports/evaluate/report.md"))
+    return timings

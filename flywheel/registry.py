@@ -1,0 +1,157 @@
+"""The MLflow model registry: registration keyed by content hash, aliases, promotion and rollback.
+
+Aliases, never stages: ``champion`` serves, ``challenger`` is the candidate under release,
+``previous-champion`` is where a rollback goes. Registering the same model folder twice returns the
+version it already has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+POLICY = "flywheel-policy"
+REWARD = "flywheel-reward"
+MODELS = {"policy": POLICY, "reward": REWARD}
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def content_hash(folder: Path) -> str:
+    """SHA-256 over the relative names and bytes of every file in a model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RegistryError(f"model folder {folder} does not exist")
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Version:
+    name: str
+    version: str
+    source: str
+    tags: dict
+    aliases: list[str]
+
+
+def _v(mv) -> Version:
+    return Version(mv.name, str(mv.version), mv.source, dict(mv.tags or {}), list(getattr(mv, "aliases", []) or []))
+
+
+class Registry:
+    """A thin façade over ``MlflowClient`` for Flywheel's two registered models."""
+
+    def __init__(self, settings):
+        from mlflow import MlflowClient
+
+        from flywheel import tracking
+
+        self.settings = settings
+        self.experiment_id = tracking.configure_from(settings)
+        self.client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+
+    def _ensure(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description=f"Flywheel {name.split('-')[-1]} model")
+
+    def alias(self, name: str, alias: str) -> Version | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _v(self.client.get_model_version_by_alias(name, alias))
+        except MlflowException:
+            return None
+
+    def get(self, name: str, version: str) -> Version:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _v(self.client.get_model_version(name, str(version)))
+        except MlflowException:
+            raise RegistryError(f"{name} has no version {version}") from None
+
+    def versions(self, name: str) -> list[Version]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name='{name}'")
+        except MlflowException:
+            return []
+        return sorted((_v(m) for m in found), key=lambda v: int(v.version))
+
+    def find_by_hash(self, name: str, digest: str) -> Version | None:
+        for v in self.versions(name):
+            if v.tags.get("content_hash") == digest:
+                return v
+        return None
+
+    def register(self, name: str, folder: Path, tags: dict | None = None, digest: str | None = None,
+                 run_id: str | None = None) -> tuple[Version, bool]:
+        """(version, created): the folder's version, registering it only if its content is new."""
+        import mlflow
+
+        digest = digest or content_hash(folder)
+        existing = self.find_by_hash(name, digest)
+        if existing is not None:
+            return existing, False
+        self._ensure(name)
+        with mlflow.start_run(experiment_id=self.experiment_id, run_name=f"register-{name}",
+                              tags={"flywheel.stage": "register"}) as run:
+            mlflow.log_artifacts(str(folder), artifact_path="model")
+            source = f"{run.info.artifact_uri}/model"
+        all_tags = {"content_hash": digest, **{k: str(v)[:5000] for k, v in (tags or {}).items()}}
+        mv = self.client.create_model_version(name, source=source, run_id=run_id or run.info.run_id, tags=all_tags)
+        return _v(mv), True
+
+    def set_tags(self, name: str, version: str, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, str(version), k, str(v)[:5000])
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def promote(self, name: str, version: str) -> Version | None:
+        """Move ``champion`` to ``version``: ``previous-champion`` is set first, then ``champion`` in one call.
+        Returns the former champion (None if there was none or it is the same version)."""
+        current = self.alias(name, CHAMPION)
+        if current is not None and current.version == str(version):
+            return None
+        if current is not None:
+            self.set_alias(name, PREVIOUS, current.version)
+        self.set_alias(name, CHAMPION, version)
+        return current
+
+    def rollback(self, name: str, to_version: str | None = None) -> tuple[Version, Version]:
+        """Point ``champion`` back at ``to_version`` (default: ``previous-champion``); the rolled-back
+        version becomes ``previous-champion``. Returns (new champion, former champion)."""
+        current = self.alias(name, CHAMPION)
+        target = self.get(name, to_version) if to_version else self.alias(name, PREVIOUS)
+        if target is None:
+            raise RegistryError(f"{name} has no previous-champion to roll back to; name a version")
+        if current is None:
+            raise RegistryError(f"{name} has no champion")
+        if target.version == current.version:
+            raise RegistryError(f"{name} version {target.version} is already the champion")
+        self.set_alias(name, CHAMPION, target.version)
+        self.set_alias(name, PREVIOUS, current.version)
+        return self.get(name, target.version), current
+
+    def local_dir(self, version: Version) -> Path:
+        """A local folder holding the version's files (downloaded when the artifact store is remote)."""
+        import mlflow
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source))

@@ -1,0 +1,83 @@
+"""MLflow tracking: one parent run per loop run, a nested run per stage; plots as artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+EXPERIMENT = "flywheel"
+
+
+def configure(tracking_uri: str, registry_uri: str, artifact_root: Path) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = str(artifact_root) if "://" not in str(artifact_root) else str(artifact_root)
+    if tracking_uri.startswith(("http://", "https://")):
+        return client.create_experiment(EXPERIMENT)
+    Path(artifact_root).mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def configure_from(settings) -> str:
+    return configure(settings.tracking_uri, settings.registry_uri, settings.artifact_root)
+
+
+@contextlib.contextmanager
+def stage_run(settings, stage: str, tags: dict | None = None) -> Iterator:
+    """A run for one stage, nested under the loop's parent run when one is set."""
+    import mlflow
+
+    exp = configure_from(settings)
+    parent = settings.parent_run_id or None
+    with mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent,
+                          tags={"flywheel.stage": stage, **(tags or {})}) as run:
+        yield run
+
+
+def start_loop_run(settings, name: str, tags: dict | None = None) -> str:
+    """Create (and end) the parent run of one loop turn; stages nest under its id."""
+    import mlflow
+
+    exp = configure_from(settings)
+    with mlflow.start_run(experiment_id=exp, run_name=name, tags={"flywheel.loop": "true", **(tags or {})}) as run:
+        return run.info.run_id
+
+
+def git_commit(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def log_curve(values: list[float], name: str, ylabel: str, out: Path) -> Path:
+    """Plot a curve to PNG (for MLflow artifacts and the report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(values) + 1), values, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,122 @@
+"""The ``bless`` stage: the gate, as in TFX's Evaluator.
+
+For each model (policy, reward) a primary metric must improve beyond noise: the lower bound of the
+paired-bootstrap interval of (challenger − champion) must be above ``primary_min_ci_lower``. Every
+other metric has a value threshold and a change threshold against the champion (absolute and
+relative, with a direction), overall and per slice. The verdict and every reason are written down.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MetricRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    direction: Literal["higher", "lower"] = "higher"
+    min_value: float | None = None
+    max_value: float | None = None
+    max_regression_abs: float | None = None   # how much worse than the champion, in the metric's units
+    max_regression_rel: float | None = None   # ... as a fraction of the champion's value
+    min_n: int = 0                            # gate only when at least this many items were scored
+
+
+class ModelGate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    primary: str
+    primary_min_ci_lower: float = 0.0
+    metrics: dict[str, MetricRule] = Field(default_factory=dict)
+    slice_rule: MetricRule | None = None
+    block_length_only_gain: bool = False
+
+
+class GateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: ModelGate
+    reward: ModelGate
+
+
+def _lookup(metrics: dict, name: str) -> dict | None:
+    value = metrics.get(name)
+    return value if isinstance(value, dict) else None
+
+
+def check_rule(name: str, m: dict, rule: MetricRule) -> list[str]:
+    """Reasons ``m`` (with ``challenger``/``champion`` or ``value``, and ``n``) breaks ``rule``; empty if none."""
+    n = m.get("n", 0) or 0
+    if n < rule.min_n:
+        return []
+    value = m.get("challenger", m.get("value"))
+    champ = m.get("champion")
+    reasons = []
+    if value is None:
+        return [f"{name}: no value measured"]
+    if rule.min_value is not None and value < rule.min_value:
+        reasons.append(f"{name}: {value:.4f} is below the minimum {rule.min_value}")
+    if rule.max_value is not None and value > rule.max_value:
+        reasons.append(f"{name}: {value:.4f} is above the maximum {rule.max_value}")
+    if champ is not None:
+        regression = (champ - value) if rule.direction == "higher" else (value - champ)
+        if rule.max_regression_abs is not None and regression > rule.max_regression_abs:
+            reasons.append(f"{name}: regresses by {regression:.4f} against the champion ({champ:.4f} -> "
+                           f"{value:.4f}), over the allowed {rule.max_regression_abs}")
+        if rule.max_regression_rel is not None and abs(champ) > 0 and regression / abs(champ) > rule.max_regression_rel:
+            reasons.append(f"{name}: regresses by {100 * regression / abs(champ):.1f}% against the champion, over "
+                           f"the allowed {100 * rule.max_regression_rel:.1f}%")
+    return reasons
+
+
+def judge_model(metrics: dict, gate: ModelGate) -> dict:
+    """Verdict for one model: ``{"blessed": bool, "reasons": [...], "checks": [...]}``."""
+    reasons, passed = [], []
+    primary = _lookup(metrics, gate.primary)
+    if primary is None or primary.get("ci", [None])[0] is None:
+        reasons.append(f"{gate.primary}: not measured")
+    else:
+        lo, hi = primary["ci"]
+        line = (f"{gate.primary}: challenger {primary['challenger']:.4f} vs champion {primary['champion']:.4f}, "
+                f"difference {primary['diff']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] on {primary['n']} items")
+        if lo > gate.primary_min_ci_lower:
+            passed.append(line + f" - better beyond noise (lower bound > {gate.primary_min_ci_lower})")
+        else:
+            reasons.append(line + f" - not better beyond noise (lower bound <= {gate.primary_min_ci_lower})")
+    for name, rule in gate.metrics.items():
+        m = _lookup(metrics, name)
+        if m is None:
+            reasons.append(f"{name}: not measured")
+            continue
+        bad = check_rule(name, m, rule)
+        reasons += bad
+        if not bad:
+            passed.append(f"{name}: ok")
+    if gate.slice_rule is not None:
+        for sname, m in (metrics.get("slices") or {}).items():
+            bad = check_rule(f"{gate.primary}[{sname}]", m, gate.slice_rule)
+            reasons += bad
+    if gate.block_length_only_gain and metrics.get("gain_only_where_shorter_wins"):
+        reasons.append("the gain is found only where the shorter answer wins (a length bias, not a better model)")
+    return {"blessed": not reasons, "reasons": reasons, "passed": passed}
+
+
+def bless(metrics: dict, gate: GateParams) -> dict:
+    """The verdict for every model evaluated; a model that failed to evaluate is never blessed."""
+    verdict = {}
+    for kind in ("policy", "reward"):
+        if kind not in metrics:
+            verdict[kind] = {"blessed": False, "reasons": [f"{kind}: no evaluation"], "passed": []}
+        else:
+            verdict[kind] = judge_model(metrics[kind], getattr(gate, kind))
+    return verdict
+
+
+def main(metrics_file: Path, gate: GateParams, out: Path) -> dict:
+    metrics = json.loads(metrics_file.read_text())
+    verdict = bless(metrics, gate)
+    verdict["candidates"] = metrics.get("candidates", {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(verdict, indent=2))
+    return verdict

@@ -1,0 +1,169 @@
+"""The policy (a causal LM such as SmolLM2) split into a frozen trunk and a trainable top.
+
+Every policy Flywheel trains keeps the lower ``frozen_layers`` layers (and the embeddings) of the
+base model. So the trunk's output for a sequence is the same for the reference, the champion and
+the challenger: it is computed once per batch and shared, which is what makes DPO and held-out
+scoring affordable on a CPU. Log-probabilities are computed only at answer positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def load_policy(folder: Path | str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a saved folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, tok
+
+
+def end_token(tok) -> int:
+    """The token that closes an assistant turn in the chat template (``<|im_end|>`` for SmolLM2)."""
+    ids = tok.convert_tokens_to_ids(["<|im_end|>"])
+    if ids and ids[0] is not None and ids[0] != tok.unk_token_id:
+        return ids[0]
+    return tok.eos_token_id
+
+
+def prompt_ids(tok, messages: list[dict], max_tokens: int) -> list[int]:
+    """The chat-template rendering of ``messages`` up to the assistant's turn, keeping its last tokens."""
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)[-max_tokens:]
+
+
+def answer_ids(tok, text: str, max_tokens: int) -> list[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+    return ids + [end_token(tok)]
+
+
+@dataclass
+class Encoded:
+    prompt: list[int]
+    answers: list[list[int]]  # chosen, rejected (or a single SFT completion)
+
+
+def encode(tok, records: list[dict], max_prompt: int, max_answer: int, fields=("chosen", "rejected")) -> list[Encoded]:
+    return [Encoded(prompt_ids(tok, r["prompt"], max_prompt), [answer_ids(tok, r[f], max_answer) for f in fields])
+            for r in records]
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor          # (B, T) right-padded
+    attention: torch.Tensor    # (B, T)
+    target_pos: torch.Tensor   # (N,) flat positions (b * T + t) whose next token is an answer token
+    targets: torch.Tensor      # (N,) the answer tokens
+    seq_of_target: torch.Tensor  # (N,) which sequence each target belongs to
+
+
+def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Sequences of (prompt, answer) token ids into one right-padded batch."""
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    pos, tgt, which = [], [], []
+    for b, (p, a) in enumerate(seqs):
+        full = p + a
+        ids[b, : len(full)] = torch.tensor(full)
+        att[b, : len(full)] = 1
+        for j in range(len(a)):
+            pos.append(b * width + len(p) + j - 1)
+            tgt.append(a[j])
+            which.append(b)
+    return Batch(ids, att, torch.tensor(pos), torch.tensor(tgt), torch.tensor(which))
+
+
+@dataclass
+class TrunkOut:
+    hidden: torch.Tensor
+    mask: object
+    position_ids: torch.Tensor
+    position_embeddings: tuple
+
+
+def run_trunk(model, batch: Batch, k: int) -> TrunkOut:
+    """Embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they are frozen)."""
+    from transformers.masking_utils import create_causal_mask
+
+    base = model.model
+    emb = base.embed_tokens(batch.ids)
+    position_ids = torch.arange(batch.ids.shape[1]).unsqueeze(0)
+    mask = create_causal_mask(config=base.config, inputs_embeds=emb, attention_mask=batch.attention,
+                              cache=None, position_ids=position_ids)
+    pe = base.rotary_emb(emb, position_ids=position_ids)
+    h = emb
+    for layer in base.layers[:k]:
+        h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids)
+    return TrunkOut(h, mask, position_ids, pe)
+
+
+def top_logps(layers: nn.ModuleList, model, trunk: TrunkOut, batch: Batch) -> torch.Tensor:
+    """Sum of answer-token log-probabilities per sequence, running ``layers`` on top of the trunk."""
+    h = trunk.hidden
+    for layer in layers:
+        h = layer(h, attention_mask=trunk.mask, position_embeddings=trunk.position_embeddings,
+                  position_ids=trunk.position_ids)
+    flat = h.reshape(-1, h.shape[-1])[batch.target_pos]
+    logits = model.lm_head(model.model.norm(flat)).float()
+    lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.unsqueeze(1)).squeeze(1)
+    out = torch.zeros(batch.ids.shape[0], dtype=lp.dtype)
+    return out.index_add(0, batch.seq_of_target, lp)
+
+
+def top_layers(model, k: int) -> nn.ModuleList:
+    return model.model.layers[k:]
+
+
+def trunk_fingerprint(model, k: int) -> str:
+    """A hash of the frozen part (embeddings and lower ``k`` layers): equal fingerprints share a trunk."""
+    h = hashlib.sha256()
+    params = [model.model.embed_tokens.weight] + [p for layer in model.model.layers[:k] for p in layer.parameters()]
+    for p in params:
+        h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes()[:4096])
+        h.update(str(float(p.detach().float().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+def freeze_trunk(model, k: int) -> list[nn.Parameter]:
+    """Freeze everything but the top layers; returns the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for layer in model.model.layers[k:] for p in layer.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
+             max_prompt: int = 256) -> list[str]:
+    """Greedy answers to chat prompts, batched with left padding."""
+    tok.padding_side = "left"
+    out: list[str] = []
+    stop = end_token(tok)
+    for i in range(0, len(prompts), batch_size):
+        chunk = [prompt_ids(tok, p, max_prompt) for p in prompts[i:i + batch_size]]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for b, c in enumerate(chunk):
+            ids[b, width - len(c):] = torch.tensor(c)
+            att[b, width - len(c):] = 1
+        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=[stop, tok.eos_token_id], pad_token_id=tok.pad_token_id)
+        for row in gen[:, width:]:
+            out.append(tok.decode(row, skip_special_tokens=True).strip())
+    return out

@@ -1,0 +1,33 @@
+"""Small statistics used by evaluation and the gate: means with bootstrap intervals, paired differences."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mean_ci(values: list[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``values`` with a percentile-bootstrap interval."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return {"value": None, "ci": [None, None], "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    a = (1 - confidence) / 2
+    return {"value": float(x.mean()), "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
+            "n": int(x.size)}
+
+
+def paired_diff(challenger: list[float], champion: list[float], confidence: float = 0.95, n_boot: int = 2000,
+                seed: int = 0) -> dict:
+    """Mean of (challenger − champion) over the same items, with a paired-bootstrap interval."""
+    if len(challenger) != len(champion):
+        raise ValueError("paired scores must cover the same items")
+    d = mean_ci([a - b for a, b in zip(challenger, champion)], confidence, n_boot, seed)
+    return {"challenger": float(np.mean(challenger)) if challenger else None,
+            "champion": float(np.mean(champion)) if champion else None,
+            "diff": d["value"], "ci": d["ci"], "n": d["n"]}
+
+
+def correct_from_margin(margins: list[float]) -> list[float]:
+    """1 for a positive margin, 0 for a negative one, 0.5 for a tie."""
+    return [1.0 if m > 0 else (0.0 if m < 0 else 0.5) for m in margins]

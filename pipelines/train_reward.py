@@ -1,0 +1,54 @@
+"""The ``train_reward`` stage: a reward model trained from the base encoder on the reward pairs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipelines.prepare import read_set
+from pipelines.reward_model import RewardModel, RewardTrainParams, pairwise_correct, train_reward
+
+
+def fit(base: Path, train: list[dict], val: list[dict], params: RewardTrainParams, log=print) -> tuple[RewardModel, dict]:
+    """Train from the base reward model's encoder; returns the model and its figures."""
+    model = RewardModel.from_encoder(base / "encoder", params.max_length, params.context_turns)
+    t0 = time.perf_counter()
+    every = max(1, int(len(train) * params.epochs / params.batch_size) // 10)
+
+    def on_step(step: int, loss: float) -> None:
+        if step % every == 0:
+            log(f"train_reward: step {step + 1}, loss {loss:.4f}")
+
+    losses = train_reward(model, train, params, on_step)
+    seconds = time.perf_counter() - t0
+    figures = {"train_pairs": len(train), "val_pairs": len(val), "steps": len(losses),
+               "final_loss": losses[-1], "train_seconds": round(seconds, 1), "losses": losses}
+    if val:
+        figures["val_pairwise_accuracy"] = sum(pairwise_correct(model, val)) / len(val)
+    return model, figures
+
+
+def main(settings, params: RewardTrainParams, base: Path, prepared: Path, out: Path, metrics_file: Path) -> dict:
+    import mlflow
+
+    from flywheel import tracking
+
+    train = read_set(prepared, "reward_pairs", "train")
+    val = read_set(prepared, "reward_pairs", "val")
+    with tracking.stage_run(settings, "train_reward") as run:
+        mlflow.log_params({f"reward.{k}": v for k, v in vars(params).items()})
+        model, figures = fit(base, train, val, params)
+        for i, loss in enumerate(figures["losses"]):
+            mlflow.log_metric("reward_loss", loss, step=i)
+        mlflow.log_metrics({k: v for k, v in figures.items() if isinstance(v, (int, float))})
+        plot = tracking.log_curve(figures["losses"], "reward model: Bradley-Terry loss", "loss",
+                                  out.parent / "reward_loss.png")
+        mlflow.log_artifact(str(plot))
+        model.save(out)
+        figures["mlflow_run_id"] = run.info.run_id
+    summary = {k: v for k, v in figures.items() if k != "losses"}
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(summary, indent=2))
+    return summary
+
