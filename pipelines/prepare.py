@@ -40,9 +40,17 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _answer_text(e: dict) -> str:
+    return " ".join([e["response"], e.get("rejected") or "", e.get("correction") or ""])
+
+
 def _key_text(e: dict) -> str:
     last_user = next((m["content"] for m in reversed(e["prompt"]) if m["role"] == "user"), "")
-    return " ".join([last_user, e["response"], e.get("rejected") or "", e.get("correction") or ""])
+    return " ".join([last_user, _answer_text(e)])
+
+
+def _shingles(text: str, k: int) -> set[str]:
+    return {text[j:j + k] for j in range(max(1, len(text) - k + 1))}
 
 
 @dataclass
@@ -67,15 +75,26 @@ def deduplicate(events: list[dict], params: PrepareParams) -> tuple[list[dict], 
             continue
         seen.add(key)
         unique.append(e)
-    lsh = MinHashLSH(threshold=params.near_dup_threshold, num_perm=params.minhash_perms)
+    try:
+        lsh = MinHashLSH(threshold=params.near_dup_threshold, num_perm=params.minhash_perms)
+    except ValueError as exc:
+        raise ValueError(f"prepare.near_dup_threshold={params.near_dup_threshold} with prepare.minhash_perms="
+                         f"{params.minhash_perms}: {exc}") from None
     kept = []
     k = params.shingle_chars
+
+    def same_answer(a: dict, b: dict) -> bool:
+        """The answers alone are near-identical (with a long prompt, prompt + answer can be similar when the
+        answers are not: another answer to the same question is not a duplicate)."""
+        sa, sb = _shingles(_norm(_answer_text(a)), k), _shingles(_norm(_answer_text(b)), k)
+        return len(sa & sb) >= params.near_dup_threshold * len(sa | sb)
+
     for i, e in enumerate(unique):
-        text = _norm(_key_text(e))
         m = MinHash(num_perm=params.minhash_perms)
-        m.update_batch(s.encode() for s in {text[j:j + k] for j in range(max(1, len(text) - k + 1))})
+        m.update_batch(s.encode() for s in _shingles(_norm(_key_text(e)), k))
         # feedback of a different kind on the same answer is not a duplicate
-        if any(unique[int(j)]["feedback_type"] == e["feedback_type"] for j in lsh.query(m)):
+        if any(unique[int(j)]["feedback_type"] == e["feedback_type"] and same_answer(unique[int(j)], e)
+               for j in lsh.query(m)):
             report.near += 1
             continue
         lsh.insert(str(i), m)

@@ -1,0 +1,83 @@
+"""Shared fixtures: the repository root, an event factory, the shipped demo batches and a demo raw store."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = REPO_ROOT / "data" / "demo"
+NATIVE_DEMO = DEMO_DIR / "native-batch.jsonl"
+HH_DEMO = (DEMO_DIR / "hh-rlhf-batch1.jsonl.gz", DEMO_DIR / "hh-rlhf-batch2.jsonl.gz")
+
+_ids = itertools.count(1)
+
+
+def new_event(**overrides) -> dict:
+    """A valid contract-v1 event (thumbs up), unique ids and answer; top-level keys overridden as given."""
+    n = next(_ids)
+    event = {
+        "event_id": f"evt-{n:06d}",
+        "timestamp": "2026-11-27T10:00:00Z",
+        "conversation_id": f"conv-{n:06d}",
+        "model_version": "policy/1",
+        "prompt": [{"role": "user", "content": f"Question number {n}: how do I water a fern?"}],
+        "response": f"Answer number {n}: water it when the top of the soil feels dry.",
+        "user_id": f"user-{n % 7:02d}",
+        "feedback": {"type": "thumbs", "value": "up"},
+    }
+    event.update(copy.deepcopy(overrides))
+    return event
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def make_event():
+    """``make_event(**overrides)`` -> a valid event dict with unique ids (overrides replace top-level keys)."""
+    return new_event
+
+
+@pytest.fixture(scope="session")
+def native_events() -> list[dict]:
+    """The events of the shipped native demo batch."""
+    return [json.loads(line) for line in NATIVE_DEMO.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def demo_files() -> dict[str, Path]:
+    return {"native": NATIVE_DEMO, "hh1": HH_DEMO[0], "hh2": HH_DEMO[1]}
+
+
+@dataclass
+class Store:
+    raw: Path
+    quarantine: Path
+    results: list = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Store:
+    """The three shipped demo batches ingested (a day apart) into a session-wide store. Do not modify it;
+    copy it (``shutil.copytree``) to change it."""
+    from flywheel.settings import ContractParams, IngestParams
+    from pipelines.ingest import ingest
+
+    root = tmp_path_factory.mktemp("demo-store")
+    store = Store(root / "raw", root / "quarantine")
+    batches = [([NATIVE_DEMO], "native"), ([HH_DEMO[0]], "hh-rlhf"), ([HH_DEMO[1]], "hh-rlhf")]
+    for day, (files, fmt) in enumerate(batches, start=20):
+        result = ingest(files, fmt, store.raw, store.quarantine, IngestParams(), ContractParams(), workers=1,
+                        now=datetime(2026, 11, day, 12, 0, tzinfo=timezone.utc))
+        assert result.ok, result.failed_checks
+        store.results.append(result)
+    return store
