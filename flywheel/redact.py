@@ -31,6 +31,14 @@ _DIGIT_KINDS = re.compile(
 )
 # Cheap pre-filter: every kind needs a digit or an '@'.
 _MAYBE = re.compile(r"[\d@]")
+# One scan that finds whether the IBAN or digit-run step can change anything: a match exists exactly when
+# _IBAN_HINT or _RUN has one (both are anchored on a digit, which the regex engine scans for quickly).
+_DIGIT_STEPS = re.compile(r"\d(?:(?<=[A-Z][A-Z]\d)\d|[\d ().-]{5,}\d)")
+# The same test for ASCII text, faster: each byte mapped to its class (digit '0', run separator 's', capital 'A',
+# anything else 'x') in one C pass, then a substring test for the IBAN hint and a literal-led search for a run.
+_ASCII_SHAPE = bytes(ord("0") if 48 <= b <= 57 else ord("s") if chr(b) in " ().-" else ord("A") if 65 <= b <= 90
+                     else ord("x") for b in range(256))
+_SHAPE_RUN = re.compile(rb"0[0s]{5,}0")
 
 
 def luhn_ok(digits: str) -> bool:
@@ -56,15 +64,33 @@ def iban_ok(text: str) -> bool:
     return int(number) % 97 == 1
 
 
+def _maybe(text: str) -> bool:
+    """``_MAYBE.search(text)``, with substring tests for ASCII text (``\\d`` also matches non-ASCII digits)."""
+    if text.isascii():
+        return ("@" in text or "0" in text or "1" in text or "2" in text or "3" in text or "4" in text
+                or "5" in text or "6" in text or "7" in text or "8" in text or "9" in text)
+    return _MAYBE.search(text) is not None
+
+
+def _digit_steps(text: str) -> bool:
+    """True when ``_IBAN_HINT`` or ``_RUN`` finds something in ``text`` (``_DIGIT_STEPS.search``)."""
+    if text.isascii():
+        shape = text.encode("ascii").translate(_ASCII_SHAPE)
+        return b"AA00" in shape or _SHAPE_RUN.search(shape) is not None
+    return _DIGIT_STEPS.search(text) is not None
+
+
 def redact(text: str, counts: Counter | None = None) -> str:
     """Replace personal data in ``text`` by ``[KIND]`` placeholders; tally each kind in ``counts``."""
-    if not _MAYBE.search(text):
+    if not _maybe(text):
         return text
     tally: Counter = Counter() if counts is None else counts
     if "@" in text:
         text = _EMAIL.sub(lambda m: _mark(tally, "email"), text)
-    if "::" in text or text.count(":") >= 7:
+    if ":" in text and ("::" in text or text.count(":") >= 7):
         text = _IPV6.sub(lambda m: _mark(tally, "ip"), text)
+    if not _digit_steps(text):
+        return text  # neither an IBAN hint nor a digit run: the two steps below would change nothing
     if _IBAN_HINT.search(text):
         text = _IBAN.sub(lambda m: _mark(tally, "iban") if iban_ok(m.group(0)) else m.group(0), text)
     return _RUN.sub(lambda m: _redact_run(m, tally), text)

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,8 +36,11 @@ def previous_negative_rate(raw_store: Path) -> float | None:
     return pc.mean(pc.cast(pc.equal(pol, -1), "int8")).as_py()
 
 
-def batch_frame(stats: dict[str, list], empty_lines: int, read: int) -> pd.DataFrame:
-    """One row per line read: flags for empty answers, per-event figures for accepted lines."""
+def batch_frame(stats: dict[str, Sequence], empty_lines: int, read: int) -> pd.DataFrame:
+    """One row per line read: flags for empty answers, per-event figures for accepted lines.
+
+    ``stats`` holds one sequence (list or numpy array) per figure, one value per accepted event.
+    """
     n = len(stats["response_chars"])
     extra = read - n
     polarity = np.asarray(stats["polarity"], dtype=float)
@@ -50,7 +54,9 @@ def batch_frame(stats: dict[str, list], empty_lines: int, read: int) -> pd.DataF
     return pd.DataFrame({
         "empty_answer": empty,
         "response_chars": pad(stats["response_chars"]),
-        "answer_hash": pd.array(list(stats["answer_hash"]) + [None] * extra, dtype="Int64"),
+        "answer_hash": pd.arrays.IntegerArray(  # nullable Int64: missing for the lines not accepted
+            np.concatenate([np.asarray(stats["answer_hash"], dtype=np.int64), np.zeros(extra, np.int64)]),
+            np.concatenate([np.zeros(n, dtype=bool), np.ones(extra, dtype=bool)])),
         "positive": pad(positive),
         "negative": pad((polarity < 0).astype(float)),
         "has_pii": pad((np.asarray(stats["pii_found"]) > 0).astype(float)),

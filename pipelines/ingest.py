@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from flywheel.contract import ContractError, parse_event
@@ -30,6 +31,7 @@ from pipelines import rawstore
 
 FORMATS = ("native", "hh-rlhf")
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_PROMPT_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False), built once
 
 
 class IngestError(RuntimeError):
@@ -122,7 +124,7 @@ def _polarity(fb) -> int:
 
 @dataclass
 class _Chunk:
-    rows: dict[str, list]
+    table: pa.Table                      # accepted events, rawstore.SCHEMA (built in the worker)
     bad: list[tuple[int, str, str]]      # line number, reason, redacted line
     empty_lines: int
     pii: Counter
@@ -158,7 +160,7 @@ def _process_chunk(lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, 
         rows["conversation_id"].append(event.conversation_id)
         rows["model_version"].append(event.model_version)
         rows["user_id"].append(event.user_id)
-        rows["prompt"].append(json.dumps(prompt, ensure_ascii=False))
+        rows["prompt"].append(_PROMPT_JSON.encode(prompt))
         rows["n_turns"].append(len(prompt))
         response = redact(event.response, found)
         rows["response"].append(response)
@@ -171,7 +173,7 @@ def _process_chunk(lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, 
         rows["polarity"].append(_polarity(fb))
         rows["pii_found"].append(sum(found.values()))
         pii.update(found)
-    return _Chunk(rows, bad, empty, pii)
+    return _Chunk(pa.Table.from_pydict(rows, schema=rawstore.SCHEMA), bad, empty, pii)
 
 
 def _chunks(files: Iterable[Path], size: int) -> Iterator[list[tuple[int, bytes]]]:
@@ -233,11 +235,11 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
     qdir = quarantine / batch_id
     tmp, writer = rawstore.new_batch_writer(raw_store, batch_id)
     bad_file, first_bad = None, None
-    stats: dict[str, list] = {"response_chars": [], "answer_hash": [], "polarity": [], "pii_found": []}
+    parts: dict[str, list[np.ndarray]] = {"response_chars": [], "answer_hash": [], "polarity": [], "pii_found": []}
     empty_lines, pii = 0, Counter()
     try:
         for chunk in _map_chunks(_chunks(files, params.chunk_events), args, workers):
-            result.read += len(chunk.rows["event_id"]) + len(chunk.bad)
+            result.read += chunk.table.num_rows + len(chunk.bad)
             empty_lines += chunk.empty_lines
             pii.update(chunk.pii)
             if chunk.bad:
@@ -249,7 +251,7 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
                     bad_file.write(json.dumps({"line": n, "reason": reason, "text": text}, ensure_ascii=False) + "\n")
                 result.quarantined += len(chunk.bad)
             keep = []
-            for i, eid in enumerate(chunk.rows["event_id"]):
+            for i, eid in enumerate(chunk.table.column("event_id").to_pylist()):
                 if eid in seen:
                     result.duplicates += 1
                 else:
@@ -257,15 +259,16 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
                     keep.append(i)
             if not keep:
                 continue
-            table = pa.Table.from_pydict(chunk.rows, schema=rawstore.SCHEMA)
+            table = chunk.table
             if len(keep) < table.num_rows:
                 table = table.take(keep)
             writer.write_table(table)
             result.accepted += table.num_rows
-            stats["response_chars"].extend(table.column("response_chars").to_pylist())
-            stats["answer_hash"].extend(hash(r) for r in table.column("response").to_pylist())
-            stats["polarity"].extend(table.column("polarity").to_pylist())
-            stats["pii_found"].extend(table.column("pii_found").to_pylist())
+            # per-event figures for the batch checks: small numeric arrays (copies: no chunk stays alive)
+            for name in ("response_chars", "polarity", "pii_found"):
+                parts[name].append(np.array(table.column(name).to_numpy(), copy=True))
+            parts["answer_hash"].append(np.fromiter((hash(r) for r in table.column("response").to_pylist()),
+                                                    np.int64, table.num_rows))
         writer.close()
     except BaseException:
         writer.close()
@@ -286,6 +289,7 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
                               f"{first_bad[0]}: {first_bad[1]}); see {qdir / 'rejected-lines.jsonl'}")
         return result
     try:
+        stats = {k: np.concatenate(v) for k, v in parts.items()}
         previous = batch_checks.previous_negative_rate(raw_store)
         verdict = batch_checks.check_batch(stats, empty_lines, result.read, previous, params.checks, qdir)
         if verdict.failures:
