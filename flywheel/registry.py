@@ -89,9 +89,13 @@ class Registry:
 
         try:
             found = self.client.search_model_versions(f"name='{name}'")
+            aliases = self.client.get_registered_model(name).aliases or {}
         except MlflowException:
             return []
-        return sorted((_v(m) for m in found), key=lambda v: int(v.version))
+        versions = sorted((_v(m) for m in found), key=lambda v: int(v.version))
+        for v in versions:
+            v.aliases = sorted(a for a, num in aliases.items() if str(num) == v.version)
+        return versions
 
     def find_by_hash(self, name: str, digest: str) -> Version | None:
         for v in self.versions(name):

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipelines.policy_model import Batch, Encoded, collate, freeze_trunk, run_trunk, top_layers, top_logps
+from pipelines.policy_model import (Batch, Encoded, TrunkOut, collate, freeze_trunk, run_trunk, top_layers, top_logps,
+                                    trunk_context)
 
 
 @dataclass
@@ -32,7 +33,8 @@ class DPOParams:
     max_grad_norm: float = 1.0
     sft_weight: float = 0.0
     sft_batch_size: int = 4
-    bf16: bool = True
+    bf16: bool = False
+    cache_trunk: bool = True      # keep trunk outputs and reference log-probs for later epochs
     seed: int = 0
 
 
@@ -52,6 +54,50 @@ def dpo_loss(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.T
     return -nn.functional.logsigmoid(beta * margin).mean(), margin.detach()
 
 
+class TrunkCache:
+    """Trunk outputs and reference log-probabilities per pair, computed once and reused every epoch.
+
+    With right padding and causal attention a sequence's hidden states do not depend on the batch it
+    was computed in, so cached rows can be re-padded into any later batch.
+    """
+
+    def __init__(self, model, reference: nn.ModuleList, k: int, pad_id: int, enabled: bool = True):
+        self.model, self.reference, self.k, self.pad_id, self.enabled = model, reference, k, pad_id, enabled
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
+
+    @torch.no_grad()
+    def _fill(self, idx: list[int], items: list[Encoded], bf16: bool) -> None:
+        batch = pair_batch(items, self.pad_id)
+        with _autocast(bf16):
+            trunk = run_trunk(self.model, batch, self.k)
+            ref = top_logps(self.reference, self.model, trunk, batch).float()
+        n = len(items)
+        for j, (i, e) in enumerate(zip(idx, items)):
+            lc, lr = len(e.prompt) + len(e.answers[0]), len(e.prompt) + len(e.answers[1])
+            self.rows[i] = (trunk.hidden[j, :lc].float().clone(), trunk.hidden[n + j, :lr].float().clone(),
+                            ref[j].item(), ref[n + j].item())
+
+    def batch(self, idx: list[int], pairs: list[Encoded], bf16: bool) -> tuple[Batch, TrunkOut, torch.Tensor]:
+        """(batch, trunk output, reference log-probs) for the pairs ``idx``, chosen first then rejected."""
+        items = [pairs[i] for i in idx]
+        if not self.enabled:
+            self.rows.clear()
+        missing = [i for i in idx if i not in self.rows]
+        if missing:
+            self._fill(missing, [pairs[i] for i in missing], bf16)
+        batch = pair_batch(items, self.pad_id)
+        trunk = trunk_context(self.model, batch)
+        hidden = torch.zeros((*batch.ids.shape, self.model.config.hidden_size))
+        rows = [self.rows[i] for i in idx]
+        n = len(idx)
+        for j, (hc, hr, _, _) in enumerate(rows):
+            hidden[j, : hc.shape[0]] = hc
+            hidden[n + j, : hr.shape[0]] = hr
+        trunk.hidden = hidden
+        ref = torch.tensor([r[2] for r in rows] + [r[3] for r in rows])
+        return batch, trunk, ref
+
+
 def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, params: DPOParams,
               on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train ``model``'s top layers in place from its current weights (also the reference)."""
@@ -64,6 +110,7 @@ def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, para
     for p in reference.parameters():
         p.requires_grad_(False)
     trainable = freeze_trunk(model, k)
+    cache = TrunkCache(model, reference, k, pad_id, params.cache_trunk)
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     warm = max(1, params.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -81,11 +128,8 @@ def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, para
                 rng.shuffle(more)
                 order += more
             idx, order = order[:params.batch_size], order[params.batch_size:]
-            batch = pair_batch([pairs[i] for i in idx], pad_id)
+            batch, trunk, ref = cache.batch(idx, pairs, params.bf16)
             with _autocast(params.bf16):
-                with torch.no_grad():
-                    trunk = run_trunk(model, batch, k)
-                    ref = top_logps(reference, model, trunk, batch)
                 pol = top_logps(top_layers(model, k), model, trunk, batch)
             dloss, margin = dpo_loss(pol.float(), ref.float(), params.beta)
             loss = loss + dloss

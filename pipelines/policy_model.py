@@ -94,20 +94,29 @@ class TrunkOut:
     position_embeddings: tuple
 
 
-def run_trunk(model, batch: Batch, k: int) -> TrunkOut:
-    """Embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they are frozen)."""
+def trunk_context(model, batch: Batch, dtype: torch.dtype = torch.float32) -> TrunkOut:
+    """Mask, positions and rotary embeddings of a batch (no layer run; ``hidden`` left empty)."""
     from transformers.masking_utils import create_causal_mask
 
     base = model.model
-    emb = base.embed_tokens(batch.ids)
+    shape = (*batch.ids.shape, base.config.hidden_size)
+    probe = torch.zeros(1, 1, shape[-1], dtype=dtype).expand(shape)
     position_ids = torch.arange(batch.ids.shape[1]).unsqueeze(0)
-    mask = create_causal_mask(config=base.config, inputs_embeds=emb, attention_mask=batch.attention,
+    mask = create_causal_mask(config=base.config, inputs_embeds=probe, attention_mask=batch.attention,
                               cache=None, position_ids=position_ids)
-    pe = base.rotary_emb(emb, position_ids=position_ids)
-    h = emb
-    for layer in base.layers[:k]:
-        h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=position_ids)
-    return TrunkOut(h, mask, position_ids, pe)
+    pe = base.rotary_emb(probe, position_ids=position_ids)
+    return TrunkOut(None, mask, position_ids, pe)
+
+
+def run_trunk(model, batch: Batch, k: int) -> TrunkOut:
+    """Embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they are frozen)."""
+    ctx = trunk_context(model, batch)
+    h = model.model.embed_tokens(batch.ids)
+    for layer in model.model.layers[:k]:
+        h = layer(h, attention_mask=ctx.mask, position_embeddings=ctx.position_embeddings,
+                  position_ids=ctx.position_ids)
+    ctx.hidden = h
+    return ctx
 
 
 def top_logps(layers: nn.ModuleList, model, trunk: TrunkOut, batch: Batch) -> torch.Tensor:
