@@ -20,6 +20,7 @@ class SmokeParams:
     prompts: list[str] = field(default_factory=lambda: ["Hello! Who are you?", "Give me one tip for sleeping well."])
     max_new_tokens: int = 16
     timeout_s: float = 120.0
+    min_chars: int = 1            # an answer shorter than this (after stripping) fails the check
 
 
 @dataclass
@@ -56,7 +57,7 @@ def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str
             model, tok = load_policy(folder)
             answers = generate(model, tok, [[{"role": "user", "content": p}] for p in params.prompts],
                                params.max_new_tokens)
-            if not all(a.strip() for a in answers):
+            if not all(len(a.strip()) >= params.min_chars for a in answers):
                 return False, f"empty answer to a smoke prompt: {answers}"
         else:
             import math

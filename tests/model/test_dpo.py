@@ -1,0 +1,62 @@
+"""DPO on the tiny policy: it learns the planted preference, touches only the top layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipelines.dpo import DPOParams, train_dpo
+from pipelines.evaluate import EvalParams, implicit_margins
+from pipelines.policy_model import encode, load_policy
+from pipelines.stats import correct_from_margin
+from tests.model.conftest import synthetic_pairs
+
+PARAMS = dict(frozen_layers=2, steps=12, batch_size=4, lr=5e-3, warmup_steps=1, beta=0.5)
+EVAL = EvalParams(max_prompt_tokens=32, max_answer_tokens=8, batch_size=8, frozen_layers=2)
+
+
+def _train(folder, pairs, **over):
+    model, tok = load_policy(folder)
+    ref = copy.deepcopy(model)
+    history = train_dpo(model, encode(tok, pairs, 32, 8), [], tok.pad_token_id, DPOParams(**{**PARAMS, **over}))
+    return ref, model, tok, history
+
+
+def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_base):
+    test = synthetic_pairs(8, start=100)
+    ref, good, tok, history = _train(tiny_base / "policy", synthetic_pairs(16))
+    _, bad, _, _ = _train(tiny_base / "policy", synthetic_pairs(16, swap=True))
+    m = implicit_margins(ref, {"good": good, "bad": bad, "ref": ref}, tok, test, EVAL)
+    assert sum(correct_from_margin(m["good"])) / len(test) == 1.0
+    assert sum(correct_from_margin(m["bad"])) / len(test) == 0.0
+    assert all(x == 0 for x in m["ref"])             # the reference against itself: all ties
+    assert history[-1]["dpo_loss"] < history[0]["dpo_loss"]
+
+
+def test_dpo_changes_only_the_top_layers(tiny_base):
+    ref, model, _, _ = _train(tiny_base / "policy", synthetic_pairs(8), steps=2)
+    for (name, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        changed = not torch.equal(a, b)
+        assert changed == name.startswith(("model.layers.2.", "model.layers.3.")), name
+
+
+def test_cache_does_not_change_the_result(tiny_base):
+    _, a, _, ha = _train(tiny_base / "policy", synthetic_pairs(8), steps=4, cache_trunk=True)
+    _, b, _, hb = _train(tiny_base / "policy", synthetic_pairs(8), steps=4, cache_trunk=False)
+    assert [round(r["loss"], 5) for r in ha] == [round(r["loss"], 5) for r in hb]
+
+
+def test_sft_only_training_lowers_the_completion_loss(tiny_base):
+    model, tok = load_policy(tiny_base / "policy")
+    sft = encode(tok, [{"prompt": p["prompt"], "completion": "thank you"} for p in synthetic_pairs(8)], 32, 8,
+                 fields=("completion",))
+    history = train_dpo(model, [], sft, tok.pad_token_id, DPOParams(**{**PARAMS, "sft_weight": 1.0, "steps": 10}))
+    assert history[-1]["sft_nll"] < history[0]["sft_nll"]
+
+
+def test_nothing_to_train_on_is_an_error(tiny_base):
+    model, tok = load_policy(tiny_base / "policy")
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_dpo(model, [], [], tok.pad_token_id, DPOParams(**PARAMS))

@@ -1,0 +1,67 @@
+"""The trunk/top split of the policy computes exactly what the whole model computes."""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.dpo import TrunkCache, pair_batch
+from pipelines.policy_model import (collate, encode, freeze_trunk, generate, load_policy, run_trunk, top_layers,
+                                    top_logps, trunk_fingerprint)
+from tests.model.conftest import synthetic_pairs
+
+
+def _full_logps(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch.ids, attention_mask=batch.attention).logits
+    lp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])[batch.target_pos]
+    lp = lp.gather(1, batch.targets.unsqueeze(1)).squeeze(1)
+    return torch.zeros(batch.ids.shape[0]).index_add(0, batch.seq_of_target, lp)
+
+
+def test_trunk_plus_top_equals_full_forward(tiny_base):
+    model, tok = load_policy(tiny_base / "policy")
+    enc = encode(tok, synthetic_pairs(3), 32, 8)
+    batch = collate([(e.prompt, e.answers[0]) for e in enc] + [(e.prompt, e.answers[1][:3]) for e in enc],
+                    tok.pad_token_id)
+    with torch.no_grad():
+        split = top_logps(top_layers(model, 2), model, run_trunk(model, batch, 2), batch)
+        full = _full_logps(model, batch)
+    assert torch.allclose(split, full, atol=1e-4), (split, full)
+
+
+def test_cached_trunk_rows_repad_to_the_same_log_probs(tiny_base):
+    model, tok = load_policy(tiny_base / "policy")
+    pairs = encode(tok, synthetic_pairs(4), 32, 8)
+    cache = TrunkCache(model, top_layers(model, 2), 2, tok.pad_token_id)
+    cache.batch([0, 1], pairs, bf16=False)               # fills rows 0 and 1 in a batch of their own
+    batch, trunk, ref = cache.batch([1, 2, 3], pairs, bf16=False)  # re-pads row 1 beside new rows
+    with torch.no_grad():
+        direct = top_logps(top_layers(model, 2), model, run_trunk(model, pair_batch([pairs[i] for i in (1, 2, 3)],
+                                                                                    tok.pad_token_id), 2), batch)
+    assert torch.allclose(ref, direct, atol=1e-4)
+
+
+def test_freeze_trunk_leaves_only_top_layers_trainable(tiny_base):
+    model, _ = load_policy(tiny_base / "policy")
+    trainable = freeze_trunk(model, 3)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("model.layers.3.") for n in names)
+    assert len(trainable) == len(names)
+
+
+def test_fingerprint_tells_trunks_apart(tiny_base):
+    a, _ = load_policy(tiny_base / "policy")
+    b, _ = load_policy(tiny_base / "policy")
+    assert trunk_fingerprint(a, 2) == trunk_fingerprint(b, 2)
+    with torch.no_grad():
+        b.model.layers[3].mlp.up_proj.weight.add_(1.0)    # a change above the trunk
+    assert trunk_fingerprint(a, 2) == trunk_fingerprint(b, 2)
+    with torch.no_grad():
+        b.model.layers[0].mlp.up_proj.weight.add_(1.0)    # a change inside it
+    assert trunk_fingerprint(a, 2) != trunk_fingerprint(b, 2)
+
+
+def test_generate_returns_one_answer_per_prompt(tiny_base):
+    model, tok = load_policy(tiny_base / "policy")
+    prompts = [[{"role": "user", "content": "how do I water a fern"}], [{"role": "user", "content": "yes"}]]
+    answers = generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
