@@ -27,8 +27,11 @@ _DIGIT_KINDS = re.compile(
     r"(?P<card>(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-]))"
     r"|(?P<ip>(?<![\d.])" + _OCTET + r"(?:\." + _OCTET + r"){3}(?![\d.]))"
     r"|(?P<phone>(?<!\d)(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?!\d)"
-    r"|(?<!\d)\+\d{7,14}(?!\d))"
+    r"|(?<!\d)\+\d{7,14}(?!\d)"
+    # international forms in short groups: +33 1 23 45 67 89, 0044 20 7946 0958 (8-15 digits, checked below)
+    r"|(?<!\d)(?:\+|00)\d{1,3}(?:[ .-]\d{1,4}){2,6}(?!\d))"
 )
+_PHONE_ONLY = re.compile(r"(?:\+|00)\d{1,3}(?:[ .-]\d{1,4}){2,6}|(?:\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}")
 # Cheap pre-filter: every kind needs a digit or an '@'.
 _MAYBE = re.compile(r"[\d@]")
 # One scan that finds whether the IBAN or digit-run step can change anything: a match exists exactly when
@@ -113,7 +116,12 @@ def _redact_run(run: re.Match[str], tally: Counter) -> str:
         if kind == "card":
             digits = value.replace(" ", "").replace("-", "")
             if not luhn_ok(digits):
+                # not a card; a phone number in groups may look like one (0044 20 7946 0958)
+                if len(digits) <= 15 and _PHONE_ONLY.fullmatch(value):
+                    return _mark(tally, "phone")
                 return value
+        elif kind == "phone" and not 7 <= sum(c.isdigit() for c in value) <= 15:
+            return value
         return _mark(tally, kind)
 
     out = _DIGIT_KINDS.sub(_sub, prefix + run.group(0))

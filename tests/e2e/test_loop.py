@@ -1,0 +1,62 @@
+"""End to end with the real shipped models on tiny data: `dvc repro` (all stages) then `flywheel release`
+in a copy of the repository, on the `tiny` profile (a few steps, the permissive gate)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
+    params = repo_copy / "params.yaml"
+    params.write_text(params.read_text().replace("\nprofile: demo", "\nprofile: tiny"))
+    rows = gzip.open(repo_copy / "data/demo/hh-rlhf-batch1.jsonl.gz", "rt").read().splitlines()[:120]
+    small = repo_copy / "small.jsonl.gz"
+    with gzip.open(small, "wt") as fh:
+        fh.write("\n".join(rows) + "\n")
+    for args in (["flywheel", "ingest", "--format", "hh-rlhf", str(small)],
+                 ["flywheel", "ingest", "data/demo/native-batch.jsonl"]):
+        proc = sh(args, repo_copy)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    first = sh(["dvc", "repro"], repo_copy, timeout=1800)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert {"base_models", "train_reward", "train_policy", "evaluate", "bless"} <= _ran(first.stdout)
+    again = sh(["dvc", "repro"], repo_copy, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert _ran(again.stdout) == {"resolve_champion"}
+
+    blessing = json.loads((repo_copy / "reports/blessing.json").read_text())
+    assert blessing["policy"]["blessed"]
+    evaluation = json.loads((repo_copy / "metrics/evaluate.json").read_text())
+    assert evaluation["judge"]["version"] == "base" and evaluation["policy"]["pref_accuracy"]["n"] > 0
+    assert (repo_copy / "reports/evaluate/report.md").is_file()
+
+    release = sh(["flywheel", "release", "--json"], repo_copy, timeout=900)
+    assert release.returncode == 0, release.stdout + release.stderr
+    rows = {r["model"]: r for r in json.loads(release.stdout.strip().splitlines()[-1])}
+    assert rows["policy"]["promoted"] and rows["policy"]["version"] == "2"
+    twice = sh(["flywheel", "release", "--json"], repo_copy, timeout=900)
+    rows = {r["model"]: r for r in json.loads(twice.stdout.strip().splitlines()[-1])}
+    assert rows["policy"]["reasons"] == ["already the champion"]
+
+    status = json.loads(sh(["flywheel", "status", "--json"], repo_copy).stdout)
+    champion = [r for r in status if r["model"] == "flywheel-policy" and "champion" in r["aliases"]]
+    assert [r["version"] for r in champion] == ["2"]
+
+    rollback = sh(["flywheel", "rollback"], repo_copy)
+    assert rollback.returncode == 0 and "v2 -> v1" in rollback.stderr, rollback.stderr
+    score = sh(["flywheel", "eval-reward", "--model", "models:/flywheel-reward@champion", "--pairs", str(small),
+                "--format", "hh-rlhf", "--json"], repo_copy)
+    assert score.returncode == 0, score.stderr
+    result = json.loads(score.stdout)
+    assert result["n"] > 100 and 0.0 <= result["pairwise_accuracy"] <= 1.0
