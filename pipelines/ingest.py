@@ -122,6 +122,33 @@ def _polarity(fb) -> int:
     return 0
 
 
+def event_row(event, found: Counter) -> dict:
+    """A contract event as a raw-store row, personal data redacted (kinds tallied in ``found``); every column
+    of ``rawstore.SCHEMA`` but the batch's own ``ingested_at`` and ``batch_id``. The service stores the same rows."""
+    fb = event.feedback
+    prompt = [{"role": m.role, "content": redact(m.content, found)} for m in event.prompt]
+    response = redact(event.response, found)
+    return {
+        "event_id": event.event_id,
+        "schema_version": event.schema_version,
+        "timestamp": event.timestamp,
+        "conversation_id": event.conversation_id,
+        "model_version": event.model_version,
+        "user_id": event.user_id,
+        "prompt": _PROMPT_JSON.encode(prompt),
+        "n_turns": len(prompt),
+        "response": response,
+        "response_chars": len(response),
+        "feedback_type": fb.type,
+        "thumbs": fb.value if fb.type == "thumbs" else None,
+        "rating": fb.value if fb.type == "rating" else None,
+        "rejected": redact(fb.rejected, found) if fb.type == "preference" else None,
+        "correction": redact(fb.text, found) if fb.type == "correction" else None,
+        "polarity": _polarity(fb),
+        "pii_found": sum(found.values()),
+    }
+
+
 @dataclass
 class _Chunk:
     table: pa.Table                      # accepted events, rawstore.SCHEMA (built in the worker)
@@ -150,28 +177,10 @@ def _process_chunk(lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, 
             bad.append((n, redact(exc.reason), redact(text)))
             continue
         found: Counter = Counter()
-        fb = event.feedback
-        prompt = [{"role": m.role, "content": redact(m.content, found)} for m in event.prompt]
-        rows["event_id"].append(event.event_id)
-        rows["schema_version"].append(event.schema_version)
-        rows["timestamp"].append(event.timestamp)
+        for name, value in event_row(event, found).items():
+            rows[name].append(value)
         rows["ingested_at"].append(ingested_at)
         rows["batch_id"].append(batch_id)
-        rows["conversation_id"].append(event.conversation_id)
-        rows["model_version"].append(event.model_version)
-        rows["user_id"].append(event.user_id)
-        rows["prompt"].append(_PROMPT_JSON.encode(prompt))
-        rows["n_turns"].append(len(prompt))
-        response = redact(event.response, found)
-        rows["response"].append(response)
-        rows["response_chars"].append(len(response))
-        rows["feedback_type"].append(fb.type)
-        rows["thumbs"].append(fb.value if fb.type == "thumbs" else None)
-        rows["rating"].append(fb.value if fb.type == "rating" else None)
-        rows["rejected"].append(redact(fb.rejected, found) if fb.type == "preference" else None)
-        rows["correction"].append(redact(fb.text, found) if fb.type == "correction" else None)
-        rows["polarity"].append(_polarity(fb))
-        rows["pii_found"].append(sum(found.values()))
         pii.update(found)
     return _Chunk(pa.Table.from_pydict(rows, schema=rawstore.SCHEMA), bad, empty, pii)
 
