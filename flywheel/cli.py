@@ -315,6 +315,9 @@ def release(
     blessing: Path = typer.Option(Path("reports/blessing.json")),
     base: Path = typer.Option(Path("models/base")),
     as_json: bool = typer.Option(False, "--json"),
+    approved_by: Optional[str] = typer.Option(None, "--approved-by", help="who approved the release (tagged)"),
+    rejected_by: Optional[str] = typer.Option(None, "--rejected-by",
+                                              help="who rejected it: register and check, never promote (tagged)"),
 ) -> None:
     """Register the challengers, smoke-check them, and promote those the gate blessed."""
     from flywheel import tracking
@@ -328,7 +331,12 @@ def release(
     boot(registry, s.root / base)
     verdict = json.loads((s.root / blessing).read_text())
     lineage = _lineage(s)
-    outcomes = run_release(registry, s.root / challenger, verdict, lineage, _smoke(s), log=console.print)
+    if approved_by and rejected_by:
+        fail("--approved-by and --rejected-by exclude each other")
+    if approved_by or rejected_by:
+        lineage.update(approval="approved" if approved_by else "rejected", approval_by=approved_by or rejected_by)
+    hold = f"release rejected by {rejected_by}" if rejected_by else None
+    outcomes = run_release(registry, s.root / challenger, verdict, lineage, _smoke(s), log=console.print, hold=hold)
     rows = [{"model": o.kind, "version": o.version, "new_version": o.created, "blessed": o.blessed,
              "smoke_check": o.smoke_ok, "promoted": o.promoted, "reasons": o.reasons} for o in outcomes]
     if as_json:

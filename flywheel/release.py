@@ -77,8 +77,9 @@ def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str
 
 
 def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict, smoke: SmokeParams,
-            log=print) -> list[Outcome]:
-    """Register each challenger, check it, and promote it when blessed and the check passed."""
+            log=print, hold: str | None = None) -> list[Outcome]:
+    """Register each challenger, check it, and promote it when blessed and the check passed, unless
+    ``hold`` says why not (a human rejected the release)."""
     outcomes = []
     for kind, name in MODELS.items():
         out = Outcome(kind)
@@ -111,7 +112,9 @@ def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict,
             out.reasons += verdict["reasons"] or ["not blessed"]
         if not out.smoke_ok:
             out.reasons.append(f"smoke check failed: {detail}")
-        if out.blessed and out.smoke_ok:
+        if hold:
+            out.reasons.append(f"not promoted: {hold}")
+        if out.blessed and out.smoke_ok and not hold:
             registry.promote(name, version.version)
             registry.set_tags(name, version.version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             out.promoted = True
