@@ -1,0 +1,194 @@
+"""continuous_improvement: one task per dvc.yaml stage, in order, then the release. Wiring only: the
+decisions and the subprocess edge live in pipelines/orchestration.py."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import (Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, chain, dag,
+                         get_current_context, task)
+
+
+def _config():
+    # schedule, retries and pool come from params.yaml; this module reads two local YAML files and
+    # imports neither torch, mlflow nor great_expectations
+    from pipelines.orchestration import dag_config
+
+    return dag_config(__file__)
+
+
+CFG = _config()
+ORCH = CFG.params
+
+DOC = f"""
+### Continuous improvement
+
+Runs on each `{CFG.feedback_asset}` asset event (from `feedback_ingest`) and on `{ORCH.fallback_schedule}`.
+
+1. **check_feedback** retrains only when at least `min_new_events` ({ORCH.min_new_events}) events arrived
+   since the last training, or their negative-feedback rate rose by more than `max_negative_rate_rise`
+   ({ORCH.max_negative_rate_rise}); otherwise the run ends here and the reason is in this task's log and in
+   its XCom `decision`.
+2. One task per stage of `dvc.yaml` ({", ".join(CFG.stages)}), each `dvc repro --single-item <stage>` in
+   the workspace, all in pool `{ORCH.pool}` (one slot): an up-to-date stage is skipped by DVC and `dvc.lock`
+   records what each run used. A failed stage fails its task with the stage's stderr tail (the failed
+   expectation or error).
+3. **release** runs `flywheel release` (register, smoke-check, promote only the blessed), recording this
+   run's id on the model version. With `approval_required: true` in params.yaml, a human approves or rejects
+   first (Browse > Required Actions); the decision and who made it are tagged on the model version.
+
+Reports: `reports/validate/data_docs/`, `reports/evaluate/report.md`, the verdict in `reports/blessing.json`
+and in the **bless** task's log; the release table in the **release** task's log and XCom.
+
+Manual trigger params: `force` skips the feedback threshold only (never the gate nor the smoke check),
+`dry_run` decides and stops, `skip_release` trains and evaluates without releasing, `profile` sets
+FLYWHEEL_PROFILE for the stages (empty: params.yaml's).
+"""
+
+
+def _env(profile: str | None = None):
+    from pipelines.orchestration import command_env
+
+    ctx = get_current_context()
+    decision = ctx["ti"].xcom_pull(task_ids="check_feedback", key="decision") or {}
+    return command_env(CFG.root, ctx["run_id"], profile or ctx["params"].get("profile") or "",
+                       decision.get("loop_run_id", ""))
+
+
+def _stage(stage: str):
+    @task(task_id=stage, pool=ORCH.pool, execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
+          doc_md=f"`dvc repro --single-item {stage}` in the workspace (skipped by DVC when up to date).")
+    def run_stage() -> dict:
+        from pipelines import orchestration as orch
+
+        return orch.as_dict(orch.run_stage(CFG.root, stage, _env(), timeout=ORCH.stage_timeout_minutes * 60))
+
+    return run_stage()
+
+
+@dag(
+    dag_id="continuous_improvement",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(ORCH.fallback_schedule, timezone="UTC"),
+                                 assets=Asset(CFG.feedback_asset)),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["flywheel", "training"],
+    doc_md=DOC,
+    default_args={"retries": ORCH.retries, "retry_delay": timedelta(minutes=ORCH.retry_delay_minutes),
+                  "retry_exponential_backoff": True,
+                  "max_retry_delay": timedelta(minutes=ORCH.max_retry_delay_minutes)},
+    params={
+        "force": Param(False, type="boolean", description="retrain even below the feedback threshold"),
+        "dry_run": Param(False, type="boolean", description="decide, show what would run, run nothing"),
+        "skip_release": Param(False, type="boolean", description="train and evaluate, do not release"),
+        "profile": Param("", type="string", enum=["", *CFG.profiles],
+                         description="FLYWHEEL_PROFILE for the stages (empty: params.yaml's)"),
+    },
+)
+def continuous_improvement():
+    @task.short_circuit(pool=ORCH.pool)
+    def check_feedback() -> bool:
+        """Decide whether this run retrains; the reason goes to the log and to XCom ``decision``."""
+        from flywheel.settings import load_settings
+        from flywheel import tracking
+        from pipelines import orchestration as orch
+
+        ctx = get_current_context()
+        params = ctx["params"]
+        settings = load_settings(CFG.root, env=orch.command_env(CFG.root, profile=params.get("profile") or ""))
+        decision = orch.check_feedback(settings, orch.orchestration_params(settings.params), params["force"])
+        if decision.retrain and params["dry_run"]:
+            decision.retrain, decision.reason = False, f"dry run, would retrain: {decision.reason}"
+            orch.run_command([orch.console_script("dvc"), "status"], CFG.root, orch.command_env(CFG.root),
+                             check=False)
+        out = orch.as_dict(decision)
+        if decision.retrain:
+            out["loop_run_id"] = tracking.start_loop_run(settings, f"airflow {ctx['run_id']}",
+                                                         {"airflow.run_id": ctx["run_id"]})
+        ctx["ti"].xcom_push(key="decision", value=out)
+        print(("RETRAIN: " if decision.retrain else "STOP: ") + decision.reason)
+        return decision.retrain
+
+    @task
+    def record_training() -> dict:
+        """The watermark: which raw-store batches this training saw (the next threshold counts from it)."""
+        from flywheel.settings import load_settings
+        from pipelines import orchestration as orch
+
+        ctx = get_current_context()
+        decision = ctx["ti"].xcom_pull(task_ids="check_feedback", key="decision")
+        return orch.record_training(load_settings(CFG.root, env=_env()), decision["latest_batch"], ctx["run_id"])
+
+    @task.branch
+    def approval_needed() -> str:
+        from flywheel.settings import load_settings
+        from pipelines import orchestration as orch
+
+        params = get_current_context()["params"]
+        required = orch.orchestration_params(load_settings(CFG.root, env=_env()).params).approval_required
+        return "approve_release" if required and not params["skip_release"] else "release"
+
+    @task(pool=ORCH.pool, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    def release() -> list[dict]:
+        """``flywheel release``: register, smoke-check, promote the blessed; this run's id is tagged."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipelines import orchestration as orch
+
+        ctx = get_current_context()
+        if ctx["params"]["skip_release"]:
+            raise AirflowSkipException("skip_release is set: trained and evaluated, not released")
+        answer = ctx["ti"].xcom_pull(task_ids="approve_release")
+        approved_by = _responder(answer) if answer else None
+        rows = orch.run_release(CFG.root, _env(), approved_by=approved_by, timeout=ORCH.stage_timeout_minutes * 60)
+        for r in rows:
+            print(f"{r['model']} v{r['version']}: promoted={r['promoted']} blessed={r['blessed']} "
+                  f"smoke_check={r['smoke_check']} reasons={r['reasons']}")
+        return rows
+
+    @task(pool=ORCH.pool, trigger_rule=TriggerRule.NONE_FAILED)
+    def record_rejection() -> list[dict] | None:
+        """After a rejection: register and check the challengers, never promote, tag who rejected."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipelines import orchestration as orch
+
+        answer = get_current_context()["ti"].xcom_pull(task_ids="approve_release")
+        if not answer or answer.get("chosen_options") != ["Reject"]:
+            raise AirflowSkipException("no rejection to record")
+        return orch.run_release(CFG.root, _env(), rejected_by=_responder(answer),
+                                timeout=ORCH.stage_timeout_minutes * 60)
+
+    approve = _approval()
+    stages = [_stage(s) for s in CFG.stages]
+    branch = approval_needed()
+    released = release()
+    chain(check_feedback(), *stages, record_training(), branch, approve, released, record_rejection())
+    branch >> released
+
+
+def _responder(answer: dict) -> str:
+    user = answer.get("responded_by_user") or {}
+    return f"{user.get('name') or user.get('id') or 'unknown'}"
+
+
+def _approval():
+    # imported here: the HITL operator comes from the standard provider, not airflow.sdk
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    return ApprovalOperator(
+        task_id="approve_release",
+        subject="Release the challenger? (run {{ run_id }})",
+        body=("The gate's verdict is in `reports/blessing.json` and the **bless** task's log; the evaluation "
+              "report is `reports/evaluate/report.md`. Approve to run `flywheel release` (it still promotes only "
+              "a blessed challenger that passes its smoke check); reject to register it without promotion."),
+        defaults="Reject",
+        response_timeout=timedelta(hours=ORCH.approval_timeout_hours),
+        retries=0,
+    )
+
+
+continuous_improvement()

@@ -1,0 +1,69 @@
+"""feedback_ingest: export new feedback-store events into the DVC-tracked raw store and announce them
+as an asset event (the counts in its extra), which schedules continuous_improvement. Wiring only."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, dag, get_current_context, task
+
+
+def _config():
+    # the schedule, retries and pool come from params.yaml (two local YAML files; nothing heavy imported)
+    from pipelines.orchestration import dag_config
+
+    return dag_config(__file__)
+
+
+CFG = _config()
+ORCH = CFG.params
+FEEDBACK = Asset(CFG.feedback_asset)
+
+DOC = f"""
+### Feedback ingest
+
+Every `{ORCH.schedule}`: `flywheel export --json` moves the events the online service stored in the feedback
+store since the last export into the raw store (checked, redacted, de-duplicated, `dvc add`-ed), in pool
+`{ORCH.pool}` since it runs DVC. When it stored any, the task emits an event on asset `{CFG.feedback_asset}`
+whose extra holds the export's counts; `continuous_improvement` is scheduled on it. No new events, or an
+install without `flywheel export`: the task is skipped with the reason in its log, and no event is emitted.
+"""
+
+
+@dag(
+    dag_id="feedback_ingest",
+    schedule=ORCH.schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["flywheel", "data"],
+    doc_md=DOC,
+    default_args={"retries": ORCH.retries, "retry_delay": timedelta(minutes=ORCH.retry_delay_minutes),
+                  "retry_exponential_backoff": True,
+                  "max_retry_delay": timedelta(minutes=ORCH.max_retry_delay_minutes)},
+)
+def feedback_ingest():
+    @task(pool=ORCH.pool, outlets=[FEEDBACK], execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes))
+    def export_feedback() -> dict:
+        """New feedback-store events into the raw store; the counts go on the asset event."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipelines import orchestration as orch
+
+        ctx = get_current_context()
+        try:
+            counts = orch.run_export(CFG.root, orch.command_env(CFG.root, ctx["run_id"]))
+        except orch.ExportUnavailable as exc:
+            raise AirflowSkipException(str(exc)) from exc
+        new = orch.exported_events(counts)
+        if not new:
+            raise AirflowSkipException(f"no new feedback events to export ({counts}); no asset event")
+        ctx["outlet_events"][FEEDBACK].extra = {"new_events": new, **counts}
+        print(f"exported {new} new events: {counts}")
+        return counts
+
+    export_feedback()
+
+
+feedback_ingest()

@@ -1,0 +1,316 @@
+"""What the Airflow DAGs decide and run, kept free of Airflow: the retrain threshold, the training
+watermark, the ``dvc repro`` command of a stage, and the subprocess edge (``dvc``, ``flywheel``) that
+turns a failed command into an error carrying its stderr tail.
+
+The DAG files in ``dags/`` only wire these together. Every stage runs through ``dvc repro`` in the
+workspace, so Airflow and a user at the shell share one definition (dvc.yaml) and one record (dvc.lock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flywheel.settings import Settings, SettingsError, find_root, load_params
+
+FEEDBACK_ASSET = "flywheel-feedback"
+WATERMARK = Path("orchestration") / "last_training.json"   # under settings.reports
+_NO_EXPORT = "No such command 'export'"
+
+Log = Callable[[str], None]
+
+
+class OrchestrationParams(BaseModel):
+    """params.yaml ``orchestration``: schedules, the retrain threshold, retries and the DVC pool."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schedule: str = "@hourly"                 # feedback_ingest
+    fallback_schedule: str = "@daily"         # continuous_improvement, besides the feedback asset
+    min_new_events: int = Field(100, ge=0)
+    max_negative_rate_rise: float = Field(0.10, ge=0, le=1)
+    min_events_for_rate: int = Field(20, ge=1)
+    retries: int = Field(2, ge=0)
+    retry_delay_minutes: float = Field(2.0, ge=0)
+    max_retry_delay_minutes: float = Field(30.0, ge=0)
+    stage_timeout_minutes: float = Field(180.0, gt=0)
+    approval_required: bool = False
+    approval_timeout_hours: float = Field(72.0, gt=0)
+    pool: str = "flywheel_dvc"
+
+
+class CommandFailed(RuntimeError):
+    """A ``dvc`` or ``flywheel`` command exited non-zero; the message ends with its stderr tail."""
+
+
+class ExportUnavailable(RuntimeError):
+    """This install has no ``flywheel export`` command yet."""
+
+
+@dataclass(frozen=True)
+class DagConfig:
+    """What a DAG file needs at parse time: the workspace, its orchestration params and stage order."""
+
+    root: Path
+    params: OrchestrationParams
+    stages: list[str]
+    profiles: list[str]
+    feedback_asset: str = FEEDBACK_ASSET
+
+
+def workspace_root(dag_file: str | Path) -> Path:
+    """$FLYWHEEL_ROOT, else the parent of the folder holding the DAG file."""
+    env = os.environ.get("FLYWHEEL_ROOT")
+    return find_root() if env else Path(dag_file).resolve().parent.parent
+
+
+def orchestration_params(params) -> OrchestrationParams:
+    """The typed ``orchestration`` section (defaults when the section is absent)."""
+    section = (params.model_extra or {}).get("orchestration") or {}
+    try:
+        return OrchestrationParams.model_validate(section)
+    except ValidationError as exc:
+        problems = "; ".join(f"orchestration.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(f"params.yaml {problems}") from exc
+
+
+def dag_config(dag_file: str | Path) -> DagConfig:
+    """Parse-time configuration: reads params.yaml and dvc.yaml (local files only, no heavy imports)."""
+    import yaml
+
+    root = workspace_root(dag_file)
+    params = load_params(root / "params.yaml", os.environ.get("FLYWHEEL_PROFILE"))
+    stages = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}))
+    raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    return DagConfig(root, orchestration_params(params), stages, sorted(raw.get("profiles") or {}))
+
+
+# ---- the retrain threshold -------------------------------------------------------------------------
+
+@dataclass
+class Decision:
+    retrain: bool
+    reason: str
+    new_events: int
+    new_negative_rate: float | None
+    trained_negative_rate: float | None
+    latest_batch: str | None
+
+
+def decide(new_events: int, new_negative_rate: float | None, trained_negative_rate: float | None,
+           params: OrchestrationParams, force: bool = False, latest_batch: str | None = None) -> Decision:
+    """Retrain when enough new events arrived, or when their negative-feedback rate rose past the limit."""
+    args = (new_events, new_negative_rate, trained_negative_rate, latest_batch)
+    if new_events >= max(params.min_new_events, 1):
+        return Decision(True, f"{new_events} new events since the last training >= min_new_events "
+                              f"{params.min_new_events}", *args)
+    rise = None
+    if new_negative_rate is not None and trained_negative_rate is not None:
+        rise = new_negative_rate - trained_negative_rate
+    if rise is not None and new_events >= params.min_events_for_rate and rise > params.max_negative_rate_rise:
+        return Decision(True, f"negative-feedback rate rose by {rise:.3f} ({trained_negative_rate:.3f} -> "
+                              f"{new_negative_rate:.3f}) > max_negative_rate_rise {params.max_negative_rate_rise}",
+                        *args)
+    below = (f"{new_events} new events since the last training < min_new_events {params.min_new_events}"
+             + (f", negative-feedback rate rise {rise:+.3f} <= {params.max_negative_rate_rise}"
+                if rise is not None and new_events >= params.min_events_for_rate else ""))
+    if force:
+        return Decision(True, f"forced (the feedback threshold is skipped): {below}", *args)
+    return Decision(False, f"not retraining: {below}", *args)
+
+
+def _load_watermark(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_feedback(settings: Settings, params: OrchestrationParams, force: bool = False) -> Decision:
+    """Count the raw-store events the last training did not see and decide whether to retrain."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines import rawstore
+
+    table = rawstore.read_columns(settings.raw_store, ["batch_id", "polarity"])
+    batches = table.column("batch_id")
+    latest = pc.max(batches).as_py() if table.num_rows else None
+    mark = _load_watermark(settings.reports / WATERMARK)
+    seen = pa.array(mark["batch_ids"] if mark else [], type=pa.string())
+    new = pc.invert(pc.is_in(batches, value_set=seen))
+    new_negative = pc.filter(pc.equal(table.column("polarity"), -1), new)
+    new_rate = pc.mean(pc.cast(new_negative, pa.float64())).as_py() if len(new_negative) else None
+    return decide(len(new_negative), new_rate, mark.get("negative_rate") if mark else None, params, force, latest)
+
+
+def record_training(settings: Settings, upto_batch: str | None, airflow_run_id: str = "") -> dict:
+    """Write the watermark: the raw-store batches (up to ``upto_batch``) the training that just ran saw."""
+    import pyarrow.compute as pc
+
+    from pipelines import rawstore
+
+    table = rawstore.read_columns(settings.raw_store, ["batch_id", "polarity"])
+    if upto_batch is not None:
+        table = table.filter(pc.less_equal(table.column("batch_id"), upto_batch))
+    n = table.num_rows
+    mark = {
+        "batch_ids": sorted(set(table.column("batch_id").to_pylist())),
+        "events": n,
+        "negative_rate": pc.mean(pc.cast(pc.equal(table.column("polarity"), -1), "float64")).as_py() if n else None,
+        "airflow_run_id": airflow_run_id,
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = settings.reports / WATERMARK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(mark, indent=1))
+    os.replace(tmp, path)
+    return {k: v for k, v in mark.items() if k != "batch_ids"} | {"batches": len(mark["batch_ids"])}
+
+
+# ---- commands ----------------------------------------------------------------------------------------
+
+def console_script(name: str) -> str:
+    """A console script of this environment (beside the running interpreter), else the name for PATH."""
+    here = Path(sys.executable).with_name(name)
+    return str(here) if here.exists() else name
+
+
+def stage_command(stage: str) -> list[str]:
+    """The one way a stage runs: ``dvc repro --single-item STAGE`` (skipped by DVC when up to date)."""
+    return [console_script("dvc"), "repro", "--single-item", stage]
+
+
+def release_command(approved_by: str | None = None, rejected_by: str | None = None) -> list[str]:
+    cmd = [console_script("flywheel"), "release", "--json"]
+    if approved_by:
+        cmd += ["--approved-by", approved_by]
+    if rejected_by:
+        cmd += ["--rejected-by", rejected_by]
+    return cmd
+
+
+def rollback_command(model: str = "policy", to: str | None = None) -> list[str]:
+    return [console_script("flywheel"), "rollback", "--model", model] + (["--to", str(to)] if to else [])
+
+
+def command_env(root: Path, airflow_run_id: str = "", profile: str = "", loop_run_id: str = "") -> dict[str, str]:
+    """The environment of a stage or CLI subprocess: this one, the venv first, the workspace and the run ids."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(FLYWHEEL_ROOT=str(root), DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    if airflow_run_id:
+        env.update(FLYWHEEL_AIRFLOW_RUN_ID=airflow_run_id, AIRFLOW_CTX_DAG_RUN_ID=airflow_run_id)
+    if profile:
+        env["FLYWHEEL_PROFILE"] = profile
+    if loop_run_id:
+        env["FLYWHEEL_PARENT_RUN_ID"] = loop_run_id
+    return env
+
+
+@dataclass
+class CommandResult:
+    cmd: list[str]
+    returncode: int
+    seconds: float
+    stdout: str
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+def run_command(cmd: list[str], root: Path, env: dict[str, str], log: Log = print, what: str = "",
+                timeout: float | None = None, tail: int = 25, check: bool = True) -> CommandResult:
+    """Run ``cmd`` in ``root``, echoing both streams line by line to ``log``; on a non-zero exit raise
+    ``CommandFailed`` whose message ends with the last ``tail`` lines of stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=1)
+    out: list[str] = []
+    err: deque[str] = deque(maxlen=tail)
+
+    def pump(stream, sink, prefix: str) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            sink.append(line)
+            log(prefix + line)
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, out, ""), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, "[stderr] "), daemon=True)]
+    for r in readers:
+        r.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+        err.append(f"killed after {timeout:.0f} s")
+    for r in readers:
+        r.join()
+    result = CommandResult(cmd, rc, time.perf_counter() - t0, "\n".join(out), list(err))
+    if check and rc != 0:
+        label = what or " ".join(Path(cmd[0]).name.split() + cmd[1:])
+        detail = "\n".join(err) or "\n".join(out[-tail:]) or "(no output)"
+        raise CommandFailed(f"{label} failed (exit {rc}):\n{detail}")
+    return result
+
+
+@dataclass
+class StageResult:
+    stage: str
+    ran: bool
+    seconds: float
+
+
+def run_stage(root: Path, stage: str, env: dict[str, str], log: Log = print,
+              timeout: float | None = None) -> StageResult:
+    """Run one dvc.yaml stage in the workspace; DVC skips it when nothing it depends on changed."""
+    res = run_command(stage_command(stage), root, env, log, what=f"stage {stage!r} (dvc repro)", timeout=timeout)
+    ran = f"Running stage '{stage}'" in res.stdout
+    log(f"stage {stage}: {'ran' if ran else 'up to date, skipped by DVC'} in {res.seconds:.1f} s")
+    return StageResult(stage, ran, round(res.seconds, 2))
+
+
+def _last_json(stdout: str):
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith(("{", "[")):
+            return json.loads(line)
+    raise ValueError("no JSON line in the command's output")
+
+
+def run_release(root: Path, env: dict[str, str], log: Log = print, approved_by: str | None = None,
+                rejected_by: str | None = None, timeout: float | None = None) -> list[dict]:
+    """``flywheel release --json``: register, smoke-check and promote the blessed; one row per model."""
+    res = run_command(release_command(approved_by, rejected_by), root, env, log, what="flywheel release",
+                      timeout=timeout)
+    return _last_json(res.stdout)
+
+
+def run_export(root: Path, env: dict[str, str], log: Log = print, timeout: float | None = None) -> dict:
+    """``flywheel export --json``: new feedback-store events into the raw store; returns its counts.
+    Raises ``ExportUnavailable`` when this install has no such command."""
+    res = run_command([console_script("flywheel"), "export", "--json"], root, env, log, what="flywheel export",
+                      timeout=timeout, check=False)
+    if res.returncode != 0 and any(_NO_EXPORT in line for line in res.stderr_tail):
+        raise ExportUnavailable("`flywheel export` is not available in this install yet; nothing exported")
+    if res.returncode != 0:
+        raise CommandFailed(f"flywheel export failed (exit {res.returncode}):\n" + "\n".join(res.stderr_tail))
+    counts = _last_json(res.stdout)
+    if not isinstance(counts, dict):
+        raise ValueError(f"flywheel export --json printed {counts!r}, expected an object of counts")
+    return counts
+
+
+def exported_events(counts: dict) -> int:
+    """How many new events an export stored (``accepted``, else ``exported``)."""
+    return int(counts.get("accepted", counts.get("exported", 0)) or 0)
+
+
+def as_dict(obj) -> dict:
+    return asdict(obj)
