@@ -459,6 +459,70 @@ def eval_reward(
     _print(result, as_json, "eval-reward")
 
 
+# ---- the online service -----------------------------------------------------------------------------------
+tokens_app = typer.Typer(no_args_is_help=True, help="API tokens of the online service.")
+app.add_typer(tokens_app, name="tokens")
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="default: params serve.host"),
+    port: Optional[int] = typer.Option(None, help="default: params serve.port"),
+    model_dir: Optional[Path] = typer.Option(None, help="policy folder served while the registry has no champion"),
+    registry: bool = typer.Option(True, help="follow the registry's champion alias (hot reload)"),
+) -> None:
+    """Serve the champion policy and capture feedback (OpenAPI spec at /docs and /openapi.json)."""
+    from service.server import config_from_settings, run
+
+    s = settings()
+    try:
+        config = config_from_settings(s, model_dir, registry)
+    except ValueError as exc:
+        fail(str(exc))
+    run(config, host, port)
+
+
+@app.command("export")
+def export_feedback(
+    as_json: bool = typer.Option(False, "--json"),
+    track: bool = typer.Option(True, help="`dvc add` the raw store after a written batch"),
+) -> None:
+    """Move feedback captured by the service into the raw store as one batch."""
+    from flywheel import workspace
+    from service.export import export
+    from service.store import FeedbackStore
+
+    s = settings()
+    store = FeedbackStore(s.feedback_store)
+    try:
+        result = export(store, s.raw_store)
+    finally:
+        store.close()
+    if result.exported and track:
+        workspace.track(s.root, s.raw_store)
+    _print({"batches": result.batches, "exported": result.exported, "duplicates": result.duplicates,
+            "files": result.files}, as_json, "export")
+
+
+@tokens_app.command("create")
+def tokens_create(scope: str = typer.Option(..., help="chat, feedback or admin"),
+                  name: str = typer.Option("", help="who or what the token is for")) -> None:
+    """Create an API token and print it once (only its SHA-256 is stored)."""
+    from service.auth import create_token
+    from service.store import FeedbackStore
+
+    s = settings()
+    store = FeedbackStore(s.feedback_store)
+    try:
+        token, token_id = create_token(store, scope, name)
+    except ValueError as exc:
+        fail(str(exc))
+    finally:
+        store.close()
+    console.print(f"token {token_id} ({scope}) created; it is shown only now:")
+    typer.echo(token)
+
+
 def main() -> None:
     try:
         app()

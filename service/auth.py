@@ -1,0 +1,85 @@
+"""API tokens and per-token rate limits.
+
+A token is 256 random bits (URL-safe base64, prefixed ``fw_``), shown once when created; the store keeps
+only its SHA-256. Scopes: ``chat`` (answers), ``feedback`` (events), ``admin`` (everything, metrics included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from service.config import RateLimit
+from service.store import FeedbackStore
+
+SCOPES = ("chat", "feedback", "admin")
+PREFIX = "fw_"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def create_token(store: FeedbackStore, scope: str, name: str = "") -> tuple[str, str]:
+    """A new token of ``scope``: (the token, to print once; its public id)."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
+    token = PREFIX + secrets.token_urlsafe(32)
+    digest = token_hash(token)
+    token_id = digest[:12]
+    store.add_token(digest, token_id, scope, name[:128])
+    return token, token_id
+
+
+@dataclass(frozen=True)
+class Principal:
+    token_id: str
+    scope: str
+
+    def allows(self, scope: str) -> bool:
+        return self.scope in (scope, "admin")
+
+
+class TokenBook:
+    """Token hashes in memory; an unknown token reloads the table at most once per ``refresh_s``, so a
+    token created while the service runs works at once and a flood of bad tokens costs no queries."""
+
+    def __init__(self, store: FeedbackStore, refresh_s: float = 1.0):
+        self.store, self.refresh_s = store, refresh_s
+        self._known: dict[str, tuple[str, str]] = {}
+        self._loaded_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def lookup(self, token: str) -> Principal | None:
+        if not token.startswith(PREFIX) or len(token) > 128:
+            return None
+        digest = token_hash(token)
+        hit = self._known.get(digest)
+        if hit is None and time.monotonic() - self._loaded_at >= self.refresh_s:
+            async with self._lock:
+                if time.monotonic() - self._loaded_at >= self.refresh_s:
+                    self._known = await asyncio.to_thread(self.store.tokens)
+                    self._loaded_at = time.monotonic()
+            hit = self._known.get(digest)
+        return Principal(*hit) if hit else None
+
+
+class RateLimiter:
+    """A token bucket per (API token, limit name)."""
+
+    def __init__(self):
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def take(self, key: str, name: str, limit: RateLimit, cost: float = 1.0) -> float:
+        """0 when allowed; else the seconds to wait before retrying."""
+        now = time.monotonic()
+        level, last = self._buckets.get((key, name), (float(limit.burst), now))
+        level = min(float(limit.burst), level + (now - last) * limit.per_s)
+        if level >= cost:
+            self._buckets[(key, name)] = (level - cost, now)
+            return 0.0
+        self._buckets[(key, name)] = (level, now)
+        return (cost - level) / limit.per_s

@@ -1,0 +1,99 @@
+"""``POST /v1/feedback`` and ``/v1/feedback/batch``: contract v1 checked and redacted exactly as ``flywheel ingest``
+does it (same model, same limits, same row building), committed before the answer (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import ValidationError
+
+from pipelines.ingest import event_row
+from service.guard import ERRORS, Invalid, invalid_from, require
+from service.schemas import BatchAck, FeedbackAck, FeedbackBatch, FeedbackIn
+from service.store import utcnow
+
+router = APIRouter(tags=["feedback"])
+
+
+def _body(ref: str) -> dict:
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}}
+
+
+def _parse(model, body: bytes, svc):
+    try:
+        return model.model_validate_json(body, context={"max_text_chars": svc.config.max_text_chars,
+                                                        "max_turns": svc.config.max_turns})
+    except ValidationError as exc:
+        raise invalid_from(exc) from None
+
+
+async def _check_answers(svc, events: list[FeedbackIn], prefix: list) -> None:
+    """An event that names an answer must carry the model version that produced it."""
+    named = [(i, e) for i, e in enumerate(events) if e.answer_id]
+    if not named:
+        return
+    known = await asyncio.to_thread(svc.store.answer_versions, [e.answer_id for _, e in named])
+    errors = []
+    for i, e in named:
+        loc = [*prefix, i] if prefix[-1] == "events" else prefix
+        if e.answer_id not in known:
+            errors.append({"loc": [*loc, "answer_id"], "msg": "no answer with this id", "type": "value_error"})
+        elif known[e.answer_id] != e.model_version:
+            errors.append({"loc": [*loc, "model_version"], "type": "value_error",
+                           "msg": f"answer {e.answer_id} was given by {known[e.answer_id]}, not {e.model_version}"})
+    if errors:
+        raise Invalid(errors)
+
+
+def _record(event: FeedbackIn) -> tuple[dict, int]:
+    found: Counter = Counter()
+    row = event_row(event, found)
+    return {"event_id": event.event_id, "received_at": utcnow(), "answer_id": event.answer_id,
+            "model_version": event.model_version, "feedback_type": event.feedback.type, "user_id": event.user_id,
+            "row": json.dumps(row, ensure_ascii=False)}, row["pii_found"]
+
+
+async def _store(svc, events: list[FeedbackIn]) -> list[FeedbackAck]:
+    records = [_record(e) for e in events]
+    try:
+        flags = await svc.writer.write([r for r, _ in records])
+    except Exception as exc:  # the database failed: nothing is acknowledged, the client may retry
+        svc.log.error("feedback store write failed: %s", type(exc).__name__)
+        raise HTTPException(503, "the feedback store is unavailable; retry later") from None
+    acks = []
+    for e, (_, pii), new in zip(events, records, flags):
+        status = "stored" if new else "duplicate"
+        version = e.model_version if e.model_version in svc.models.known_versions else "other"
+        svc.metrics.inc("flywheel_feedback_events_total", type=e.feedback.type, model_version=version, outcome=status)
+        acks.append(FeedbackAck(event_id=e.event_id, status=status, pii_redacted=pii))
+    return acks
+
+
+@router.post("/v1/feedback", response_model=FeedbackAck, responses=ERRORS, openapi_extra=_body("FeedbackIn"),
+             summary="Store one feedback event (idempotent on event_id)")
+async def post_feedback(request: Request, _=Depends(require("feedback"))):
+    svc = request.app.state.svc
+    event = _parse(FeedbackIn, await request.body(), svc)
+    await _check_answers(svc, [event], ["body"])
+    (ack,) = await _store(svc, [event])
+    return ack
+
+
+@router.post("/v1/feedback/batch", response_model=BatchAck, responses=ERRORS, openapi_extra=_body("FeedbackBatch"),
+             summary="Store many feedback events at once: all are valid and stored, or none")
+async def post_feedback_batch(request: Request, _=Depends(require("feedback"))):
+    svc = request.app.state.svc
+    batch = _parse(FeedbackBatch, await request.body(), svc)
+    limit = svc.params.max_batch_events
+    if len(batch.events) > limit:
+        raise Invalid([{"loc": ["body", "events"], "type": "too_long",
+                        "msg": f"{len(batch.events)} events, over the limit of {limit} a batch"}])
+    await _check_answers(svc, list(batch.events), ["body", "events"])
+    acks = await _store(svc, list(batch.events))
+    stored = sum(a.status == "stored" for a in acks)
+    return BatchAck(stored=stored, duplicates=len(acks) - stored, events=acks)
