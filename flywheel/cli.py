@@ -267,9 +267,17 @@ def stage_bless(evaluation: Path = typer.Option(..., "--metrics"), out: Path = t
     """The gate: bless a challenger only if better beyond noise and no regression."""
     from pipelines.bless import main as run_bless
 
+    import mlflow
+
+    from flywheel import tracking
+
     s = settings()
     name, gate = _gate(s)
-    verdict = run_bless(s.root / evaluation, gate, s.root / out)
+    with tracking.stage_run(s, "bless"):
+        verdict = run_bless(s.root / evaluation, gate, s.root / out, name)
+        mlflow.log_artifact(str(s.root / out))
+        mlflow.log_artifact(str((s.root / out).with_suffix(".md")))
+        mlflow.log_metrics({f"{k}_blessed": float(verdict[k]["blessed"]) for k in ("policy", "reward")})
     verdict_table(verdict, f"gate verdict ({name})")
 
 

@@ -113,10 +113,26 @@ def bless(metrics: dict, gate: GateParams) -> dict:
     return verdict
 
 
-def main(metrics_file: Path, gate: GateParams, out: Path) -> dict:
+def to_markdown(verdict: dict, gate_name: str) -> str:
+    """The verdict as a readable page (beside the evaluation report)."""
+    lines = [f"# Gate verdict ({gate_name} gate)", ""]
+    for kind in ("policy", "reward"):
+        v = verdict.get(kind, {})
+        lines += [f"## {kind}: {'BLESSED' if v.get('blessed') else 'NOT BLESSED'}", ""]
+        lines += [f"- fails: {r}" for r in v.get("reasons", [])]
+        lines += [f"- passes: {r}" for r in v.get("passed", [])]
+        lines.append("")
+    lines.append("Evaluation details: [evaluate/report.md](evaluate/report.md)")
+    return "\n".join(lines) + "\n"
+
+
+def main(metrics_file: Path, gate: GateParams, out: Path, gate_name: str = "default") -> dict:
+    """Judge the evaluation in ``metrics_file``; writes ``out`` (JSON) and the same name with ``.md``."""
     metrics = json.loads(metrics_file.read_text())
     verdict = bless(metrics, gate)
+    verdict["gate"] = gate_name
     verdict["candidates"] = metrics.get("candidates", {})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(verdict, indent=2))
+    out.with_suffix(".md").write_text(to_markdown(verdict, gate_name))
     return verdict

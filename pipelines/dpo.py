@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipelines.policy_model import (Batch, Encoded, TrunkOut, collate, freeze_trunk, run_trunk, top_layers, top_logps,
-                                    trunk_context)
+                                    device_of, trunk_context)
 
 
 @dataclass
@@ -38,8 +38,8 @@ class DPOParams:
     seed: int = 0
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+def _autocast(enabled: bool, device: str = "cpu"):
+    return torch.autocast(device, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def pair_batch(items: list[Encoded], pad_id: int) -> Batch:
@@ -68,7 +68,7 @@ class TrunkCache:
     @torch.no_grad()
     def _fill(self, idx: list[int], items: list[Encoded], bf16: bool) -> None:
         batch = pair_batch(items, self.pad_id)
-        with _autocast(bf16):
+        with _autocast(bf16, device_of(self.model).type):
             trunk = run_trunk(self.model, batch, self.k)
             ref = top_logps(self.reference, self.model, trunk, batch).float()
         n = len(items)
@@ -87,14 +87,14 @@ class TrunkCache:
             self._fill(missing, [pairs[i] for i in missing], bf16)
         batch = pair_batch(items, self.pad_id)
         trunk = trunk_context(self.model, batch)
-        hidden = torch.zeros((*batch.ids.shape, self.model.config.hidden_size))
+        hidden = torch.zeros((*batch.ids.shape, self.model.config.hidden_size), device=device_of(self.model))
         rows = [self.rows[i] for i in idx]
         n = len(idx)
         for j, (hc, hr, _, _) in enumerate(rows):
             hidden[j, : hc.shape[0]] = hc
             hidden[n + j, : hr.shape[0]] = hr
         trunk.hidden = hidden
-        ref = torch.tensor([r[2] for r in rows] + [r[3] for r in rows])
+        ref = torch.tensor([r[2] for r in rows] + [r[3] for r in rows], device=hidden.device)
         return batch, trunk, ref
 
 
@@ -120,7 +120,7 @@ def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, para
     history = []
     model.train()
     for step in range(params.steps):
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device_of(model))
         row: dict = {"step": step}
         if pairs:
             if len(order) < params.batch_size:
@@ -129,7 +129,7 @@ def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, para
                 order += more
             idx, order = order[:params.batch_size], order[params.batch_size:]
             batch, trunk, ref = cache.batch(idx, pairs, params.bf16)
-            with _autocast(params.bf16):
+            with _autocast(params.bf16, device_of(model).type):
                 pol = top_logps(top_layers(model, k), model, trunk, batch)
             dloss, margin = dpo_loss(pol.float(), ref.float(), params.beta)
             loss = loss + dloss
@@ -142,7 +142,7 @@ def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, para
                 sft_order += more
             idx, sft_order = sft_order[:params.sft_batch_size], sft_order[params.sft_batch_size:]
             batch = collate([(sft[i].prompt, sft[i].answers[0]) for i in idx], pad_id)
-            with _autocast(params.bf16):
+            with _autocast(params.bf16, device_of(model).type):
                 with torch.no_grad():
                     trunk = run_trunk(model, batch, k)
                 lp = top_logps(top_layers(model, k), model, trunk, batch)

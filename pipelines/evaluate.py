@@ -231,10 +231,14 @@ def main(settings, params: EvalParams, champion_info: dict, base: Path, challeng
     reward_pairs = read_set(prepared, "reward_pairs", "test")
     benign = yaml.safe_load((suites / "benign.yaml").read_text())["instructions"]
     behaviour = yaml.safe_load((suites / "behaviour.yaml").read_text())["cases"]
-    reference, tok = load_policy(base / "policy")
+    from pipelines.policy_model import best_device
+
+    device = best_device()
+    reference, tok = load_policy(base / "policy", device=device)
     champ_path = Path(champion_info["policy"]["path"])
-    champion = reference if champ_path.resolve() == (base / "policy").resolve() else load_policy(champ_path)[0]
-    challenger_policy, _ = load_policy(challenger / "policy")
+    champion = (reference if champ_path.resolve() == (base / "policy").resolve()
+                else load_policy(champ_path, device=device)[0])
+    challenger_policy, _ = load_policy(challenger / "policy", device=device)
     judge = RewardModel.load(champion_info["reward"]["path"])
     challenger_reward = RewardModel.load(challenger / "reward")
     with tracking.stage_run(settings, "evaluate") as run:

@@ -16,14 +16,19 @@ import torch
 from torch import nn
 
 
-def load_policy(folder: Path | str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a saved folder."""
+def best_device() -> str:
+    """``cuda`` when a GPU is present, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_policy(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) from a saved folder, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     model.eval()
     return model, tok
 
@@ -94,15 +99,20 @@ class TrunkOut:
     position_embeddings: tuple
 
 
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def trunk_context(model, batch: Batch, dtype: torch.dtype = torch.float32) -> TrunkOut:
     """Mask, positions and rotary embeddings of a batch (no layer run; ``hidden`` left empty)."""
     from transformers.masking_utils import create_causal_mask
 
     base = model.model
+    dev = device_of(model)
     shape = (*batch.ids.shape, base.config.hidden_size)
-    probe = torch.zeros(1, 1, shape[-1], dtype=dtype).expand(shape)
-    position_ids = torch.arange(batch.ids.shape[1]).unsqueeze(0)
-    mask = create_causal_mask(config=base.config, inputs_embeds=probe, attention_mask=batch.attention,
+    probe = torch.zeros(1, 1, shape[-1], dtype=dtype, device=dev).expand(shape)
+    position_ids = torch.arange(batch.ids.shape[1], device=dev).unsqueeze(0)
+    mask = create_causal_mask(config=base.config, inputs_embeds=probe, attention_mask=batch.attention.to(dev),
                               cache=None, position_ids=position_ids)
     pe = base.rotary_emb(probe, position_ids=position_ids)
     return TrunkOut(None, mask, position_ids, pe)
@@ -111,7 +121,7 @@ def trunk_context(model, batch: Batch, dtype: torch.dtype = torch.float32) -> Tr
 def run_trunk(model, batch: Batch, k: int) -> TrunkOut:
     """Embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they are frozen)."""
     ctx = trunk_context(model, batch)
-    h = model.model.embed_tokens(batch.ids)
+    h = model.model.embed_tokens(batch.ids.to(device_of(model)))
     for layer in model.model.layers[:k]:
         h = layer(h, attention_mask=ctx.mask, position_embeddings=ctx.position_embeddings,
                   position_ids=ctx.position_ids)
@@ -125,11 +135,12 @@ def top_logps(layers: nn.ModuleList, model, trunk: TrunkOut, batch: Batch) -> to
     for layer in layers:
         h = layer(h, attention_mask=trunk.mask, position_embeddings=trunk.position_embeddings,
                   position_ids=trunk.position_ids)
-    flat = h.reshape(-1, h.shape[-1])[batch.target_pos]
+    dev = h.device
+    flat = h.reshape(-1, h.shape[-1])[batch.target_pos.to(dev)]
     logits = model.lm_head(model.model.norm(flat)).float()
-    lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.unsqueeze(1)).squeeze(1)
-    out = torch.zeros(batch.ids.shape[0], dtype=lp.dtype)
-    return out.index_add(0, batch.seq_of_target, lp)
+    lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.to(dev).unsqueeze(1)).squeeze(1)
+    out = torch.zeros(batch.ids.shape[0], dtype=lp.dtype, device=dev)
+    return out.index_add(0, batch.seq_of_target.to(dev), lp)
 
 
 def top_layers(model, k: int) -> nn.ModuleList:
@@ -171,7 +182,8 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
         for b, c in enumerate(chunk):
             ids[b, width - len(c):] = torch.tensor(c)
             att[b, width - len(c):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+        dev = device_of(model)
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=[stop, tok.eos_token_id], pad_token_id=tok.pad_token_id)
         for row in gen[:, width:]:
             out.append(tok.decode(row, skip_special_tokens=True).strip())

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipelines.dpo import DPOParams, train_dpo
-from pipelines.policy_model import encode, load_policy
+from pipelines.policy_model import best_device, encode, load_policy
 from pipelines.prepare import read_set
 
 
@@ -25,7 +25,7 @@ def fit(champion: Path, pairs: list[dict], sft: list[dict], params: PolicyParams
     """Load the champion, train its top layers; returns (model, tokenizer, history, seconds)."""
     if params.threads:
         torch.set_num_threads(params.threads)
-    model, tok = load_policy(champion)
+    model, tok = load_policy(champion, device=best_device())
     enc_pairs = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
     enc_sft = encode(tok, sft, params.max_prompt_tokens, params.max_answer_tokens, fields=("completion",))
     t0 = time.perf_counter()
@@ -41,7 +41,7 @@ def fit(champion: Path, pairs: list[dict], sft: list[dict], params: PolicyParams
 
 def save(model, tok, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
+    model.to("cpu", torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
 
 

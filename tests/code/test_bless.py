@@ -100,3 +100,12 @@ def test_bootstrap_interval_covers_the_mean_and_ties_count_half():
     assert correct_from_margin([0.3, -0.1, 0.0]) == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError):
         paired_diff([1.0], [1.0, 0.0])
+
+
+def test_verdict_page_names_every_reason():
+    from pipelines.bless import to_markdown
+
+    v = bless({"policy": _policy([0.0] * 70 + [1.0] * 30, [0.5] * 100), "reward": _reward()}, GATE)
+    page = to_markdown(v, "default")
+    assert "## policy: NOT BLESSED" in page and "## reward: BLESSED" in page
+    assert all(r in page for r in v["policy"]["reasons"])
