@@ -40,7 +40,6 @@ class Service:
         self.metrics = Metrics()
         self.tokens = TokenBook(self.store)
         self.limiter = RateLimiter()
-        self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-generate")
         self.batchers = {kind: self._batcher(kind) for kind in ("champion", "challenger") if kind in self.models.kinds}
         self._poller: asyncio.Task | None = None
 
@@ -54,12 +53,14 @@ class Service:
             run_batch(jobs, self.models.slots[kind], self.models.slots.get("reward"), p.max_prompt_tokens,
                       p.best_of_temperature)
 
-        return Batcher(run, self._gen_pool, p.max_batch_size, p.batch_window_ms / 1000, p.max_queue)
+        return Batcher(run, p.max_batch_size, p.batch_window_ms / 1000, p.max_queue)
 
     async def start(self) -> None:
+        """Start the writer, the batchers and the model poller (again after a stop: a lifespan may restart)."""
+        self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-generate")
         self.writer.start()
         for b in self.batchers.values():
-            b.start()
+            b.start(self._gen_pool)
         self._poller = asyncio.get_running_loop().create_task(self.models.poll(self.params.reload_poll_s))
 
     async def stop(self) -> None:
@@ -69,7 +70,7 @@ class Service:
             await b.stop()
         await self.writer.stop()
         self._gen_pool.shutdown(wait=True)
-        self.store.close()
+        self.store.engine.dispose()
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -120,8 +121,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            spec.setdefault("components", {}).setdefault("schemas", {}).update(body_schemas())
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(
+                body_schemas(config.max_text_chars, config.max_turns, p.max_batch_events))
             spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path in ("/v1/chat/completions", "/v1/feedback", "/v1/feedback/batch", "/metrics"):
+                for op in spec["paths"][path].values():
+                    op["security"] = [{"bearer": []}]
             app.openapi_schema = spec
         return app.openapi_schema
 

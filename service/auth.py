@@ -51,7 +51,6 @@ class TokenBook:
         self.store, self.refresh_s = store, refresh_s
         self._known: dict[str, tuple[str, str]] = {}
         self._loaded_at = float("-inf")
-        self._lock = asyncio.Lock()
 
     async def lookup(self, token: str) -> Principal | None:
         if not token.startswith(PREFIX) or len(token) > 128:
@@ -59,10 +58,8 @@ class TokenBook:
         digest = token_hash(token)
         hit = self._known.get(digest)
         if hit is None and time.monotonic() - self._loaded_at >= self.refresh_s:
-            async with self._lock:
-                if time.monotonic() - self._loaded_at >= self.refresh_s:
-                    self._known = await asyncio.to_thread(self.store.tokens)
-                    self._loaded_at = time.monotonic()
+            self._loaded_at = time.monotonic()   # set first: concurrent misses do not all reload
+            self._known = await asyncio.to_thread(self.store.tokens)
             hit = self._known.get(digest)
         return Principal(*hit) if hit else None
 

@@ -76,17 +76,17 @@ def _fail(fut: asyncio.Future, exc: BaseException) -> None:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list[Job]], None], executor: Executor, max_rows: int, window_s: float,
-                 max_queue: int):
-        self.run, self.executor = run, executor
+    def __init__(self, run: Callable[[list[Job]], None], max_rows: int, window_s: float, max_queue: int):
+        self.run, self.executor = run, None
         self.max_rows, self.window_s, self.max_queue = max_rows, window_s, max_queue
         self._queue: asyncio.Queue[Job] | None = None
         self._carry: Job | None = None
         self._task: asyncio.Task | None = None
         self.batches = 0
 
-    def start(self) -> None:
-        self._queue = asyncio.Queue()
+    def start(self, executor: Executor) -> None:
+        """Run batches on ``executor`` (one thread: the model is used by one batch at a time)."""
+        self.executor, self._queue, self._carry = executor, asyncio.Queue(), None
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="flywheel-batcher")
 
     async def stop(self) -> None:

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from flywheel.contract import FeedbackEvent
+from flywheel.contract import _RFC3339, FeedbackEvent
 
 # ---- chat (OpenAI-compatible shape) -------------------------------------------------------------------
 
@@ -71,6 +71,14 @@ class FeedbackIn(FeedbackEvent):
     answer_id: str | None = Field(None, min_length=1, max_length=128)
 
 
+EXAMPLE_EVENT = {
+    "event_id": "evt-000001", "timestamp": "2026-11-27T10:00:00Z", "conversation_id": "conv-42",
+    "model_version": "flywheel-policy/3", "answer_id": "chatcmpl-5f0c4b2e9d0a4c7e8f1a2b3c4d5e6f70",
+    "prompt": [{"role": "user", "content": "How often should I water a fern?"}],
+    "response": "When the top of the soil feels dry.", "user_id": "u-1873", "feedback": {"type": "thumbs", "value": "up"},
+}
+
+
 class FeedbackBatch(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     events: list[FeedbackIn] = Field(min_length=1)
@@ -102,8 +110,20 @@ class Problem(BaseModel):
     detail: str
 
 
-def body_schemas() -> dict:
-    """JSON Schemas of the bodies the feedback routes parse themselves, as OpenAPI components."""
+def body_schemas(max_text_chars: int, max_turns: int, max_batch_events: int) -> dict:
+    """JSON Schemas of the bodies the feedback routes parse themselves, as OpenAPI components, with the checks
+    the contract makes in code (RFC 3339 timestamps, non-blank texts, the limits) written into them."""
     _, top = models_json_schema([(FeedbackIn, "validation"), (FeedbackBatch, "validation")],
                                 ref_template="#/components/schemas/{model}")
-    return top["$defs"]
+    defs = top["$defs"]
+    text = {"type": "string", "pattern": r"\S", "maxLength": max_text_chars}
+    event = defs["FeedbackIn"]["properties"]
+    event["timestamp"]["pattern"] = _RFC3339.pattern
+    event["response"].update(text)
+    event["prompt"]["maxItems"] = max_turns
+    defs["Message"]["properties"]["content"].update(text)
+    defs["Preference"]["properties"]["rejected"].update(text)
+    defs["Correction"]["properties"]["text"].update(text)
+    defs["FeedbackBatch"]["properties"]["events"]["maxItems"] = max_batch_events
+    defs["FeedbackIn"]["examples"] = [EXAMPLE_EVENT]
+    return defs

@@ -27,9 +27,10 @@ class GroupWriter:
         self.max_items = max_items
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-store")
+        self._pool: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-store")
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="flywheel-group-writer")
 

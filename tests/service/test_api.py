@@ -1,0 +1,204 @@
+"""Each endpoint and each error code of the service, in-process with the tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from svc_helpers import dumps, event, make_config, start_api
+
+CHAT = "/v1/chat/completions"
+
+
+def _chat(api, scope="chat", **body):
+    return api.client.post(CHAT, json={"messages": [{"role": "user", "content": "hello"}], **body}, headers=api.h(scope))
+
+
+def test_health_ready_and_openapi(api):
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz").json()
+    assert ready["ready"] and ready["models"]["champion"].startswith("local/")
+    spec = api.client.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/feedback", "/v1/feedback/batch", "/healthz", "/readyz", "/metrics"} \
+        <= set(spec["paths"])
+    body = spec["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/FeedbackIn"} and "FeedbackIn" in spec["components"]["schemas"]
+
+
+def test_chat_answer_carries_id_and_model_version(api):
+    r = _chat(api, max_tokens=3, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["model_version"] == r.headers["x-model-version"] == api.client.get("/readyz").json()["models"]["champion"]
+    assert body["variant"] == "champion" and r.headers["x-answer-id"] == body["id"]
+    assert body["usage"]["completion_tokens"] <= 3 and body["choices"][0]["finish_reason"] in ("stop", "length")
+    greedy = _chat(api, max_tokens=3, temperature=0).json()["choices"][0]["message"]["content"]
+    assert greedy == body["choices"][0]["message"]["content"]          # temperature 0 is deterministic
+
+
+def test_chat_stream_is_server_sent_events(api):
+    with api.client.stream("POST", CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                               "stream": True}, headers=api.h("chat")) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        version = r.headers["x-model-version"]
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model_version"] == version for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_best_of_n_reranks_with_the_reward_model(api):
+    r = _chat(api, max_tokens=3, best_of=3)
+    assert r.status_code == 200
+    assert api.svc.models.slots["reward"] is not None
+    assert "flywheel_generate_batch_rows_bucket" in api.client.get("/metrics", headers=api.h()).text
+
+
+def test_concurrent_chat_requests_share_generate_calls(api):
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = api.svc.batchers["champion"].batches
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: _chat(api, max_tokens=4).status_code, range(16)))
+    assert codes == [200] * 16
+    assert api.svc.batchers["champion"].batches - before < 16
+
+
+def test_feedback_is_stored_redacted_once_and_counted(api):
+    ev = event(1, prompt=[{"role": "user", "content": "write to jane.doe@example.com or +44 20 7946 0958"}])
+    first = api.client.post("/v1/feedback", content=dumps(ev), headers=api.h("feedback"))
+    assert first.status_code == 200 and first.json() == {"event_id": "svc-1", "status": "stored", "pii_redacted": 2}
+    again = api.client.post("/v1/feedback", content=dumps(ev), headers=api.h("feedback"))
+    assert again.json()["status"] == "duplicate"
+    with api.svc.store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT row FROM feedback_events").scalars().all()
+    assert len(rows) == 1 and "jane.doe" not in rows[0] and "[EMAIL]" in rows[0] and "[PHONE]" in rows[0]
+    metrics = api.client.get("/metrics", headers=api.h()).text
+    assert 'flywheel_feedback_events_total{type="thumbs",model_version="other",outcome="stored"} 1' in metrics
+    assert 'flywheel_requests_total{route="/v1/feedback",method="POST",code="200"} 2' in metrics
+
+
+def test_feedback_naming_an_answer_must_carry_its_model_version(api):
+    answer = _chat(api, max_tokens=2).json()
+    ok = event(2, model_version=answer["model_version"], answer_id=answer["id"])
+    assert api.client.post("/v1/feedback", content=dumps(ok), headers=api.h("feedback")).status_code == 200
+    wrong = event(3, model_version="flywheel-policy/99", answer_id=answer["id"])
+    r = api.client.post("/v1/feedback", content=dumps(wrong), headers=api.h("feedback"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "model_version"]
+    unknown = event(4, answer_id="chatcmpl-nope")
+    r = api.client.post("/v1/feedback", content=dumps(unknown), headers=api.h("feedback"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "answer_id"]
+    metrics = api.client.get("/metrics", headers=api.h()).text
+    assert f'model_version="{answer["model_version"]}",outcome="stored"}} 1' in metrics
+
+
+def test_batch_is_all_or_nothing_and_idempotent(api):
+    events = [event(i) for i in range(10, 15)]
+    r = api.client.post("/v1/feedback/batch", content=dumps({"events": events + [events[0]]}), headers=api.h("feedback"))
+    assert r.status_code == 200 and (r.json()["stored"], r.json()["duplicates"]) == (5, 1)
+    bad = [event(20), event(21, feedback={"type": "rating", "value": 9})]
+    r = api.client.post("/v1/feedback/batch", content=dumps({"events": bad}), headers=api.h("feedback"))
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "events", 1, "feedback", "rating", "value"]
+    assert api.svc.store.count() == 5                                     # nothing of the bad batch was stored
+
+
+@pytest.mark.parametrize("body, loc", [
+    (b"{not json", ["body"]),
+    (b"[]", ["body"]),
+    (dumps(event(30, extra_field=1)), ["body", "extra_field"]),
+    (dumps(event(31, feedback={"type": "thumbs", "value": "sideways"})), ["body", "feedback", "thumbs", "value"]),
+    (dumps(event(32, timestamp="yesterday")), ["body", "timestamp"]),
+    (dumps(event(33, prompt=[{"role": "assistant", "content": "hi"}])), ["body", "prompt"]),
+    (dumps(event(34, response="x" * 16001)), ["body", "response"]),
+])
+def test_feedback_422_names_the_field(api, body, loc):
+    r = api.client.post("/v1/feedback", content=body, headers=api.h("feedback"))
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == loc
+    assert "input" not in r.json()["detail"][0]                            # the input is never echoed
+
+
+def test_chat_422(api):
+    assert _chat(api, max_tokens=10_000).json()["detail"][0]["loc"] == ["body", "max_tokens"]
+    assert _chat(api, best_of=99).json()["detail"][0]["loc"] == ["body", "best_of"]
+    r = api.client.post(CHAT, json={"messages": [{"role": "user", "content": "x" * 16001}]}, headers=api.h("chat"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "messages", 0, "content"]
+    r = api.client.post(CHAT, json={"messages": []}, headers=api.h("chat"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "messages"]
+
+
+def test_401_403_without_a_valid_token(api):
+    r = api.client.post("/v1/feedback", content=dumps(event(40)))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = api.client.post("/v1/feedback", content=dumps(event(40)), headers={"Authorization": "Bearer fw_forged"})
+    assert r.status_code == 401
+    assert api.client.post("/v1/feedback", content=dumps(event(40)), headers=api.h("chat")).status_code == 403
+    assert _chat(api, scope="feedback").status_code == 403
+    assert api.client.get("/metrics").status_code == 401
+    assert api.client.get("/metrics", headers=api.h("feedback")).status_code == 403
+    assert api.client.post("/v1/feedback", content=dumps(event(40)), headers=api.h("admin")).status_code == 200
+
+
+def test_413_for_oversize_bodies(api):
+    big = dumps(event(50, response="y" * 300_000))
+    r = api.client.post("/v1/feedback", content=big, headers=api.h("feedback"))
+    assert r.status_code == 413
+    # no Content-Length (chunked): refused as soon as the limit is passed
+    r = api.client.post("/v1/feedback", content=iter([big[:200_000], big[200_000:]]), headers=api.h("feedback"))
+    assert r.status_code == 413
+    r = api.client.post(CHAT, content=b"{" + b" " * 2_000_000 + b"}", headers=api.h("chat"))
+    assert r.status_code == 413
+
+
+def test_429_past_the_rate_limit(tmp_path, tiny_models):
+    config = make_config(tmp_path, tiny_models, feedback_rate={"per_s": 0.5, "burst": 3}, max_best_of=1)
+    with start_api(config) as api:
+        codes = [api.client.post("/v1/feedback", content=dumps(event(60 + i)), headers=api.h("feedback"))
+                 for i in range(5)]
+        assert [c.status_code for c in codes] == [200, 200, 200, 429, 429]
+        assert int(codes[-1].headers["retry-after"]) >= 1
+        # another token has its own bucket
+        assert api.client.post("/v1/feedback", content=dumps(event(70)), headers=api.h("admin")).status_code == 200
+
+
+def test_503_before_a_model_is_loaded(tmp_path, tiny_models):
+    config = make_config(tmp_path, tiny_models, max_best_of=1)
+    config = type(config)(**{**config.__dict__, "fallback_policy": tmp_path / "missing"})
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.auth import create_token
+
+    app = create_app(config)
+    token, _ = create_token(app.state.svc.store, "chat")
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 503
+        r = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 503 and r.headers["retry-after"]
+
+
+def test_challenger_split_tags_each_answer(tmp_path, tiny_models):
+    class FakeRegistry:
+        def alias(self, name, alias):
+            from flywheel.registry import Version
+
+            folder = {"champion": "policy", "challenger": "policy2"}[alias]
+            return Version(name, {"champion": "1", "challenger": "2"}[alias], str(tiny_models / folder), {}, [alias])
+
+        def local_dir(self, version):
+            return version.source
+
+    config = make_config(tmp_path, tiny_models, registry=FakeRegistry(), challenger_fraction=0.5, max_best_of=1)
+    with start_api(config) as api:
+        seen = {}
+        for i in range(24):
+            r = _chat(api, max_tokens=2, user=f"user-{i}")
+            seen.setdefault(r.json()["variant"], set()).add(r.headers["x-model-version"])
+        assert seen == {"champion": {"flywheel-policy/1"}, "challenger": {"flywheel-policy/2"}}
+        sticky = {_chat(api, max_tokens=1, user="same-user").json()["variant"] for _ in range(4)}
+        assert len(sticky) == 1
