@@ -51,17 +51,28 @@ class TokenBook:
         self.store, self.refresh_s = store, refresh_s
         self._known: dict[str, tuple[str, str]] = {}
         self._loaded_at = float("-inf")
+        self._refresh: asyncio.Task | None = None
 
     async def lookup(self, token: str) -> Principal | None:
         if not token.startswith(PREFIX) or len(token) > 128:
             return None
         digest = token_hash(token)
+        if digest not in self._known:
+            await self._reload()
         hit = self._known.get(digest)
-        if hit is None and time.monotonic() - self._loaded_at >= self.refresh_s:
-            self._loaded_at = time.monotonic()   # set first: concurrent misses do not all reload
-            self._known = await asyncio.to_thread(self.store.tokens)
-            hit = self._known.get(digest)
         return Principal(*hit) if hit else None
+
+    async def _reload(self) -> None:
+        task = self._refresh
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            if time.monotonic() - self._loaded_at < self.refresh_s:
+                return
+            task = self._refresh = asyncio.ensure_future(self._load())
+        await asyncio.shield(task)   # concurrent misses wait for the one reload
+
+    async def _load(self) -> None:
+        self._known = await asyncio.to_thread(self.store.tokens)
+        self._loaded_at = time.monotonic()
 
 
 class RateLimiter:

@@ -1,0 +1,152 @@
+"""``flywheel serve`` as a real process on a loopback port: acknowledged feedback survives SIGKILL (once), the
+champion alias moves under load without a failed request, logs carry no personal data; ``flywheel tokens
+create`` and ``flywheel export`` end to end."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import rawstore
+from service.store import FeedbackStore
+from svc_helpers import event, flywheel, workspace
+
+pytestmark = pytest.mark.slow
+RATES = {"chat_rate": {"per_s": 1000, "burst": 1000}, "feedback_rate": {"per_s": 100000, "burst": 100000}}
+EMAIL, PHONE = "mary.major@example.org", "+1 415 555 0132"
+
+
+def _token(ws, scope: str) -> str:
+    proc = flywheel(ws, "tokens", "create", "--scope", scope, "--name", "tests")
+    assert proc.returncode == 0, proc.stderr
+    token = proc.stdout.strip()
+    assert token.startswith("fw_") and "shown only now" in proc.stderr
+    return token
+
+
+def test_tokens_create_rejects_an_unknown_scope(tmp_path):
+    ws = workspace(tmp_path)
+    proc = flywheel(ws, "tokens", "create", "--scope", "root")
+    assert proc.returncode == 2 and "unknown scope" in proc.stderr
+
+
+def test_acknowledged_feedback_survives_sigkill_once_and_exports_once(tmp_path, tiny_models, servers):
+    ws = workspace(tmp_path, max_best_of=1, **RATES)
+    token = _token(ws, "feedback")
+    headers = {"Authorization": f"Bearer {token}"}
+    srv = servers(ws, ["--no-registry", "--model-dir", str(tiny_models / "policy")])
+    acked: list[str] = []
+    sent: dict[str, dict] = {}
+    stop = threading.Event()
+
+    def client(worker: int) -> None:
+        with httpx.Client(base_url=srv.url, headers=headers, timeout=10) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                base = worker * 100000 + n * 10
+                batch = [event(base + i, prompt=[{"role": "user", "content": f"mail {EMAIL} or call {PHONE}"}])
+                         for i in range(3 if n % 2 else 1)]
+                for e in batch:
+                    sent[e["event_id"]] = e
+                try:
+                    if len(batch) == 1:
+                        r = c.post("/v1/feedback", json=batch[0])
+                    else:
+                        r = c.post("/v1/feedback/batch", json={"events": batch})
+                except httpx.HTTPError:
+                    return  # the server is gone: whatever was in flight was never acknowledged
+                if r.status_code == 200:
+                    acked.extend(e["event_id"] for e in batch)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    while len(acked) < 300:
+        time.sleep(0.05)
+    srv.kill()                       # SIGKILL while the clients are still sending
+    stop.set()
+    for t in threads:
+        t.join(15)
+    assert len(acked) >= 300
+
+    srv2 = servers(ws, ["--no-registry", "--model-dir", str(tiny_models / "policy")])
+    store = FeedbackStore(f"sqlite:///{ws / 'feedback.db'}")
+    stored = store.event_ids()
+    assert set(acked) <= set(stored) and len(stored) == len(set(stored))
+    with httpx.Client(base_url=srv2.url, headers=headers, timeout=30) as c:   # a client retrying everything
+        events = [sent[i] for i in acked]
+        for k in range(0, len(events), 500):
+            r = c.post("/v1/feedback/batch", json={"events": events[k:k + 500]})
+            assert r.status_code == 200 and r.json()["stored"] == 0
+    assert store.count() == len(stored)
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT row FROM feedback_events").scalars().all()
+    assert not any(EMAIL in r or PHONE in r for r in rows)
+
+    out = flywheel(ws, "export", "--json", "--no-track")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["exported"] == len(stored)
+    again = flywheel(ws, "export", "--json", "--no-track")
+    assert json.loads(again.stdout)["exported"] == 0
+    files = rawstore.batch_files(ws / "data" / "raw")
+    exported = [i for f in files for i in pq.read_table(f, columns=["event_id"]).column("event_id").to_pylist()]
+    assert sorted(exported) == sorted(stored)
+    srv2.stop()
+    log = srv2.log
+    assert EMAIL not in log and PHONE not in log and "user-" not in log
+    access = [line for line in log.splitlines() if '"POST /v1/feedback' in line]
+    assert access and not any("127.0.0.1:" in line for line in access)   # no client address in access logs
+
+
+def test_hot_reload_switches_versions_without_a_failed_request(tmp_path, tiny_models, servers):
+    from flywheel.registry import CHAMPION, POLICY, Registry
+    from flywheel.settings import load_settings
+
+    ws = workspace(tmp_path, max_best_of=1, reload_poll_s=1, **RATES)
+    registry = Registry(load_settings(ws, env={}))
+    v1, _ = registry.register(POLICY, tiny_models / "policy")
+    registry.set_alias(POLICY, CHAMPION, v1.version)
+    token = _token(ws, "chat")
+    srv = servers(ws, [])
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 2})
+                results.append((r.status_code, r.headers.get("x-model-version", "")))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        while len(results) < 20:
+            time.sleep(0.05)
+        v2, _ = registry.register(POLICY, tiny_models / "policy2")
+        t0 = time.monotonic()
+        registry.promote(POLICY, v2.version)
+        new = f"{POLICY}/{v2.version}"
+        while not any(v == new for _, v in results[-4:]) and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        switched_after = time.monotonic() - t0
+        mark = len(results)
+        while len(results) < mark + 20:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert [code for code, _ in results] == [200] * len(results)
+    versions = [v for _, v in results]
+    first_new = versions.index(new)
+    assert set(versions[:first_new]) == {f"{POLICY}/{v1.version}"}
+    assert set(versions[mark:]) == {new}
+    assert switched_after < 10, f"the switch took {switched_after:.1f} s"
