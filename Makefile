@@ -30,3 +30,7 @@ test-fast: install-dev
 bench: install-dev
 	python benchmarks/bench_ingest.py
 	python benchmarks/bench_validate.py
+
+## Airflow standalone on dags/ (SQLite under .airflow; AIRFLOW__API__PORT sets the port). README "Airflow".
+airflow: install
+	scripts/airflow.sh

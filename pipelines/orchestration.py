@@ -308,8 +308,8 @@ def run_export(root: Path, env: dict[str, str], log: Log = print, timeout: float
 
 
 def exported_events(counts: dict) -> int:
-    """How many new events an export stored (``accepted``, else ``exported``)."""
-    return int(counts.get("accepted", counts.get("exported", 0)) or 0)
+    """How many new events an export stored (``exported``; ``accepted`` as ingest names it)."""
+    return int(counts.get("exported", counts.get("accepted", 0)) or 0)
 
 
 def as_dict(obj) -> dict:

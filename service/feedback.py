@@ -9,6 +9,7 @@ import json
 from collections import Counter
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from pipelines.ingest import event_row
@@ -81,7 +82,7 @@ async def post_feedback(request: Request, _=Depends(require("feedback"))):
     event = _parse(FeedbackIn, await request.body(), svc)
     await _check_answers(svc, [event], ["body"])
     (ack,) = await _store(svc, [event])
-    return ack
+    return JSONResponse(ack.model_dump())   # already validated: skip FastAPI's second pass
 
 
 @router.post("/v1/feedback/batch", response_model=BatchAck, responses=ERRORS, openapi_extra=_body("FeedbackBatch"),
@@ -96,4 +97,4 @@ async def post_feedback_batch(request: Request, _=Depends(require("feedback"))):
     await _check_answers(svc, list(batch.events), ["body", "events"])
     acks = await _store(svc, list(batch.events))
     stored = sum(a.status == "stored" for a in acks)
-    return BatchAck(stored=stored, duplicates=len(acks) - stored, events=acks)
+    return JSONResponse(BatchAck(stored=stored, duplicates=len(acks) - stored, events=acks).model_dump())

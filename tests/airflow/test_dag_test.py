@@ -1,0 +1,90 @@
+"""``dag.test()`` of the DAGs in one tiny-profile workspace (the runs build on each other, in file order):
+a first run trains and promotes, a second one with no new feedback ends early, a broken batch fails
+``validate`` naming the expectation, the feedback asset carries the export's counts, and a rollback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.airflow.airflow_helpers import (airflow_env, broken_batch, champion, dag_test, init_airflow,
+                                           make_workspace, sh, version_tags)
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
+
+STAGES = ["base_models", "resolve_champion", "validate", "prepare", "train_reward", "train_policy", "evaluate",
+          "bless"]
+
+
+def _xcom(run: dict, key: str):
+    value = run["xcom"].get(key)
+    return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, repo_root):
+    base = tmp_path_factory.mktemp("dagtest")
+    root = make_workspace(base / "repo", repo_root)
+    env = airflow_env(base / "airflow-home", root)
+    init_airflow(env, root)
+    return root, env
+
+
+def test_continuous_improvement_trains_and_promotes(ws):
+    root, env = ws
+    assert champion(root) == "1"
+    run, out = dag_test("continuous_improvement", env, root)
+    assert run["state"] == "success", out[-6000:]
+    tasks = run["tasks"]
+    assert all(tasks[s] == "success" for s in ["check_feedback", *STAGES, "record_training", "release"]), tasks
+    assert tasks["approve_release"] == "skipped" and tasks["record_rejection"] == "skipped"
+    decision = _xcom(run, "check_feedback.decision")
+    assert decision["retrain"] and decision["new_events"] == 164 and decision["loop_run_id"]
+    assert champion(root) == "2"
+    tags = version_tags(root, "policy", "2")
+    assert tags["airflow_run_id"] == run["run_id"] and tags["loop_run_id"] == decision["loop_run_id"]
+    assert (root / "reports/orchestration/last_training.json").is_file()
+    assert "bless" in (root / "dvc.lock").read_text()
+
+
+def test_no_new_feedback_ends_the_run_early_with_the_reason(ws):
+    root, env = ws
+    run, out = dag_test("continuous_improvement", env, root)
+    assert run["state"] == "success", out[-6000:]
+    assert run["tasks"].pop("check_feedback") == "success"
+    assert set(run["tasks"].values()) == {"skipped"}
+    decision = _xcom(run, "check_feedback.decision")
+    assert not decision["retrain"] and decision["reason"].startswith("not retraining: 0 new events")
+    assert "STOP: not retraining: 0 new events" in out
+
+
+def test_broken_batch_fails_validate_naming_the_expectation(ws):
+    root, env = ws
+    sh(["flywheel", "ingest", str(broken_batch(root / "broken.jsonl"))], root)
+    before = champion(root)
+    run, out = dag_test("continuous_improvement", env, root, conf={"force": True})
+    assert run["state"] == "failed", out[-6000:]
+    tasks = run["tasks"]
+    assert tasks["base_models"] == tasks["resolve_champion"] == "success" and tasks["validate"] == "failed"
+    downstream = ["prepare", "train_reward", "train_policy", "evaluate", "bless", "record_training", "release"]
+    assert all(tasks[t] == "upstream_failed" for t in downstream), tasks
+    assert "stage 'validate' (dvc repro) failed (exit " in out, out[-6000:]
+    assert "ExpectColumnMeanToBeBetween(new_response_chars) [answer-length drift vs previous window]" in out, out[-6000:]
+    assert champion(root) == before
+
+
+def test_feedback_ingest_emits_the_asset_with_the_counts(ws):
+    root, env = ws
+    counts = {"read": 6, "accepted": 5, "duplicates": 1, "quarantined": 0}
+    run, out = dag_test("feedback_ingest", dict(env, FLYWHEEL_TEST_EXPORT_STUB=json.dumps(counts)), root)
+    assert run["state"] == "success" and run["tasks"] == {"export_feedback": "success"}, out[-4000:]
+    assert run["asset_events"] == [{"new_events": 5, **counts}]
+
+
+def test_rollback_dag_moves_the_champion_back(ws):
+    root, env = ws
+    assert champion(root) == "2"
+    run, out = dag_test("rollback", env, root, conf={"model": "policy", "to": ""})
+    assert run["state"] == "success", out[-4000:]
+    assert champion(root) == "1"

@@ -1,0 +1,172 @@
+"""A running Airflow (``airflow standalone``, SQLite, a free loopback port, its own AIRFLOW_HOME) driven
+through REST API v2 with the official ``apache-airflow-client``: trigger continuous_improvement, approve
+its release as a human would (approval_required: true in this workspace), see the champion move with the
+run id and the approver on the model version; then trigger feedback_ingest and continuous_improvement
+together and see both succeed (the pool serialises their DVC commands)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.airflow.airflow_helpers import airflow_env, champion, make_workspace, version_tags
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
+
+DONE = {"success", "failed"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(what: str, probe, timeout: float, every: float = 3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Airflow:
+    """``make airflow``'s script (``airflow standalone``) as a child process group, and an authenticated
+    REST API v2 client."""
+
+    def __init__(self, root: Path, home: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.home = home
+        self.env = airflow_env(home, root, AIRFLOW__API__PORT=str(self.port), AIRFLOW__API__HOST="127.0.0.1",
+                               AIRFLOW__API__BASE_URL=self.url)
+        self.log = open(home / "standalone.log", "w")
+        self.proc = subprocess.Popen(["bash", "scripts/airflow.sh"], cwd=root, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        passwords = home / "simple_auth_manager_passwords.json.generated"
+        _wait("the API server and the password file", lambda: passwords.is_file() and self._up(), 300)
+        self.password = json.loads(passwords.read_text())["admin"]
+        self.client = self._client()
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, (self.home / "standalone.log").read_text()[-4000:]
+        try:
+            return urllib.request.urlopen(self.url + "/api/v2/version", timeout=5).status == 200
+        except OSError:
+            return False
+
+    def _client(self):
+        import airflow_client.client as ac
+
+        body = json.dumps({"username": "admin", "password": self.password}).encode()
+        req = urllib.request.Request(self.url + "/auth/token", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        token = json.loads(urllib.request.urlopen(req, timeout=30).read())["access_token"]
+        return ac.ApiClient(ac.Configuration(host=self.url, access_token=token))
+
+    def stop(self) -> None:
+        for sig, grace in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if self.proc.poll() is not None:
+                break
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self.log.close()
+
+    # ---- REST API v2 through the official client ----
+    def unpause_when_parsed(self, dag_id: str) -> None:
+        from airflow_client.client import DAGApi, DAGPatchBody
+        from airflow_client.client.exceptions import ApiException
+
+        def parsed():
+            try:
+                return DAGApi(self.client).get_dag(dag_id)
+            except ApiException:
+                return None
+
+        _wait(f"{dag_id} to be parsed", parsed, 300)
+        DAGApi(self.client).patch_dag(dag_id, DAGPatchBody(is_paused=False))
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        from airflow_client.client import DagRunApi, TriggerDAGRunPostBody
+
+        run = DagRunApi(self.client).trigger_dag_run(dag_id, TriggerDAGRunPostBody(logical_date=None, conf=conf or {}))
+        return run.dag_run_id
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        from airflow_client.client import DagRunApi
+
+        return str(DagRunApi(self.client).get_dag_run(dag_id, run_id).state.value)
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 2400) -> str:
+        return _wait(f"{dag_id} {run_id}", lambda: (s := self.run_state(dag_id, run_id)) in DONE and s, timeout, 5)
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        from airflow_client.client import TaskInstanceApi
+
+        tis = TaskInstanceApi(self.client).get_task_instances(dag_id, run_id).task_instances
+        return {ti.task_id: (ti.state.value if ti.state else None) for ti in tis}
+
+    def answer_approval(self, dag_id: str, run_id: str, option: str, timeout: float = 2400) -> None:
+        from airflow_client.client import TaskInstanceApi, UpdateHITLDetailPayload
+
+        def waiting():
+            state = self.task_states(dag_id, run_id).get("approve_release")
+            assert self.run_state(dag_id, run_id) not in DONE, self.task_states(dag_id, run_id)
+            return state == "awaiting_input"
+
+        _wait("the approval request", waiting, timeout, 5)
+        TaskInstanceApi(self.client).update_hitl_detail(
+            dag_id, run_id, "approve_release", -1, UpdateHITLDetailPayload(chosen_options=[option]))
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, repo_root):
+    base = tmp_path_factory.mktemp("live")
+    root = make_workspace(base / "repo", repo_root, approval_required=True)
+    home = base / "airflow-home"
+    home.mkdir()
+    airflow = Airflow(root, home)
+    try:
+        for dag_id in ("continuous_improvement", "feedback_ingest"):
+            airflow.unpause_when_parsed(dag_id)
+        yield root, airflow
+    finally:
+        airflow.stop()
+
+
+def test_triggered_over_rest_approved_and_promoted(live):
+    root, airflow = live
+    assert champion(root) == "1"
+    run_id = airflow.trigger("continuous_improvement")
+    airflow.answer_approval("continuous_improvement", run_id, "Approve")
+    state = airflow.wait_run("continuous_improvement", run_id)
+    tasks = airflow.task_states("continuous_improvement", run_id)
+    assert state == "success", (tasks, (airflow.home / "standalone.log").read_text()[-4000:])
+    assert tasks["approve_release"] == tasks["release"] == "success" and tasks["record_rejection"] == "skipped"
+    assert champion(root) == "2"
+    tags = version_tags(root, "policy", "2")
+    assert tags["airflow_run_id"] == run_id
+    assert tags["approval"] == "approved" and tags["approval_by"] == "admin"
+
+
+def test_feedback_ingest_and_continuous_improvement_together(live):
+    root, airflow = live
+    runs = {dag_id: airflow.trigger(dag_id) for dag_id in ("feedback_ingest", "continuous_improvement")}
+    states = {dag_id: airflow.wait_run(dag_id, run_id, timeout=900) for dag_id, run_id in runs.items()}
+    detail = {dag_id: airflow.task_states(dag_id, run_id) for dag_id, run_id in runs.items()}
+    assert states == {"feedback_ingest": "success", "continuous_improvement": "success"}, detail
+    assert detail["continuous_improvement"]["check_feedback"] == "success"
+    assert champion(root) == "2"
