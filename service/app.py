@@ -57,6 +57,10 @@ class Service:
 
     async def start(self) -> None:
         """Start the writer, the batchers and the model poller (again after a stop: a lifespan may restart)."""
+        if self.params.threads:
+            import torch
+
+            torch.set_num_threads(self.params.threads)
         self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-generate")
         self.writer.start()
         for b in self.batchers.values():

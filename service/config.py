@@ -42,6 +42,7 @@ class ServeParams(_Strict):
     best_of_n: int = Field(1, ge=1, le=16)         # default candidates per answer, reranked by the reward model
     max_best_of: int = Field(4, ge=1, le=16)
     best_of_temperature: float = Field(0.8, gt=0, le=2)
+    threads: int = Field(1, ge=0)                  # torch threads for generation; 0: torch's default (all cores)
     challenger_fraction: float = Field(0.0, ge=0, le=1)
     reload_poll_s: float = Field(5.0, gt=0, le=10)
     write_batch_max: int = Field(512, gt=0)        # feedback requests committed in one transaction
