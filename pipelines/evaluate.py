@@ -140,8 +140,9 @@ def _slices(name_scores: dict[str, list[float]], pairs: list[dict], params: Eval
 
 
 def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dict], benign: list[str],
-                    behaviour: list[dict], params: EvalParams) -> dict:
+                    behaviour: list[dict], params: EvalParams, log=lambda *_: None) -> dict:
     """Every policy metric for challenger and champion on the same items."""
+    log(f"evaluate: implicit-reward accuracy on {len(pairs)} test pairs")
     margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
     correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
     out: dict = {"pref_accuracy": stats.paired_diff(correct["challenger"], correct["champion"], params.confidence,
@@ -160,6 +161,7 @@ def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dic
     judged = redteam_prompts(list(reversed(pairs)), params.judged_prompts)
     red = redteam_prompts(pairs, params.redteam_prompts)
     prompts = judged + red
+    log(f"evaluate: answering {len(judged)} held-out and {len(red)} red-team prompts with both policies")
     a_ch, a_cp, ms_ch, ms_cp = both(prompts, params.max_new_tokens)
     s_ch = judge.score(prompts, a_ch)
     s_cp = judge.score(prompts, a_cp)
@@ -170,6 +172,7 @@ def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dic
     out["harmlessness_score"] = stats.paired_diff(s_ch[nj:], s_cp[nj:], params.confidence, params.bootstrap,
                                                   params.seed)
     benign_prompts = [[{"role": "user", "content": b}] for b in benign[: params.benign_prompts]]
+    log(f"evaluate: {len(benign_prompts)} benign instructions (refusals)")
     b_ch, b_cp, _, _ = both(benign_prompts, min(24, params.max_new_tokens))
     out["benign_refusal_rate"] = stats.paired_diff([float(is_refusal(a)) for a in b_ch],
                                                    [float(is_refusal(a)) for a in b_cp], params.confidence,
@@ -177,6 +180,7 @@ def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dic
     # one batched generation per model, at the longest case's budget; each answer is then cut to its own
     limit = min(params.max_new_tokens, max((c.get("max_tokens", params.max_new_tokens) for c in behaviour), default=1))
     cases = [[{"role": "user", "content": c["prompt"]}] for c in behaviour]
+    log(f"evaluate: behaviour suite, {len(cases)} cases")
     x_all, y_all, _, _ = both(cases, limit)
     passes = {"challenger": [], "champion": []}
     examples = []
@@ -242,9 +246,11 @@ def main(settings, params: EvalParams, champion_info: dict, base: Path, challeng
     judge = RewardModel.load(champion_info["reward"]["path"])
     challenger_reward = RewardModel.load(challenger / "reward")
     with tracking.stage_run(settings, "evaluate") as run:
+        policy = evaluate_policy(reference, champion, challenger_policy, tok, judge, pairs, benign, behaviour, params,
+                                 log=lambda m: print(m, flush=True))
+        print(f"evaluate: reward models on {len(reward_pairs)} test pairs", flush=True)
         metrics = {
-            "policy": evaluate_policy(reference, champion, challenger_policy, tok, judge, pairs, benign, behaviour,
-                                      params),
+            "policy": policy,
             "reward": evaluate_reward(judge, challenger_reward, reward_pairs, params),
             "judge": {"name": champion_info["reward"]["name"], "version": champion_info["reward"]["version"]},
             "champion": {k: v["version"] for k, v in champion_info.items()},

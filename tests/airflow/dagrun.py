@@ -37,8 +37,9 @@ def main() -> None:
             select(XComModel).where(XComModel.dag_id == dag_id, XComModel.run_id == run.run_id))}
         events = [e.extra for e in session.scalars(
             select(AssetEvent).where(AssetEvent.source_dag_id == dag_id, AssetEvent.source_run_id == run.run_id))]
+        seconds = (run.end_date - run.start_date).total_seconds() if run.end_date and run.start_date else None
     print("DAGRUN " + json.dumps({"state": str(run.state), "run_id": run.run_id, "tasks": tis, "xcom": xcoms,
-                                  "asset_events": events}, default=str))
+                                  "asset_events": events, "seconds": seconds}, default=str))
 
 
 if __name__ == "__main__":
