@@ -105,13 +105,15 @@ def run_batch(jobs: list[Job], policy, reward, max_prompt: int, best_of_temperat
     """Answer ``jobs`` with one generate call of ``policy`` (a loaded model slot); each job is finished
     (or failed) through its own futures. ``reward`` (a slot or None) reranks best-of candidates."""
     model, tok, version = policy.model, policy.tok, policy.version
+    positions = getattr(model.config, "max_position_embeddings", None) or 10**9
     rows: list[_Row] = []
     for job in jobs:
         job.begin(version)
-        ids = prompt_ids(tok, job.messages, max_prompt)
+        max_tokens = min(job.max_tokens, positions // 2)      # prompt and answer must fit the model's positions
+        ids = prompt_ids(tok, job.messages, min(max_prompt, positions - max_tokens))
         temp = job.temperature if job.copies == 1 or job.temperature > 0 else best_of_temperature
         for _ in range(job.copies):
-            rows.append(_Row(job, ids, job.max_tokens, temp, job.top_p, live=job.stream and job.copies == 1))
+            rows.append(_Row(job, ids, max_tokens, temp, job.top_p, live=job.stream and job.copies == 1))
     width = max(len(r.prompt) for r in rows)
     pad = tok.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

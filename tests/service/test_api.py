@@ -202,3 +202,22 @@ def test_challenger_split_tags_each_answer(tmp_path, tiny_models):
         assert seen == {"champion": {"flywheel-policy/1"}, "challenger": {"flywheel-policy/2"}}
         sticky = {_chat(api, max_tokens=1, user="same-user").json()["variant"] for _ in range(4)}
         assert len(sticky) == 1
+
+
+def test_prompt_and_answer_are_cut_to_the_models_positions(tmp_path, tiny_models):
+    config = make_config(tmp_path, tiny_models, max_new_tokens=256, max_prompt_tokens=512, max_best_of=1)
+    with start_api(config) as api:
+        long = " ".join(["please help me with my garden"] * 120)            # far over the tiny model's 256 positions
+        r = _chat(api, max_tokens=250, temperature=0, messages=[{"role": "user", "content": long}])
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= 256
+
+
+def test_serve_params_fail_naming_the_key():
+    from service.config import parse_serve_params
+
+    with pytest.raises(ValueError, match="serve: bogus"):
+        parse_serve_params({"bogus": 1})
+    with pytest.raises(ValueError, match="reload_poll_s"):
+        parse_serve_params({"reload_poll_s": 60})
