@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flywheel.settings import Settings, SettingsError, load_settings
@@ -41,7 +42,7 @@ def _print(data: dict, as_json: bool, title: str) -> None:
         return
     table = Table(title=title, show_header=False)
     for k, v in data.items():
-        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        table.add_row(escape(k), escape(json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
     Console().print(table)
 
 
@@ -289,7 +290,7 @@ def verdict_table(verdict: dict, title: str) -> None:
     for kind in ("policy", "reward"):
         v = verdict.get(kind, {})
         lines = v.get("reasons") or v.get("passed") or []
-        table.add_row(kind, "yes" if v.get("blessed") else "no", "\n".join(lines))
+        table.add_row(kind, "yes" if v.get("blessed") else "no", escape("\n".join(lines)))
     Console().print(table)
 
 
@@ -355,7 +356,7 @@ def release(
         table.add_column(col)
     for r in rows:
         table.add_row(r["model"], str(r["version"]), str(r["blessed"]), str(r["smoke_check"]), str(r["promoted"]),
-                      "\n".join(r["reasons"]))
+                      escape("\n".join(r["reasons"])))
     Console().print(table)
 
 
@@ -445,7 +446,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(r["model"], r["version"], ", ".join(r["aliases"]), r["blessed"], r["smoke_check"],
-                      "\n".join(r["reasons"])[:400])
+                      escape("\n".join(r["reasons"])[:400]))
     Console().print(table)
 
 

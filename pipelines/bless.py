@@ -31,6 +31,9 @@ class ModelGate(BaseModel):
     primary_min_ci_lower: float = 0.0
     metrics: dict[str, MetricRule] = Field(default_factory=dict)
     slice_rule: MetricRule | None = None
+    # slice families the slice rule gates; the others (e.g. chosen_shorter, where a model leaning either way
+    # on length must lose on one side) are reported beside the length baseline, not gated
+    gated_slices: list[str] = Field(default_factory=lambda: ["feedback_type", "turns"])
     block_length_only_gain: bool = False
 
 
@@ -95,6 +98,8 @@ def judge_model(metrics: dict, gate: ModelGate) -> dict:
             passed.append(f"{name}: ok")
     if gate.slice_rule is not None:
         for sname, m in (metrics.get("slices") or {}).items():
+            if sname.split("=", 1)[0] not in gate.gated_slices:
+                continue
             bad = check_rule(f"{gate.primary}[{sname}]", m, gate.slice_rule)
             reasons += bad
     if gate.block_length_only_gain and metrics.get("gain_only_where_shorter_wins"):

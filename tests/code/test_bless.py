@@ -109,3 +109,14 @@ def test_verdict_page_names_every_reason():
     page = to_markdown(v, "default")
     assert "## policy: NOT BLESSED" in page and "## reward: BLESSED" in page
     assert all(r in page for r in v["policy"]["reasons"])
+
+
+def test_length_slices_are_reported_not_gated_unless_asked():
+    slices = {"chosen_shorter=no": {"challenger": 0.36, "champion": 0.5, "n": 66},
+              "chosen_shorter=yes": {"challenger": 0.8, "champion": 0.5, "n": 81}}
+    metrics = {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, slices=slices), "reward": _reward()}
+    assert bless(metrics, GATE)["policy"]["blessed"]
+    strict = GATE.model_copy(deep=True)
+    strict.policy.gated_slices = ["chosen_shorter"]
+    v = bless(metrics, strict)["policy"]
+    assert not v["blessed"] and "pref_accuracy[chosen_shorter=no]" in v["reasons"][0]
