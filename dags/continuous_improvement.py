@@ -59,6 +59,7 @@ def _env(profile: str | None = None):
 
 def _stage(stage: str):
     @task(task_id=stage, pool=ORCH.pool, execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
+          multiple_outputs=False,
           doc_md=f"`dvc repro --single-item {stage}` in the workspace (skipped by DVC when up to date).")
     def run_stage() -> dict:
         from pipelines import orchestration as orch
@@ -112,7 +113,7 @@ def continuous_improvement():
         print(("RETRAIN: " if decision.retrain else "STOP: ") + decision.reason)
         return decision.retrain
 
-    @task
+    @task(multiple_outputs=False)
     def record_training() -> dict:
         """The watermark: which raw-store batches this training saw (the next threshold counts from it)."""
         from flywheel.settings import load_settings

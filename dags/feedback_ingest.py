@@ -44,7 +44,8 @@ install without `flywheel export`: the task is skipped with the reason in its lo
                   "max_retry_delay": timedelta(minutes=ORCH.max_retry_delay_minutes)},
 )
 def feedback_ingest():
-    @task(pool=ORCH.pool, outlets=[FEEDBACK], execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes))
+    @task(pool=ORCH.pool, outlets=[FEEDBACK], execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
+          multiple_outputs=False)
     def export_feedback() -> dict:
         """New feedback-store events into the raw store; the counts go on the asset event."""
         from airflow.sdk.exceptions import AirflowSkipException

@@ -21,7 +21,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flywheel.settings import Settings, SettingsError, find_root, load_params
+from flywheel.settings import Params, Settings, SettingsError, find_root, load_params
 
 FEEDBACK_ASSET = "flywheel-feedback"
 WATERMARK = Path("orchestration") / "last_training.json"   # under settings.reports
@@ -73,7 +73,7 @@ def workspace_root(dag_file: str | Path) -> Path:
     return find_root() if env else Path(dag_file).resolve().parent.parent
 
 
-def orchestration_params(params) -> OrchestrationParams:
+def orchestration_params(params: Params) -> OrchestrationParams:
     """The typed ``orchestration`` section (defaults when the section is absent)."""
     section = (params.model_extra or {}).get("orchestration") or {}
     try:

@@ -70,7 +70,8 @@ def test_broken_batch_fails_validate_naming_the_expectation(ws):
     downstream = ["prepare", "train_reward", "train_policy", "evaluate", "bless", "record_training", "release"]
     assert all(tasks[t] == "upstream_failed" for t in downstream), tasks
     assert "stage 'validate' (dvc repro) failed (exit " in out, out[-6000:]
-    assert "ExpectColumnMeanToBeBetween(new_response_chars) [answer-length drift vs previous window]" in out, out[-6000:]
+    failed_expectation = "expect_column_mean_to_be_between(new_response_chars) [answer-length drift vs previous window]"
+    assert failed_expectation + ": observed" in out, out[-6000:]
     assert champion(root) == before
 
 

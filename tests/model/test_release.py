@@ -129,3 +129,16 @@ def test_smoke_check_fails_an_empty_answer_and_a_slow_model(tiny_base):
     assert not ok and "over the bound" in detail
     ok, _ = smoke_check("reward", tiny_base / "reward", SMOKE)
     assert ok
+
+
+def test_rejected_release_registers_and_tags_but_never_promotes(workspace, tiny_base):
+    settings, reg = workspace
+    bootstrap(reg, settings.models / "base")
+    ch = _challenger(settings.root, tiny_base, "rejected")
+    lineage = {"approval": "rejected", "approval_by": "alice", "airflow_run_id": "manual__1"}
+    out = release(reg, ch, _blessing(ch), lineage, SMOKE, log=lambda *_: None, hold="release rejected by alice")
+    assert [o.promoted for o in out] == [False, False] and all(o.blessed and o.smoke_ok for o in out)
+    assert out[0].reasons == ["not promoted: release rejected by alice"]
+    assert reg.alias(POLICY, CHAMPION).version == "1"
+    tags = reg.get(POLICY, out[0].version).tags
+    assert tags["approval"] == "rejected" and tags["approval_by"] == "alice" and tags["airflow_run_id"] == "manual__1"
