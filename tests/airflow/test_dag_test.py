@@ -59,6 +59,16 @@ def test_no_new_feedback_ends_the_run_early_with_the_reason(ws):
     assert "STOP: not retraining: 0 new events" in out
 
 
+def test_dry_run_decides_and_runs_nothing(ws):
+    root, env = ws
+    lock = (root / "dvc.lock").read_text()
+    run, out = dag_test("continuous_improvement", env, root, conf={"dry_run": True, "force": True})
+    assert run["state"] == "success", out[-6000:]
+    assert run["tasks"].pop("check_feedback") == "success" and set(run["tasks"].values()) == {"skipped"}
+    assert _xcom(run, "check_feedback.decision")["reason"].startswith("dry run, would retrain: forced")
+    assert (root / "dvc.lock").read_text() == lock and champion(root) == "2"
+
+
 def test_broken_batch_fails_validate_naming_the_expectation(ws):
     root, env = ws
     sh(["flywheel", "ingest", str(broken_batch(root / "broken.jsonl"))], root)

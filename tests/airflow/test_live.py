@@ -77,7 +77,7 @@ class Airflow:
 
     def stop(self) -> None:
         """Stop standalone, then whatever of its process group outlived it (the LocalExecutor's workers)."""
-        for sig, grace in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
             if self.proc.poll() is not None:
                 break
             os.killpg(self.proc.pid, sig)

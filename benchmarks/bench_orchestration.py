@@ -1,0 +1,135 @@
+"""Orchestration overhead on the tiny profile.
+
+The same stages run three ways, each on its own copy of one prepared workspace (120 HH-RLHF pairs and the
+native batch ingested, base models built and bootstrapped, so ``base_models`` is up to date everywhere):
+
+- **baseline**: the stages' commands (as dvc.yaml resolves them) called one after the other in one Python
+  process, through the CLI's own functions;
+- **dvc repro**: one ``dvc repro`` (a process per stage, DVC's hashing and dvc.lock);
+- **DAG run**: ``continuous_improvement`` with ``dag.test()`` (``force``, ``skip_release``): the threshold
+  task, one task per stage each running ``dvc repro --single-item``, the watermark.
+
+Overhead per stage = (wall time - baseline) / number of dvc.yaml stages. Then, on the up-to-date
+workspaces, a no-op ``dvc repro`` and a no-op DAG run (every stage skipped by DVC).
+
+    .venv/bin/python benchmarks/bench_orchestration.py [--workdir DIR] [--json FILE]
+
+Heavy: three tiny training runs (about 3-5 minutes each on 2 cores). Run it alone on an idle machine; the
+load average is printed beside the figures, and every figure is compared with the baseline measured in
+the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.airflow.airflow_helpers import (airflow_env, clean_env, dag_test, init_airflow,  # noqa: E402
+                                           make_workspace)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_INPROC = """
+import json, os, shlex, sys, time
+os.chdir(sys.argv[1])
+from flywheel.cli import app
+t0 = time.perf_counter()
+times = {}
+for name, cmd in json.loads(sys.argv[2]):
+    t = time.perf_counter()
+    app(shlex.split(cmd)[1:], standalone_mode=False)
+    times[name] = round(time.perf_counter() - t, 2)
+print("INPROC " + json.dumps({"seconds": time.perf_counter() - t0, "stages": times}))
+"""
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=cwd, env=env, text=True, capture_output=True)
+    took = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return took, proc.stdout
+
+
+def stage_commands(root: Path) -> list[tuple[str, str]]:
+    """Each stage's command with dvc.yaml's ${...} resolved, in dvc.yaml order."""
+    code = ("import json, yaml; from dvc.repo import Repo; r = Repo('.'); "
+            "cmds = {s.name: s.cmd for s in r.index.stages if hasattr(s, 'name')}; "
+            "print(json.dumps([(n, cmds[n]) for n in yaml.safe_load(open('dvc.yaml'))['stages']]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=clean_env(), text=True, capture_output=True,
+                         check=True).stdout
+    return [tuple(x) for x in json.loads(out.strip().splitlines()[-1])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out" / "orchestration")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    print(f"load average before: {_load()}")
+    base = make_workspace(work / "base", ROOT)
+    commands = stage_commands(base)
+    n_stages = len(commands)
+    to_run = [(name, cmd) for name, cmd in commands if name != "base_models"]   # up to date everywhere
+    spaces = {k: work / k for k in ("inproc", "dvc", "dag")}
+    for dest in spaces.values():
+        shutil.copytree(base, dest, symlinks=True)
+
+    env = clean_env(FLYWHEEL_ROOT=str(spaces["inproc"]))
+    took, out = _timed([sys.executable, "-c", _INPROC, str(spaces["inproc"]), json.dumps(to_run)],
+                       spaces["inproc"], env)
+    baseline = json.loads(next(line for line in out.splitlines() if line.startswith("INPROC "))[7:])
+    print(f"baseline (one process): {baseline['seconds']:.1f} s  {baseline['stages']}  load {_load()}")
+
+    dvc_s, out = _timed(["dvc", "repro"], spaces["dvc"], clean_env())
+    assert out.count("Running stage") == len(to_run), out
+    print(f"dvc repro: {dvc_s:.1f} s  load {_load()}")
+    noop_dvc, _ = _timed(["dvc", "repro"], spaces["dvc"], clean_env())
+    print(f"dvc repro, nothing changed: {noop_dvc:.1f} s")
+
+    home = work / "airflow-home"
+    aenv = airflow_env(home, spaces["dag"])
+    init_airflow(aenv, spaces["dag"])
+    t0 = time.perf_counter()
+    run, out = dag_test("continuous_improvement", aenv, spaces["dag"], {"force": True, "skip_release": True})
+    dag_wall = time.perf_counter() - t0
+    assert run["state"] == "success", out[-4000:]
+    print(f"DAG run: {run['seconds']:.1f} s (dag.test process {dag_wall:.1f} s)  load {_load()}")
+    noop_run, _ = dag_test("continuous_improvement", aenv, spaces["dag"], {"force": True, "skip_release": True})
+    print(f"DAG run, nothing changed: {noop_run['seconds']:.1f} s")
+
+    base_s = baseline["seconds"]
+    result = {
+        "stages": n_stages, "stages_run": len(to_run), "baseline_s": round(base_s, 2),
+        "dvc_repro_s": round(dvc_s, 2), "dag_run_s": round(run["seconds"], 2), "dag_test_process_s": round(dag_wall, 2),
+        "dvc_overhead_per_stage_s": round((dvc_s - base_s) / n_stages, 2),
+        "dag_overhead_per_stage_s": round((run["seconds"] - base_s) / n_stages, 2),
+        "noop_dvc_repro_s": round(noop_dvc, 2), "noop_dag_run_s": round(noop_run["seconds"], 2),
+        "noop_dag_per_stage_s": round(noop_run["seconds"] / n_stages, 2),
+        "baseline_stage_s": baseline["stages"], "load_after": _load(),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
