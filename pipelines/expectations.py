@@ -45,12 +45,34 @@ def _describe(kind: str, column: str | None, kwargs: dict, observed: Any, meta: 
     return f"{where}{label}: observed {observed!r}, expected {bounds}"
 
 
+def _numeric_dtype_fast_path() -> None:
+    """Before a column mean, GX asks whether the column holds ``decimal.Decimal`` objects by testing every
+    value in Python (~0.4 s per million rows). An array of a numeric dtype cannot hold one: answer from the
+    dtype and keep GX's own check for object arrays. Same result, without the loop."""
+    import great_expectations.util as gx_util
+
+    original = gx_util.does_ndarray_contain_decimal_dtype
+    if getattr(original, "flywheel_fast_path", False):
+        return
+
+    def contains_decimal(data):
+        dtype = getattr(data, "dtype", None)
+        if dtype is not None and dtype.kind in "biufcmM":
+            return False
+        return original(data)
+
+    contains_decimal.flywheel_fast_path = True
+    gx_util.does_ndarray_contain_decimal_dtype = contains_decimal
+
+
 def run_suite(frame: pd.DataFrame, name: str, checks: list[Check], docs_dir: Path | None = None) -> SuiteOutcome:
     """Validate ``frame`` against ``checks``; failures name each expectation and its observed value."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    _numeric_dtype_fast_path()
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)

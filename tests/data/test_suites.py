@@ -233,3 +233,20 @@ def test_window_days_limits_the_window(tmp_path):
     now = datetime(2026, 11, 21, 18, tzinfo=timezone.utc)
     assert len(validate.load_window(raw, 0, now)) == 7
     assert len(validate.load_window(raw, 1, now)) == 4
+
+
+def test_numeric_fast_path_answers_like_great_expectations():
+    import decimal
+
+    import numpy as np
+
+    from pipelines.expectations import _numeric_dtype_fast_path
+
+    _numeric_dtype_fast_path()
+    import great_expectations.util as gx_util
+
+    check = gx_util.does_ndarray_contain_decimal_dtype
+    assert check.flywheel_fast_path
+    assert check(np.arange(5, dtype=float)) is False
+    assert check(np.array([1.0, decimal.Decimal("2")], dtype=object)) is True
+    assert check(np.array(["a", None], dtype=object)) is False
