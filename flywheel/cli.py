@@ -329,7 +329,6 @@ def release(
                                               help="who rejected it: register and check, never promote (tagged)"),
 ) -> None:
     """Register the challengers, smoke-check them, and promote those the gate blessed."""
-    from flywheel import tracking
     from flywheel.release import bootstrap as boot, release as run_release
 
     s = settings()
