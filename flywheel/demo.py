@@ -46,7 +46,12 @@ def run(settings, turns: int = 2) -> dict:
         parent = tracking.start_loop_run(settings, f"loop turn {turn}", {"flywheel.turn": str(turn)})
         os.environ["FLYWHEEL_PARENT_RUN_ID"] = parent
         _step(f"turn {turn}: dvc repro (validate, prepare, train, evaluate, bless); MLflow run {parent}")
+        t_repro = time.perf_counter()
         workspace.run([workspace._bin("dvc"), "repro"], root)
+        timings[f"turn_{turn}_repro_seconds"] = round(time.perf_counter() - t_repro, 1)
+        stages = tracking.stage_durations(settings, parent)
+        print(f"turn {turn}: dvc repro took {timings[f'turn_{turn}_repro_seconds']} s; inside the stages' MLflow runs: "
+              + ", ".join(f"{k} {v} s" for k, v in stages.items()), flush=True)
         _step(f"turn {turn}: release")
         workspace.run(_flywheel("release"), root)
         timings[f"turn_{turn}_seconds"] = round(time.perf_counter() - t0, 1)

@@ -81,3 +81,14 @@ def log_curve(values: list[float], name: str, ylabel: str, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def stage_durations(settings, parent_run_id: str) -> dict[str, float]:
+    """Seconds each stage's MLflow run lasted, for the runs nested under one loop run (start order)."""
+    import mlflow
+
+    exp = configure_from(settings)
+    runs = mlflow.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], output_format="list")
+    return {r.info.run_name: round((r.info.end_time - r.info.start_time) / 1000, 1)
+            for r in runs if r.info.end_time}

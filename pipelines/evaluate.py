@@ -111,6 +111,70 @@ def timed_generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, b
     return answers, 1000 * (time.perf_counter() - t) / max(1, n_tokens)
 
 
+class AnswerCache:
+    """Greedy answers already generated, per model content hash, prompt and token budget.
+
+    A champion was the challenger of an earlier run (or the base model of the last one), so its answers to
+    the fixed suites are known: reading them back halves the generation of a loop turn. Greedy decoding
+    makes an answer a function of (weights, prompt, budget); a file per model, appended to, never rewritten.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.entries: dict[str, dict[str, str]] = {}
+        self.hits = 0
+
+    def _file(self, model_key: str) -> Path:
+        return self.folder / f"{model_key}.jsonl"
+
+    def _load(self, model_key: str) -> dict[str, str]:
+        import json
+
+        if model_key not in self.entries:
+            found: dict[str, str] = {}
+            f = self._file(model_key) if self.folder else None
+            if f is not None and f.exists():
+                for line in f.read_text().splitlines():
+                    try:
+                        rec = json.loads(line)
+                        found[rec["k"]] = rec["a"]
+                    except (ValueError, KeyError, TypeError):
+                        continue            # a torn last line of an interrupted run
+            self.entries[model_key] = found
+        return self.entries[model_key]
+
+    @staticmethod
+    def key(prompt: list[dict], max_new_tokens: int) -> str:
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps([prompt, max_new_tokens], sort_keys=True).encode()).hexdigest()
+
+    def answers(self, model, model_key: str | None, tok, prompts: list[list[dict]], max_new_tokens: int,
+                batch_size: int) -> tuple[list[str], float | None]:
+        """Answers to every prompt (cached or generated) and ms per generated token (None: all cached)."""
+        import json
+
+        if not model_key:
+            return timed_generate(model, tok, prompts, max_new_tokens, batch_size)
+        known = self._load(model_key)
+        keys = [self.key(p, max_new_tokens) for p in prompts]
+        missing = [i for i, k in enumerate(keys) if k not in known]
+        self.hits += len(prompts) - len(missing)
+        ms = None
+        if missing:
+            new, ms = timed_generate(model, tok, [prompts[i] for i in missing], max_new_tokens, batch_size)
+            lines = []
+            for i, a in zip(missing, new):
+                known[keys[i]] = a
+                lines.append(json.dumps({"k": keys[i], "a": a}) + "\n")
+            if self.folder is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with open(self._file(model_key), "a") as f:
+                    f.writelines(lines)
+        return [known[k] for k in keys], ms
+
+
 def redteam_prompts(pairs: list[dict], n: int) -> list[list[dict]]:
     """The first human turn of each test conversation (distinct), as single-turn prompts."""
     seen, out = set(), []
@@ -140,8 +204,23 @@ def _slices(name_scores: dict[str, list[float]], pairs: list[dict], params: Eval
 
 
 def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dict], benign: list[str],
-                    behaviour: list[dict], params: EvalParams, log=lambda *_: None) -> dict:
-    """Every policy metric for challenger and champion on the same items."""
+                    behaviour: list[dict], params: EvalParams, log=lambda *_: None,
+                    cache: AnswerCache | None = None, keys: dict[str, str] | None = None) -> dict:
+    """Every policy metric for challenger and champion on the same items.
+
+    ``cache`` + ``keys`` (model content hashes by role): greedy answers known from earlier runs are reused.
+    """
+    cache = cache or AnswerCache(None)
+    keys = keys or {}
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name] = round(seconds.get(name, 0.0) + now - t, 2)
+        t = now
+
     log(f"evaluate: implicit-reward accuracy on {len(pairs)} test pairs")
     margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
     correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
@@ -152,10 +231,12 @@ def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dic
     yes, no = out["slices"].get("chosen_shorter=yes"), out["slices"].get("chosen_shorter=no")
     out["gain_only_where_shorter_wins"] = bool(
         yes and no and yes["ci"][0] is not None and yes["ci"][0] > 0 and (no["diff"] or 0) <= 0)
+    lap("implicit_margins")
 
     def both(prompts, max_new):
-        a_ch, ms_ch = timed_generate(challenger, tok, prompts, max_new, params.gen_batch_size)
-        a_cp, ms_cp = timed_generate(champion, tok, prompts, max_new, params.gen_batch_size)
+        a_ch, ms_ch = cache.answers(challenger, keys.get("challenger"), tok, prompts, max_new, params.gen_batch_size)
+        a_cp, ms_cp = cache.answers(champion, keys.get("champion"), tok, prompts, max_new, params.gen_batch_size)
+        lap("generation")
         return a_ch, a_cp, ms_ch, ms_cp
 
     judged = redteam_prompts(list(reversed(pairs)), params.judged_prompts)
@@ -165,6 +246,7 @@ def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dic
     a_ch, a_cp, ms_ch, ms_cp = both(prompts, params.max_new_tokens)
     s_ch = judge.score(prompts, a_ch)
     s_cp = judge.score(prompts, a_cp)
+    lap("judge")
     wins = [1.0 if a > b else (0.5 if a == b else 0.0) for a, b in zip(s_ch, s_cp)]
     nj = len(judged)
     out["judged_win_rate"] = stats.mean_ci(wins[:nj], params.confidence, params.bootstrap, params.seed)
@@ -193,7 +275,10 @@ def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dic
         examples.append({"prompt": case["prompt"], "challenger": x, "champion": y})
     out["behaviour_pass_rate"] = stats.paired_diff(passes["challenger"], passes["champion"], params.confidence,
                                                    params.bootstrap, params.seed)
-    out["latency_ms_per_token"] = {"challenger": ms_ch, "champion": ms_cp}
+    lap("behaviour")
+    out["latency_ms_per_token"] = {"challenger": ms_ch, "champion": ms_cp}   # None: every answer was cached
+    out["cached_answers"] = cache.hits
+    out["seconds"] = seconds
     out["samples"] = [{"prompt": p[0]["content"], "challenger": a, "champion": b, "judge_challenger": x,
                        "judge_champion": y} for p, a, b, x, y in list(zip(prompts, a_ch, a_cp, s_ch, s_cp))[:8]]
     out["behaviour_examples"] = examples[:5]
@@ -245,16 +330,19 @@ def main(settings, params: EvalParams, champion_info: dict, base: Path, challeng
     challenger_policy, _ = load_policy(challenger / "policy", device=device)
     judge = RewardModel.load(champion_info["reward"]["path"])
     challenger_reward = RewardModel.load(challenger / "reward")
+    keys = {"challenger": content_hash(challenger / "policy"), "champion": content_hash(champ_path)}
+    cache = AnswerCache(settings.models / "answer-cache")
     with tracking.stage_run(settings, "evaluate") as run:
         policy = evaluate_policy(reference, champion, challenger_policy, tok, judge, pairs, benign, behaviour, params,
-                                 log=lambda m: print(m, flush=True))
+                                 log=lambda m: print(m, flush=True), cache=cache, keys=keys)
+        print(f"evaluate: {cache.hits} answers read from the answer cache; seconds: {policy['seconds']}", flush=True)
         print(f"evaluate: reward models on {len(reward_pairs)} test pairs", flush=True)
         metrics = {
             "policy": policy,
             "reward": evaluate_reward(judge, challenger_reward, reward_pairs, params),
             "judge": {"name": champion_info["reward"]["name"], "version": champion_info["reward"]["version"]},
             "champion": {k: v["version"] for k, v in champion_info.items()},
-            "candidates": {"policy": content_hash(challenger / "policy"), "reward": content_hash(challenger / "reward")},
+            "candidates": {"policy": keys["challenger"], "reward": content_hash(challenger / "reward")},
             "size_mb": {"policy": folder_mb(challenger / "policy"), "reward": folder_mb(challenger / "reward")},
             "mlflow_run_id": run.info.run_id,
         }

@@ -5,16 +5,17 @@ does it (same model, same limits, same row building), committed before the answe
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 
+import orjson
+
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from pipelines.ingest import event_row
 from service.guard import ERRORS, Invalid, invalid_from, require
-from service.schemas import BatchAck, FeedbackAck, FeedbackBatch, FeedbackIn
+from service.schemas import BatchAck, FeedbackAck, FeedbackBatch, FeedbackIn  # noqa: F401 (OpenAPI models)
 from service.store import utcnow
 
 router = APIRouter(tags=["feedback"])
@@ -51,28 +52,36 @@ async def _check_answers(svc, events: list[FeedbackIn], prefix: list) -> None:
         raise Invalid(errors)
 
 
-def _record(event: FeedbackIn) -> tuple[dict, int]:
+def _record(event: FeedbackIn, received_at: str) -> tuple[dict, int]:
     found: Counter = Counter()
     row = event_row(event, found)
-    return {"event_id": event.event_id, "received_at": utcnow(), "answer_id": event.answer_id,
+    return {"event_id": event.event_id, "received_at": received_at, "answer_id": event.answer_id,
             "model_version": event.model_version, "feedback_type": event.feedback.type, "user_id": event.user_id,
-            "row": json.dumps(row, ensure_ascii=False)}, row["pii_found"]
+            "row": orjson.dumps(row).decode()}, row["pii_found"]
 
 
-async def _store(svc, events: list[FeedbackIn]) -> list[FeedbackAck]:
-    records = [_record(e) for e in events]
+async def _store(svc, events: list[FeedbackIn]) -> list[dict]:
+    """Commit the events; one acknowledgement (a FeedbackAck as a dict) per event, in order."""
+    received_at = utcnow()
+    records = [_record(e, received_at) for e in events]
     try:
         flags = await svc.writer.write([r for r, _ in records])
     except Exception as exc:  # the database failed: nothing is acknowledged, the client may retry
         svc.log.error("feedback store write failed: %s", type(exc).__name__)
         raise HTTPException(503, "the feedback store is unavailable; retry later") from None
-    acks = []
+    acks, tally = [], Counter()
+    known = svc.models.known_versions
     for e, (_, pii), new in zip(events, records, flags):
         status = "stored" if new else "duplicate"
-        version = e.model_version if e.model_version in svc.models.known_versions else "other"
-        svc.metrics.inc("flywheel_feedback_events_total", type=e.feedback.type, model_version=version, outcome=status)
-        acks.append(FeedbackAck(event_id=e.event_id, status=status, pii_redacted=pii))
+        tally[e.feedback.type, e.model_version if e.model_version in known else "other", status] += 1
+        acks.append({"event_id": e.event_id, "status": status, "pii_redacted": pii})
+    for (kind, version, status), n in tally.items():
+        svc.metrics.inc("flywheel_feedback_events_total", n, type=kind, model_version=version, outcome=status)
     return acks
+
+
+def _json(payload: dict) -> Response:
+    return Response(orjson.dumps(payload), media_type="application/json")
 
 
 @router.post("/v1/feedback", response_model=FeedbackAck, responses=ERRORS, openapi_extra=_body("FeedbackIn"),
@@ -82,7 +91,7 @@ async def post_feedback(request: Request, _=Depends(require("feedback"))):
     event = _parse(FeedbackIn, await request.body(), svc)
     await _check_answers(svc, [event], ["body"])
     (ack,) = await _store(svc, [event])
-    return JSONResponse(ack.model_dump())   # already validated: skip FastAPI's second pass
+    return _json(ack)   # built from validated input: skip FastAPI's second validation pass
 
 
 @router.post("/v1/feedback/batch", response_model=BatchAck, responses=ERRORS, openapi_extra=_body("FeedbackBatch"),
@@ -96,5 +105,5 @@ async def post_feedback_batch(request: Request, _=Depends(require("feedback"))):
                         "msg": f"{len(batch.events)} events, over the limit of {limit} a batch"}])
     await _check_answers(svc, list(batch.events), ["body", "events"])
     acks = await _store(svc, list(batch.events))
-    stored = sum(a.status == "stored" for a in acks)
-    return JSONResponse(BatchAck(stored=stored, duplicates=len(acks) - stored, events=acks).model_dump())
+    stored = sum(a["status"] == "stored" for a in acks)
+    return _json({"stored": stored, "duplicates": len(acks) - stored, "events": acks})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipelines.dpo import TrunkCache, pair_batch
@@ -65,3 +66,27 @@ def test_generate_returns_one_answer_per_prompt(tiny_base):
     prompts = [[{"role": "user", "content": "how do I water a fern"}], [{"role": "user", "content": "yes"}]]
     answers = generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_answer_cache_reuses_greedy_answers_per_model_hash(tmp_path, tiny_base):
+    from pipelines.evaluate import AnswerCache, timed_generate
+
+    model, tok = load_policy(tiny_base / "policy")
+    prompts = [[{"role": "user", "content": "yes"}], [{"role": "user", "content": "how do I water a fern"}]]
+    fresh, _ = timed_generate(model, tok, prompts, 3, 4)
+    cache = AnswerCache(tmp_path / "cache")
+    first, ms = cache.answers(model, "hash-a", tok, prompts, 3, 4)
+    assert first == fresh and ms is not None and cache.hits == 0
+
+    class Exploding:            # a second run must not touch the model: every answer is on disk
+        def __getattr__(self, name):
+            raise AssertionError("generated although cached")
+
+    again = AnswerCache(tmp_path / "cache")
+    answers, ms = again.answers(Exploding(), "hash-a", tok, prompts, 3, 4)
+    assert answers == fresh and ms is None and again.hits == 2
+    # another budget or another model is a miss
+    with pytest.raises(AssertionError, match="generated although cached"):
+        again.answers(Exploding(), "hash-a", tok, prompts, 4, 4)
+    with pytest.raises(AssertionError, match="generated although cached"):
+        again.answers(Exploding(), "hash-b", tok, prompts, 3, 4)
