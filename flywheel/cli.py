@@ -101,19 +101,29 @@ def ingest(
 
 @app.command()
 def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous user id to forget")) -> None:
-    """Remove a user's events from the raw store and from the training sets built from them."""
+    """Remove a user's events from the feedback store, the raw store, the quarantine and the training sets."""
     from flywheel import workspace
     from pipelines.erase import erase_user
 
     s = settings()
     try:
-        result = erase_user(user_id, s.raw_store, s.prepared)
+        result = erase_user(user_id, s.raw_store, s.prepared, s.quarantine)
     except ValueError as exc:
         fail(str(exc))
+    store_rows = 0
+    if not (s.feedback_store.startswith("sqlite:///") and not Path(s.feedback_store[len("sqlite:///"):]).exists()):
+        from service.store import FeedbackStore
+
+        store = FeedbackStore(s.feedback_store)
+        try:
+            store_rows = store.erase_user(user_id)
+        finally:
+            store.close()
     if result.raw_events:
         workspace.track(s.root, s.raw_store)
-    _print({"user_id": user_id, "raw_events_removed": result.raw_events,
-            "training_records_removed": result.training_records}, False, "erase")
+    _print({"user_id": user_id, "feedback_store_events_removed": store_rows, "raw_events_removed": result.raw_events,
+            "quarantined_removed": result.quarantined, "training_records_removed": result.training_records},
+           False, "erase")
     console.print("Older copies may remain in the DVC cache and remotes. To purge them: commit the new "
                   "data/raw.dvc, then run `dvc gc --workspace --cloud` (and the same on each remote).")
 

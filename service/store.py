@@ -112,6 +112,11 @@ class FeedbackStore:
         with self.engine.connect() as conn:
             return conn.execute(q).scalar_one()
 
+    def erase_user(self, user_id: str) -> int:
+        """Delete every stored event of ``user_id`` (exported or not); returns how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(events.delete().where(events.c.user_id == user_id)).rowcount
+
     def event_ids(self) -> list[str]:
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(events.c.event_id).order_by(events.c.seq)).scalars())

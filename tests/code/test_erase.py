@@ -99,6 +99,27 @@ def test_batch_of_only_that_user_is_removed(tmp_path):
     assert pq.read_table(part / "batch-b.parquet").column("user_id").to_pylist() == ["stay", None]
 
 
+def test_erase_reaches_the_quarantine(tmp_path):
+    q = tmp_path / "quarantine" / "20261127T000000Z-aaaa1111"
+    q.mkdir(parents=True)
+    base = {name: None for name in rawstore.SCHEMA.names}
+    pq.write_table(pa.Table.from_pylist([{**base, "event_id": f"q-{i}", "user_id": u}
+                                         for i, u in enumerate(["gone", "stay", None, "gone"])],
+                                        schema=rawstore.SCHEMA), q / "batch.parquet")
+    lines = [{"line": 1, "reason": "bad timestamp", "text": '{"event_id": "x", "user_id": "gone", "timestamp": 1}'},
+             {"line": 2, "reason": "bad timestamp", "text": '{"event_id": "y", "user_id": "stay"}'},
+             {"line": 3, "reason": "not JSON", "text": '{"user_id": "gone", '}]
+    (q / "rejected-lines.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    result = erase_user("gone", tmp_path / "raw", tmp_path / "prepared", tmp_path / "quarantine")
+
+    assert result.quarantined == 4
+    assert pq.read_table(q / "batch.parquet").column("user_id").to_pylist() == ["stay", None]
+    kept = [json.loads(x) for x in (q / "rejected-lines.jsonl").read_text().splitlines()]
+    assert [x["line"] for x in kept] == [2]
+    assert erase_user("gone", tmp_path / "raw", tmp_path / "prepared", tmp_path / "quarantine").quarantined == 0
+
+
 def test_empty_user_id_is_refused(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         erase_user("", tmp_path / "raw", tmp_path / "prepared")

@@ -150,3 +150,20 @@ def test_hot_reload_switches_versions_without_a_failed_request(tmp_path, tiny_mo
     assert set(versions[:first_new]) == {f"{POLICY}/{v1.version}"}
     assert set(versions[mark:]) == {new}
     assert switched_after < 10, f"the switch took {switched_after:.1f} s"
+
+
+def test_cli_erase_reaches_the_feedback_store(tmp_path, tiny_models, servers):
+    ws = workspace(tmp_path, **RATES)
+    token = _token(ws, "feedback")
+    srv = servers(ws, ["--no-registry", "--model-dir", str(tiny_models / "policy")])
+    with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        r = c.post("/v1/feedback/batch", json={"events": [event(i, user_id="user-gone" if i % 2 else "user-stay")
+                                                          for i in range(6)]})
+        assert r.status_code == 200 and r.json()["stored"] == 6
+    proc = flywheel(ws, "erase", "--user-id", "user-gone")
+    assert proc.returncode == 0, proc.stderr
+    import re
+
+    assert re.search(r"feedback_store_events_removed\W+3\b", proc.stdout), proc.stdout
+    store = FeedbackStore(f"sqlite:///{ws / 'feedback.db'}")
+    assert sorted(store.event_ids()) == ["svc-0", "svc-2", "svc-4"]

@@ -129,3 +129,15 @@ def test_a_transaction_open_during_the_claim_is_exported_exactly_once(store, tmp
     results.append(export(store, raw, now=NOW))
     assert sum(r.exported for r in results) == 2
     assert sorted(r["event_id"] for r in _stored(raw)) == ["early", "open-tx"]
+
+
+def test_erase_user_deletes_their_events_exported_or_not(store):
+    rows = [_row("e1"), _row("e2"), _row("e3"), _row("e4")]
+    for r, user in zip(rows, ["gone", "stay", "gone", None]):
+        r["user_id"] = user
+    store.write(rows[:2])
+    store.claim("b1", "2026-11-28T12:00:00Z", "2026-11-28")      # e1 exported (claimed), e3 not yet
+    store.write(rows[2:])
+    assert store.erase_user("gone") == 2
+    assert sorted(store.event_ids()) == ["e2", "e4"]
+    assert store.erase_user("gone") == 0
