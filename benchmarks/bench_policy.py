@@ -4,7 +4,11 @@ trained; same loss, data, tokenisation, batches, steps and learning rate), in th
 Prints seconds per step and held-out preference accuracy of the implicit reward (vs the base model) on
 the frozen test split of the shipped HH-RLHF dev file.
 
-    python benchmarks/bench_policy.py [--steps 24] [--work benchmarks/out/pref]
+A third, short arm times TRL's own DPOTrainer on the same pairs, with the same lower layers frozen and
+``precompute_ref_log_probs=True`` (TRL's option for a frozen reference), so the choice of our training
+loop over TRL's stays checked against the installed TRL (seconds per step only; ``--trl-steps 0`` skips it).
+
+    python benchmarks/bench_policy.py [--steps 24] [--trl-steps 4] [--work benchmarks/out/pref]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "pref")
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base" / "policy",
                     help="the base policy folder (built by `dvc repro base_models` when missing)")
+    ap.add_argument("--trl-steps", type=int, default=4, help="steps of the TRL DPOTrainer arm (0: skip it)")
     args = ap.parse_args()
     import torch
 
@@ -68,13 +73,57 @@ def main() -> None:
               f"{trainable / 1e6:.1f}M trainable, held-out accuracy {acc['value']:.4f} "
               f"[{acc['ci'][0]:.4f}, {acc['ci'][1]:.4f}] on {acc['n']} pairs", flush=True)
         del model
-    a, b = results.values()
+    a, b = list(results.values())[:2]
+    if args.trl_steps:
+        results["TRL DPOTrainer"] = trl_arm(args.base, train, default, args.trl_steps)
+        print(f"TRL DPOTrainer ({default.frozen_layers} frozen, precompute_ref_log_probs): "
+              f"{results['TRL DPOTrainer']['seconds_per_step_mean']:.2f} s/step over {args.trl_steps} steps "
+              f"(+ {results['TRL DPOTrainer']['precompute_seconds']:.0f} s precomputing reference log-probs)",
+              flush=True)
     speed = b["seconds_per_step_mean"] / a["seconds_per_step_mean"]
     diff = paired_diff(*correct.values())
     print(f"speed-up of the default recipe per step: {speed:.2f}x (target >= 2x)")
     print(f"accuracy, default - full: {diff['diff']:+.4f} (paired 95% [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]); "
           "target: within 1 point")
     print(json.dumps({"results": results, "speedup": speed, "accuracy_diff": diff}))
+
+
+def trl_arm(base: Path, train: list[dict], recipe, steps: int) -> dict:
+    """TRL's DPOTrainer on the same pairs and recipe: seconds per optimisation step (first step excluded)."""
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from pipelines.policy_model import freeze_trunk, load_policy
+
+    model, tok = load_policy(base)
+    ref, _ = load_policy(base)
+    freeze_trunk(model, recipe.frozen_layers)
+    rows = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+            for p in train[: (steps + 1) * recipe.batch_size]]
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = DPOConfig(output_dir=out, per_device_train_batch_size=recipe.batch_size, max_steps=steps + 1,
+                        learning_rate=recipe.lr, beta=recipe.beta, warmup_steps=0, use_cpu=True, report_to=[],
+                        save_strategy="no", logging_steps=1, bf16=recipe.bf16, precompute_ref_log_probs=True,
+                        precompute_ref_batch_size=recipe.batch_size, dataset_num_proc=None,
+                        max_length=recipe.max_prompt_tokens + recipe.max_answer_tokens, truncation_mode="keep_end")
+        trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, callbacks=[Timer()])
+        t0 = time.perf_counter()
+        trainer.train()
+    per_step = [b - a for a, b in zip(stamps, stamps[1:])]
+    first = stamps[0] - t0    # the reference log-probs are precomputed before the first step
+    return {"seconds_per_step_mean": statistics.mean(per_step), "seconds_per_step_median": statistics.median(per_step),
+            "precompute_seconds": max(0.0, first - statistics.mean(per_step)), "steps_timed": len(per_step)}
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def init(root: Path) -> list[str]:
     if not (root / ".dvc").exists():
         run([_bin("dvc"), "init", "-q"], root)
         run([_bin("dvc"), "config", "core.autostage", "true"], root, quiet=True)
+        # models are hundreds of MB: link them into the cache instead of copying (files become read-only)
+        run([_bin("dvc"), "config", "cache.type", "reflink,hardlink,copy"], root, quiet=True)
         done.append("dvc init")
     return done
 
