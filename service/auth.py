@@ -45,10 +45,11 @@ class Principal:
 
 class TokenBook:
     """Token hashes in memory; an unknown token reloads the table at most once per ``refresh_s``, so a
-    token created while the service runs works at once and a flood of bad tokens costs no queries."""
+    token created while the service runs works at once and a flood of bad tokens costs no queries. The
+    table is also reloaded when older than ``max_age_s``, so a revoked token stops working within that."""
 
-    def __init__(self, store: FeedbackStore, refresh_s: float = 1.0):
-        self.store, self.refresh_s = store, refresh_s
+    def __init__(self, store: FeedbackStore, refresh_s: float = 1.0, max_age_s: float = 5.0):
+        self.store, self.refresh_s, self.max_age_s = store, refresh_s, max_age_s
         self._known: dict[str, tuple[str, str]] = {}
         self._loaded_at = float("-inf")
         self._refresh: asyncio.Task | None = None
@@ -57,7 +58,7 @@ class TokenBook:
         if not token.startswith(PREFIX) or len(token) > 128:
             return None
         digest = token_hash(token)
-        if digest not in self._known:
+        if digest not in self._known or time.monotonic() - self._loaded_at > self.max_age_s:
             await self._reload()
         hit = self._known.get(digest)
         return Principal(*hit) if hit else None

@@ -105,6 +105,18 @@ class FeedbackStore:
             return {h: (i, s) for h, i, s in conn.execute(sa.select(tokens.c.token_hash, tokens.c.token_id,
                                                                     tokens.c.scope))}
 
+    def list_tokens(self) -> list[dict]:
+        """Every token's public id, scope, name and creation time (never the hash)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(tokens.c.token_id, tokens.c.scope, tokens.c.name, tokens.c.created_at)
+                                .order_by(tokens.c.created_at)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Delete the token with this public id; False when there is none."""
+        with self.engine.begin() as conn:
+            return conn.execute(tokens.delete().where(tokens.c.token_id == token_id)).rowcount > 0
+
     def count(self, exported: bool | None = None) -> int:
         q = sa.select(sa.func.count()).select_from(events)
         if exported is not None:

@@ -143,6 +143,17 @@ def test_401_403_without_a_valid_token(api):
     assert api.client.post("/v1/feedback", content=dumps(event(40)), headers=api.h("admin")).status_code == 200
 
 
+def test_a_revoked_token_is_refused_once_the_book_is_older_than_its_max_age(api):
+    token = api.tokens["feedback"]
+    assert api.client.post("/v1/feedback", content=dumps(event(41)), headers=api.h("feedback")).status_code == 200
+    token_id = next(t["token_id"] for t in api.svc.store.list_tokens() if t["scope"] == "feedback")
+    assert api.svc.store.revoke_token(token_id) and not api.svc.store.revoke_token(token_id)
+    api.svc.tokens.max_age_s = api.svc.tokens.refresh_s = 0.0    # the service defaults: 5 s and 1 s
+    r = api.client.post("/v1/feedback", content=dumps(event(42)), headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 401
+    assert all(t["token_id"] != token_id for t in api.svc.store.list_tokens())
+
+
 def test_413_for_oversize_bodies(api):
     big = dumps(event(50, response="y" * 300_000))
     r = api.client.post("/v1/feedback", content=big, headers=api.h("feedback"))

@@ -167,3 +167,16 @@ def test_cli_erase_reaches_the_feedback_store(tmp_path, tiny_models, servers):
     assert re.search(r"feedback_store_events_removed\W+3\b", proc.stdout), proc.stdout
     store = FeedbackStore(f"sqlite:///{ws / 'feedback.db'}")
     assert sorted(store.event_ids()) == ["svc-0", "svc-2", "svc-4"]
+
+
+def test_cli_tokens_list_and_revoke(tmp_path):
+    ws = workspace(tmp_path)
+    token = _token(ws, "chat")
+    rows = json.loads(flywheel(ws, "tokens", "list", "--json").stdout)
+    assert [(r["scope"], r["name"]) for r in rows] == [("chat", "tests")]
+    assert token not in json.dumps(rows) and len(rows[0]["token_id"]) == 12
+    proc = flywheel(ws, "tokens", "revoke", rows[0]["token_id"])
+    assert proc.returncode == 0 and "revoked" in proc.stderr     # messages go to stderr, data to stdout
+    assert json.loads(flywheel(ws, "tokens", "list", "--json").stdout) == []
+    again = flywheel(ws, "tokens", "revoke", rows[0]["token_id"])
+    assert again.returncode != 0 and "no token with id" in again.stderr
