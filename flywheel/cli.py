@@ -541,6 +541,55 @@ def tokens_create(scope: str = typer.Option(..., help="chat, feedback or admin")
     typer.echo(token)
 
 
+@tokens_app.command("list")
+def tokens_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """The API tokens: public id, scope, name, creation time (the tokens themselves are not stored)."""
+    from service.store import FeedbackStore
+
+    store = FeedbackStore(settings().feedback_store)
+    try:
+        rows = store.list_tokens()
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table("id", "scope", "name", "created")
+    for r in rows:
+        table.add_row(r["token_id"], r["scope"], escape(r["name"]), r["created_at"])
+    Console().print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token_id: str = typer.Argument(..., help="the public id shown by `tokens create` / `tokens list`")) -> None:
+    """Revoke a token: a running service refuses it within a few seconds (serve re-reads tokens every 5 s)."""
+    from service.store import FeedbackStore
+
+    store = FeedbackStore(settings().feedback_store)
+    try:
+        found = store.revoke_token(token_id)
+    finally:
+        store.close()
+    if not found:
+        fail(f"no token with id {token_id!r}; see `flywheel tokens list`")
+    console.print(f"token {token_id} revoked")
+
+
+@app.command()
+def check(timeout: float = typer.Option(2.0, min=0.1, help="seconds to wait for each service")) -> None:
+    """Check that every service the settings name (Airflow DB, Celery broker, MLflow, feedback store, DVC remote)
+    answers: one line per setting; exit 1 if any does not."""
+    from flywheel.production import probe
+
+    s = settings()
+    results = probe(s, timeout=timeout)
+    for p in results:
+        status = "skipped" if p.skipped else "ok" if p.ok else "error"
+        typer.echo(f"{status:<8}{p.message}")
+    if not all(p.ok for p in results):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

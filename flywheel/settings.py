@@ -1,12 +1,15 @@
 """The one settings object: read once at each entry point, passed down as typed values.
 
-Precedence: environment variables (``FLYWHEEL_<KEY>``) over ``params.yaml`` over defaults. Every path
-and URI is made absolute from the workspace root. A bad value fails here, naming the setting.
+Precedence: environment variables (``FLYWHEEL_<KEY>``) over ``params.yaml`` over defaults; for
+``airflow_home``, ``airflow_db`` and ``celery_broker``, Airflow's own variable (``AIRFLOW_HOME``,
+``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``, ``AIRFLOW__CELERY__BROKER_URL``) comes just after the Flywheel one.
+Every path and URI is made absolute from the workspace root. A bad value fails here, naming the setting.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENV_PREFIX = "FLYWHEEL_"
 _URI_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
+_AIRFLOW_DB_DIALECTS = ("sqlite", "postgresql", "mysql")          # any SQLAlchemy driver: postgresql+psycopg2, ...
+_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sqs")  # Celery transports
+# Settings that Airflow's own variables also set: the Flywheel name wins, then Airflow's, then params.yaml.
+_AIRFLOW_ENV = {"airflow_home": "AIRFLOW_HOME", "airflow_db": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                "celery_broker": "AIRFLOW__CELERY__BROKER_URL"}
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@]*@")
 
 
 class SettingsError(ValueError):
@@ -37,6 +46,8 @@ class PathSettings(_Strict):
     feedback_store: str = "feedback.db"
     dvc_remote: str = ""
     airflow_home: str = ".airflow"
+    airflow_db: str = ""          # Airflow metadata DB; empty: Airflow's SQLite under airflow_home
+    celery_broker: str = ""       # Celery broker of the distributed Airflow; empty: no Celery
 
 
 class ContractParams(_Strict):
@@ -123,6 +134,8 @@ class Settings(BaseModel):
     feedback_store: str
     dvc_remote: str
     airflow_home: Path
+    airflow_db: str = ""
+    celery_broker: str = ""
     profile: str = ""
     parent_run_id: str = ""      # the loop's MLflow parent run (FLYWHEEL_PARENT_RUN_ID)
     airflow_run_id: str = ""     # the Airflow DAG run driving this process, if any
@@ -180,11 +193,16 @@ def load_params(path: Path, profile: str | None = None) -> Params:
         raise SettingsError(_format_error(str(path), exc)) from exc
 
 
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user part (if any) replaced by ``***``, fit for messages and logs."""
+    return _PASSWORD.sub(r"\1:***@", url)
+
+
 def _db_uri(name: str, value: str, root: Path) -> str:
     if "://" in value:
         scheme = value.split("://", 1)[0]
         if scheme not in _URI_SCHEMES:
-            raise SettingsError(f"{name}={value!r}: unsupported scheme {scheme!r}")
+            raise SettingsError(f"{name}={mask_url(value)!r}: unsupported scheme {scheme!r}")
         return value
     if not value:
         raise SettingsError(f"{name} is empty")
@@ -201,8 +219,9 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
         override = env.get(ENV_PREFIX + key.upper())
         if override is not None:
             values[key] = override
-    if "AIRFLOW_HOME" in env and ENV_PREFIX + "AIRFLOW_HOME" not in env:
-        values["airflow_home"] = env["AIRFLOW_HOME"]
+    for key, airflow_var in _AIRFLOW_ENV.items():
+        if airflow_var in env and ENV_PREFIX + key.upper() not in env:
+            values[key] = env[airflow_var]
 
     def path(key: str) -> Path:
         if not values[key]:
@@ -215,6 +234,16 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
     remote = values["dvc_remote"]
     if remote and "://" not in remote and not remote.startswith("/"):
         remote = str(path("dvc_remote"))
+    airflow_db = values["airflow_db"]
+    if airflow_db and "://" not in airflow_db:
+        airflow_db = _db_uri("airflow_db", airflow_db, root)  # a path: a SQLite file under the workspace
+    elif airflow_db and airflow_db.split("://", 1)[0].split("+", 1)[0] not in _AIRFLOW_DB_DIALECTS:
+        raise SettingsError(f"airflow_db={mask_url(airflow_db)!r}: unsupported database "
+                            f"{airflow_db.split('://', 1)[0]!r}; expected one of {', '.join(_AIRFLOW_DB_DIALECTS)}")
+    broker = values["celery_broker"]
+    if broker and broker.split("://", 1)[0] not in _BROKER_SCHEMES:
+        raise SettingsError(f"celery_broker={mask_url(broker)!r}: expected a broker URL "
+                            f"({', '.join(s + '://' for s in _BROKER_SCHEMES)}), e.g. redis://redis:6379/0")
     return Settings(
         root=root,
         params=params,
@@ -229,6 +258,8 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
         feedback_store=_db_uri("feedback_store", store, root),
         dvc_remote=remote,
         airflow_home=path("airflow_home"),
+        airflow_db=airflow_db,
+        celery_broker=broker,
         profile=str((params.model_extra or {}).get("profile", "")),
         parent_run_id=env.get(ENV_PREFIX + "PARENT_RUN_ID", ""),
         airflow_run_id=env.get(ENV_PREFIX + "AIRFLOW_RUN_ID", env.get("AIRFLOW_CTX_DAG_RUN_ID", "")),

@@ -189,3 +189,167 @@ def test_profile_override_is_checked_like_the_rest(tmp_path):
     text = "profile: bad\nprofiles:\n  bad:\n    contract: {max_turns: lots}\n"
     with pytest.raises(SettingsError, match="contract.max_turns"):
         load_settings(workspace(tmp_path, text), env={})
+
+
+# ---- production settings and the reachability check (flywheel/production.py, `flywheel check`) ----------
+
+def test_production_settings_default_empty_and_follow_the_precedence(tmp_path):
+    s = load_settings(workspace(tmp_path), env={})
+    assert (s.airflow_db, s.celery_broker) == ("", "")
+    root = workspace(tmp_path, "settings:\n  celery_broker: redis://params:6379/0\n")
+    assert load_settings(root, env={}).celery_broker == "redis://params:6379/0"
+    env = {"FLYWHEEL_CELERY_BROKER": "redis://env:6379/0", "FLYWHEEL_AIRFLOW_DB": "postgresql://af@db/airflow"}
+    s = load_settings(root, env=env)
+    assert (s.celery_broker, s.airflow_db) == ("redis://env:6379/0", "postgresql://af@db/airflow")
+
+
+def test_airflow_variables_feed_the_settings_unless_flywheel_ones_are_set(tmp_path):
+    root = workspace(tmp_path)
+    airflow = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql+psycopg2://af@db/airflow",
+               "AIRFLOW__CELERY__BROKER_URL": "redis://redis:6379/0"}
+    s = load_settings(root, env=airflow)
+    assert (s.airflow_db, s.celery_broker) == ("postgresql+psycopg2://af@db/airflow", "redis://redis:6379/0")
+    s = load_settings(root, env={**airflow, "FLYWHEEL_CELERY_BROKER": "amqp://mq:5672//"})
+    assert s.celery_broker == "amqp://mq:5672//"
+
+
+def test_relative_airflow_db_becomes_absolute_sqlite_uri(tmp_path):
+    s = load_settings(workspace(tmp_path), env={"FLYWHEEL_AIRFLOW_DB": "af/airflow.db"})
+    assert s.airflow_db == "sqlite:///" + str(tmp_path.resolve() / "af" / "airflow.db")
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("airflow_db", "http://u:hunter2@db/airflow"),
+    ("celery_broker", "postgresql://u:hunter2@db/x"),
+    ("celery_broker", "localhost:6379"),
+    ("tracking_uri", "ftp://u:hunter2@host/mlflow"),
+])
+def test_bad_production_url_fails_naming_the_setting_without_its_password(tmp_path, setting, value):
+    with pytest.raises(SettingsError) as err:
+        load_settings(workspace(tmp_path), env={f"FLYWHEEL_{setting.upper()}": value})
+    assert setting in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("url, masked", [
+    ("postgresql+psycopg2://flywheel:s3cr:et@db:5432/fw", "postgresql+psycopg2://flywheel:***@db:5432/fw"),
+    ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("http://mlflow:5000", "http://mlflow:5000"),
+    ("postgresql://flywheel@db/fw", "postgresql://flywheel@db/fw"),
+    ("s3://bucket/a@b", "s3://bucket/a@b"),
+])
+def test_mask_url_hides_the_password_only(url, masked):
+    from flywheel.settings import mask_url
+
+    assert mask_url(url) == masked
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def listening_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_unreachable_service_fails_naming_the_setting_with_the_password_masked(tmp_path):
+    from flywheel.production import check_reachable
+
+    port = _closed_port()
+    url = f"postgresql+psycopg2://flywheel:s3cret@127.0.0.1:{port}/feedback"
+    s = load_settings(workspace(tmp_path), env={"FLYWHEEL_FEEDBACK_STORE": url})
+    with pytest.raises(SettingsError) as err:
+        check_reachable(s, env={})
+    message = str(err.value)
+    assert message == (f"settings.feedback_store: cannot reach postgresql+psycopg2://flywheel:***@127.0.0.1:{port}"
+                       f"/feedback (connection refused)")
+    assert "s3cret" not in message
+
+
+def test_every_unreachable_setting_is_named_once(tmp_path):
+    from flywheel.production import check_reachable
+
+    port = _closed_port()
+    env = {"FLYWHEEL_TRACKING_URI": f"http://127.0.0.1:{port}", "FLYWHEEL_CELERY_BROKER": f"redis://127.0.0.1:{port}/0",
+           "FLYWHEEL_DVC_REMOTE": "s3://dvc/flywheel"}
+    s = load_settings(workspace(tmp_path), env=env)
+    with pytest.raises(SettingsError) as err:
+        check_reachable(s, env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == ["settings.celery_broker", "settings.tracking_uri",
+                                                      "settings.registry_uri", "settings.dvc_remote"]
+    assert f"s3://dvc/flywheel via 127.0.0.1:{port}" in lines[-1]
+
+
+def test_listening_services_pass(tmp_path, listening_port):
+    from flywheel.production import check_reachable, probe
+
+    here = f"127.0.0.1:{listening_port}"
+    env = {"FLYWHEEL_AIRFLOW_DB": f"postgresql://af:pw@{here}/airflow", "FLYWHEEL_CELERY_BROKER": f"redis://{here}/0",
+           "FLYWHEEL_TRACKING_URI": f"http://{here}", "FLYWHEEL_FEEDBACK_STORE": f"postgresql://fw:pw@{here}/fw",
+           "FLYWHEEL_DVC_REMOTE": "s3://dvc/flywheel"}
+    s = load_settings(workspace(tmp_path), env=env)
+    endpoint = {"AWS_ENDPOINT_URL": f"http://{here}"}
+    check_reachable(s, env=endpoint)
+    results = probe(s, env=endpoint)
+    assert [p.target for p in results] == [here] * 6
+    assert all(p.ok and not p.skipped for p in results)
+
+
+def test_empty_and_local_settings_are_skipped_without_connecting(tmp_path, monkeypatch):
+    import socket
+
+    from flywheel.production import check_reachable, probe
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local setting must not be connected to")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    s = load_settings(workspace(tmp_path), env={"FLYWHEEL_DVC_REMOTE": "remote"})
+    check_reachable(s, env={})
+    assert all(p.skipped for p in probe(s, env={}))
+
+
+def test_names_limit_the_check(tmp_path, listening_port):
+    from flywheel.production import check_reachable
+
+    env = {"FLYWHEEL_TRACKING_URI": f"http://127.0.0.1:{listening_port}",
+           "FLYWHEEL_FEEDBACK_STORE": f"postgresql://fw@127.0.0.1:{_closed_port()}/fw"}
+    s = load_settings(workspace(tmp_path), env=env)
+    check_reachable(s, names=["tracking_uri"], env={})
+    with pytest.raises(SettingsError, match="feedback_store"):
+        check_reachable(s, names=["feedback_store"], env={})
+    with pytest.raises(SettingsError, match="raw_store"):
+        check_reachable(s, names=["raw_store"], env={})
+
+
+def test_cli_check_prints_one_line_per_setting_and_exits_1_on_a_failure(tmp_path, monkeypatch, listening_port):
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+    from flywheel.production import NETWORK_SETTINGS
+
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                "AIRFLOW__CELERY__BROKER_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FLYWHEEL_ROOT", str(workspace(tmp_path)))
+    monkeypatch.setenv("FLYWHEEL_TRACKING_URI", f"http://127.0.0.1:{listening_port}")
+    ok = CliRunner().invoke(app, ["check"])
+    assert ok.exit_code == 0, ok.output
+    assert len(ok.output.splitlines()) == len(NETWORK_SETTINGS)
+    monkeypatch.setenv("FLYWHEEL_CELERY_BROKER", f"redis://:pw@127.0.0.1:{_closed_port()}/0")
+    failed = CliRunner().invoke(app, ["check", "--timeout", "1"])
+    assert failed.exit_code == 1
+    assert any(line.startswith("error") and "settings.celery_broker" in line and "redis://:***@" in line
+               for line in failed.output.splitlines()), failed.output
+    assert any(line.startswith("ok") and "settings.tracking_uri" in line for line in failed.output.splitlines())
