@@ -58,13 +58,15 @@ def _env(profile: str | None = None):
 
 
 def _stage(stage: str):
-    @task(task_id=stage, pool=ORCH.pool, execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
+    @task(task_id=stage, pool=ORCH.pool, queue=ORCH.gpu_queue if stage in ORCH.gpu_stages else ORCH.default_queue,
+          execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
           multiple_outputs=False,
           doc_md=f"`dvc repro --single-item {stage}` in the workspace (skipped by DVC when up to date).")
     def run_stage() -> dict:
         from pipelines import orchestration as orch
 
-        return orch.as_dict(orch.run_stage(CFG.root, stage, _env(), timeout=ORCH.stage_timeout_minutes * 60))
+        return orch.as_dict(orch.run_stage(CFG.root, stage, _env(), timeout=ORCH.stage_timeout_minutes * 60,
+                                           warm_idle=ORCH.warm_idle_seconds if ORCH.warm_runner else None))
 
     return run_stage()
 

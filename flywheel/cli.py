@@ -522,6 +522,29 @@ def export_feedback(
             "files": result.files}, as_json, "export")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def repro(ctx: typer.Context, warm_runner: bool = typer.Option(True, "--warm/--cold",
+                                                               help="run stages in a warm runner (flywheel/warm.py)")) -> None:
+    """`dvc repro` with the stages' commands run by a warm runner (torch, MLflow and GX imported once, not once
+    a stage); any other argument goes to dvc repro as is, e.g. `flywheel repro train_policy --force`."""
+    import os
+    import subprocess
+
+    from flywheel import warm, workspace
+
+    s = settings()
+    env = dict(os.environ)
+    if warm_runner:
+        from pipelines.orchestration import orchestration_params
+
+        path = warm.ensure(s.root, env, orchestration_params(s.params).warm_idle_seconds)
+        if path:
+            env[warm.SOCKET_ENV] = path
+        else:
+            console.print("warm runner did not start: stages run cold")
+    raise typer.Exit(subprocess.run([workspace._bin("dvc"), "repro", *ctx.args], cwd=s.root, env=env).returncode)
+
+
 @tokens_app.command("create")
 def tokens_create(scope: str = typer.Option(..., help="chat, feedback or admin"),
                   name: str = typer.Option("", help="who or what the token is for")) -> None:

@@ -45,9 +45,9 @@ def run(settings, turns: int = 2) -> dict:
             workspace.run(_flywheel("ingest", "--format", fmt, path), root)
         parent = tracking.start_loop_run(settings, f"loop turn {turn}", {"flywheel.turn": str(turn)})
         os.environ["FLYWHEEL_PARENT_RUN_ID"] = parent
-        _step(f"turn {turn}: dvc repro (validate, prepare, train, evaluate, bless); MLflow run {parent}")
+        _step(f"turn {turn}: flywheel repro (= dvc repro; validate, prepare, train, evaluate, bless); MLflow run {parent}")
         t_repro = time.perf_counter()
-        workspace.run([workspace._bin("dvc"), "repro"], root)
+        workspace.run(_flywheel("repro"), root)
         timings[f"turn_{turn}_repro_seconds"] = round(time.perf_counter() - t_repro, 1)
         stages = tracking.stage_durations(settings, parent)
         print(f"turn {turn}: dvc repro took {timings[f'turn_{turn}_repro_seconds']} s; inside the stages' MLflow runs: "
@@ -56,6 +56,9 @@ def run(settings, turns: int = 2) -> dict:
         workspace.run(_flywheel("release"), root)
         timings[f"turn_{turn}_seconds"] = round(time.perf_counter() - t0, 1)
         print(f"turn {turn} took {timings[f'turn_{turn}_seconds']} s", flush=True)
+    from flywheel import warm
+
+    warm.stop(warm.socket_path(root))     # the runner `flywheel repro` started; it would exit when idle anyway
     _step("registry")
     workspace.run(_flywheel("status"), root)
     timings["loop_seconds"] = round(time.perf_counter() - t_start, 1)

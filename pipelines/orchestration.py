@@ -46,6 +46,11 @@ class OrchestrationParams(BaseModel):
     approval_required: bool = False
     approval_timeout_hours: float = Field(72.0, gt=0)
     pool: str = "flywheel_dvc"
+    default_queue: str = "default"            # Celery queues (ignored by the local executors)
+    gpu_queue: str = "gpu"
+    gpu_stages: list[str] = ["train_reward", "train_policy", "evaluate"]
+    warm_runner: bool = True                  # stages run in forks of a process that imported torch & co. once
+    warm_idle_seconds: float = Field(600.0, gt=0)
 
 
 class CommandFailed(RuntimeError):
@@ -268,8 +273,16 @@ class StageResult:
 
 
 def run_stage(root: Path, stage: str, env: dict[str, str], log: Log = print,
-              timeout: float | None = None) -> StageResult:
-    """Run one dvc.yaml stage in the workspace; DVC skips it when nothing it depends on changed."""
+              timeout: float | None = None, warm_idle: float | None = None) -> StageResult:
+    """Run one dvc.yaml stage in the workspace; DVC skips it when nothing it depends on changed.
+    ``warm_idle``: hand the stage's command to the workspace's warm runner (flywheel/warm.py), started when
+    none is up and stopping after that many idle seconds; without one the stage runs cold, as by hand."""
+    if warm_idle:
+        from flywheel import warm
+
+        path = warm.ensure(root, env, warm_idle)
+        if path:
+            env = {**env, warm.SOCKET_ENV: path}
     res = run_command(stage_command(stage), root, env, log, what=f"stage {stage!r} (dvc repro)", timeout=timeout)
     ran = f"Running stage '{stage}'" in res.stdout
     log(f"stage {stage}: {'ran' if ran else 'up to date, skipped by DVC'} in {res.seconds:.1f} s")

@@ -51,6 +51,8 @@ def test_continuous_improvement_runs_every_dvc_stage_in_order_in_the_pool(bag):
     assert set(dag.params) == {"dry_run", "force", "skip_release", "profile"}
     assert "flywheel-feedback" in str(dag.timetable) and "CronTriggerTimetable" in str(dag.timetable)
     assert bag.dags["feedback_ingest"].task_dict["export_feedback"].pool == "flywheel_dvc"
+    queues = {s: dag.task_dict[s].queue for s in stages}
+    assert queues == {s: "gpu" if s in ("train_reward", "train_policy", "evaluate") else "default" for s in stages}
 
 
 @pytest.mark.parametrize("path", DAGS, ids=[p.stem for p in DAGS])

@@ -1,0 +1,264 @@
+"""A warm stage runner: one process imports the heavy libraries once and forks a child per stage command.
+
+Each stage of dvc.yaml is its own process (`dvc repro` runs `flywheel stage X`), so each used to pay the import
+of torch, transformers, MLflow and Great Expectations (seconds apiece). When ``FLYWHEEL_WARM_SOCKET`` names the
+Unix socket of a running runner, the ``flywheel`` console script hands a ``flywheel stage ...`` command to it:
+the runner forks, the child takes over the caller's stdin/stdout/stderr (passed over the socket), its working
+directory, environment and arguments, runs the command and exits with its status, which the caller exits with.
+With no runner (plain `dvc repro` by hand) the command runs in its own process as before; a runner that does not
+answer is never waited on.
+
+Only third-party libraries are preloaded; the project's own modules are imported afresh in each child, so a code
+change between two stages is always seen. A runner exits after ``idle_timeout`` seconds without a request; the
+caller closing its end (DVC or Airflow killing the stage) terminates the child.
+
+    python -m flywheel.warm SOCKET [--idle-timeout 600]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SOCKET_ENV = "FLYWHEEL_WARM_SOCKET"
+PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama",
+           "transformers.models.bert.modeling_bert", "mlflow", "mlflow.tracking", "great_expectations", "pandas",
+           "pyarrow.parquet", "sqlalchemy", "datasketch", "matplotlib.pyplot", "typer", "rich.console", "yaml",
+           "pydantic")
+_MAX_REQUEST = 1 << 20
+
+
+# ---- the caller side (the `flywheel` console script) -------------------------------------------------------
+def delegate(path: str, argv: list[str], connect_timeout: float = 1.0) -> int | None:
+    """Run ``argv`` in the warm runner at ``path``; its exit status, or None when no runner answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(connect_timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    sock.settimeout(None)
+    env = {k: v for k, v in os.environ.items() if k != SOCKET_ENV}
+    body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}).encode()
+    try:                                 # length-prefixed: our end stays open, its closing means "stop"
+        socket.send_fds(sock, [len(body).to_bytes(8, "big") + body], [0, 1, 2])
+    except OSError:
+        sock.close()
+        return None
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: (sock.close(), os._exit(143)))   # closing our end stops the child
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(64)
+        if not chunk:
+            print("error: the warm runner went away during the command", file=sys.stderr)
+            return 1
+        reply += chunk
+    return int(reply)
+
+
+# ---- the runner -------------------------------------------------------------------------------------------
+def _child(request: dict, fds: list[int]) -> int:
+    for fd, target in zip(fds, (0, 1, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = list(request["argv"])
+    main_module = sys.modules["__main__"]            # click names the program from __main__ (this runner)
+    main_module.__spec__, main_module.__package__ = None, None
+    code: object = 0
+    try:
+        from flywheel.cli import main
+
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - a stage's crash is reported like a crashed process
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def serve(path: str, idle_timeout: float = 600.0, preload: tuple[str, ...] = PRELOAD) -> None:
+    """Preload, listen on ``path``, fork a child per request until idle for ``idle_timeout`` seconds."""
+    import importlib
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))      # runs the finally below: the socket goes
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    Path(path).unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o600)                   # the caller's environment travels over it: owner only
+    Path(path + ".pid").write_text(str(os.getpid()))
+    server.listen(16)
+    server.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(server, selectors.EVENT_READ, None)
+    running: dict[int, socket.socket] = {}
+    last = time.monotonic()
+    print(f"warm runner ready on {path} (pid {os.getpid()})", flush=True)
+    try:
+        while running or time.monotonic() - last < idle_timeout:
+            for key, _ in sel.select(timeout=0.2):
+                if key.data is None:
+                    try:
+                        conn, _ = server.accept()
+                    except BlockingIOError:
+                        continue
+                    conn.setblocking(True)
+                    conn.settimeout(5)
+                    try:
+                        msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+                        size = int.from_bytes(msg[:8], "big") if len(msg) >= 8 else -1
+                        while 0 <= size and len(msg) < size + 8:
+                            more = conn.recv(_MAX_REQUEST)
+                            if not more:
+                                break
+                            msg += more
+                        request = json.loads(msg[8:])
+                    except (OSError, ValueError):
+                        conn.close()
+                        continue
+                    if len(fds) != 3:
+                        for fd in fds:
+                            os.close(fd)
+                        conn.close()
+                        continue
+                    pid = os.fork()
+                    if pid == 0:
+                        sel.close()
+                        server.close()
+                        for other in running.values():
+                            other.close()
+                        conn.close()
+                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                        os._exit(_child(request, fds))
+                    for fd in fds:
+                        os.close(fd)
+                    print(f"{pid}: {' '.join(request['argv'][1:3])} started", flush=True)
+                    running[pid] = conn
+                    sel.register(conn, selectors.EVENT_READ, pid)
+                    last = time.monotonic()
+                else:                        # the caller closed its end before the child finished: stop it
+                    pid = key.data
+                    sel.unregister(key.fileobj)
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            while running:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                conn = running.pop(pid, None)
+                if conn is None:
+                    continue
+                try:
+                    sel.unregister(conn)
+                except (KeyError, ValueError):
+                    pass
+                print(f"{pid}: exit {os.waitstatus_to_exitcode(status)}", flush=True)
+                try:
+                    conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+                except OSError:
+                    pass
+                conn.close()
+                last = time.monotonic()
+    finally:
+        server.close()
+        if Path(path + ".pid").exists() and Path(path + ".pid").read_text() == str(os.getpid()):
+            Path(path).unlink(missing_ok=True)
+            Path(path + ".pid").unlink(missing_ok=True)
+
+
+def socket_path(root: Path) -> str:
+    """Where the runner of a workspace and this environment listens (short: Unix socket paths are limited to
+    ~100 bytes; the interpreter is part of the key, so a runner never serves another virtual environment)."""
+    key = f"{Path(root).resolve()}\0{sys.executable}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / f"flywheel-warm-{os.getuid()}-{digest}.sock")
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def ensure(root: Path, env: dict[str, str], idle_timeout: float = 600.0, wait: float = 60.0) -> str | None:
+    """The socket of a runner for ``root``, started detached (with ``env``) when none answers; None when it
+    could not start within ``wait`` seconds (callers then run commands cold)."""
+    path = socket_path(root)
+    if _answers(path):
+        return path
+    log = Path(tempfile.gettempdir()) / (Path(path).stem + ".log")
+    with open(log, "ab") as out:
+        subprocess.Popen([sys.executable, "-m", "flywheel.warm", path, "--idle-timeout", str(idle_timeout)],
+                         cwd=root, env={k: v for k, v in env.items() if k != SOCKET_ENV}, stdin=subprocess.DEVNULL,
+                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if _answers(path):
+            return path
+        time.sleep(0.1)
+    return None
+
+
+def stop(path: str) -> bool:
+    """Stop the runner listening on ``path`` (SIGTERM: running children finish on their own)."""
+    try:
+        pid = int(Path(path + ".pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A warm runner of `flywheel stage` commands (see module doc).")
+    ap.add_argument("socket")
+    ap.add_argument("--idle-timeout", type=float, default=600.0)
+    ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
+    args = ap.parse_args()
+    serve(args.socket, args.idle_timeout, () if args.no_preload else PRELOAD)
+
+
+if __name__ == "__main__":
+    main()
