@@ -6,8 +6,11 @@ native batch ingested, base models built and bootstrapped, so ``base_models`` is
 - **baseline**: the stages' commands (as dvc.yaml resolves them) called one after the other in one Python
   process, through the CLI's own functions;
 - **dvc repro**: one ``dvc repro`` (a process per stage, DVC's hashing and dvc.lock);
+- **flywheel repro**: the same ``dvc repro``, its stage commands forked from a warm runner (flywheel/warm.py;
+  the runner's start and imports are included);
 - **DAG run**: ``continuous_improvement`` with ``dag.test()`` (``force``, ``skip_release``): the threshold
-  task, one task per stage each running ``dvc repro --single-item``, the watermark.
+  task, one task per stage each running ``dvc repro --single-item`` (with the warm runner, as params.yaml
+  ``orchestration.warm_runner`` sets by default), the watermark.
 
 Overhead per stage = (wall time - baseline) / number of dvc.yaml stages. Then, on the up-to-date
 workspaces, a no-op ``dvc repro`` and a no-op DAG run (every stage skipped by DVC).
@@ -89,7 +92,7 @@ def main() -> None:
     commands = stage_commands(base)
     n_stages = len(commands)
     to_run = [(name, cmd) for name, cmd in commands if name != "base_models"]   # up to date everywhere
-    spaces = {k: work / k for k in ("inproc", "dvc", "dag")}
+    spaces = {k: work / k for k in ("inproc", "dvc", "warm", "dag")}
     for dest in spaces.values():
         shutil.copytree(base, dest, symlinks=True)
 
@@ -104,6 +107,15 @@ def main() -> None:
     print(f"dvc repro: {dvc_s:.1f} s  load {_load()}")
     noop_dvc, _ = _timed(["dvc", "repro"], spaces["dvc"], clean_env())
     print(f"dvc repro, nothing changed: {noop_dvc:.1f} s")
+
+    from flywheel import warm
+
+    warm_s, out = _timed(["flywheel", "repro"], spaces["warm"], clean_env())      # starting the runner included
+    assert out.count("Running stage") == len(to_run), out
+    print(f"flywheel repro (dvc repro + warm runner): {warm_s:.1f} s  load {_load()}")
+    noop_warm, _ = _timed(["flywheel", "repro"], spaces["warm"], clean_env())
+    print(f"flywheel repro, nothing changed: {noop_warm:.1f} s")
+    warm.stop(warm.socket_path(spaces["warm"]))
 
     home = work / "airflow-home"
     aenv = airflow_env(home, spaces["dag"])
@@ -122,10 +134,13 @@ def main() -> None:
         "dvc_repro_s": round(dvc_s, 2), "dag_run_s": round(run["seconds"], 2), "dag_test_process_s": round(dag_wall, 2),
         "dvc_overhead_per_stage_s": round((dvc_s - base_s) / n_stages, 2),
         "dag_overhead_per_stage_s": round((run["seconds"] - base_s) / n_stages, 2),
+        "warm_repro_s": round(warm_s, 2), "warm_overhead_per_stage_s": round((warm_s - base_s) / n_stages, 2),
+        "noop_warm_repro_s": round(noop_warm, 2),
         "noop_dvc_repro_s": round(noop_dvc, 2), "noop_dag_run_s": round(noop_run["seconds"], 2),
         "noop_dag_per_stage_s": round(noop_run["seconds"] / n_stages, 2),
         "baseline_stage_s": baseline["stages"], "load_after": _load(),
     }
+    warm.stop(warm.socket_path(spaces["dag"]))
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

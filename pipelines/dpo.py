@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipelines.policy_model import (Batch, Encoded, TrunkOut, collate, freeze_trunk, run_trunk, top_layers, top_logps,
+from pipelines.policy_model import (Batch, Encoded, TrunkOut, cast_frozen, collate, freeze_trunk, run_trunk, top_layers, top_logps,
                                     device_of, trunk_context)
 
 
@@ -35,6 +35,7 @@ class DPOParams:
     sft_batch_size: int = 4
     bf16: bool = False
     cache_trunk: bool = True      # keep trunk outputs and reference log-probs for later epochs
+    frozen_bf16: bool = False     # run the frozen trunk in bf16 (AMX / AVX512-BF16 CPUs, GPUs): ~2x faster trunk
     seed: int = 0
 
 
@@ -110,6 +111,8 @@ def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, para
     for p in reference.parameters():
         p.requires_grad_(False)
     trainable = freeze_trunk(model, k)
+    if params.frozen_bf16:
+        cast_frozen(model, k)
     cache = TrunkCache(model, reference, k, pad_id, params.cache_trunk)
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     warm = max(1, params.warmup_steps)

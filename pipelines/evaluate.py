@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipelines import stats
-from pipelines.policy_model import (collate, encode, generate, run_trunk, top_layers, top_logps,
+from pipelines.policy_model import (cast_frozen, collate, encode, generate, run_trunk, top_layers, top_logps,
                                     trunk_fingerprint)
 
 REFUSAL = re.compile(
@@ -58,6 +58,7 @@ class EvalParams:
     confidence: float = 0.95
     slices: list[str] = field(default_factory=lambda: ["feedback_type", "turns", "chosen_shorter"])
     seed: int = 0
+    bf16: bool = False   # frozen trunk in bf16 for the margins (as train_policy.frozen_bf16), bf16 copies to generate
 
 
 def slice_keys(pair: dict) -> dict[str, str]:
@@ -82,6 +83,8 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
     """
     k = params.frozen_layers
     enc = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
+    if params.bf16:
+        cast_frozen(reference, k)      # the weights are bf16-exact: the fingerprints below do not change
     ref_fp = trunk_fingerprint(reference, k)
     shared = {name: trunk_fingerprint(m, k) == ref_fp for name, m in models.items()}
     margins: dict[str, list[float]] = {name: [] for name in models}
@@ -232,6 +235,12 @@ def evaluate_policy(reference, champion, challenger, tok, judge, pairs: list[dic
     out["gain_only_where_shorter_wins"] = bool(
         yes and no and yes["ci"][0] is not None and yes["ci"][0] > 0 and (no["diff"] or 0) <= 0)
     lap("implicit_margins")
+    if params.bf16:               # generation: whole-model bf16 copies (answers are cached per dtype)
+        import copy
+
+        challenger, champion = (copy.deepcopy(challenger).to(torch.bfloat16),
+                                copy.deepcopy(champion).to(torch.bfloat16))
+        keys = {role: f"{key}-bf16" for role, key in keys.items() if key}
 
     def both(prompts, max_new):
         a_ch, ms_ch = cache.answers(challenger, keys.get("challenger"), tok, prompts, max_new, params.gen_batch_size)

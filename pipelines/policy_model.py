@@ -118,14 +118,36 @@ def trunk_context(model, batch: Batch, dtype: torch.dtype = torch.float32) -> Tr
     return TrunkOut(None, mask, position_ids, pe)
 
 
-def run_trunk(model, batch: Batch, k: int) -> TrunkOut:
-    """Embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they are frozen)."""
-    ctx = trunk_context(model, batch)
-    h = model.model.embed_tokens(batch.ids.to(device_of(model)))
+def param_dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def cast_frozen(model, k: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Cast the frozen trunk (embeddings and the lower ``k`` layers) to ``dtype`` in place. CPUs with AMX /
+    AVX512-BF16 run bf16 matrix products several times faster than fp32; the trunk's weights come from bf16
+    files, so only its activations lose precision. The output head keeps its dtype (bf16 logits would blur
+    log-probabilities by ~0.1): a head tied to the embeddings gets its own copy first."""
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(),
+                                            requires_grad=model.lm_head.weight.requires_grad)
+    model.model.embed_tokens.to(dtype)
     for layer in model.model.layers[:k]:
-        h = layer(h, attention_mask=ctx.mask, position_embeddings=ctx.position_embeddings,
-                  position_ids=ctx.position_ids)
-    ctx.hidden = h
+        layer.to(dtype)
+
+
+def run_trunk(model, batch: Batch, k: int) -> TrunkOut:
+    """Embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they are frozen). The trunk
+    runs in its own dtype; its output comes back in the dtype of the layers above it."""
+    layers = model.model.layers
+    trunk_dt = param_dtype(layers[0]) if k else param_dtype(model.model.embed_tokens)
+    top_dt = param_dtype(layers[k]) if k < len(layers) else param_dtype(model.model.norm)
+    ctx = trunk_context(model, batch, top_dt)
+    inner = ctx if trunk_dt == top_dt else trunk_context(model, batch, trunk_dt)
+    h = model.model.embed_tokens(batch.ids.to(device_of(model))).to(trunk_dt)
+    for layer in layers[:k]:
+        h = layer(h, attention_mask=inner.mask, position_embeddings=inner.position_embeddings,
+                  position_ids=inner.position_ids)
+    ctx.hidden = h.to(top_dt)
     return ctx
 
 
@@ -137,7 +159,7 @@ def top_logps(layers: nn.ModuleList, model, trunk: TrunkOut, batch: Batch) -> to
                   position_ids=trunk.position_ids)
     dev = h.device
     flat = h.reshape(-1, h.shape[-1])[batch.target_pos.to(dev)]
-    logits = model.lm_head(model.model.norm(flat)).float()
+    logits = model.lm_head(model.model.norm(flat).to(param_dtype(model.lm_head))).float()
     lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.to(dev).unsqueeze(1)).squeeze(1)
     out = torch.zeros(batch.ids.shape[0], dtype=lp.dtype, device=dev)
     return out.index_add(0, batch.seq_of_target.to(dev), lp)

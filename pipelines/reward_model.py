@@ -97,7 +97,24 @@ class RewardTrainParams:
     warmup_ratio: float = 0.1
     max_length: int = 192
     context_turns: int = 1
+    group_by_length: bool = False  # batches of similar lengths (less padding), drawn in random order
     seed: int = 0
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, rng: random.Random, group: int = 50) -> list[int]:
+    """One epoch's order: shuffled, then sorted by length within windows of ``group`` batches, cut into
+    batches that are shuffled again (as transformers' group_by_length). Every index appears once."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * group
+    batches = []
+    for i in range(0, len(idx), window):
+        chunk = sorted(idx[i:i + window], key=lambda j: lengths[j], reverse=True)
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    short = [b for b in batches if len(b) < batch_size]      # kept last: the rest stay aligned to batches
+    batches = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(batches)
+    return [j for b in batches + short for j in b]
 
 
 def _sides(pairs: list[dict], ctx: int) -> tuple[list[str], list[str]]:
@@ -149,10 +166,17 @@ def train_reward(model: RewardModel, pairs: list[dict], params: RewardTrainParam
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(1, steps - warm)) if s >= warm
         else (s + 1) / warm)
     order: list[int] = []
+    lengths = []
+    if params.group_by_length:        # a pair's batch row is as long as the longer of its two sides
+        tok = model.tokenizer
+        lengths = [max(len(a), len(b)) for a, b in zip(tok(chosen)["input_ids"], tok(rejected)["input_ids"])]
     for step in range(steps):
         if len(order) < params.batch_size:
-            more = list(range(len(pairs)))
-            rng.shuffle(more)
+            if params.group_by_length:
+                more = length_grouped_order(lengths, params.batch_size, rng)
+            else:
+                more = list(range(len(pairs)))
+                rng.shuffle(more)
             order += more
         idx, order = order[:params.batch_size], order[params.batch_size:]
         scores = model([chosen[i] for i in idx] + [rejected[i] for i in idx])

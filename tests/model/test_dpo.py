@@ -24,11 +24,16 @@ def _train(folder, pairs, **over):
     return ref, model, tok, history
 
 
-def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_base):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-trunk"])
+def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_base, bf16):
     test = synthetic_pairs(8, start=100)
-    ref, good, tok, history = _train(tiny_base / "policy", synthetic_pairs(16))
-    _, bad, _, _ = _train(tiny_base / "policy", synthetic_pairs(16, swap=True))
-    m = implicit_margins(ref, {"good": good, "bad": bad, "ref": ref}, tok, test, EVAL)
+    ref, good, tok, history = _train(tiny_base / "policy", synthetic_pairs(16), frozen_bf16=bf16)
+    _, bad, _, _ = _train(tiny_base / "policy", synthetic_pairs(16, swap=True), frozen_bf16=bf16)
+    if bf16:
+        assert good.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert good.model.layers[2].self_attn.q_proj.weight.dtype == torch.float32
+    m = implicit_margins(ref, {"good": good, "bad": bad, "ref": ref}, tok, test,
+                         EvalParams(**{**EVAL.__dict__, "bf16": bf16}))
     assert sum(correct_from_margin(m["good"])) / len(test) == 1.0
     assert sum(correct_from_margin(m["bad"])) / len(test) == 0.0
     assert all(x == 0 for x in m["ref"])             # the reference against itself: all ties

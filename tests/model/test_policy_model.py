@@ -68,6 +68,23 @@ def test_generate_returns_one_answer_per_prompt(tiny_base):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_a_bf16_trunk_stays_close_to_the_fp32_forward_and_trains_the_fp32_top(tiny_base):
+    from pipelines.policy_model import cast_frozen
+
+    model, tok = load_policy(tiny_base / "policy")
+    enc = encode(tok, synthetic_pairs(3), 32, 8)
+    batch = collate([(e.prompt, e.answers[0]) for e in enc], tok.pad_token_id)
+    with torch.no_grad():
+        full = _full_logps(model, batch)
+    cast_frozen(model, 2)
+    trunk = run_trunk(model, batch, 2)
+    assert trunk.hidden.dtype == torch.float32
+    split = top_logps(top_layers(model, 2), model, trunk, batch)
+    assert torch.allclose(split.detach(), full, rtol=0.02, atol=0.05), (split, full)
+    split.sum().backward()
+    assert model.model.layers[3].mlp.up_proj.weight.grad is not None
+
+
 def test_answer_cache_reuses_greedy_answers_per_model_hash(tmp_path, tiny_base):
     from pipelines.evaluate import AnswerCache, timed_generate
 

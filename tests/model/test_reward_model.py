@@ -39,3 +39,28 @@ def test_reward_text_keeps_the_last_turns_and_the_answer():
     assert reward_text(prompt, "answer", 1) == "User: second\nAssistant: answer"
     assert reward_text(prompt, "answer", 0) == "Assistant: answer"
     assert reward_text(prompt, "answer", 3).startswith("User: first\nAssistant: reply")
+
+
+def test_length_grouped_order_is_a_permutation_of_similar_length_batches():
+    import random
+
+    from pipelines.reward_model import length_grouped_order
+
+    lengths = [(i * 7919) % 293 + 5 for i in range(1000)]
+    a = length_grouped_order(lengths, 16, random.Random(0))
+    assert sorted(a) == list(range(1000)) and a == length_grouped_order(lengths, 16, random.Random(0))
+    assert a != length_grouped_order(lengths, 16, random.Random(1))
+    batches = [a[i:i + 16] for i in range(0, 992, 16)]
+    spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
+    shuffled = list(range(1000))
+    random.Random(0).shuffle(shuffled)
+    plain = sum(max(lengths[j] for j in shuffled[i:i + 16]) - min(lengths[j] for j in shuffled[i:i + 16])
+                for i in range(0, 992, 16)) / 62
+    assert spread < plain / 5, (spread, plain)
+
+
+def test_length_grouped_training_learns_too(tiny_base):
+    model = RewardModel.load(tiny_base / "reward")
+    params = RewardTrainParams(epochs=6, batch_size=4, lr=5e-4, head_lr=5e-3, max_length=64, group_by_length=True)
+    train_reward(model, synthetic_pairs(24), params)
+    assert sum(pairwise_correct(model, synthetic_pairs(16, start=300))) / 16 >= 0.9
