@@ -8,6 +8,10 @@ import sys
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "repro" and not {"--help", "--cold"} & set(sys.argv[2:]):
+        from flywheel.warm import repro_exec
+
+        repro_exec(sys.argv[2:])           # execs dvc; returns only when there is no workspace here
     path = os.environ.get("FLYWHEEL_WARM_SOCKET")
     if path and len(sys.argv) > 1 and sys.argv[1] == "stage":
         from flywheel.warm import delegate

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -28,9 +29,19 @@ def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
         proc = sh(args, repo_copy)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    first = sh(["dvc", "repro"], repo_copy, timeout=1800)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert {"base_models", "train_reward", "train_policy", "evaluate", "bless"} <= _ran(first.stdout)
+    # `flywheel repro`: dvc repro with the stages forked from a warm runner; a plain `dvc repro` afterwards
+    # finds everything up to date: both write the same dvc.lock
+    from flywheel import warm
+
+    sock = warm.socket_path(repo_copy)
+    try:
+        first = sh(["flywheel", "repro"], repo_copy, timeout=1800)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        assert {"base_models", "train_reward", "train_policy", "evaluate", "bless"} <= _ran(first.stdout)
+        runner_log = (Path(sock).parent / (Path(sock).stem + ".log")).read_text()
+        assert "stage train_policy started" in runner_log and "stage evaluate started" in runner_log, runner_log
+    finally:
+        warm.stop(sock)
     again = sh(["dvc", "repro"], repo_copy, timeout=600)
     assert again.returncode == 0, again.stderr
     assert _ran(again.stdout) == {"resolve_champion"}
