@@ -29,6 +29,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -105,16 +106,16 @@ def main() -> None:
     dvc_s, out = _timed(["dvc", "repro"], spaces["dvc"], clean_env())
     assert out.count("Running stage") == len(to_run), out
     print(f"dvc repro: {dvc_s:.1f} s  load {_load()}")
-    noop_dvc, _ = _timed(["dvc", "repro"], spaces["dvc"], clean_env())
-    print(f"dvc repro, nothing changed: {noop_dvc:.1f} s")
+    noop_dvc = statistics.median(_timed(["dvc", "repro"], spaces["dvc"], clean_env())[0] for _ in range(3))
+    print(f"dvc repro, nothing changed: {noop_dvc:.1f} s (median of 3)")
 
     from flywheel import warm
 
     warm_s, out = _timed(["flywheel", "repro"], spaces["warm"], clean_env())      # starting the runner included
     assert out.count("Running stage") == len(to_run), out
     print(f"flywheel repro (dvc repro + warm runner): {warm_s:.1f} s  load {_load()}")
-    noop_warm, _ = _timed(["flywheel", "repro"], spaces["warm"], clean_env())
-    print(f"flywheel repro, nothing changed: {noop_warm:.1f} s")
+    noop_warm = statistics.median(_timed(["flywheel", "repro"], spaces["warm"], clean_env())[0] for _ in range(3))
+    print(f"flywheel repro, nothing changed: {noop_warm:.1f} s (median of 3)")
     warm.stop(warm.socket_path(spaces["warm"]))
 
     home = work / "airflow-home"
