@@ -241,6 +241,16 @@ def main() -> None:
             out["chat_speedup_8_vs_1"] = round(out["chat_8"]["tokens_per_s"] / out["chat_1"]["tokens_per_s"], 2)
     finally:
         _stop(proc)
+    if {"feedback", "batch"} & parts:      # every acknowledged event is in the store, once (all ids are unique)
+        from service.store import FeedbackStore
+
+        acked = (out.get("feedback_service", {}).get("codes", {}).get(200, 0)
+                 + out.get("batch_service", {}).get("codes", {}).get(200, 0) * args.batch_events)
+        store = FeedbackStore(f"sqlite:///{work / 'feedback.db'}")
+        out["acknowledged_events"], out["stored_events"] = acked, store.count()
+        store.close()
+        print(f"acknowledged events: {acked}, in the store: {out['stored_events']}"
+              + ("" if acked == out["stored_events"] else "  <-- MISMATCH"), flush=True)
     out["policy"] = str(policy)
     out["load_average_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in out.items() if "ratio" in k or "speedup" in k}))

@@ -83,8 +83,12 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
     """
     k = params.frozen_layers
     enc = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
-    if params.bf16:
+    if params.bf16:                    # a bf16-trunk copy; the caller's models are left as they are
+        import copy
+
+        original, reference = reference, copy.deepcopy(reference)
         cast_frozen(reference, k)      # the weights are bf16-exact: the fingerprints below do not change
+        models = {name: (reference if m is original else m) for name, m in models.items()}
     ref_fp = trunk_fingerprint(reference, k)
     shared = {name: trunk_fingerprint(m, k) == ref_fp for name, m in models.items()}
     margins: dict[str, list[float]] = {name: [] for name in models}

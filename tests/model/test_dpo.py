@@ -34,6 +34,7 @@ def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_ba
         assert good.model.layers[2].self_attn.q_proj.weight.dtype == torch.float32
     m = implicit_margins(ref, {"good": good, "bad": bad, "ref": ref}, tok, test,
                          EvalParams(**{**EVAL.__dict__, "bf16": bf16}))
+    assert ref.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32    # the caller's model untouched
     assert sum(correct_from_margin(m["good"])) / len(test) == 1.0
     assert sum(correct_from_margin(m["bad"])) / len(test) == 0.0
     assert all(x == 0 for x in m["ref"])             # the reference against itself: all ties
