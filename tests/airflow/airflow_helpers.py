@@ -61,9 +61,9 @@ def set_params(root: Path, **orchestration) -> None:
     params = root / "params.yaml"
     text = params.read_text().replace("\nprofile: demo", "\nprofile: tiny")
     if orchestration:
-        old = "    orchestration: {retries: 1, retry_delay_minutes: 0.05}\n"
+        old = "    orchestration: {retries: 1, retry_delay_minutes: 0.05, warm_idle_seconds: 120}\n"
         assert old in text
-        merged = {"retries": 1, "retry_delay_minutes": 0.05, **orchestration}
+        merged = {"retries": 1, "retry_delay_minutes": 0.05, "warm_idle_seconds": 120, **orchestration}
         text = text.replace(old, f"    orchestration: {json.dumps(merged)}\n")
     params.write_text(text)
 
