@@ -23,6 +23,7 @@ _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sqs")  # Celer
 # Settings that Airflow's own variables also set: the Flywheel name wins, then Airflow's, then params.yaml.
 _AIRFLOW_ENV = {"airflow_home": "AIRFLOW_HOME", "airflow_db": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
                 "celery_broker": "AIRFLOW__CELERY__BROKER_URL"}
+_AIRFLOW_DB_BLOCKED = "airflow-db-not-allowed:"   # what Airflow's task supervisor sets in task processes
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@]*@")
 
 
@@ -220,7 +221,9 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
         if override is not None:
             values[key] = override
     for key, airflow_var in _AIRFLOW_ENV.items():
-        if airflow_var in env and ENV_PREFIX + key.upper() not in env:
+        # Airflow 3 hides the metadata DB from task processes with a placeholder URL: not a setting
+        if airflow_var in env and ENV_PREFIX + key.upper() not in env and not env[airflow_var].startswith(
+                _AIRFLOW_DB_BLOCKED):
             values[key] = env[airflow_var]
 
     def path(key: str) -> Path:

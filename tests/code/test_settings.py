@@ -353,3 +353,11 @@ def test_cli_check_prints_one_line_per_setting_and_exits_1_on_a_failure(tmp_path
     assert any(line.startswith("error") and "settings.celery_broker" in line and "redis://:***@" in line
                for line in failed.output.splitlines()), failed.output
     assert any(line.startswith("ok") and "settings.tracking_uri" in line for line in failed.output.splitlines())
+
+
+def test_airflow_task_processes_placeholder_db_url_is_not_a_setting(tmp_path):
+    """Airflow 3 runs tasks with AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=airflow-db-not-allowed:/// (the supervisor's
+    guard): loading settings inside a task must not fail on it, nor take it as the Airflow DB."""
+    (tmp_path / "params.yaml").write_text("settings: {}\n")
+    s = load_settings(tmp_path, env={"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "airflow-db-not-allowed:///"})
+    assert s.airflow_db == ""
