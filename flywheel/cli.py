@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,18 @@ def settings() -> Settings:
         return load_settings()
     except SettingsError as exc:
         fail(str(exc))
+
+
+@contextlib.contextmanager
+def _feedback_store(url: str | None = None):
+    """The service's feedback store (settings.feedback_store unless ``url``), closed afterwards."""
+    from service.store import FeedbackStore
+
+    store = FeedbackStore(url or settings().feedback_store)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _print(data: dict, as_json: bool, title: str) -> None:
@@ -112,13 +125,8 @@ def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous u
         fail(str(exc))
     store_rows = 0
     if not (s.feedback_store.startswith("sqlite:///") and not Path(s.feedback_store[len("sqlite:///"):]).exists()):
-        from service.store import FeedbackStore
-
-        store = FeedbackStore(s.feedback_store)
-        try:
+        with _feedback_store(s.feedback_store) as store:
             store_rows = store.erase_user(user_id)
-        finally:
-            store.close()
     if result.raw_events:
         workspace.track(s.root, s.raw_store)
     _print({"user_id": user_id, "feedback_store_events_removed": store_rows, "raw_events_removed": result.raw_events,
@@ -527,22 +535,14 @@ def repro(ctx: typer.Context, warm_runner: bool = typer.Option(True, "--warm/--c
                                                                help="run stages in a warm runner (flywheel/warm.py)")) -> None:
     """`dvc repro` with the stages' commands run by a warm runner (torch, MLflow and GX imported once, not once
     a stage); any other argument goes to dvc repro as is, e.g. `flywheel repro train_policy --force`."""
-    import os
     import subprocess
 
     from flywheel import warm, workspace
 
     s = settings()
-    env = dict(os.environ)
     if warm_runner:
-        from pipelines.orchestration import orchestration_params
-
-        path = warm.ensure(s.root, env, orchestration_params(s.params).warm_idle_seconds)
-        if path:
-            env[warm.SOCKET_ENV] = path
-        else:
-            console.print("warm runner did not start: stages run cold")
-    raise typer.Exit(subprocess.run([workspace._bin("dvc"), "repro", *ctx.args], cwd=s.root, env=env).returncode)
+        warm.repro_exec(ctx.args)         # execs dvc repro with the workspace's warm runner
+    raise typer.Exit(subprocess.run([workspace._bin("dvc"), "repro", *ctx.args], cwd=s.root).returncode)
 
 
 @tokens_app.command("create")
@@ -567,13 +567,8 @@ def tokens_create(scope: str = typer.Option(..., help="chat, feedback or admin")
 @tokens_app.command("list")
 def tokens_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """The API tokens: public id, scope, name, creation time (the tokens themselves are not stored)."""
-    from service.store import FeedbackStore
-
-    store = FeedbackStore(settings().feedback_store)
-    try:
+    with _feedback_store() as store:
         rows = store.list_tokens()
-    finally:
-        store.close()
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -586,13 +581,8 @@ def tokens_list(as_json: bool = typer.Option(False, "--json")) -> None:
 @tokens_app.command("revoke")
 def tokens_revoke(token_id: str = typer.Argument(..., help="the public id shown by `tokens create` / `tokens list`")) -> None:
     """Revoke a token: a running service refuses it within a few seconds (serve re-reads tokens every 5 s)."""
-    from service.store import FeedbackStore
-
-    store = FeedbackStore(settings().feedback_store)
-    try:
+    with _feedback_store() as store:
         found = store.revoke_token(token_id)
-    finally:
-        store.close()
     if not found:
         fail(f"no token with id {token_id!r}; see `flywheel tokens list`")
     console.print(f"token {token_id} revoked")
