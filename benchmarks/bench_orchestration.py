@@ -5,15 +5,18 @@ native batch ingested, base models built and bootstrapped, so ``base_models`` is
 
 - **baseline**: the stages' commands (as dvc.yaml resolves them) called one after the other in one Python
   process, through the CLI's own functions;
-- **dvc repro**: one ``dvc repro`` (a process per stage, DVC's hashing and dvc.lock);
-- **flywheel repro**: the same ``dvc repro``, its stage commands forked from a warm runner (flywheel/warm.py;
-  the runner's start and imports are included);
+- **dvc repro**: one plain ``dvc repro`` as a user types it (DVC's hashing and dvc.lock; each stage's
+  ``flywheel stage`` command is forked from the workspace's warm runner, flywheel/warm.py, which the first
+  stage starts: its start and imports are included);
+- **dvc repro, cold**: the same with ``FLYWHEEL_WARM=0``: every stage its own process, importing torch,
+  MLflow and GX again (what ``dvc repro`` cost before the runner);
 - **DAG run**: ``continuous_improvement`` with ``dag.test()`` (``force``, ``skip_release``): the threshold
   task, one task per stage each running ``dvc repro --single-item`` (with the warm runner, as params.yaml
   ``orchestration.warm_runner`` sets by default), the watermark.
 
 Overhead per stage = (wall time - baseline) / number of dvc.yaml stages. Then, on the up-to-date
-workspaces, a no-op ``dvc repro`` and a no-op DAG run (every stage skipped by DVC).
+workspaces, a no-op ``dvc repro`` (runner alive, as after any run within ``warm_idle_seconds``; and with no
+runner alive, so the no-op starts one) and a no-op DAG run (every stage skipped by DVC).
 
     .venv/bin/python benchmarks/bench_orchestration.py [--workdir DIR] [--json FILE]
 
@@ -93,7 +96,7 @@ def main() -> None:
     commands = stage_commands(base)
     n_stages = len(commands)
     to_run = [(name, cmd) for name, cmd in commands if name != "base_models"]   # up to date everywhere
-    spaces = {k: work / k for k in ("inproc", "dvc", "warm", "dag")}
+    spaces = {k: work / k for k in ("inproc", "dvc", "cold", "dag")}
     for dest in spaces.values():
         shutil.copytree(base, dest, symlinks=True)
 
@@ -103,20 +106,30 @@ def main() -> None:
     baseline = json.loads(next(line for line in out.splitlines() if line.startswith("INPROC "))[7:])
     print(f"baseline (one process): {baseline['seconds']:.1f} s  {baseline['stages']}  load {_load()}")
 
-    dvc_s, out = _timed(["dvc", "repro"], spaces["dvc"], clean_env())
+    from flywheel import warm
+
+    dvc_s, out = _timed(["dvc", "repro"], spaces["dvc"], clean_env())     # starts the workspace's runner
     assert out.count("Running stage") == len(to_run), out
     print(f"dvc repro: {dvc_s:.1f} s  load {_load()}")
     noop_dvc = statistics.median(_timed(["dvc", "repro"], spaces["dvc"], clean_env())[0] for _ in range(3))
     print(f"dvc repro, nothing changed: {noop_dvc:.1f} s (median of 3)")
+    noop_fresh = []
+    for _ in range(3):
+        path = warm.socket_path(spaces["dvc"])
+        warm.stop(path)
+        while warm._answers(path):
+            time.sleep(0.05)
+        noop_fresh.append(_timed(["dvc", "repro"], spaces["dvc"], clean_env())[0])
+    noop_fresh_s = statistics.median(noop_fresh)
+    print(f"dvc repro, nothing changed, no runner alive (it starts one): {noop_fresh_s:.1f} s (median of 3)")
+    warm.stop(warm.socket_path(spaces["dvc"]))
 
-    from flywheel import warm
-
-    warm_s, out = _timed(["flywheel", "repro"], spaces["warm"], clean_env())      # starting the runner included
+    cold_s, out = _timed(["dvc", "repro"], spaces["cold"], clean_env(FLYWHEEL_WARM="0"))
     assert out.count("Running stage") == len(to_run), out
-    print(f"flywheel repro (dvc repro + warm runner): {warm_s:.1f} s  load {_load()}")
-    noop_warm = statistics.median(_timed(["flywheel", "repro"], spaces["warm"], clean_env())[0] for _ in range(3))
-    print(f"flywheel repro, nothing changed: {noop_warm:.1f} s (median of 3)")
-    warm.stop(warm.socket_path(spaces["warm"]))
+    print(f"dvc repro, cold (FLYWHEEL_WARM=0, a process per stage): {cold_s:.1f} s  load {_load()}")
+    noop_cold = statistics.median(_timed(["dvc", "repro"], spaces["cold"], clean_env(FLYWHEEL_WARM="0"))[0]
+                                  for _ in range(3))
+    print(f"dvc repro, cold, nothing changed: {noop_cold:.1f} s (median of 3)")
 
     home = work / "airflow-home"
     aenv = airflow_env(home, spaces["dag"])
@@ -135,9 +148,9 @@ def main() -> None:
         "dvc_repro_s": round(dvc_s, 2), "dag_run_s": round(run["seconds"], 2), "dag_test_process_s": round(dag_wall, 2),
         "dvc_overhead_per_stage_s": round((dvc_s - base_s) / n_stages, 2),
         "dag_overhead_per_stage_s": round((run["seconds"] - base_s) / n_stages, 2),
-        "warm_repro_s": round(warm_s, 2), "warm_overhead_per_stage_s": round((warm_s - base_s) / n_stages, 2),
-        "noop_warm_repro_s": round(noop_warm, 2),
-        "noop_dvc_repro_s": round(noop_dvc, 2), "noop_dag_run_s": round(noop_run["seconds"], 2),
+        "cold_repro_s": round(cold_s, 2), "cold_overhead_per_stage_s": round((cold_s - base_s) / n_stages, 2),
+        "noop_dvc_repro_s": round(noop_dvc, 2), "noop_dvc_repro_no_runner_s": round(noop_fresh_s, 2),
+        "noop_cold_repro_s": round(noop_cold, 2), "noop_dag_run_s": round(noop_run["seconds"], 2),
         "noop_dag_per_stage_s": round(noop_run["seconds"] / n_stages, 2),
         "baseline_stage_s": baseline["stages"], "load_after": _load(),
     }

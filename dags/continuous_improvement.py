@@ -57,6 +57,32 @@ def _env(profile: str | None = None):
                        decision.get("loop_run_id", ""))
 
 
+SYNCED = ["check_feedback", *CFG.stages, "record_training"]     # the tasks that change the workspace state
+
+
+def _upstream_state(ti, task_id: str) -> dict | None:
+    """The workspace state (dvc.lock & co.) the closest upstream task left in XCom (production topology)."""
+    before = SYNCED[:SYNCED.index(task_id)] if task_id in SYNCED else SYNCED
+    for tid in reversed(before):
+        state = ti.xcom_pull(task_ids=tid, key="workspace_state")
+        if state:
+            return state
+    return None
+
+
+def _synced(task_id: str, work, push: list[str] | None = None, publish: bool = True, env=None):
+    """``work()`` between a pull from and a push to the DVC remote when settings name one (workers on other
+    machines see the same data); the new workspace state goes to XCom for the next task."""
+    from pipelines import orchestration as orch
+
+    ctx = get_current_context()
+    result, state = orch.synced(CFG.root, env or _env(), ctx["run_id"], task_id,
+                                _upstream_state(ctx["ti"], task_id), work, push=push, publish=publish)
+    if state:
+        ctx["ti"].xcom_push(key=orch.STATE_KEY, value=state)
+    return result
+
+
 def _stage(stage: str):
     @task(task_id=stage, pool=ORCH.pool, queue=ORCH.gpu_queue if stage in ORCH.gpu_stages else ORCH.default_queue,
           execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
@@ -65,8 +91,10 @@ def _stage(stage: str):
     def run_stage() -> dict:
         from pipelines import orchestration as orch
 
-        return orch.as_dict(orch.run_stage(CFG.root, stage, _env(), timeout=ORCH.stage_timeout_minutes * 60,
-                                           warm_idle=ORCH.warm_idle_seconds if ORCH.warm_runner else None))
+        env = _env()
+        return orch.as_dict(_synced(stage, lambda: orch.run_stage(
+            CFG.root, stage, env, timeout=ORCH.stage_timeout_minutes * 60,
+            warm_idle=ORCH.warm_idle_seconds if ORCH.warm_runner else None), push=[stage], env=env))
 
     return run_stage()
 
@@ -101,12 +129,18 @@ def continuous_improvement():
 
         ctx = get_current_context()
         params = ctx["params"]
-        settings = load_settings(CFG.root, env=orch.command_env(CFG.root, profile=params.get("profile") or ""))
-        decision = orch.check_feedback(settings, orch.orchestration_params(settings.params), params["force"])
-        if decision.retrain and params["dry_run"]:
-            decision.retrain, decision.reason = False, f"dry run, would retrain: {decision.reason}"
-            orch.run_command([orch.console_script("dvc"), "status"], CFG.root, orch.command_env(CFG.root),
-                             check=False)
+        env = orch.command_env(CFG.root, profile=params.get("profile") or "")
+
+        def decide():
+            settings = load_settings(CFG.root, env=env)
+            decision = orch.check_feedback(settings, orch.orchestration_params(settings.params), params["force"])
+            if decision.retrain and params["dry_run"]:
+                decision.retrain, decision.reason = False, f"dry run, would retrain: {decision.reason}"
+                orch.run_command([orch.console_script("dvc"), "status"], CFG.root, orch.command_env(CFG.root),
+                                 check=False)
+            return settings, decision
+
+        settings, decision = _synced("check_feedback", decide, publish=False, env=env)
         out = orch.as_dict(decision)
         if decision.retrain:
             out["loop_run_id"] = tracking.start_loop_run(settings, f"airflow {ctx['run_id']}",
@@ -123,7 +157,10 @@ def continuous_improvement():
 
         ctx = get_current_context()
         decision = ctx["ti"].xcom_pull(task_ids="check_feedback", key="decision")
-        return orch.record_training(load_settings(CFG.root, env=_env()), decision["latest_batch"], ctx["run_id"])
+        env = _env()
+        return _synced("record_training", lambda: orch.record_training(load_settings(CFG.root, env=env),
+                                                                        decision["latest_batch"], ctx["run_id"]),
+                       push=[], env=env)
 
     @task.branch
     def approval_needed() -> str:
@@ -146,7 +183,10 @@ def continuous_improvement():
             raise AirflowSkipException("skip_release is set: trained and evaluated, not released")
         answer = ctx["ti"].xcom_pull(task_ids="approve_release")
         approved_by = _responder(answer) if answer else None
-        rows = orch.run_release(CFG.root, _env(), approved_by=approved_by, timeout=ORCH.stage_timeout_minutes * 60)
+        env = _env()
+        rows = _synced("release", lambda: orch.run_release(CFG.root, env, approved_by=approved_by,
+                                                            timeout=ORCH.stage_timeout_minutes * 60),
+                       publish=False, env=env)
         for r in rows:
             print(f"{r['model']} v{r['version']}: promoted={r['promoted']} blessed={r['blessed']} "
                   f"smoke_check={r['smoke_check']} reasons={r['reasons']}")
@@ -162,8 +202,10 @@ def continuous_improvement():
         answer = get_current_context()["ti"].xcom_pull(task_ids="approve_release")
         if not answer or answer.get("chosen_options") != ["Reject"]:
             raise AirflowSkipException("no rejection to record")
-        return orch.run_release(CFG.root, _env(), rejected_by=_responder(answer),
-                                timeout=ORCH.stage_timeout_minutes * 60)
+        env = _env()
+        return _synced("record_rejection", lambda: orch.run_release(CFG.root, env, rejected_by=_responder(answer),
+                                                                     timeout=ORCH.stage_timeout_minutes * 60),
+                       publish=False, env=env)
 
     approve = _approval()
     stages = [_stage(s) for s in CFG.stages]

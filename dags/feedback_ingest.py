@@ -53,8 +53,10 @@ def feedback_ingest():
         from pipelines import orchestration as orch
 
         ctx = get_current_context()
-        try:
-            counts = orch.run_export(CFG.root, orch.command_env(CFG.root, ctx["run_id"]))
+        env = orch.command_env(CFG.root, ctx["run_id"])
+        try:                 # with a DVC remote (production): pull the latest state first, push the new batch
+            counts, _ = orch.synced(CFG.root, env, ctx["run_id"], "export_feedback", None,
+                                    lambda: orch.run_export(CFG.root, env))
         except orch.ExportUnavailable as exc:
             raise AirflowSkipException(str(exc)) from exc
         new = orch.exported_events(counts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -241,7 +242,7 @@ def stage_train_policy(champion: Path = typer.Option(...), prepared: Path = type
 
     s = settings()
     params = _typed(PolicyParams, _section(s, "train_policy"), "train_policy")
-    info = load(s.root / champion)
+    info = load(s.root / champion, s)
     summary = train(s, params, Path(info["policy"]["path"]), info["policy"], s.root / prepared, s.root / out,
                     s.root / metrics)
     console.print(f"train_policy: {summary}")
@@ -258,7 +259,7 @@ def stage_evaluate(champion: Path = typer.Option(...), base: Path = typer.Option
 
     s = settings()
     params = _typed(EvalParams, _section(s, "evaluate"), "evaluate")
-    m = run_eval(s, params, load(s.root / champion), s.root / base, s.root / challenger, s.root / prepared,
+    m = run_eval(s, params, load(s.root / champion, s), s.root / base, s.root / challenger, s.root / prepared,
                  s.root / suites, s.root / out, s.root / metrics)
     pa, ra = m["policy"]["pref_accuracy"], m["reward"]["pairwise_accuracy"]
     console.print(f"evaluate: policy accuracy {pa['champion']:.3f} -> {pa['challenger']:.3f}, "
@@ -534,7 +535,7 @@ def export_feedback(
 def repro(ctx: typer.Context, warm_runner: bool = typer.Option(True, "--warm/--cold",
                                                                help="run stages in a warm runner (flywheel/warm.py)")) -> None:
     """`dvc repro` with the stages' commands run by a warm runner (torch, MLflow and GX imported once, not once
-    a stage); any other argument goes to dvc repro as is, e.g. `flywheel repro train_policy --force`."""
+    a stage; a plain `dvc repro` does the same); `--cold` runs each stage in its own process. Any other argument goes to dvc repro as is, e.g. `flywheel repro train_policy --force`."""
     import subprocess
 
     from flywheel import warm, workspace
@@ -542,7 +543,10 @@ def repro(ctx: typer.Context, warm_runner: bool = typer.Option(True, "--warm/--c
     s = settings()
     if warm_runner:
         warm.repro_exec(ctx.args)         # execs dvc repro with the workspace's warm runner
-    raise typer.Exit(subprocess.run([workspace._bin("dvc"), "repro", *ctx.args], cwd=s.root).returncode)
+    env = {k: v for k, v in os.environ.items() if k != warm.SOCKET_ENV}
+    if not warm_runner:
+        env["FLYWHEEL_WARM"] = "0"         # --cold: every stage in its own process, no runner started
+    raise typer.Exit(subprocess.run([workspace._bin("dvc"), "repro", *ctx.args], cwd=s.root, env=env).returncode)
 
 
 @tokens_app.command("create")

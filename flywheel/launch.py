@@ -1,5 +1,7 @@
-"""The ``flywheel`` console script. ``flywheel stage ...`` goes to a warm runner when ``FLYWHEEL_WARM_SOCKET``
-names one that answers (see flywheel/warm.py); everything else, and every stage without a runner, runs here."""
+"""The ``flywheel`` console script. ``flywheel stage ...`` goes to the workspace's warm runner (flywheel/warm.py;
+started when none answers, unless params or ``FLYWHEEL_WARM=0`` say not to), so a plain `dvc repro` pays the
+imports of torch, MLflow and GX once, not once per stage; everything else, and every stage no runner takes,
+runs here."""
 
 from __future__ import annotations
 
@@ -12,11 +14,10 @@ def main() -> None:
         from flywheel.warm import repro_exec
 
         repro_exec(sys.argv[2:])           # execs dvc; returns only when there is no workspace here
-    path = os.environ.get("FLYWHEEL_WARM_SOCKET")
-    if path and len(sys.argv) > 1 and sys.argv[1] == "stage":
-        from flywheel.warm import delegate
+    if len(sys.argv) > 1 and sys.argv[1] == "stage":
+        from flywheel.warm import run_stage
 
-        code = delegate(path, sys.argv)
+        code = run_stage(sys.argv)
         if code is not None:
             sys.exit(code)
     from flywheel.cli import main as cli_main

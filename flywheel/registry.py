@@ -8,6 +8,7 @@ version it already has.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,7 +156,44 @@ class Registry:
         return self.get(name, target.version), current
 
     def local_dir(self, version: Version) -> Path:
-        """A local folder holding the version's files (downloaded when the artifact store is remote)."""
+        """A local folder holding the version's files: the artifact store's own folder when it is local, else
+        a download kept under ``<models>/registry/<name>/<version>`` (one place per version, so every
+        worker names it alike and a second call downloads nothing)."""
+        import shutil
+        import tempfile
+        from urllib.parse import urlparse
+
         import mlflow
 
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source))
+        scheme = urlparse(version.source).scheme
+        if scheme in ("", "file") or (len(scheme) == 1 and version.source[1:3] == ":\\"):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
+                                                            tracking_uri=self.settings.tracking_uri))
+        dest = Path(self.settings.models) / "registry" / version.name / str(version.version)
+        done = dest.with_name(dest.name + ".complete")      # beside it: inside, it would change the content hash
+        if done.is_file() and dest.is_dir():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+                                                           tracking_uri=self.settings.tracking_uri))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(got, dest)
+            done.write_text(version.source)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
+                                                           tracking_uri=self.settings.tracking_uri))
+            if got != tmp:                    # the artifact folder lands inside dst_path under its own name
+                tmp = got
+            (tmp / ".complete").write_text(version.source)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.exists() and tmp != dest else None
+        return dest

@@ -1,12 +1,13 @@
 """A warm stage runner: one process imports the heavy libraries once and forks a child per stage command.
 
 Each stage of dvc.yaml is its own process (`dvc repro` runs `flywheel stage X`), so each used to pay the import
-of torch, transformers, MLflow and Great Expectations (seconds apiece). When ``FLYWHEEL_WARM_SOCKET`` names the
-Unix socket of a running runner, the ``flywheel`` console script hands a ``flywheel stage ...`` command to it:
-the runner forks, the child takes over the caller's stdin/stdout/stderr (passed over the socket), its working
+of torch, transformers, MLflow and Great Expectations (seconds apiece). Now the ``flywheel`` console script
+hands a ``flywheel stage ...`` command to the workspace's runner, starting it (detached) when none answers: the
+runner forks, the child takes over the caller's stdin/stdout/stderr (passed over a Unix socket), its working
 directory, environment and arguments, runs the command and exits with its status, which the caller exits with.
-With no runner (plain `dvc repro` by hand) the command runs in its own process as before; a runner that does not
-answer is never waited on.
+So a plain `dvc repro`, `flywheel repro` and the DAG's tasks all pay those imports once per workspace. Turned
+off by ``orchestration.warm_runner: false`` or ``FLYWHEEL_WARM=0``; a runner that cannot start is not waited
+on past a minute (the command then runs in its own process, as before).
 
 Only third-party libraries are preloaded; the project's own modules are imported afresh in each child, so a code
 change between two stages is always seen. A runner exits after ``idle_timeout`` seconds without a request; the
@@ -25,19 +26,23 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 SOCKET_ENV = "FLYWHEEL_WARM_SOCKET"
-PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama",
-           "transformers.models.bert.modeling_bert", "transformers.models.auto.modeling_auto",
-           "transformers.models.auto.tokenization_auto", "mlflow", "mlflow.tracking",
-           # what MLflow imports lazily when a client first opens a SQL store (~1 s)
-           "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
-           "mlflow.store.db.utils", "alembic.command", "alembic.runtime.migration",
-           "great_expectations", "pandas", "pyarrow.parquet", "sqlalchemy", "datasketch", "matplotlib.pyplot",
-           "typer", "rich.console", "yaml", "pydantic")
+# Imported before the runner listens: what every stage command needs (the CLI and the MLflow registry read of
+# resolve_champion, the first stage of every run; MLflow's SQL store modules are otherwise imported lazily, ~1 s).
+PRELOAD = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
+           "mlflow.store.model_registry.sqlalchemy_store", "mlflow.store.db.utils", "alembic.command",
+           "alembic.runtime.migration", "sqlalchemy", "typer", "rich.console", "yaml", "pydantic")
+# Imported one by one while the runner waits for requests, in the order the stages need them (a command that
+# arrives first imports what it lacks itself, as a cold process would).
+PRELOAD_LATER = ("great_expectations", "pandas", "pyarrow.parquet", "datasketch", "torch", "transformers",
+                 "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert",
+                 "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+                 "matplotlib.pyplot")
 _MAX_REQUEST = 1 << 20
 
 
@@ -106,17 +111,24 @@ def _child(request: dict, fds: list[int]) -> int:
     return code
 
 
-def serve(path: str, idle_timeout: float = 600.0, preload: tuple[str, ...] = PRELOAD) -> None:
-    """Preload, listen on ``path``, fork a child per request until idle for ``idle_timeout`` seconds."""
+def _import(name: str) -> None:
     import importlib
 
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - a library that fails to import fails in the stage that needs it
+        pass
+
+
+def serve(path: str, idle_timeout: float = 600.0, preload: tuple[str, ...] = PRELOAD,
+          preload_later: tuple[str, ...] = PRELOAD_LATER) -> None:
+    """Preload, listen on ``path``, fork a child per request until idle for ``idle_timeout`` seconds; between
+    requests, import ``preload_later`` one module at a time."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))      # runs the finally below: the socket goes
     for name in preload:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
+        _import(name)
+    later = list(preload_later)
     Path(path).unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
@@ -131,7 +143,10 @@ def serve(path: str, idle_timeout: float = 600.0, preload: tuple[str, ...] = PRE
     print(f"warm runner ready on {path} (pid {os.getpid()})", flush=True)
     try:
         while running or time.monotonic() - last < idle_timeout:
-            for key, _ in sel.select(timeout=0.2):
+            events = sel.select(timeout=0 if later else 0.2)
+            if not events and later:
+                _import(later.pop(0))       # nothing waiting: the next heavy import (forks see it from now on)
+            for key, _ in events:
                 if key.data is None:
                     try:
                         conn, _ = server.accept()
@@ -208,8 +223,14 @@ def serve(path: str, idle_timeout: float = 600.0, preload: tuple[str, ...] = PRE
 
 def socket_path(root: Path) -> str:
     """Where the runner of a workspace and this environment listens (short: Unix socket paths are limited to
-    ~100 bytes; the interpreter is part of the key, so a runner never serves another virtual environment)."""
-    key = f"{Path(root).resolve()}\0{sys.executable}"
+    ~100 bytes). The interpreter and the state of its site-packages are part of the key: a runner never serves
+    another virtual environment, and after a `pip install` the next command starts a fresh runner instead of
+    using one that imported the old libraries (that one exits when idle)."""
+    try:
+        libs = os.stat(sysconfig.get_paths()["purelib"]).st_mtime_ns
+    except OSError:
+        libs = 0
+    key = f"{Path(root).resolve()}\0{sys.executable}\0{libs}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return str(Path(tempfile.gettempdir()) / f"flywheel-warm-{os.getuid()}-{digest}.sock")
 
@@ -226,21 +247,71 @@ def _answers(path: str) -> bool:
 
 def ensure(root: Path, env: dict[str, str], idle_timeout: float = 600.0, wait: float = 60.0) -> str | None:
     """The socket of a runner for ``root``, started detached (with ``env``) when none answers; None when it
-    could not start within ``wait`` seconds (callers then run commands cold)."""
+    could not start within ``wait`` seconds (callers then run commands cold). Concurrent callers start one."""
+    import fcntl
+
     path = socket_path(root)
     if _answers(path):
         return path
-    log = Path(tempfile.gettempdir()) / (Path(path).stem + ".log")
-    with open(log, "ab") as out:
-        subprocess.Popen([sys.executable, "-m", "flywheel.warm", path, "--idle-timeout", str(idle_timeout)],
-                         cwd=root, env={k: v for k, v in env.items() if k != SOCKET_ENV}, stdin=subprocess.DEVNULL,
-                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)            # a second caller waits here, then finds the first's runner
         if _answers(path):
             return path
-        time.sleep(0.1)
+        log = Path(tempfile.gettempdir()) / (Path(path).stem + ".log")
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flywheel.warm", path, "--idle-timeout", str(idle_timeout)], cwd=root,
+                env={k: v for k, v in env.items() if k != SOCKET_ENV}, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _answers(path):
+                return path
+            time.sleep(0.05)
     return None
+
+
+def workspace(env: dict[str, str] | None = None) -> tuple[Path, float] | None:
+    """``(root, idle seconds)`` when the workspace here (``FLYWHEEL_ROOT`` or the nearest folder above the
+    working directory with a params.yaml) wants a warm runner; None when it does not (params
+    ``orchestration.warm_runner: false``, or ``FLYWHEEL_WARM=0`` in the environment), or there is no
+    workspace. Reads only params.yaml (no settings object: this path is timed by the no-op budget)."""
+    env = os.environ if env is None else env
+    if env.get("FLYWHEEL_WARM", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    env_root = env.get("FLYWHEEL_ROOT")
+    here = Path(env_root).resolve() if env_root else Path.cwd().resolve()
+    root = next((d for d in (here, *here.parents) if (d / "params.yaml").is_file()), None)
+    if root is None:
+        return None
+    import yaml
+
+    try:
+        raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        orch = dict(raw.get("orchestration") or {})
+        profile = env.get("FLYWHEEL_PROFILE", raw.get("profile") or "")
+        orch.update(((raw.get("profiles") or {}).get(profile) or {}).get("orchestration") or {})
+        if not orch.get("warm_runner", True):
+            return None
+        return root, float(orch.get("warm_idle_seconds", 600))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return None                              # the CLI reports a broken params.yaml properly
+
+
+def run_stage(argv: list[str]) -> int | None:
+    """``flywheel stage ...``: run it in the workspace's warm runner (the one ``FLYWHEEL_WARM_SOCKET`` names, or
+    the workspace's own, started when none answers, so a plain `dvc repro` gets it too); its exit status, or
+    None to run the command in this process (no runner wanted or none could start)."""
+    path = os.environ.get(SOCKET_ENV)
+    if path:
+        return delegate(path, argv)
+    if "--help" in argv:
+        return None
+    ws = workspace()
+    if ws is None:
+        return None
+    path = ensure(ws[0], dict(os.environ), ws[1])
+    return delegate(path, argv) if path else None
 
 
 def stop(path: str) -> bool:
@@ -255,22 +326,16 @@ def stop(path: str) -> bool:
 
 def repro_exec(args: list[str]) -> None:
     """``flywheel repro ARGS``: ``dvc repro ARGS`` in place of this process, its stages sent to the workspace's
-    warm runner (started when none answers). Reads only what it needs (no settings object: this path is
-    timed by the no-op ``dvc repro`` budget); returns (to the full CLI) when there is no workspace."""
+    warm runner (started here when none answers); returns (to the full CLI) when there is no workspace."""
     env_root = os.environ.get("FLYWHEEL_ROOT")
     here = Path(env_root).resolve() if env_root else Path.cwd().resolve()
     root = next((d for d in (here, *here.parents) if (d / "params.yaml").is_file()), None)
     if root is None:
         return
-    import yaml
-
-    try:
-        orch = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("orchestration") or {}
-    except (OSError, yaml.YAMLError):
-        return                                   # the CLI reports a broken params.yaml properly
     env = dict(os.environ)
-    if orch.get("warm_runner", True):
-        path = ensure(root, env, float(orch.get("warm_idle_seconds", 600)))
+    ws = workspace(env)
+    if ws is not None:
+        path = ensure(ws[0], env, ws[1])
         if path:
             env[SOCKET_ENV] = path
     dvc = Path(sys.executable).with_name("dvc")
@@ -287,7 +352,7 @@ def main() -> None:
     ap.add_argument("--idle-timeout", type=float, default=600.0)
     ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
     args = ap.parse_args()
-    serve(args.socket, args.idle_timeout, () if args.no_preload else PRELOAD)
+    serve(args.socket, args.idle_timeout, *(((), ()) if args.no_preload else (PRELOAD, PRELOAD_LATER)))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,25 @@ def new_event(**overrides) -> dict:
     return event
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_runners_started_by_tests():
+    """Every `dvc repro` in a test workspace starts that workspace's warm runner (flywheel/warm.py); they exit
+    when idle anyway, but not holding their memory past the session is kinder to the next one."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    started = time.time() - 1
+    yield
+    for pid_file in Path(tempfile.gettempdir()).glob(f"flywheel-warm-{os.getuid()}-*.sock.pid"):
+        try:
+            if pid_file.stat().st_mtime >= started:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -78,3 +78,81 @@ def test_without_a_runner_the_command_runs_in_its_own_process(tmp_path):
 def test_socket_paths_are_short_and_per_workspace(tmp_path):
     a, b = warm.socket_path(tmp_path / ("x" * 200)), warm.socket_path(tmp_path / "y")
     assert a != b and len(a) < 100 and warm.socket_path(tmp_path / "y") == b
+
+
+def _workspace(tmp_path, repo_root, name="ws", **orchestration):
+    ws = tmp_path / name
+    ws.mkdir()
+    import yaml
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["orchestration"].update(orchestration)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    return ws
+
+
+def _runner_pids(path):
+    out = subprocess.run(["pgrep", "-f", f"flywheel.warm {path}"], text=True, capture_output=True).stdout
+    return sorted(int(x) for x in out.split())
+
+
+def test_a_plain_stage_command_starts_the_workspaces_runner_once_and_reuses_it(tmp_path, repo_root):
+    """What `dvc repro` runs (`flywheel stage X`, no socket in the environment) finds or starts the runner."""
+    ws = _workspace(tmp_path, repo_root, warm_idle_seconds=30)
+    path = warm.socket_path(ws)
+    env = {k: v for k, v in os.environ.items() if k not in (warm.SOCKET_ENV, "FLYWHEEL_WARM", "FLYWHEEL_ROOT")}
+    try:
+        assert _run(["stage", "--help"], ws, env).returncode == 0
+        assert not warm._answers(path), "help alone starts no runner"
+        # two stage commands at once: one runner starts, both run in it
+        procs = [subprocess.Popen([FLYWHEEL, "stage", "no-such-stage"], cwd=ws, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        outs = [p.communicate(timeout=180) for p in procs]
+        assert [p.returncode for p in procs] == [2, 2] and all("No such command" in e for _, e in outs), outs
+        assert warm._answers(path)
+        pids = _runner_pids(path)
+        assert len(pids) == 1 and Path(path + ".pid").read_text() == str(pids[0])
+        assert _run(["stage", "no-such-stage"], ws, env).returncode == 2
+        assert _runner_pids(path) == pids, "the next command reuses the runner"
+        log = (Path(path).parent / (Path(path).stem + ".log")).read_text()
+        assert log.count("stage no-such-stage started") == 3, log
+    finally:
+        warm.stop(path)
+    deadline = time.monotonic() + 30
+    while Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(path).exists()
+
+
+@pytest.mark.parametrize("how", ["env", "params"])
+def test_no_runner_is_started_when_turned_off(tmp_path, repo_root, how):
+    ws = _workspace(tmp_path, repo_root, **({"warm_runner": False} if how == "params" else {}))
+    env = {k: v for k, v in os.environ.items() if k not in (warm.SOCKET_ENV, "FLYWHEEL_WARM", "FLYWHEEL_ROOT")}
+    if how == "env":
+        env["FLYWHEEL_WARM"] = "0"
+    out = _run(["stage", "no-such-stage"], ws, env)
+    assert out.returncode == 2 and "No such command" in out.stderr
+    assert not warm._answers(warm.socket_path(ws)) and _runner_pids(warm.socket_path(ws)) == []
+
+
+def test_the_socket_changes_when_the_installed_libraries_change(tmp_path, monkeypatch):
+    """After a `pip install`, a runner that imported the old libraries is not used (its socket is another)."""
+    libs = tmp_path / "site-packages"
+    libs.mkdir()
+    monkeypatch.setattr(warm.sysconfig, "get_paths", lambda: {"purelib": str(libs)})
+    before = warm.socket_path(tmp_path)
+    assert warm.socket_path(tmp_path) == before
+    (libs / "newpkg-1.0.dist-info").mkdir()
+    os.utime(libs, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert warm.socket_path(tmp_path) != before
+
+
+def test_the_profile_sets_the_idle_time(tmp_path, repo_root):
+    ws = _workspace(tmp_path, repo_root)
+    import yaml
+
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    (ws / "params.yaml").write_text(yaml.safe_dump({**params, "profile": "tiny"}))
+    assert warm.workspace({"FLYWHEEL_ROOT": str(ws)}) == (ws.resolve(), 120.0)
+    assert warm.workspace({"FLYWHEEL_ROOT": str(ws), "FLYWHEEL_PROFILE": "demo"}) == (ws.resolve(), 600.0)
+    assert warm.workspace({"FLYWHEEL_ROOT": str(ws), "FLYWHEEL_WARM": "0"}) is None
