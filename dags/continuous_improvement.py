@@ -140,7 +140,8 @@ def continuous_improvement():
                                  check=False)
             return settings, decision
 
-        settings, decision = _synced("check_feedback", decide, publish=False, env=env)
+        # pull the latest published state; push whatever this workspace holds that the remote lacks
+        settings, decision = _synced("check_feedback", decide, env=env)
         out = orch.as_dict(decision)
         if decision.retrain:
             out["loop_run_id"] = tracking.start_loop_run(settings, f"airflow {ctx['run_id']}",

@@ -549,6 +549,28 @@ def repro(ctx: typer.Context, warm_runner: bool = typer.Option(True, "--warm/--c
     raise typer.Exit(subprocess.run([workspace._bin("dvc"), "repro", *ctx.args], cwd=s.root, env=env).returncode)
 
 
+@app.command()
+def restore(run_id: str = typer.Option(..., "--run-id", help="an Airflow run id (a model version's airflow_run_id tag)"),
+            task: Optional[str] = typer.Option(None, help="whose state: a task of that run (default: its last)")) -> None:
+    """Put this workspace in the state an Airflow run left on the DVC remote (dvc.lock, the raw-store
+    pointer) and pull its data: the exact inputs and outputs behind a model version, on a fresh clone."""
+    from pipelines import remote
+
+    s = settings()
+    if not s.dvc_remote:
+        fail("dvc_remote is not set (FLYWHEEL_DVC_REMOTE or params.yaml settings.dvc_remote): runs left their "
+             "state on no remote")
+    env = dict(os.environ)
+    try:
+        state = remote.fetch_state(s.dvc_remote, env, run_id, task)
+        if state is None:
+            fail(f"no workspace state of run {run_id!r}{f' task {task!r}' if task else ''} on {s.dvc_remote}")
+        remote.sync_in(s.root, s.dvc_remote, env, state, log=console.print)
+    except remote.RemoteError as exc:
+        fail(str(exc), 1)
+    console.print(f"restored run {run_id}: {', '.join(sorted(state))}")
+
+
 @tokens_app.command("create")
 def tokens_create(scope: str = typer.Option(..., help="chat, feedback or admin"),
                   name: str = typer.Option("", help="who or what the token is for")) -> None:

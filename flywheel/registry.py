@@ -119,7 +119,9 @@ class Registry:
             mlflow.log_artifacts(str(folder), artifact_path="model")
             source = f"{run.info.artifact_uri}/model"
         all_tags = {"content_hash": digest, **{k: str(v)[:5000] for k, v in (tags or {}).items()}}
-        mv = self.client.create_model_version(name, source=source, run_id=run_id or run.info.run_id, tags=all_tags)
+        if run_id:                  # the training run: a tag (a tracking server requires the version's run to
+            all_tags["training_run_id"] = run_id      # be the one holding its files, the register run)
+        mv = self.client.create_model_version(name, source=source, run_id=run.info.run_id, tags=all_tags)
         return _v(mv), True
 
     def set_tags(self, name: str, version: str, tags: dict) -> None:

@@ -37,20 +37,21 @@ def new_event(**overrides) -> dict:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _stop_warm_runners_started_by_tests():
+def _stop_warm_runners_started_by_tests(tmp_path_factory):
     """Every `dvc repro` in a test workspace starts that workspace's warm runner (flywheel/warm.py); they exit
-    when idle anyway, but not holding their memory past the session is kinder to the next one."""
+    when idle anyway, but not holding their memory past the session is kinder to the next one. Only runners
+    serving a workspace under this session's temporary folder are stopped (never another session's)."""
     import os
     import signal
     import tempfile
-    import time
 
-    started = time.time() - 1
+    base = tmp_path_factory.getbasetemp().resolve()
     yield
     for pid_file in Path(tempfile.gettempdir()).glob(f"flywheel-warm-{os.getuid()}-*.sock.pid"):
         try:
-            if pid_file.stat().st_mtime >= started:
-                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            pid = int(pid_file.read_text())
+            if base in Path(os.readlink(f"/proc/{pid}/cwd")).resolve().parents:
+                os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError):
             pass
 
