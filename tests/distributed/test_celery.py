@@ -142,7 +142,12 @@ def platform(tmp_path_factory, repo_root):
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__API__PORT": str(ports["api"]), "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__BASE_URL": api, "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
-            "AIRFLOW__CORE__FERNET_KEY": "", "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
+            "AIRFLOW__CORE__FERNET_KEY": "",
+            # the fault test's timeouts, lowered: a task whose worker died is failed (and retried) after 30 s
+            # without a heartbeat; one queued in a broker that lost it is queued again after 90 s
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "90",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         }
 
@@ -276,3 +281,72 @@ def test_continuous_improvement_on_celery_workers_with_s3_remote_and_mlflow_serv
     # promoted in the MLflow server (PostgreSQL-backed), with the run id on the version
     version, tags = _champion(p)
     assert version == "2" and tags.get("airflow_run_id") == run_id, tags
+
+
+def _ti_states(client, run_id: str) -> dict[str, tuple[str | None, int]]:
+    from airflow_client.client import TaskInstanceApi
+
+    tis = TaskInstanceApi(client).get_task_instances("continuous_improvement", run_id).task_instances
+    return {ti.task_id: (ti.state.value if ti.state else None, ti.try_number) for ti in tis}
+
+
+def test_a_killed_worker_and_a_restarted_broker_do_not_break_the_run(platform):
+    """Redis restarted while a training task runs, then the gpu worker SIGKILLed in the middle of the next one
+    and started again (as a supervisor would): the task is retried, the run succeeds, no version is
+    registered or promoted twice, and no raw-store event is lost."""
+    from airflow_client.client import DagRunApi, TriggerDAGRunPostBody
+
+    p = platform
+    svc = p["svc"]
+    client = _client(p)
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(p["tracking"], p["tracking"])
+    before = {v.version for v in mlflow.search_model_versions("name='flywheel-policy'")}
+    events_before = _raw_events(p["ws"]["default"])
+    run_id = DagRunApi(client).trigger_dag_run(
+        "continuous_improvement", TriggerDAGRunPostBody(logical_date=None, conf={"force": True})).dag_run_id
+
+    def running(task: str):
+        def probe():
+            state = str(DagRunApi(client).get_dag_run("continuous_improvement", run_id).state.value)
+            assert state not in ("success", "failed"), (state, _ti_states(client, run_id))
+            return _ti_states(client, run_id).get(task, (None, 0))[0] == "running"
+        return probe
+
+    _wait("train_reward to run", running("train_reward"), 1200, 1)
+    redis_args = svc.procs["redis"].args
+    svc.stop("redis")                                   # the broker goes away and comes back, empty
+    time.sleep(3)
+    svc.start("redis", redis_args, clean_env(), p["ws"]["default"])
+    _wait("train_policy to run", running("train_policy"), 1200, 1)
+    time.sleep(5)                                       # in the middle of it
+    os.killpg(svc.procs["worker-gpu"].pid, signal.SIGKILL)
+    svc.procs.pop("worker-gpu").wait(30)
+    svc.start("worker-gpu", ["airflow", "celery", "worker", "--queues", "gpu", "--concurrency", "1",
+                             "--celery-hostname", "gpu2@%h"], p["env"]["gpu"], p["ws"]["gpu"])
+
+    def finished():
+        state = str(DagRunApi(client).get_dag_run("continuous_improvement", run_id).state.value)
+        return state if state in ("success", "failed") else None
+
+    state = _wait(f"run {run_id}", finished, 2400, 5)
+    tasks = _ti_states(client, run_id)
+    assert state == "success", (tasks, svc.log("worker-gpu"), svc.log("scheduler"))
+    assert tasks["train_policy"] == ("success", 2), tasks          # killed on try 1, retried
+    # no version twice: one content hash per version, the champion moved at most once
+    versions = mlflow.search_model_versions("name='flywheel-policy'")
+    hashes = [v.tags.get("content_hash") for v in versions]
+    assert len(hashes) == len(set(hashes)), hashes
+    assert len({v.version for v in versions} - before) <= 1
+    promoted = [v.version for v in versions if v.tags.get("airflow_run_id") == run_id]
+    assert len(promoted) <= 1
+    # no event lost: the raw store the run trained on holds every event it held before
+    assert _raw_events(p["ws"]["default"]) >= events_before > 0
+
+
+def _raw_events(ws: Path) -> int:
+    code = ("from flywheel.settings import load_settings; from pipelines import rawstore; "
+            "print(rawstore.read_columns(load_settings().raw_store, ['batch_id']).num_rows)")
+    out = sh([sys.executable, "-c", code], ws, clean_env(FLYWHEEL_ROOT=str(ws)))
+    return int(out.stdout.strip().splitlines()[-1])
