@@ -186,16 +186,3 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
-        try:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
-                                                           tracking_uri=self.settings.tracking_uri))
-            if got != tmp:                    # the artifact folder lands inside dst_path under its own name
-                tmp = got
-            (tmp / ".complete").write_text(version.source)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.exists() and tmp != dest else None
-        return dest
