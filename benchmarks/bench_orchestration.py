@@ -20,7 +20,7 @@ runner alive, so the no-op starts one) and a no-op DAG run (every stage skipped 
 
     .venv/bin/python benchmarks/bench_orchestration.py [--workdir DIR] [--json FILE]
 
-Heavy: three tiny training runs (about 3-5 minutes each on 2 cores). Run it alone on an idle machine; the
+Heavy: four tiny training runs (about 6 minutes in all on 2 cores). Run it alone on an idle machine; the
 load average is printed beside the figures, and every figure is compared with the baseline measured in
 the same invocation.
 """
