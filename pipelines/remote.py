@@ -97,7 +97,7 @@ def publish_state(url: str, state: dict[str, str], run_id: str, task_id: str, en
     fs, base = _fs(url, env)
     body = json.dumps({"run_id": run_id, "task_id": task_id, "files": state}, indent=1)
     safe_run = run_id.replace("/", "_")
-    for rel in (f"runs/{safe_run}/{task_id}.json", "latest.json"):
+    for rel in (f"runs/{safe_run}/{task_id}.json", f"runs/{safe_run}/_last.json", "latest.json"):
         path = f"{base}/{STATE_PREFIX}/{rel}"
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "w") as fh:
@@ -112,18 +112,7 @@ def fetch_state(url: str, env: dict[str, str], run_id: str | None = None, task_i
         path = f"{base}/{STATE_PREFIX}/latest.json"
     else:
         folder = f"{base}/{STATE_PREFIX}/runs/{run_id.replace('/', '_')}"
-        if task_id is None:
-            try:
-                entries = fs.ls(folder, detail=True)
-            except FileNotFoundError:
-                return None
-            if not entries:
-                return None
-            newest = max(entries, key=lambda e: (e.get("LastModified") or e.get("mtime") or e.get("created") or 0,
-                                                 e["name"]))
-            path = newest["name"]
-        else:
-            path = f"{folder}/{task_id}.json"
+        path = f"{folder}/{task_id or '_last'}.json"          # _last: what the run's last task published
     try:
         with fs.open(path, "r") as fh:
             return json.load(fh)["files"]

@@ -75,6 +75,11 @@ def test_outputs_and_state_travel_through_the_remote_only(origin, tmp_path):
     assert (c / "out/double.txt").read_text() == "42"
     assert remote.fetch_state(url, env, "run/1", "double") == state
     assert remote.fetch_state(url, env, "run/1") == state and remote.fetch_state(url, env, "run/2") is None
+    # a later task of the same run: the run's state is now its, the earlier task's is kept
+    later = {**state, "dvc.lock": state["dvc.lock"] + "# later\n"}
+    remote.publish_state(url, later, "run/1", "bless", env)
+    assert remote.fetch_state(url, env, "run/1") == later == remote.fetch_state(url, env)
+    assert remote.fetch_state(url, env, "run/1", "double") == state
 
 
 def test_a_state_naming_a_path_outside_the_workspace_is_refused(tmp_path):

@@ -282,6 +282,16 @@ def test_continuous_improvement_on_celery_workers_with_s3_remote_and_mlflow_serv
     version, tags = _champion(p)
     assert version == "2" and tags.get("airflow_run_id") == run_id, tags
 
+    # lineage: a fresh clone restores the exact data behind that version from its airflow_run_id alone
+    from flywheel.registry import content_hash
+
+    fresh = copy_repo(Path(__file__).resolve().parents[2], p["ws"]["default"].parent / "fresh")
+    set_params(fresh, min_new_events=100000)
+    sh(["flywheel", "restore", "--run-id", tags["airflow_run_id"]], fresh,
+       clean_env(**p["flywheel"], FLYWHEEL_ROOT=str(fresh)), timeout=900)
+    assert content_hash(fresh / "models/challenger/policy") == tags["content_hash"]
+    assert json.loads((fresh / "metrics/evaluate.json").read_text()) == gpu_eval
+
 
 def _ti_states(client, run_id: str) -> dict[str, tuple[str | None, int]]:
     from airflow_client.client import TaskInstanceApi
