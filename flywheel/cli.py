@@ -535,7 +535,8 @@ def export_feedback(
 def repro(ctx: typer.Context, warm_runner: bool = typer.Option(True, "--warm/--cold",
                                                                help="run stages in a warm runner (flywheel/warm.py)")) -> None:
     """`dvc repro` with the stages' commands run by a warm runner (torch, MLflow and GX imported once, not once
-    a stage; a plain `dvc repro` does the same); `--cold` runs each stage in its own process. Any other argument goes to dvc repro as is, e.g. `flywheel repro train_policy --force`."""
+    a stage; a plain `dvc repro` does the same); `--cold` runs each stage in its own process. Any other argument
+    goes to dvc repro as is, e.g. `flywheel repro train_policy --force`."""
     import subprocess
 
     from flywheel import warm, workspace

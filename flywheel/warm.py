@@ -271,6 +271,14 @@ def ensure(root: Path, env: dict[str, str], idle_timeout: float = 600.0, wait: f
     return None
 
 
+def _root(env) -> Path | None:
+    """The workspace: ``FLYWHEEL_ROOT``, else the nearest folder at or above the working directory with a
+    params.yaml; None when there is none."""
+    env_root = env.get("FLYWHEEL_ROOT")
+    here = Path(env_root).resolve() if env_root else Path.cwd().resolve()
+    return next((d for d in (here, *here.parents) if (d / "params.yaml").is_file()), None)
+
+
 def workspace(env: dict[str, str] | None = None) -> tuple[Path, float] | None:
     """``(root, idle seconds)`` when the workspace here (``FLYWHEEL_ROOT`` or the nearest folder above the
     working directory with a params.yaml) wants a warm runner; None when it does not (params
@@ -279,9 +287,7 @@ def workspace(env: dict[str, str] | None = None) -> tuple[Path, float] | None:
     env = os.environ if env is None else env
     if env.get("FLYWHEEL_WARM", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    env_root = env.get("FLYWHEEL_ROOT")
-    here = Path(env_root).resolve() if env_root else Path.cwd().resolve()
-    root = next((d for d in (here, *here.parents) if (d / "params.yaml").is_file()), None)
+    root = _root(env)
     if root is None:
         return None
     import yaml
@@ -327,12 +333,10 @@ def stop(path: str) -> bool:
 def repro_exec(args: list[str]) -> None:
     """``flywheel repro ARGS``: ``dvc repro ARGS`` in place of this process, its stages sent to the workspace's
     warm runner (started here when none answers); returns (to the full CLI) when there is no workspace."""
-    env_root = os.environ.get("FLYWHEEL_ROOT")
-    here = Path(env_root).resolve() if env_root else Path.cwd().resolve()
-    root = next((d for d in (here, *here.parents) if (d / "params.yaml").is_file()), None)
+    env = dict(os.environ)
+    root = _root(env)
     if root is None:
         return
-    env = dict(os.environ)
     ws = workspace(env)
     if ws is not None:
         path = ensure(ws[0], env, ws[1])

@@ -333,33 +333,24 @@ def as_dict(obj) -> dict:
 STATE_KEY = "workspace_state"
 
 
-def dvc_remote(root: Path, env: dict[str, str]) -> str:
-    """The DVC remote tasks exchange data through, or "" (one shared workspace: nothing to sync)."""
-    from flywheel.settings import load_settings
-
-    return load_settings(root, env=env).dvc_remote
-
-
 def synced(root: Path, env: dict[str, str], run_id: str, task_id: str, state: dict | None,
            work: Callable[[], object], push: list[str] | None = None, publish: bool = True,
            log: Log = print) -> tuple[object, dict | None]:
-    """Run ``work`` between a pull and a push through the DVC remote when one is set: the workspace gets
-    ``state`` (the previous task's; the latest published when None) and its data first; afterwards what the
-    task produced (``push`` targets, all when empty) is pushed and the new state returned and, when
-    ``publish``, written to the remote. Without a remote: ``work()`` alone, state None."""
+    """Run ``work`` between a pull and a push through the DVC remote when one is set (settings
+    ``dvc_remote``): the workspace gets ``state`` (the previous task's; the latest published when None) and its
+    data first; afterwards what the task produced (``push`` targets, all when None) is pushed and the new state
+    (with the training watermark) returned and, when ``publish``, written to the remote. Without a remote:
+    ``work()`` alone, state None (one shared workspace: nothing to sync)."""
+    from flywheel.settings import load_settings
     from pipelines import remote
 
-    url = dvc_remote(root, env)
+    settings = load_settings(root, env=env)
+    url = settings.dvc_remote
     if not url:
         return work(), None
+    watermark = [settings.reports / WATERMARK]
     remote.sync_in(root, url, env, state, log)
     result = work()
     if not publish:
-        return result, remote.read_state(root, [_watermark(root, env)])
-    return result, remote.sync_out(root, url, env, run_id, task_id, push, [_watermark(root, env)], log)
-
-
-def _watermark(root: Path, env: dict[str, str]) -> Path:
-    from flywheel.settings import load_settings
-
-    return load_settings(root, env=env).reports / WATERMARK
+        return result, remote.read_state(root, watermark)
+    return result, remote.sync_out(root, url, env, run_id, task_id, push, watermark, log)
