@@ -216,3 +216,29 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     cmd[cmd.index(str(ENV_EXAMPLE))] = str(empty)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=clean_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "must be set in infra/.env" in proc.stderr, proc.stderr
+
+
+def test_mlflow_server_requires_a_login_and_is_not_published(compose):
+    services = compose["services"]
+    mlflow = services["mlflow"]
+    assert "infra/mlflow-server.sh" in " ".join(mlflow["command"]), "mlflow must start behind its basic-auth app"
+    assert "--app-name basic-auth" in (INFRA / "mlflow-server.sh").read_text()
+    assert not mlflow.get("ports"), f"the MLflow port is published by default: {mlflow.get('ports')}"
+    env = environment(mlflow)
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", env[key]), f"mlflow: {key} must be a required secret"
+    ui = yaml.safe_load((INFRA / "docker-compose.mlflow-ui.yml").read_text())["services"]["mlflow"]["ports"]
+    assert all(str(p).startswith("127.0.0.1:") for p in ui), f"the optional UI port must bind loopback: {ui}"
+
+
+def test_workers_and_service_log_in_to_mlflow_with_their_own_accounts(compose):
+    services = compose["services"]
+    users = {}
+    for name in ("init", "worker-default", "worker-gpu", "airflow-scheduler", "flywheel-service"):
+        env = environment(services[name])
+        assert env.get("MLFLOW_TRACKING_USERNAME"), f"{name}: no MLflow account"
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", env.get("MLFLOW_TRACKING_PASSWORD", "")), name
+        users[name] = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    assert users["flywheel-service"] != users["worker-default"] == users["worker-gpu"] == users["init"]
+    init = " ".join(services["init"]["command"])
+    assert init.index("mlflow_users.py users") < init.index("flywheel bootstrap") < init.index("mlflow_users.py grant")

@@ -1,0 +1,113 @@
+"""The production MLflow server (infra/mlflow-server.sh, the compose file's `mlflow` service) is closed: an
+anonymous request is refused, the pipeline's account registers versions and moves aliases, the service's account
+reads the champion but cannot move it, and nobody else sees anything. A real server on loopback (SQLite stores)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ADMIN_PW, PIPELINE_PW, SERVICE_PW = "admin-pw-0123456", "pipeline-pw-0123", "service-pw-0123"
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(url: str) -> int:
+    try:
+        return urllib.request.urlopen(url, timeout=5).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow-auth")
+    port = _free_port()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PW, MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret",
+               MLFLOW_AUTH_DATABASE_URI=f"sqlite:///{tmp}/auth.db", MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp}/ml.db",
+               MLFLOW_ARTIFACTS_DESTINATION=str(tmp / "artifacts"), MLFLOW_HOST="127.0.0.1", MLFLOW_PORT=str(port))
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(["bash", str(REPO_ROOT / "infra/mlflow-server.sh")], cwd=tmp, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while _status(url + "/health") != 200:
+            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not start"
+            time.sleep(1)
+        env.update(MLFLOW_TRACKING_URI=url, MLFLOW_PIPELINE_PASSWORD=PIPELINE_PW, MLFLOW_SERVICE_PASSWORD=SERVICE_PW)
+        yield url, env, tmp
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+        log.close()
+
+
+def _as(url: str, user: str, password: str, code: str, tmp: Path) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python process authenticated as ``user`` (the way workers and the service are)."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    prelude = "import mlflow\nfrom mlflow import MlflowClient\nc = MlflowClient()\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp, env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def _users(env: dict, step: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "infra/mlflow_users.py"), step], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_anonymous_requests_are_refused(server):
+    url, _, _ = server
+    assert _status(url + "/api/2.0/mlflow/registered-models/search") == 401
+    assert _status(url + "/api/2.0/mlflow/experiments/search?max_results=10") == 401
+
+
+def test_pipeline_manages_and_service_only_reads(server):
+    url, env, tmp = server
+    made = _users(env, "users")
+    assert made.returncode == 0 and "created flywheel-pipeline" in made.stdout, made.stderr
+    (tmp / "weights.txt").write_text("w")
+    register = (
+        "mlflow.set_experiment('flywheel')\n"
+        "with mlflow.start_run() as r:\n    mlflow.log_artifact('weights.txt', 'model')\n"
+        "for name in ('flywheel-policy', 'flywheel-reward'):\n"
+        "    c.create_registered_model(name)\n"
+        "    v = c.create_model_version(name, f'runs:/{r.info.run_id}/model', run_id=r.info.run_id)\n"
+        "    c.set_registered_model_alias(name, 'champion', v.version)\n"
+        "print('registered')\n")
+    pipeline = _as(url, "flywheel-pipeline", PIPELINE_PW, register, tmp)
+    assert pipeline.returncode == 0 and "registered" in pipeline.stdout, pipeline.stderr[-3000:]
+
+    read = "print('champion', c.get_model_version_by_alias('flywheel-policy', 'champion').version)"
+    before = _as(url, "flywheel-service", SERVICE_PW, read, tmp)
+    assert before.returncode != 0 and "403" in before.stderr, "the service read a model nobody granted it"
+    granted = _users(env, "grant")
+    assert granted.returncode == 0, granted.stderr
+    after = _as(url, "flywheel-service", SERVICE_PW, read, tmp)
+    assert after.returncode == 0 and "champion 1" in after.stdout, after.stderr[-3000:]
+    move = _as(url, "flywheel-service", SERVICE_PW, "c.set_registered_model_alias('flywheel-policy', 'champion', '1')",
+               tmp)
+    assert move.returncode != 0 and "403" in move.stderr, "the service account moved the champion alias"
+    wrong = _as(url, "flywheel-pipeline", "not-the-password", read, tmp)
+    assert wrong.returncode != 0 and "401" in wrong.stderr
