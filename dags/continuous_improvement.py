@@ -44,7 +44,8 @@ and in the **bless** task's log; the release table in the **release** task's log
 
 Manual trigger params: `force` skips the feedback threshold only (never the gate nor the smoke check),
 `dry_run` decides and stops, `skip_release` trains and evaluates without releasing, `profile` sets
-FLYWHEEL_PROFILE for the stages (empty: params.yaml's).
+FLYWHEEL_PROFILE for the stages (none: params.yaml's). No param changes the gate: a profile sets sizes and
+speeds only, and `flywheel release` accepts only a blessing from the gate params.yaml names (`bless.gate`).
 """
 
 
@@ -115,8 +116,10 @@ def _stage(stage: str):
         "force": Param(False, type="boolean", description="retrain even below the feedback threshold"),
         "dry_run": Param(False, type="boolean", description="decide, show what would run, run nothing"),
         "skip_release": Param(False, type="boolean", description="train and evaluate, do not release"),
-        "profile": Param("", type="string", enum=["", *CFG.profiles],
-                         description="FLYWHEEL_PROFILE for the stages (empty: params.yaml's)"),
+        "profile": Param(None, type=["null", "string"], enum=[None, *CFG.profiles],
+                         values_display={None: "params.yaml's profile",
+                                         **{p: f"{p} (sizes and speeds; never the gate)" for p in CFG.profiles}},
+                         description="FLYWHEEL_PROFILE for the stages (none: params.yaml's); never changes the gate"),
     },
 )
 def continuous_improvement():

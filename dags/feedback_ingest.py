@@ -26,8 +26,9 @@ DOC = f"""
 Every `{ORCH.schedule}`: `flywheel export --json` moves the events the online service stored in the feedback
 store since the last export into the raw store (checked, redacted, de-duplicated, `dvc add`-ed), in pool
 `{ORCH.pool}` since it runs DVC. When it stored any, the task emits an event on asset `{CFG.feedback_asset}`
-whose extra holds the export's counts; `continuous_improvement` is scheduled on it. No new events, or an
-install without `flywheel export`: the task is skipped with the reason in its log, and no event is emitted.
+whose extra holds the export's counts; `continuous_improvement` is scheduled on it. No new events: the task is
+skipped with the reason in its log, and no event is emitted. An install without the `flywheel` executable or its
+`export` command is broken: the task fails at once (no retries), never skipped.
 """
 
 
@@ -48,7 +49,7 @@ def feedback_ingest():
           multiple_outputs=False)
     def export_feedback() -> dict:
         """New feedback-store events into the raw store; the counts go on the asset event."""
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from pipelines import orchestration as orch
 
@@ -57,8 +58,8 @@ def feedback_ingest():
         try:                 # with a DVC remote (production): pull the latest state first, push the new batch
             counts, _ = orch.synced(CFG.root, env, ctx["run_id"], "export_feedback", None,
                                     lambda: orch.run_export(CFG.root, env))
-        except orch.ExportUnavailable as exc:
-            raise AirflowSkipException(str(exc)) from exc
+        except orch.ExportUnavailable as exc:    # a broken install: retrying cannot help
+            raise AirflowFailException(str(exc)) from exc
         new = orch.exported_events(counts)
         if not new:
             raise AirflowSkipException(f"no new feedback events to export ({counts}); no asset event")

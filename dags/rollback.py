@@ -10,7 +10,9 @@ DOC = """
 ### Rollback
 
 Runs `flywheel rollback --model MODEL [--to VERSION]`: `champion` moves to `previous-champion` (or to the
-version given) and the former champion becomes `previous-champion`. Trigger it by hand with the params.
+version given) and the former champion becomes `previous-champion` (tagged `rolled_back`: a release will not
+promote it again). Only a version the gate blessed and whose smoke check passed, or the base model, can be
+rolled back to. Trigger it by hand with the params.
 No retries: a second attempt would roll back again.
 """
 
@@ -26,7 +28,8 @@ No retries: a second attempt would roll back again.
     default_args={"retries": 0},
     params={
         "model": Param("policy", type="string", enum=["policy", "reward"], description="which registered model"),
-        "to": Param("", type="string", description="target version (empty: previous-champion)"),
+        "to": Param(None, type=["null", "string"], pattern=r"^[0-9]*$",
+                    description="target version number (none or empty: previous-champion)"),
     },
 )
 def rollback():

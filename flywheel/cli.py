@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,10 +14,50 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from flywheel.settings import Settings, SettingsError, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+def _repeated_option(ctx: typer.Context) -> str | None:
+    """The first single-value option given more than once to the subcommand the arguments name, else None
+    (options that take a list, like ``tokens create --scope``, may repeat). Parsed with the subcommand's own
+    parser, so ``--x=1``, flags and ``--x/--no-x`` pairs count; what the parser refuses is left to the real parse."""
+    args = [*(getattr(ctx, "_protected_args", None) or []), *ctx.args]
+    cmd, sub = ctx.command, ctx
+    try:
+        while hasattr(cmd, "resolve_command"):   # a group: find the subcommand its first argument names
+            if not args or args[0].startswith("-"):
+                return None
+            name, cmd, args = cmd.resolve_command(sub, args)
+            if cmd is None:
+                return None
+            sub = type(ctx)(cmd, parent=sub, info_name=name, **cmd.context_settings)
+        _, _, order = cmd.make_parser(sub).parse_args(args=list(args))
+    except Exception:  # noqa: BLE001 - a usage error (unknown command or option): click reports it itself
+        return None
+    seen: set[str] = set()
+    for param in order:
+        if param.param_type_name == "option" and not getattr(param, "multiple", False) \
+                and not getattr(param, "count", False):
+            if param.name in seen:
+                return "/".join([*param.opts, *param.secondary_opts])
+            seen.add(param.name)
+    return None
+
+
+class _RootGroup(TyperGroup):
+    """The root command: refuses a repeated single-value option before anything runs (typer/click would keep
+    the last value silently: `--name a --name b` meant b alone)."""
+
+    def invoke(self, ctx: typer.Context):
+        repeated = _repeated_option(ctx)
+        if repeated:
+            fail(f"option {repeated} given twice; give it once")
+        return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_RootGroup, add_completion=False, no_args_is_help=True, help=__doc__)
 stage_app = typer.Typer(no_args_is_help=True, help="Run one pipeline stage (what dvc.yaml calls).")
 quarantine_app = typer.Typer(no_args_is_help=True, help="Inspect and purge quarantined input.")
 contract_app = typer.Typer(no_args_is_help=True, help="The feedback contract.")
@@ -60,6 +101,42 @@ def _print(data: dict, as_json: bool, title: str) -> None:
     Console().print(table)
 
 
+@contextlib.contextmanager
+def _changing_raw_store(s: Settings, command: str):
+    """Around every command that changes the raw store (ingest, export, erase): the workspace lock (one for all
+    of them and the DAG tasks, so none interleaves) and, with a DVC remote, the remote's latest state pulled
+    first (never over unpublished local changes) and this command's result pushed and published after, as a DAG
+    task does: the next task's sync then neither deletes what it added nor brings back what it erased. Yields
+    the list of extra paths to push (the raw store's pointer always is)."""
+    from flywheel import workspace
+    from pipelines import orchestration as orch, remote
+
+    push: list[str] = []
+    try:
+        with workspace.locked(s.root, f"flywheel {command}"):
+            if not s.dvc_remote:
+                yield push
+                return
+            if not workspace.is_dvc_repo(s.root):
+                fail(f"dvc_remote is set but {s.root} is not a DVC repository: run `flywheel init` first")
+            env, extra = dict(os.environ), [s.reports / orch.WATERMARK]
+            run_id = s.airflow_run_id or time.strftime("cli__%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"-{os.getpid()}"
+            remote.sync_in(s.root, s.dvc_remote, env, None, log=console.print, extra=extra, task=f"{run_id}/{command}")
+            yield push
+            pointer = s.raw_store.with_name(s.raw_store.name + ".dvc")
+            targets = [str(p.relative_to(s.root)) for p in (pointer,) if p.is_file()] + push
+            remote.sync_out(s.root, s.dvc_remote, env, run_id, command, targets, extra, log=console.print)
+            console.print(f"published to {s.dvc_remote} as the latest state (run {run_id}, task {command})")
+    except (workspace.WorkspaceError, remote.RemoteError) as exc:
+        fail(str(exc), 1)
+
+
+def _no_track_with_remote(s: Settings, track: bool) -> None:
+    if not track and s.dvc_remote:
+        fail("--no-track cannot be used with a DVC remote (dvc_remote is set): an untracked batch is never "
+             "published, and the next sync would delete it")
+
+
 @app.command()
 def init() -> None:
     """Make the workspace a git + DVC repository where it is not one yet."""
@@ -95,12 +172,14 @@ def ingest(
     from pipelines.ingest import IngestError, ingest as run_ingest
 
     s = settings()
-    try:
-        result = run_ingest(files, fmt, s.raw_store, s.quarantine, s.params.ingest, s.params.contract)
-    except IngestError as exc:
-        fail(str(exc))
-    if result.accepted and track:
-        workspace.track(s.root, s.raw_store)
+    _no_track_with_remote(s, track)
+    with _changing_raw_store(s, "ingest"):
+        try:
+            result = run_ingest(files, fmt, s.raw_store, s.quarantine, s.params.ingest, s.params.contract)
+        except IngestError as exc:
+            fail(str(exc))
+        if result.accepted and track:
+            workspace.track(s.root, s.raw_store)
     summary = {k: getattr(result, k) for k in ("read", "accepted", "duplicates", "quarantined")}
     summary.update(batch_id=result.batch_id, pii_redacted=result.pii)
     if result.quarantine_dir:
@@ -115,26 +194,65 @@ def ingest(
 
 @app.command()
 def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous user id to forget")) -> None:
-    """Remove a user's events from the feedback store, the raw store, the quarantine and the training sets."""
+    """Remove a user's data from every place Flywheel keeps user text: the feedback store, the raw store, the
+    quarantine, the training sets, older evaluation samples and the answer cache (README, Security model)."""
     from flywheel import workspace
-    from pipelines.erase import erase_user
+    from pipelines import erase as erasure
 
     s = settings()
-    try:
-        result = erase_user(user_id, s.raw_store, s.prepared, s.quarantine)
-    except ValueError as exc:
-        fail(str(exc))
-    store_rows = 0
-    if not (s.feedback_store.startswith("sqlite:///") and not Path(s.feedback_store[len("sqlite:///"):]).exists()):
-        with _feedback_store(s.feedback_store) as store:
-            store_rows = store.erase_user(user_id)
-    if result.raw_events:
-        workspace.track(s.root, s.raw_store)
+    with _changing_raw_store(s, "erase") as push:
+        try:
+            result = erasure.erase_user(user_id, s.raw_store, s.prepared, s.quarantine,
+                                        evaluation=(s.root / "metrics" / "evaluate.json", s.reports / "evaluate"),
+                                        answer_cache=s.models / "answer-cache")
+        except ValueError as exc:
+            fail(str(exc))
+        store_rows = 0
+        if not (s.feedback_store.startswith("sqlite:///")
+                and not Path(s.feedback_store[len("sqlite:///"):]).exists()):
+            with _feedback_store(s.feedback_store) as store:
+                store_rows = sum(store.erase_user(u) for u in [user_id, *result.variants])
+        if result.raw_events:
+            workspace.track(s.root, s.raw_store)
+        # record the rewritten stage outputs in dvc.lock, so what a sync hands other workspaces is the erased data
+        committed, uncommitted = workspace.commit_outputs(s.root, result.outputs_rewritten)
+        push += committed
+    mlflow_deleted, mlflow_how = _erase_mlflow_copies(s)
     _print({"user_id": user_id, "feedback_store_events_removed": store_rows, "raw_events_removed": result.raw_events,
-            "quarantined_removed": result.quarantined, "training_records_removed": result.training_records},
+            "quarantined_removed": result.quarantined, "training_records_removed": result.training_records,
+            "evaluation_samples_removed": result.evaluation_samples,
+            "answer_cache_files_removed": result.answer_cache_files, "mlflow_reports_removed": mlflow_deleted},
            False, "erase")
+    if uncommitted:
+        console.print(f"Not recorded in dvc.lock (the next `dvc repro` rebuilds them): {', '.join(uncommitted)}.")
     console.print("Older copies may remain in the DVC cache and remotes. To purge them: commit the new "
-                  "data/raw.dvc, then run `dvc gc --workspace --cloud` (and the same on each remote).")
+                  "data/raw.dvc and dvc.lock, then run `dvc gc --workspace --cloud` (and the same on each remote); "
+                  "models trained before this erase learned from the data: the next training excludes it.")
+    if mlflow_how:
+        console.print(mlflow_how)
+    console.print("The quarantine and the answer cache are local to each workspace: run this erase on every "
+                  "machine that runs `flywheel ingest` or `evaluate` too.")
+
+
+def _erase_mlflow_copies(s: Settings) -> tuple[int, str]:
+    """Delete report.md from MLflow evaluate runs logged before samples came only from the shipped suites;
+    returns how many were deleted and, for those that could not be, how to purge them by hand."""
+    from pipelines import erase as erasure
+
+    how = ("MLflow may keep evaluation reports logged before samples came only from the shipped suites (runs "
+           "tagged flywheel.stage=evaluate without flywheel.samples=suites): delete those runs "
+           "(`mlflow runs delete --run-id RUN_ID`), then `mlflow gc --backend-store-uri {uri}{ids}`.")
+    if s.tracking_uri.startswith(("http://", "https://")):
+        how = how.replace("{uri}", "<the server's --backend-store-uri>") + " (with MLFLOW_TRACKING_URI set)"
+    local_db = s.tracking_uri.startswith("sqlite:///") and not Path(s.tracking_uri[len("sqlite:///"):]).exists()
+    if local_db:
+        return 0, ""
+    try:
+        runs = erasure.evaluation_runs_with_samples(s)
+        left = erasure.purge_evaluation_artifacts(runs)
+    except Exception as exc:       # the tracking server is unreachable: the user purges later, told how
+        return 0, f"(MLflow not reachable: {exc.__class__.__name__}) " + how.format(uri=s.tracking_uri, ids="")
+    return len(runs) - len(left), (how.format(uri=s.tracking_uri, ids=" --run-ids " + ",".join(left)) if left else "")
 
 
 @quarantine_app.command("purge")
@@ -266,20 +384,14 @@ def stage_evaluate(champion: Path = typer.Option(...), base: Path = typer.Option
                   f"reward accuracy {ra['champion']:.3f} -> {ra['challenger']:.3f}")
 
 
-def _gate(s: Settings):
-    from pydantic import ValidationError
+def _gate(s: Settings, name: str | None = None):
+    """The gate in force (params.yaml ``bless.gate``; ``name``: another gate params.yaml defines)."""
+    from pipelines.bless import GateError, gate_in_force
 
-    from pipelines.bless import GateParams
-
-    section = _section(s, "bless")
-    name = section.get("gate", "default")
-    gates = section.get("gates", {})
-    if name not in gates:
-        fail(f"params.yaml bless.gate: unknown gate {name!r}; defined: {', '.join(gates)}")
     try:
-        return name, GateParams.model_validate(gates[name])
-    except ValidationError as exc:
-        fail(f"params.yaml bless.gates.{name}: {exc}")
+        return gate_in_force(_section(s, "bless"), name)
+    except GateError as exc:
+        fail(str(exc))
 
 
 @stage_app.command("bless")
@@ -292,13 +404,14 @@ def stage_bless(evaluation: Path = typer.Option(..., "--metrics"), out: Path = t
     from flywheel import tracking
 
     s = settings()
-    name, gate = _gate(s)
+    gate = _gate(s)
     with tracking.stage_run(s, "bless"):
-        verdict = run_bless(s.root / evaluation, gate, s.root / out, name)
+        verdict = run_bless(s.root / evaluation, gate.rules, s.root / out, gate.name)
         mlflow.log_artifact(str(s.root / out))
         mlflow.log_artifact(str((s.root / out).with_suffix(".md")))
         mlflow.log_metrics({f"{k}_blessed": float(verdict[k]["blessed"]) for k in ("policy", "reward")})
-    verdict_table(verdict, f"gate verdict ({name})")
+        mlflow.set_tags({"gate": gate.name, "gate_sha256": gate.sha256, "judge": verdict["judge"]})
+    verdict_table(verdict, f"gate verdict ({gate.name} gate, judge: {verdict['judge']})")
 
 
 def verdict_table(verdict: dict, title: str) -> None:
@@ -308,7 +421,7 @@ def verdict_table(verdict: dict, title: str) -> None:
     table.add_column("reasons / checks")
     for kind in ("policy", "reward"):
         v = verdict.get(kind, {})
-        lines = v.get("reasons") or v.get("passed") or []
+        lines = (v.get("reasons") or v.get("passed") or []) + v.get("not_applied", [])
         table.add_row(kind, "yes" if v.get("blessed") else "no", escape("\n".join(lines)))
     Console().print(table)
 
@@ -346,11 +459,19 @@ def release(
     approved_by: Optional[str] = typer.Option(None, "--approved-by", help="who approved the release (tagged)"),
     rejected_by: Optional[str] = typer.Option(None, "--rejected-by",
                                               help="who rejected it: register and check, never promote (tagged)"),
+    hold: Optional[str] = typer.Option(None, "--hold", help="why not promote now: a blessed, checked version "
+                                       "becomes `challenger` (tagged with this) awaiting `flywheel promote`"),
+    allow_gate: Optional[str] = typer.Option(None, "--allow-gate", metavar="NAME",
+                                             help="also accept a blessing from this gate of params.yaml (tests "
+                                                  "only; logged and tagged on the version)"),
 ) -> None:
-    """Register the challengers, smoke-check them, and promote those the gate blessed."""
+    """Register the challengers, smoke-check them, and promote those the gate in force (params.yaml
+    bless.gate) blessed."""
+    from flywheel.registry import RegistryError
     from flywheel.release import bootstrap as boot, release as run_release
 
     s = settings()
+    gates = _accepted_gates(s, allow_gate)
     for path in (challenger, blessing):
         if not (s.root / path).exists():
             fail(f"{path} not found: run `dvc repro` first")
@@ -362,8 +483,14 @@ def release(
         fail("--approved-by and --rejected-by exclude each other")
     if approved_by or rejected_by:
         lineage.update(approval="approved" if approved_by else "rejected", approval_by=approved_by or rejected_by)
-    hold = f"release rejected by {rejected_by}" if rejected_by else None
-    outcomes = run_release(registry, s.root / challenger, verdict, lineage, _smoke(s), log=console.print, hold=hold)
+    if allow_gate and verdict.get("gate") == allow_gate != next(iter(gates)):
+        lineage["gate_override"] = f"--allow-gate {allow_gate} (params.yaml bless.gate is {next(iter(gates))})"
+    reject = f"release rejected by {rejected_by}" if rejected_by else None
+    try:
+        outcomes = run_release(registry, s.root / challenger, verdict, lineage, _smoke(s), log=console.print,
+                               gates=gates, reject=reject, hold=hold)
+    except RegistryError as exc:
+        fail(f"release refused: {exc}")
     rows = [{"model": o.kind, "version": o.version, "new_version": o.created, "blessed": o.blessed,
              "smoke_check": o.smoke_ok, "promoted": o.promoted, "reasons": o.reasons} for o in outcomes]
     if as_json:
@@ -376,6 +503,18 @@ def release(
         table.add_row(r["model"], str(r["version"]), str(r["blessed"]), str(r["smoke_check"]), str(r["promoted"]),
                       escape("\n".join(r["reasons"])))
     Console().print(table)
+
+
+def _accepted_gates(s: Settings, allow_gate: str | None) -> dict[str, str]:
+    """Gate name -> rules' sha256 whose blessings count: params.yaml's bless.gate, plus an ``--allow-gate``
+    (said out loud: it is how a test accepts another gate, never how production runs)."""
+    gate = _gate(s)
+    gates = {gate.name: gate.sha256}
+    if allow_gate and allow_gate != gate.name:
+        gates[allow_gate] = _gate(s, allow_gate).sha256
+        console.print(f"warning: --allow-gate {allow_gate}: accepting the {allow_gate!r} gate besides params.yaml's "
+                      f"{gate.name!r} (tagged gate_override on the version)", style="yellow", markup=False)
+    return gates
 
 
 def _lineage(s: Settings) -> dict:
@@ -411,35 +550,55 @@ def _lineage(s: Settings) -> dict:
     return out
 
 
+_ALLOW_GATE_HELP = "also accept a version blessed by this gate of params.yaml (logged)"
+
+
 @app.command()
-def promote(version: str, model: str = typer.Option("policy", help="policy or reward")) -> None:
-    """Make VERSION the champion (it must have been blessed and passed its smoke check)."""
+def promote(version: str, model: str = typer.Option("policy", help="policy or reward"),
+            allow_gate: Optional[str] = typer.Option(None, "--allow-gate", metavar="NAME",
+                                                     help=_ALLOW_GATE_HELP)) -> None:
+    """Make VERSION the champion (blessed by the gate in force and smoke-checked, or the base model)."""
     from flywheel.registry import RegistryError
     from flywheel.release import promote as do_promote
 
     if model not in ("policy", "reward"):
         fail("--model must be policy or reward")
     s = settings()
+    gate = _gate(s).name
+    if allow_gate:
+        console.print(f"warning: --allow-gate {allow_gate}: a version blessed by it may be promoted", markup=False)
     try:
-        do_promote(_registry(s), model, version)
+        notes = do_promote(_registry(s), model, version, gate, allow_gate)
     except RegistryError as exc:
         fail(str(exc))
+    for note in notes:
+        console.print(note, markup=False)
     console.print(f"flywheel-{model} v{version} is champion")
 
 
 @app.command()
 def rollback(model: str = typer.Option("policy", help="policy or reward"),
-             to: Optional[str] = typer.Option(None, help="version (default: previous-champion)")) -> None:
-    """Point champion back at the previous champion (or a named version)."""
+             to: Optional[str] = typer.Option(None, help="version (default: previous-champion)"),
+             allow_gate: Optional[str] = typer.Option(None, "--allow-gate", metavar="NAME",
+                                                      help=_ALLOW_GATE_HELP)) -> None:
+    """Point champion back at the previous champion (or a named version): only a version blessed by the gate
+    in force and smoke-checked, or the base model. The former champion is tagged rolled_back."""
     from flywheel.registry import MODELS, RegistryError
+    from flywheel.release import rollback as do_rollback
 
     if model not in MODELS:
         fail("--model must be policy or reward")
     s = settings()
+    gate = _gate(s).name
+    if allow_gate:
+        console.print(f"warning: --allow-gate {allow_gate}: a version blessed by it may be rolled back to",
+                      markup=False)
     try:
-        new, old = _registry(s).rollback(MODELS[model], to)
+        new, old, notes = do_rollback(_registry(s), model, to, gate, allow_gate)
     except RegistryError as exc:
         fail(str(exc))
+    for note in notes:
+        console.print(note, markup=False)
     console.print(f"{MODELS[model]}: champion v{old.version} -> v{new.version}")
 
 
@@ -455,16 +614,20 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         for v in registry.versions(name):
             rows.append({"model": name, "version": v.version, "aliases": v.aliases,
                          "blessed": v.tags.get("blessed", ""), "smoke_check": v.tags.get("smoke_check", ""),
-                         "origin": v.tags.get("origin", "fine-tuned"), "reasons": json.loads(v.tags.get("gate_reasons", "[]"))})
+                         "origin": v.tags.get("origin", "fine-tuned"), "reasons": json.loads(v.tags.get("gate_reasons", "[]")),
+                         "gate": v.tags.get("gate", ""), "judge": v.tags.get("judge", ""),
+                         "refused": v.tags.get("refused", ""), "rolled_back": v.tags.get("rolled_back", "")})
     if as_json:
         typer.echo(json.dumps(rows))
         return
     table = Table(title=f"registry ({s.registry_uri})", show_lines=True)
-    for col in ("model", "version", "aliases", "blessed", "smoke check", "gate reasons"):
+    for col in ("model", "version", "aliases", "blessed", "smoke check", "gate", "gate reasons / refused"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], r["version"], ", ".join(r["aliases"]), r["blessed"], r["smoke_check"],
-                      escape("\n".join(r["reasons"])[:400]))
+        notes = r["reasons"] + ([f"refused: {r['refused']}"] if r["refused"] else []) + (
+            [f"rolled back from: {r['rolled_back']}"] if r["rolled_back"] else [])
+        table.add_row(r["model"], r["version"], ", ".join(r["aliases"]), r["blessed"], r["smoke_check"], r["gate"],
+                      escape("\n".join(notes)[:400]))
     Console().print(table)
 
 
@@ -520,13 +683,15 @@ def export_feedback(
     from service.store import FeedbackStore
 
     s = settings()
-    store = FeedbackStore(s.feedback_store)
-    try:
-        result = export(store, s.raw_store)
-    finally:
-        store.close()
-    if result.exported and track:
-        workspace.track(s.root, s.raw_store)
+    _no_track_with_remote(s, track)
+    with _changing_raw_store(s, "export"):
+        store = FeedbackStore(s.feedback_store)
+        try:
+            result = export(store, s.raw_store)
+        finally:
+            store.close()
+        if result.exported and track:
+            workspace.track(s.root, s.raw_store)
     _print({"batches": result.batches, "exported": result.exported, "duplicates": result.duplicates,
             "files": result.files}, as_json, "export")
 
@@ -551,11 +716,17 @@ def repro(ctx: typer.Context, warm_runner: bool = typer.Option(True, "--warm/--c
 
 
 @app.command()
-def restore(run_id: str = typer.Option(..., "--run-id", help="an Airflow run id (a model version's airflow_run_id tag)"),
-            task: Optional[str] = typer.Option(None, help="whose state: a task of that run (default: its last)")) -> None:
-    """Put this workspace in the state an Airflow run left on the DVC remote (dvc.lock, the raw-store
-    pointer) and pull its data: the exact inputs and outputs behind a model version, on a fresh clone."""
-    from pipelines import remote
+def restore(run_id: Optional[str] = typer.Option(None, "--run-id",
+                                                 help="an Airflow run id (a model version's airflow_run_id tag); "
+                                                      "default: the latest published state"),
+            task: Optional[str] = typer.Option(None, help="whose state: a task of that run (default: its last)"),
+            force: bool = typer.Option(False, "--force", help="overwrite changes never published from this workspace"
+                                       )) -> None:
+    """Put this workspace in the state an Airflow run (or, without --run-id, the latest task or command) left on
+    the DVC remote (dvc.lock, the raw-store pointer) and pull its data: the exact inputs and outputs behind a
+    model version, on a fresh clone. Refuses to overwrite unpublished local changes unless --force."""
+    from flywheel import workspace
+    from pipelines import orchestration as orch, remote
 
     s = settings()
     if not s.dvc_remote:
@@ -563,43 +734,73 @@ def restore(run_id: str = typer.Option(..., "--run-id", help="an Airflow run id 
              "state on no remote")
     env = dict(os.environ)
     try:
-        state = remote.fetch_state(s.dvc_remote, env, run_id, task)
-        if state is None:
-            fail(f"no workspace state of run {run_id!r}{f' task {task!r}' if task else ''} on {s.dvc_remote}")
-        remote.sync_in(s.root, s.dvc_remote, env, state, log=console.print)
-    except remote.RemoteError as exc:
+        with workspace.locked(s.root, "flywheel restore"):
+            state = remote.fetch_state(s.dvc_remote, env, run_id, task) if run_id else remote.fetch_state(
+                s.dvc_remote, env)
+            if state is None:
+                fail(f"no workspace state of run {run_id!r}{f' task {task!r}' if task else ''} on {s.dvc_remote}"
+                     if run_id else f"no state published on {s.dvc_remote} yet")
+            remote.sync_in(s.root, s.dvc_remote, env, state, log=console.print, extra=[s.reports / orch.WATERMARK],
+                           force=force)
+    except (remote.RemoteError, workspace.WorkspaceError) as exc:
         fail(str(exc), 1)
-    console.print(f"restored run {run_id}: {', '.join(sorted(state))}")
+    console.print(f"restored {f'run {run_id}' if run_id else 'the latest state'}: {', '.join(sorted(state))}")
+
+
+@app.command()
+def publish() -> None:
+    """Push this workspace's data and publish its state (dvc.lock, the raw-store pointer, the watermark) as the
+    DVC remote's latest, merged with what the remote holds: what ingest, export and erase do by themselves;
+    for changes made by hand (`dvc add`, `dvc repro`) that a sync would otherwise refuse to overwrite."""
+    from flywheel import workspace
+    from pipelines import orchestration as orch, remote
+
+    s = settings()
+    if not s.dvc_remote:
+        fail("dvc_remote is not set (FLYWHEEL_DVC_REMOTE or params.yaml settings.dvc_remote): nothing to publish to")
+    env = dict(os.environ)
+    run_id = s.airflow_run_id or time.strftime("cli__%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"-{os.getpid()}"
+    try:
+        with workspace.locked(s.root, "flywheel publish"):
+            remote.configure(s.root, s.dvc_remote, env)
+            state = remote.sync_out(s.root, s.dvc_remote, env, run_id, "publish", None, [s.reports / orch.WATERMARK],
+                                    log=console.print)
+    except (remote.RemoteError, workspace.WorkspaceError) as exc:
+        fail(str(exc), 1)
+    console.print(f"published {', '.join(sorted(state))} to {s.dvc_remote} (run {run_id})")
 
 
 @tokens_app.command("create")
-def tokens_create(scope: str = typer.Option(..., help="chat, feedback or admin"),
+def tokens_create(scope: list[str] = typer.Option(..., "--scope", help="chat, feedback or admin; repeat it for "
+                                                                      "several (--scope chat --scope feedback)"),
                   name: str = typer.Option("", help="who or what the token is for")) -> None:
-    """Create an API token and print it once (only its SHA-256 is stored)."""
-    from service.auth import create_token
+    """Create an API token allowed one or more scopes and print it once (only its SHA-256 is stored)."""
+    from service.auth import create_token, normalise_scopes
     from service.store import FeedbackStore
 
+    try:
+        scopes = normalise_scopes(scope)
+    except ValueError as exc:
+        fail(str(exc))
     s = settings()
     store = FeedbackStore(s.feedback_store)
     try:
-        token, token_id = create_token(store, scope, name)
-    except ValueError as exc:
-        fail(str(exc))
+        token, token_id = create_token(store, scopes, name)
     finally:
         store.close()
-    console.print(f"token {token_id} ({scope}) created; it is shown only now:")
+    console.print(f"token {token_id} ({scopes}) created; it is shown only now:")
     typer.echo(token)
 
 
 @tokens_app.command("list")
 def tokens_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """The API tokens: public id, scope, name, creation time (the tokens themselves are not stored)."""
+    """The API tokens: public id, scopes, name, creation time (the tokens themselves are not stored)."""
     with _feedback_store() as store:
         rows = store.list_tokens()
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    table = Table("id", "scope", "name", "created")
+    table = Table("id", "scopes", "name", "created")
     for r in rows:
         table.add_row(r["token_id"], r["scope"], escape(r["name"]), r["created_at"])
     Console().print(table)

@@ -12,12 +12,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 SCHEMA_PATH = Path(__file__).with_name("feedback-v1.schema.json")
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 DEFAULT_MAX_CHARS = 16000
 DEFAULT_MAX_TURNS = 64
+# C0 and C1 control characters and DEL. PostgreSQL refuses NUL in text (one such id once failed a whole group
+# commit), and none of them belongs in an identifier; the same class is written into the JSON Schema.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+IDENTIFIER_PATTERN = r"^[^\u0000-\u001f\u007f-\u009f]*$"
 
 
 class _Model(BaseModel):
@@ -31,6 +36,20 @@ def _check_text(value: str, info: ValidationInfo) -> str:
     if len(value) > limit:
         raise ValueError(f"text is {len(value)} characters, over the limit of {limit}")
     return value
+
+
+def _printable(value: str) -> str:
+    """An identifier without control characters; the message names the character, never the value."""
+    found = _CONTROL.search(value)
+    if found:
+        raise ValueError(f"contains a control character (U+{ord(found.group()):04X}); identifiers must be printable")
+    return value
+
+
+def identifier(min_length: int | None = 1, max_length: int = 128):
+    """A string identifier type: length-bounded and free of control characters (checked and in the schema)."""
+    return Annotated[str, Field(min_length=min_length, max_length=max_length,
+                                json_schema_extra={"pattern": IDENTIFIER_PATTERN}), AfterValidator(_printable)]
 
 
 class Message(_Model):
@@ -73,13 +92,13 @@ class FeedbackEvent(_Model):
     """One piece of user feedback on one assistant answer."""
 
     schema_version: Literal[1] = 1
-    event_id: str = Field(min_length=1, max_length=128)
+    event_id: identifier()
     timestamp: str = Field(description="RFC 3339, e.g. 2026-11-27T10:00:00Z")
-    conversation_id: str = Field(min_length=1, max_length=128)
-    model_version: str = Field(min_length=1, max_length=128)
+    conversation_id: identifier()
+    model_version: identifier()
     prompt: list[Message] = Field(min_length=1)
     response: str
-    user_id: str | None = Field(None, max_length=128)
+    user_id: identifier(min_length=None) | None = None
     feedback: Feedback
 
     _response = field_validator("response")(_check_text)
@@ -92,7 +111,8 @@ class FeedbackEvent(_Model):
         try:
             datetime.fromisoformat(value.replace("z", "Z"))
         except ValueError as exc:
-            raise ValueError(f"not a valid date and time: {exc}") from None
+            reason = str(exc) if value not in str(exc) else "out of range"   # never echo the input
+            raise ValueError(f"not a valid date and time: {reason}") from None
         return value
 
     @field_validator("prompt")

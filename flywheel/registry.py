@@ -128,8 +128,18 @@ class Registry:
         for k, v in tags.items():
             self.client.set_model_version_tag(name, str(version), k, str(v)[:5000])
 
+    def delete_tags(self, name: str, version: str, keys: list[str]) -> None:
+        """Remove these tags from the version where it has them."""
+        have = self.get(name, version).tags
+        for k in keys:
+            if k in have:
+                self.client.delete_model_version_tag(name, str(version), k)
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, str(version))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(name, alias)
 
     def promote(self, name: str, version: str) -> Version | None:
         """Move ``champion`` to ``version``: ``previous-champion`` is set first, then ``champion`` in one call.
@@ -144,7 +154,8 @@ class Registry:
 
     def rollback(self, name: str, to_version: str | None = None) -> tuple[Version, Version]:
         """Point ``champion`` back at ``to_version`` (default: ``previous-champion``); the rolled-back
-        version becomes ``previous-champion``. Returns (new champion, former champion)."""
+        version becomes ``previous-champion``. Returns (new champion, former champion). The aliases only: which
+        versions may be rolled back to is ``flywheel.release.rollback``'s decision."""
         current = self.alias(name, CHAMPION)
         target = self.get(name, to_version) if to_version else self.alias(name, PREVIOUS)
         if target is None:

@@ -1,5 +1,9 @@
 """Release: bootstrap, register the challengers, check they load and answer, promote the blessed.
 
+Only a version blessed by the gate params.yaml names (``bless.gate``, its rules' hash recorded in the blessing)
+and smoke-checked becomes champion, by a release, ``flywheel promote`` or ``flywheel rollback`` alike; the base
+model of the bootstrap is the one exception (the floor a rollback can always reach).
+
 Not a DVC stage (DVC may restore a stage from its cache without running it, which would silently
 skip a side effect): ``flywheel release`` runs after ``dvc repro``, and is idempotent: the same
 model folder is never registered twice, and promoting the current champion does nothing.
@@ -12,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flywheel.registry import CHALLENGER, CHAMPION, MODELS, Registry, RegistryError, content_hash
+from flywheel.registry import (CHALLENGER, CHAMPION, MODELS, PREVIOUS, Registry, RegistryError, Version,
+                               content_hash)
 
 
 @dataclass
@@ -76,12 +81,81 @@ def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str
     return True, f"loaded and answered {len(params.prompts)} prompts in {took:.1f} s"
 
 
+class GateMismatch(RegistryError):
+    """The blessing is not from the gate params.yaml names (or not from its current rules)."""
+
+
+def gate_problem(blessing: dict, gates: dict[str, str]) -> str | None:
+    """Why ``blessing`` does not count under the accepted ``gates`` (name -> rules' sha256; the first is
+    params.yaml's ``bless.gate``); None when it does."""
+    name, sha = blessing.get("gate"), blessing.get("gate_sha256")
+    in_force = next(iter(gates), "?")
+    if not name or not sha:
+        return "the blessing records no gate (its name and rules' hash): rerun `dvc repro bless`"
+    if name not in gates:
+        return (f"the blessing is from the {name!r} gate, but params.yaml bless.gate is {in_force!r}: rerun "
+                f"`dvc repro bless` (a test may accept it with `flywheel release --allow-gate {name}`)")
+    if sha != gates[name]:
+        return (f"the blessing is from other rules of the {name!r} gate (sha256 {sha[:12]}, params.yaml has "
+                f"{gates[name][:12]}): rerun `dvc repro bless`")
+    return None
+
+
+def refusal(v: Version, gate: str | None = None, allow_gate: str | None = None) -> str | None:
+    """Why version ``v`` may not become champion by hand (promote, rollback); None when it may. The base
+    model of the bootstrap may (it is the floor every rollback can reach)."""
+    if v.tags.get("origin") == "base" or v.tags.get("blessed") == "base model":
+        return None
+    if v.tags.get("blessed") != "true":
+        return f"was never blessed by the gate ({v.tags.get('gate_reasons', 'no verdict')})"
+    if v.tags.get("smoke_check") != "passed":
+        return "has not passed its smoke check"
+    if v.tags.get("approval") == "rejected":
+        return f"was rejected by {v.tags.get('approval_by', 'a reviewer')}"
+    blessed_by = v.tags.get("gate")
+    if gate and blessed_by and blessed_by not in (gate, allow_gate):
+        return (f"was blessed by the {blessed_by!r} gate, but params.yaml bless.gate is {gate!r} "
+                f"(--allow-gate {blessed_by} accepts it)")
+    return None
+
+
+def drop_stale_challenger(registry: Registry, name: str, log=print, gates: list[str] | None = None) -> None:
+    """Remove the ``challenger`` alias unless it points at a blessed, smoke-checked version awaiting promotion
+    (never one refused, rolled back from, already champion, or blessed by a gate not in ``gates``): the service
+    splits traffic to it."""
+    v = registry.alias(name, CHALLENGER)
+    if v is None:
+        return
+    champion = registry.alias(name, CHAMPION)
+    other_gate = gates and v.tags.get("gate") and v.tags["gate"] not in gates
+    why = refusal(v) or ("is refused" if v.tags.get("refused") else None) or (
+        f"was blessed by the {v.tags.get('gate')!r} gate" if other_gate else None) or (
+        "was rolled back from" if v.tags.get("rolled_back") else None) or (
+        "is the champion" if champion is not None and champion.version == v.version else None)
+    if why:
+        registry.delete_alias(name, CHALLENGER)
+        log(f"{name} v{v.version} {why}: `challenger` alias removed")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict, smoke: SmokeParams,
-            log=print, hold: str | None = None) -> list[Outcome]:
-    """Register each challenger, check it, and promote it when blessed and the check passed, unless
-    ``hold`` says why not (a human rejected the release)."""
+            log=print, *, gates: dict[str, str], reject: str | None = None, hold: str | None = None) -> list[Outcome]:
+    """Register each challenger, check it, and promote it when the gate in force blessed it and the check passed.
+
+    ``gates``: the gates whose blessing counts, name -> rules' sha256 (params.yaml's ``bless.gate`` first, plus
+    an explicit ``--allow-gate``); any other raises ``GateMismatch``. ``reject``: a human rejected the release
+    (registered, checked, refused). ``hold``: not promoted now; a blessed, checked version becomes ``challenger``,
+    awaiting ``flywheel promote``. A version refused (not blessed, check failed, rejected, rolled back from) is
+    tagged ``refused`` and never carries the ``challenger`` alias."""
+    problem = gate_problem(blessing, gates)
+    if problem:
+        raise GateMismatch(problem)
     outcomes = []
     for kind, name in MODELS.items():
+        drop_stale_challenger(registry, name, log, list(gates))
         out = Outcome(kind)
         folder = challenger / kind
         verdict = blessing.get(kind, {"blessed": False, "reasons": ["no verdict"]})
@@ -97,12 +171,13 @@ def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict,
             outcomes.append(out)
             continue
         tags = {"blessed": str(verdict["blessed"]).lower(), "gate_reasons": json.dumps(verdict["reasons"]),
+                "gate_not_applied": json.dumps(verdict.get("not_applied", [])), "gate": blessing["gate"],
+                "gate_sha256": blessing["gate_sha256"], "judge": blessing.get("judge") or "none",
                 **{k: v for k, v in lineage.items() if v}}
         version, out.created = registry.register(name, folder, tags=tags, digest=digest,
                                                  run_id=lineage.get(f"{kind}_mlflow_run_id"))
         out.version = version.version
         registry.set_tags(name, version.version, tags)
-        registry.set_alias(name, CHALLENGER, version.version)
         out.blessed = bool(verdict["blessed"])
         out.smoke_ok, detail = smoke_check(kind, registry.local_dir(version), smoke)
         registry.set_tags(name, version.version, {"smoke_check": "passed" if out.smoke_ok else "failed",
@@ -112,23 +187,66 @@ def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict,
             out.reasons += verdict["reasons"] or ["not blessed"]
         if not out.smoke_ok:
             out.reasons.append(f"smoke check failed: {detail}")
-        if hold:
-            out.reasons.append(f"not promoted: {hold}")
-        if out.blessed and out.smoke_ok and not hold:
+        rolled_back = version.tags.get("rolled_back")
+        if rolled_back:
+            out.reasons.append(f"v{version.version} was rolled back from ({rolled_back}): a release does not promote "
+                               f"it again; `flywheel promote {version.version} --model {kind}` does, by hand")
+        if reject:
+            out.reasons.append(f"not promoted: {reject}")
+        if out.reasons:
+            registry.set_tags(name, version.version, {"refused": "; ".join(out.reasons)})
+            drop_stale_challenger(registry, name, log, list(gates))
+        elif hold:
+            out.reasons.append(f"not promoted: {hold}; `challenger` until `flywheel promote`")
+            registry.delete_tags(name, version.version, ["refused"])
+            registry.set_tags(name, version.version, {"awaiting": hold})
+            registry.set_alias(name, CHALLENGER, version.version)
+        else:
+            registry.delete_tags(name, version.version, ["refused", "awaiting"])
             registry.promote(name, version.version)
-            registry.set_tags(name, version.version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            registry.set_tags(name, version.version, {"promoted_at": _now()})
+            drop_stale_challenger(registry, name, log, list(gates))
             out.promoted = True
         outcomes.append(out)
     return outcomes
 
 
-def promote(registry: Registry, kind: str, version: str) -> None:
-    """Promote a named version by hand; only one the gate blessed and whose smoke check passed."""
+def promote(registry: Registry, kind: str, version: str, gate: str | None = None,
+            allow_gate: str | None = None) -> list[str]:
+    """Promote a named version by hand: only one the gate in force blessed and whose smoke check passed (or the
+    base model). Returns notes worth printing."""
     name = MODELS[kind]
     v = registry.get(name, version)
-    if v.tags.get("blessed") not in ("true", "base model"):
-        raise RegistryError(f"{name} v{version} was not blessed by the gate ({v.tags.get('gate_reasons', 'no verdict')}); "
-                            "it cannot be promoted")
-    if v.tags.get("smoke_check") not in ("passed", "base model"):
-        raise RegistryError(f"{name} v{version} has not passed its smoke check; it cannot be promoted")
+    why = refusal(v, gate, allow_gate)
+    if why:
+        raise RegistryError(f"{name} v{version} {why}; it cannot be promoted")
     registry.promote(name, version)
+    registry.delete_tags(name, version, ["awaiting", "refused", "rolled_back"])
+    registry.set_tags(name, version, {"promoted_at": _now(), **(
+        {"promoted_after_rollback": v.tags["rolled_back"]} if v.tags.get("rolled_back") else {})})
+    drop_stale_challenger(registry, name, log=lambda *_: None)
+    notes = [f"{name} v{version} had been rolled back from ({v.tags['rolled_back']}): promoted again by hand"
+             ] if v.tags.get("rolled_back") else []
+    if v.tags.get("origin") == "base":
+        notes.append(f"{name} v{version} is the base model (bootstrap): never gated, allowed as the floor")
+    return notes
+
+
+def rollback(registry: Registry, kind: str, to: str | None = None, gate: str | None = None,
+             allow_gate: str | None = None) -> tuple[Version, Version, list[str]]:
+    """Point ``champion`` back at ``to`` (default: ``previous-champion``): only a version the gate in force
+    blessed and whose smoke check passed, or the base model. The former champion is tagged ``rolled_back`` (a
+    release will not promote it again). Returns (new champion, former champion, notes)."""
+    name = MODELS[kind]
+    target = registry.get(name, to) if to else registry.alias(name, PREVIOUS)
+    if target is None:
+        raise RegistryError(f"{name} has no previous-champion to roll back to; name a version")
+    why = refusal(target, gate, allow_gate)
+    if why:
+        raise RegistryError(f"{name} v{target.version} {why}; it cannot be rolled back to")
+    new, old = registry.rollback(name, target.version)
+    registry.set_tags(name, old.version, {"rolled_back": f"{_now()}, champion moved back to v{new.version}"})
+    drop_stale_challenger(registry, name, log=lambda *_: None)
+    notes = [f"v{new.version} is the base model (bootstrap): never gated, always a valid rollback target"
+             ] if new.tags.get("origin") == "base" else []
+    return new, old, notes

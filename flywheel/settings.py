@@ -25,6 +25,9 @@ _AIRFLOW_ENV = {"airflow_home": "AIRFLOW_HOME", "airflow_db": "AIRFLOW__DATABASE
                 "celery_broker": "AIRFLOW__CELERY__BROKER_URL"}
 _AIRFLOW_DB_BLOCKED = "airflow-db-not-allowed:"   # what Airflow's task supervisor sets in task processes
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@]*@")
+# What a profile may never override: a profile picks sizes and speeds (and is chosen by FLYWHEEL_PROFILE or a DAG
+# trigger), so the gate, the release checks and what the gate's intervals mean stay those of params.yaml itself.
+PROFILE_FORBIDDEN = ("bless", "release", "evaluate.confidence", "evaluate.slices", "profile", "profiles")
 
 
 class SettingsError(ValueError):
@@ -172,6 +175,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _has(mapping: dict, dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    if head not in mapping:
+        return False
+    return not rest or (isinstance(mapping[head], dict) and _has(mapping[head], rest))
+
+
 def load_params(path: Path, profile: str | None = None) -> Params:
     """Parse params.yaml, with the chosen profile's overrides merged in; a wrong key or type fails
     with the key's name."""
@@ -182,11 +192,20 @@ def load_params(path: Path, profile: str | None = None) -> Params:
     if not isinstance(raw, dict):
         raise SettingsError(f"{path}: expected a mapping at top level")
     profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise SettingsError(f"{path}: profiles: expected a mapping of profile names to overrides")
+    for name, over in profiles.items():
+        if over is not None and not isinstance(over, dict):
+            raise SettingsError(f"{path}: profiles.{name}: expected a mapping of overrides")
+        for key in PROFILE_FORBIDDEN:
+            if _has(over or {}, key):
+                raise SettingsError(f"{path}: profiles.{name}.{key}: a profile may not override {key!r} (it "
+                                    "changes sizes and speeds, never the gate); set it at the top level of params.yaml")
     chosen = profile if profile is not None else raw.get("profile", "")
     if chosen:
         if chosen not in profiles:
             raise SettingsError(f"profile: unknown profile {chosen!r}; params.yaml defines {sorted(profiles)}")
-        raw = _merge(raw, profiles[chosen])
+        raw = _merge(raw, profiles[chosen] or {})
         raw["profile"] = chosen
     try:
         return Params.model_validate(raw)

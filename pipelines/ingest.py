@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from flywheel.contract import ContractError, parse_event
-from flywheel.redact import redact
+from flywheel.redact import pseudonymise_id, redact
 from flywheel.settings import ContractParams, IngestParams
 from pipelines import rawstore
 
@@ -124,17 +124,18 @@ def _polarity(fb) -> int:
 
 def event_row(event, found: Counter) -> dict:
     """A contract event as a raw-store row, personal data redacted (kinds tallied in ``found``); every column
-    of ``rawstore.SCHEMA`` but the batch's own ``ingested_at`` and ``batch_id``. The service stores the same rows."""
+    of ``rawstore.SCHEMA`` but the batch's own ``ingested_at`` and ``batch_id``. The service stores the same rows.
+    Ids holding personal data (an e-mail as user id) are pseudonymised: ``flywheel.redact.pseudonymise_id``."""
     fb = event.feedback
     prompt = [{"role": m.role, "content": redact(m.content, found)} for m in event.prompt]
     response = redact(event.response, found)
     return {
-        "event_id": event.event_id,
+        "event_id": pseudonymise_id(event.event_id, found),
         "schema_version": event.schema_version,
         "timestamp": event.timestamp,
-        "conversation_id": event.conversation_id,
+        "conversation_id": pseudonymise_id(event.conversation_id, found),
         "model_version": event.model_version,
-        "user_id": event.user_id,
+        "user_id": pseudonymise_id(event.user_id, found),
         "prompt": _PROMPT_JSON.encode(prompt),
         "n_turns": len(prompt),
         "response": response,

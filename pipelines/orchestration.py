@@ -57,8 +57,9 @@ class CommandFailed(RuntimeError):
     """A ``dvc`` or ``flywheel`` command exited non-zero; the message ends with its stderr tail."""
 
 
-class ExportUnavailable(RuntimeError):
-    """This install has no ``flywheel export`` command yet."""
+class ExportUnavailable(CommandFailed):
+    """No ``flywheel`` executable or no ``export`` command in it: a broken install, so the export task fails
+    (a skip would look like "no new feedback" while the service's events pile up unexported)."""
 
 
 @dataclass(frozen=True)
@@ -307,11 +308,16 @@ def run_release(root: Path, env: dict[str, str], log: Log = print, approved_by: 
 
 def run_export(root: Path, env: dict[str, str], log: Log = print, timeout: float | None = None) -> dict:
     """``flywheel export --json``: new feedback-store events into the raw store; returns its counts.
-    Raises ``ExportUnavailable`` when this install has no such command."""
-    res = run_command([console_script("flywheel"), "export", "--json"], root, env, log, what="flywheel export",
-                      timeout=timeout, check=False)
+    Raises ``ExportUnavailable`` (a ``CommandFailed``) when this install has no such executable or command."""
+    cmd = [console_script("flywheel"), "export", "--json"]
+    try:
+        res = run_command(cmd, root, env, log, what="flywheel export", timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        raise ExportUnavailable(f"no `flywheel` executable ({cmd[0]!r} is neither beside {sys.executable} nor on "
+                                f"PATH): the install is broken; nothing exported") from exc
     if res.returncode != 0 and any(_NO_EXPORT in line for line in res.stderr_tail):
-        raise ExportUnavailable("`flywheel export` is not available in this install yet; nothing exported")
+        raise ExportUnavailable("`flywheel export` is not available in this install: it is broken or too old; "
+                                "nothing exported")
     if res.returncode != 0:
         raise CommandFailed(f"flywheel export failed (exit {res.returncode}):\n" + "\n".join(res.stderr_tail))
     counts = _last_json(res.stdout)
@@ -331,6 +337,7 @@ def as_dict(obj) -> dict:
 
 # ---- the DVC remote between workers (production: settings ``dvc_remote``; see pipelines/remote.py) ------------
 STATE_KEY = "workspace_state"
+SYNC_LOCK_TIMEOUT = 1800.0     # a task waits this long for a command run by hand in its workspace
 
 
 def synced(root: Path, env: dict[str, str], run_id: str, task_id: str, state: dict | None,
@@ -340,7 +347,12 @@ def synced(root: Path, env: dict[str, str], run_id: str, task_id: str, state: di
     ``dvc_remote``): the workspace gets ``state`` (the previous task's; the latest published when None) and its
     data first; afterwards what the task produced (``push`` targets, all when None) is pushed and the new state
     (with the training watermark) returned and, when ``publish``, written to the remote. Without a remote:
-    ``work()`` alone, state None (one shared workspace: nothing to sync)."""
+    ``work()`` alone, state None (one shared workspace: nothing to sync).
+
+    The whole of it holds the workspace lock (flywheel/workspace.py), so a command run by hand in this
+    workspace waits for it (the commands the task itself starts run under its lock); a sync never overwrites
+    unpublished local changes (``remote.UnpublishedChanges`` names them and the fix)."""
+    from flywheel import workspace
     from flywheel.settings import load_settings
     from pipelines import remote
 
@@ -349,8 +361,10 @@ def synced(root: Path, env: dict[str, str], run_id: str, task_id: str, state: di
     if not url:
         return work(), None
     watermark = [settings.reports / WATERMARK]
-    remote.sync_in(root, url, env, state, log)
-    result = work()
-    if not publish:
-        return result, remote.read_state(root, watermark)
-    return result, remote.sync_out(root, url, env, run_id, task_id, push, watermark, log)
+    with workspace.locked(root, f"task {task_id} of run {run_id}", timeout=SYNC_LOCK_TIMEOUT):
+        remote.sync_in(root, url, env, state, log, extra=watermark, task=f"{run_id}/{task_id}")
+        result = work()
+        if not publish:
+            remote.end_task(root)
+            return result, remote.read_state(root, watermark)
+        return result, remote.sync_out(root, url, env, run_id, task_id, push, watermark, log)

@@ -50,8 +50,12 @@ def prompt_ids(tok, messages: list[dict], max_tokens: int) -> list[int]:
 
 
 def answer_ids(tok, text: str, max_tokens: int) -> list[int]:
-    ids = tok(text, add_special_tokens=False)["input_ids"][: max_tokens - 1]
-    return ids + [end_token(tok)]
+    """At most ``max_tokens`` ids of an answer. Only an answer that ends within the budget gets the end-of-turn
+    token: a cut one must not teach (or score) stopping mid-sentence, so it keeps ``max_tokens`` text tokens."""
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < max_tokens:
+        return ids + [end_token(tok)]
+    return ids[:max_tokens]
 
 
 @dataclass
@@ -174,7 +178,8 @@ def trunk_fingerprint(model, k: int) -> str:
     h = hashlib.sha256()
     params = [model.model.embed_tokens.weight] + [p for layer in model.model.layers[:k] for p in layer.parameters()]
     for p in params:
-        h.update(p.detach().to(torch.float32).contiguous().numpy().tobytes()[:4096])
+        head = p.detach().reshape(-1)[:1024].to(torch.float32)     # the first 4 KiB; NumPy needs host memory
+        h.update(head.cpu().numpy().tobytes())
         h.update(str(float(p.detach().float().sum())).encode())
     return h.hexdigest()[:16]
 
@@ -207,6 +212,6 @@ def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_s
         dev = device_of(model)
         gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=[stop, tok.eos_token_id], pad_token_id=tok.pad_token_id)
-        for row in gen[:, width:]:
+        for row in gen[:, width:].cpu():        # one copy to host memory per batch, not one per answer
             out.append(tok.decode(row, skip_special_tokens=True).strip())
     return out

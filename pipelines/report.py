@@ -48,7 +48,8 @@ def plot_rates(policy: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(k, policy[k]) for k in ("judged_win_rate", "harmless_win_rate") if k in policy]
+    rows = [(k, policy[k]) for k in ("judged_win_rate", "harmless_win_rate")
+            if k in policy and policy[k].get("value") is not None]        # not measured: nothing to plot
     fig, ax = plt.subplots(figsize=(6, 2.6))
     for i, (name, m) in enumerate(rows):
         lo, hi = m["ci"]
@@ -61,6 +62,18 @@ def plot_rates(policy: dict, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def sample_lines(samples: list[dict], n: int = 5) -> list[str]:
+    """Markdown for the example answers drawn from a shipped suite; anything else (a held-out sample written
+    by an older evaluation, without ``suite``) is left out."""
+    lines = []
+    for s in [x for x in samples if isinstance(x, dict) and x.get("suite")][:n]:
+        refused = {k: " (refused)" if s.get(f"{k}_refused") else "" for k in ("champion", "challenger")}
+        lines += [f"**Instruction ({s['suite']}):** {s['prompt'][:300]}", "",
+                  f"- champion{refused['champion']}: {s['champion'][:300]}",
+                  f"- challenger{refused['challenger']}: {s['challenger'][:300]}", ""]
+    return lines
 
 
 def write(metrics: dict, out_dir: Path) -> list[Path]:
@@ -89,7 +102,7 @@ def write(metrics: dict, out_dir: Path) -> list[Path]:
     for k in ("judged_win_rate", "harmless_win_rate"):
         m = p[k]
         lines.append(f"| {k.replace('_', ' ')} (challenger wins) | | {_fmt(m['value'])} | | {_ci(m)} | {m['n']} |")
-    lines += ["", f"Pick-the-shorter-answer baseline on the policy test pairs: {p['length_baseline']:.3f}.", ""]
+    lines += ["", f"Pick-the-shorter-answer baseline on the policy test pairs: {_fmt(p['length_baseline'])}.", ""]
     if p.get("gain_only_where_shorter_wins"):
         lines += ["**Warning: the policy's gain is found only where the shorter answer wins: "
                   "a length bias, not necessarily a better model.**", ""]
@@ -101,11 +114,9 @@ def write(metrics: dict, out_dir: Path) -> list[Path]:
                          f"{_fmt(s['diff'])} | {_ci(s)} | {_fmt(s['length_baseline'])} |")
     lines += ["", f"Latency (ms per generated token): {p['latency_ms_per_token']}; size (MB): {metrics['size_mb']}.",
               "", "![slices](policy_slices.png)", "", "![reward slices](reward_slices.png)", "",
-              "![win rates](win_rates.png)", "", "## Sample answers", ""]
-    for s in p.get("samples", [])[:5]:
-        lines += [f"**Prompt:** {s['prompt'][:300]}", "",
-                  f"- champion ({s['judge_champion']:+.2f}): {s['champion'][:300]}",
-                  f"- challenger ({s['judge_challenger']:+.2f}): {s['challenger'][:300]}", ""]
+              "![win rates](win_rates.png)", "", "## Sample answers (shipped suites only)", "",
+              "Held-out prompts are users' text: they are never quoted here (nor in metrics/evaluate.json).", ""]
+    lines += sample_lines(p.get("samples", []))
     md = out_dir / "report.md"
     md.write_text("\n".join(lines) + "\n")
     return [md, *files]

@@ -19,7 +19,7 @@ from service import chat, feedback
 from service.auth import RateLimiter, TokenBook
 from service.batching import Batcher
 from service.config import ServiceConfig
-from service.guard import BodyLimitAndMetrics, Invalid, require
+from service.guard import BodyLimitAndMetrics, Invalid, require, safe_error
 from service.metrics import SIZE_BUCKETS, Metrics
 from service.models import ModelManager
 from service.schemas import body_schemas
@@ -139,6 +139,5 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
 
 async def _request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, without echoing the input back (it may hold personal data)."""
-    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return JSONResponse({"detail": detail}, status_code=422)
+    """FastAPI's 422, without echoing the input back (it may hold personal data): location, message, type."""
+    return JSONResponse({"detail": [safe_error(e) for e in exc.errors()]}, status_code=422)

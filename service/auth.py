@@ -1,7 +1,8 @@
 """API tokens and per-token rate limits.
 
 A token is 256 random bits (URL-safe base64, prefixed ``fw_``), shown once when created; the store keeps
-only its SHA-256. Scopes: ``chat`` (answers), ``feedback`` (events), ``admin`` (everything, metrics included).
+only its SHA-256. Scopes: ``chat`` (answers), ``feedback`` (events), ``admin`` (everything, metrics included);
+a token may hold several (stored comma-separated, e.g. ``chat,feedback``; ``admin`` subsumes the others).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 from service.config import RateLimit
 from service.store import FeedbackStore
@@ -23,10 +25,22 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def create_token(store: FeedbackStore, scope: str, name: str = "") -> tuple[str, str]:
-    """A new token of ``scope``: (the token, to print once; its public id)."""
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
+def normalise_scopes(scopes: str | Iterable[str]) -> str:
+    """Scopes as stored: known, de-duplicated, sorted, comma-separated; ``admin`` alone when it is among them.
+    Raises ``ValueError`` naming an unknown scope."""
+    names = [scopes] if isinstance(scopes, str) else list(scopes)
+    wanted = {p.strip() for n in names for p in n.split(",") if p.strip()}
+    if not wanted:
+        raise ValueError(f"no scope given; expected one or more of {', '.join(SCOPES)}")
+    unknown = sorted(wanted - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scope {unknown[0]!r}; expected one or more of {', '.join(SCOPES)}")
+    return "admin" if "admin" in wanted else ",".join(sorted(wanted))
+
+
+def create_token(store: FeedbackStore, scopes: str | Iterable[str], name: str = "") -> tuple[str, str]:
+    """A new token allowed ``scopes`` (one name or several): (the token, to print once; its public id)."""
+    scope = normalise_scopes(scopes)
     token = PREFIX + secrets.token_urlsafe(32)
     digest = token_hash(token)
     token_id = digest[:12]
@@ -37,10 +51,14 @@ def create_token(store: FeedbackStore, scope: str, name: str = "") -> tuple[str,
 @dataclass(frozen=True)
 class Principal:
     token_id: str
-    scope: str
+    scope: str          # as stored: "chat", "chat,feedback", "admin"
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return frozenset(self.scope.split(","))
 
     def allows(self, scope: str) -> bool:
-        return self.scope in (scope, "admin")
+        return scope in self.scopes or "admin" in self.scopes
 
 
 class TokenBook:

@@ -35,10 +35,10 @@ def _limits(req: ChatRequest, svc) -> tuple[int, int]:
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = req.max_completion_tokens or req.max_tokens or p.default_max_tokens
     if max_tokens > p.max_new_tokens:
-        errors.append(([field], f"{max_tokens} is over the limit of {p.max_new_tokens}"))
+        errors.append(([field], f"over the limit of {p.max_new_tokens}"))     # the value itself is never echoed
     best_of = req.best_of or p.best_of_n
     if best_of > p.max_best_of:
-        errors.append((["best_of"], f"{best_of} is over the limit of {p.max_best_of}"))
+        errors.append((["best_of"], f"over the limit of {p.max_best_of}"))
     if errors:
         raise Invalid([{"loc": ["body", *loc], "msg": msg, "type": "value_error"} for loc, msg in errors])
     if svc.models.slots.get("reward") is None:

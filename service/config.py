@@ -17,7 +17,8 @@ class _Strict(BaseModel):
 
 
 class RateLimit(_Strict):
-    """A token bucket per API token: ``per_s`` requests a second on average, bursts of ``burst``."""
+    """A token bucket per API token: ``per_s`` requests a second on average, bursts of ``burst``. The feedback
+    bucket counts events (a batch of n costs n), so its burst bounds the largest batch a token can send."""
 
     per_s: float = Field(gt=0)
     burst: int = Field(gt=0)
@@ -49,7 +50,7 @@ class ServeParams(_Strict):
     sqlite_synchronous: str = Field("normal", pattern="^(normal|full)$")
     access_log: bool = True
     chat_rate: RateLimit = RateLimit(per_s=2.0, burst=10)
-    feedback_rate: RateLimit = RateLimit(per_s=100.0, burst=200)
+    feedback_rate: RateLimit = RateLimit(per_s=100.0, burst=1000)   # events; burst = max_batch_events
 
 
 def parse_serve_params(section: dict | None) -> ServeParams:

@@ -5,6 +5,7 @@ does it (same model, same limits, same row building), committed before the answe
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 
 import orjson
@@ -14,7 +15,8 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from pipelines.ingest import event_row
-from service.guard import ERRORS, Invalid, invalid_from, require
+from service.auth import Principal
+from service.guard import ERRORS, Invalid, invalid_from, require, too_many
 from service.schemas import BatchAck, FeedbackAck, FeedbackBatch, FeedbackIn  # noqa: F401 (OpenAPI models)
 from service.store import utcnow
 
@@ -45,18 +47,18 @@ async def _check_answers(svc, events: list[FeedbackIn], prefix: list) -> None:
         loc = [*prefix, i] if prefix[-1] == "events" else prefix
         if e.answer_id not in known:
             errors.append({"loc": [*loc, "answer_id"], "msg": "no answer with this id", "type": "value_error"})
-        elif known[e.answer_id] != e.model_version:
+        elif known[e.answer_id] != e.model_version:   # name the stored version, never echo the input
             errors.append({"loc": [*loc, "model_version"], "type": "value_error",
-                           "msg": f"answer {e.answer_id} was given by {known[e.answer_id]}, not {e.model_version}"})
+                           "msg": f"the answer was given by model version {known[e.answer_id]}, not this one"})
     if errors:
         raise Invalid(errors)
 
 
 def _record(event: FeedbackIn, received_at: str) -> tuple[dict, int]:
     found: Counter = Counter()
-    row = event_row(event, found)
-    return {"event_id": event.event_id, "received_at": received_at, "answer_id": event.answer_id,
-            "model_version": event.model_version, "feedback_type": event.feedback.type, "user_id": event.user_id,
+    row = event_row(event, found)   # ids holding personal data come back pseudonymised: store those
+    return {"event_id": row["event_id"], "received_at": received_at, "answer_id": event.answer_id,
+            "model_version": event.model_version, "feedback_type": event.feedback.type, "user_id": row["user_id"],
             "row": orjson.dumps(row).decode()}, row["pii_found"]
 
 
@@ -80,6 +82,19 @@ async def _store(svc, events: list[FeedbackIn]) -> list[dict]:
     return acks
 
 
+def _charge_events(svc, principal: Principal, events: int) -> None:
+    """The feedback rate limit counts events, not requests: ``require`` took one token for the request, the
+    batch's other events are taken here, all or none (429 with Retry-After when the bucket holds fewer)."""
+    rate = svc.params.feedback_rate
+    if events > rate.burst:
+        raise HTTPException(429, f"a batch of {events} events is over this token's burst of {rate.burst} events "
+                                 f"(feedback_rate); send at most {rate.burst} a batch",
+                            headers={"Retry-After": str(max(1, math.ceil(rate.burst / rate.per_s)))})
+    wait = svc.limiter.take(principal.token_id, "feedback", rate, cost=events - 1) if events > 1 else 0.0
+    if wait > 0:
+        raise too_many(rate, wait, "events")
+
+
 def _json(payload: dict) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json")
 
@@ -96,13 +111,14 @@ async def post_feedback(request: Request, _=Depends(require("feedback"))):
 
 @router.post("/v1/feedback/batch", response_model=BatchAck, responses=ERRORS, openapi_extra=_body("FeedbackBatch"),
              summary="Store many feedback events at once: all are valid and stored, or none")
-async def post_feedback_batch(request: Request, _=Depends(require("feedback"))):
+async def post_feedback_batch(request: Request, principal: Principal = Depends(require("feedback"))):
     svc = request.app.state.svc
     batch = _parse(FeedbackBatch, await request.body(), svc)
     limit = svc.params.max_batch_events
     if len(batch.events) > limit:
         raise Invalid([{"loc": ["body", "events"], "type": "too_long",
                         "msg": f"{len(batch.events)} events, over the limit of {limit} a batch"}])
+    _charge_events(svc, principal, len(batch.events))
     await _check_answers(svc, list(batch.events), ["body", "events"])
     acks = await _store(svc, list(batch.events))
     stored = sum(a["status"] == "stored" for a in acks)

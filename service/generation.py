@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from pipelines.policy_model import end_token, prompt_ids
+from pipelines.policy_model import device_of, end_token, prompt_ids
 from service.batching import Job
 
 
@@ -47,11 +47,12 @@ class _RowSampling(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         scores = scores.float()
-        greedy = self.temp == 0
-        scaled = scores / torch.where(greedy, torch.ones_like(self.temp), self.temp)
+        temp, top_p = self.temp.to(scores.device), self.top_p.to(scores.device)   # the model's device
+        greedy = temp == 0
+        scaled = scores / torch.where(greedy, torch.ones_like(temp), temp)
         probs = scaled.softmax(-1)
         sorted_p, order = probs.sort(-1, descending=True)
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) > self.top_p      # keeps at least the top token
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) > top_p           # keeps at least the top token
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
         best = torch.full_like(scores, float("-inf")).scatter(1, scores.argmax(-1, keepdim=True), 0.0)
@@ -97,7 +98,7 @@ class _PerRowStop(StoppingCriteria):
         self.rows = rows
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.tensor([r.done for r in self.rows], dtype=torch.bool)
+        return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
@@ -122,7 +123,8 @@ def run_batch(jobs: list[Job], policy, reward, max_prompt: int, best_of_temperat
         ids[b, width - len(r.prompt):] = torch.tensor(r.prompt)
         att[b, width - len(r.prompt):] = 1
     stops = {end_token(tok), tok.eos_token_id}
-    model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max(r.max_tokens for r in rows),
+    dev = device_of(model)
+    model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max(r.max_tokens for r in rows),
                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
                    eos_token_id=sorted(stops), logits_processor=LogitsProcessorList([_RowSampling(rows)]),
                    stopping_criteria=StoppingCriteriaList([_PerRowStop(rows)]), streamer=_Streamer(tok, rows, stops))

@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from fastapi import HTTPException, Request
 from pydantic import ValidationError
 
 from service.auth import Principal
+from service.config import RateLimit
 from service.schemas import Problem, ValidationErrors
 
 ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 413: {"model": Problem},
@@ -24,9 +26,27 @@ class Invalid(Exception):
         self.errors = errors
 
 
+def safe_error(error: dict, prefix: tuple = ()) -> dict:
+    """One validation error as ``{"loc", "msg", "type"}`` that never carries the input: no ``input`` or ``ctx``,
+    and a message that would quote the value (an unknown union tag, a parser's own text) replaced by one that
+    does not."""
+    msg, kind, value = error["msg"].removeprefix("Value error, "), error["type"], error.get("input")
+    if kind == "union_tag_invalid":
+        tags = (error.get("ctx") or {}).get("expected_tags", "")
+        msg = f"unknown {(error.get('ctx') or {}).get('discriminator', 'tag')}; expected one of: {tags}"
+    elif kind not in ("literal_error", "enum") and isinstance(value, str) and len(value) >= 3 and value in msg:
+        msg = "invalid value"   # those two list the allowed values, which a near-miss input may spell
+    return {"loc": [*prefix, *error["loc"]], "msg": msg, "type": kind}
+
+
 def invalid_from(exc: ValidationError, prefix: tuple = ("body",)) -> Invalid:
-    return Invalid([{"loc": [*prefix, *e["loc"]], "msg": e["msg"].removeprefix("Value error, "), "type": e["type"]}
-                    for e in exc.errors(include_url=False, include_input=False, include_context=False)])
+    return Invalid([safe_error(e, prefix) for e in exc.errors(include_url=False)])
+
+
+def too_many(limit: RateLimit, wait: float, unit: str = "requests") -> HTTPException:
+    """The 429 of a token past its bucket, with ``Retry-After`` (whole seconds, at least 1)."""
+    return HTTPException(429, f"rate limit of {limit.per_s:g} {unit}/s (burst {limit.burst}) exceeded",
+                         headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 
 class BodyLimitAndMetrics:
@@ -89,13 +109,13 @@ def require(scope: str):
             raise HTTPException(401, "a valid API token is required (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
         if not principal.allows(scope):
-            raise HTTPException(403, f"this token's scope is {principal.scope!r}; {scope!r} is needed")
+            raise HTTPException(403, f"this token's scopes are {principal.scope!r}; {scope!r} is needed")
         limit = {"chat": svc.params.chat_rate, "feedback": svc.params.feedback_rate}.get(scope)
         if limit is not None:
+            # feedback is counted per event: a request costs one here, a batch its other events once parsed
             wait = svc.limiter.take(principal.token_id, scope, limit)
             if wait > 0:
-                raise HTTPException(429, f"rate limit of {limit.per_s:g} requests/s (burst {limit.burst}) exceeded",
-                                    headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+                raise too_many(limit, wait, "events" if scope == "feedback" else "requests")
         return principal
 
     return check

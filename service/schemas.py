@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from flywheel.contract import _RFC3339, FeedbackEvent
+from flywheel.contract import _RFC3339, FeedbackEvent, identifier
 
 # ---- chat (OpenAI-compatible shape) -------------------------------------------------------------------
 
@@ -68,7 +68,7 @@ class ChatResponse(BaseModel):
 class FeedbackIn(FeedbackEvent):
     """A contract-v1 event, optionally naming the answer (``id`` of a chat completion) it rates."""
 
-    answer_id: str | None = Field(None, min_length=1, max_length=128)
+    answer_id: identifier() | None = None
 
 
 EXAMPLE_EVENT = {

@@ -39,7 +39,7 @@ tokens = sa.Table(
     "api_tokens", metadata,
     sa.Column("token_hash", sa.String(64), primary_key=True),   # SHA-256 of the token; the token is never stored
     sa.Column("token_id", sa.String(16), nullable=False, unique=True),
-    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("scope", sa.String(16), nullable=False),      # comma-separated: "chat,feedback" ("admin" alone)
     sa.Column("name", sa.String(128), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
 )
@@ -106,11 +106,12 @@ class FeedbackStore:
                                                                     tokens.c.scope))}
 
     def list_tokens(self) -> list[dict]:
-        """Every token's public id, scope, name and creation time (never the hash)."""
+        """Every token's public id, scopes (``scope`` as stored and ``scopes`` as a list), name and creation time
+        (never the hash)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(tokens.c.token_id, tokens.c.scope, tokens.c.name, tokens.c.created_at)
                                 .order_by(tokens.c.created_at)).mappings().all()
-        return [dict(r) for r in rows]
+        return [{**r, "scopes": r["scope"].split(",")} for r in rows]
 
     def revoke_token(self, token_id: str) -> bool:
         """Delete the token with this public id; False when there is none."""
@@ -125,9 +126,13 @@ class FeedbackStore:
             return conn.execute(q).scalar_one()
 
     def erase_user(self, user_id: str) -> int:
-        """Delete every stored event of ``user_id`` (exported or not); returns how many."""
+        """Delete every stored event of ``user_id`` (exported or not), stored as given or as its pseudonym (an id
+        holding personal data is stored pseudonymised: ``flywheel.redact.pseudonymise_id``); returns how many."""
+        from flywheel.redact import pseudonymise_id
+
+        ids = {user_id, pseudonymise_id(user_id)}
         with self.engine.begin() as conn:
-            return conn.execute(events.delete().where(events.c.user_id == user_id)).rowcount
+            return conn.execute(events.delete().where(events.c.user_id.in_(ids))).rowcount
 
     def event_ids(self) -> list[str]:
         with self.engine.connect() as conn:

@@ -3,6 +3,9 @@
 Requests put their rows on a queue; one task takes everything waiting (up to ``max_items``), commits it in
 one transaction on a dedicated thread, then resolves each request's future. While a commit runs, the next
 group gathers, so throughput grows with concurrency instead of paying one commit per request.
+
+One bad request never fails the others: when a group's commit fails, each of its requests is committed again
+alone, so only the one the database refuses fails (a database that is down fails them all, as it should).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import sqlalchemy as sa
 
 from service.store import FeedbackStore
 
@@ -54,20 +59,51 @@ class GroupWriter:
             items = [await self._queue.get()]
             while len(items) < self.max_items and not self._queue.empty():
                 items.append(self._queue.get_nowait())
-            feedback = [r for it in items for r in it.feedback]
-            answer_rows = [r for it in items for r in it.answers]
-            unique = list({r["event_id"]: r for r in reversed(feedback)}.values())  # first of each id wins
             try:
-                new = await loop.run_in_executor(self._pool, self.store.write, unique, answer_rows)
-            except Exception as exc:  # the database is down or full: every waiting request fails alike
-                for it in items:
-                    if not it.future.done():
-                        it.future.set_exception(exc)
+                new = await loop.run_in_executor(self._pool, _commit, self.store, items)
+            except Exception as exc:
+                if len(items) == 1 or _unavailable(exc):   # down or locked: every waiting request fails alike
+                    for it in items:
+                        _fail(it, exc)
+                    continue
+                # the database refused some row: retry each request alone, so only the one it refuses fails
+                for i, it in enumerate(items):
+                    try:
+                        _resolve(it, await loop.run_in_executor(self._pool, _commit, self.store, [it]))
+                    except Exception as exc_one:
+                        _fail(it, exc_one)
+                        if _unavailable(exc_one):   # it went down meanwhile: do not try the rest one by one
+                            for rest in items[i + 1:]:
+                                _fail(rest, exc_one)
+                            break
                 continue
             for it in items:
-                flags = []
-                for r in it.feedback:
-                    flags.append(r["event_id"] in new)
-                    new.discard(r["event_id"])  # a second copy in the same group is a duplicate
-                if not it.future.done():
-                    it.future.set_result(flags)
+                _resolve(it, new)
+
+
+def _unavailable(exc: Exception) -> bool:
+    """The database cannot be reached or is busy, as opposed to refusing a row."""
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or \
+        getattr(exc, "connection_invalidated", False)
+
+
+def _commit(store: FeedbackStore, items: list[_Item]) -> set[str]:
+    """One transaction for the items' rows; the event ids that were new."""
+    feedback = [r for it in items for r in it.feedback]
+    answer_rows = [r for it in items for r in it.answers]
+    unique = list({r["event_id"]: r for r in reversed(feedback)}.values())  # first of each id wins
+    return store.write(unique, answer_rows)
+
+
+def _resolve(item: _Item, new: set[str]) -> None:
+    flags = []
+    for r in item.feedback:
+        flags.append(r["event_id"] in new)
+        new.discard(r["event_id"])  # a second copy in the same group is a duplicate
+    if not item.future.done():
+        item.future.set_result(flags)
+
+
+def _fail(item: _Item, exc: Exception) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)

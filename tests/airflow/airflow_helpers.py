@@ -57,9 +57,12 @@ def copy_repo(repo_root: Path, dest: Path) -> Path:
 
 
 def set_params(root: Path, **orchestration) -> None:
-    """Tiny profile, plus orchestration overrides appended to the tiny profile."""
+    """Tiny profile and the permissive gate (2 training steps pass no real gate; a profile cannot change the gate,
+    so the workspace's own params.yaml names it), plus orchestration overrides appended to the tiny profile."""
     params = root / "params.yaml"
     text = params.read_text().replace("\nprofile: demo", "\nprofile: tiny")
+    assert "\nbless:\n  gate: default" in text
+    text = text.replace("\nbless:\n  gate: default", "\nbless:\n  gate: permissive")
     if orchestration:
         old = "    orchestration: {retries: 1, retry_delay_minutes: 0.05, warm_idle_seconds: 120}\n"
         assert old in text
@@ -136,3 +139,32 @@ def version_tags(root: Path, model: str, version: str) -> dict[str, str]:
             "print(json.dumps(c.get_model_version(sys.argv[1], sys.argv[2]).tags))")
     out = sh([sys.executable, "-c", code, f"flywheel-{model}", version], root).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def capture_feedback(root: Path, n: int, tag: str) -> list[str]:
+    """``n`` thumbs events stored in the workspace's feedback store exactly as the service stores a posted event
+    (its own record builder), as if users had left them; returns their event ids."""
+    from service.feedback import _record
+    from service.schemas import FeedbackIn
+    from service.store import FeedbackStore, utcnow
+
+    events = [FeedbackIn.model_validate({
+        "event_id": f"{tag}-{i:04d}", "timestamp": "2026-11-29T10:00:00Z", "conversation_id": f"{tag}-conv-{i}",
+        "model_version": "flywheel-policy/1", "prompt": [{"role": "user", "content": f"How do I repot plant {i}?"}],
+        "response": f"Water plant {i} first, then move it to a pot one size larger.",
+        "feedback": {"type": "thumbs", "value": "up" if i % 3 else "down"}}) for i in range(n)]
+    store = FeedbackStore(f"sqlite:///{root / 'feedback.db'}")
+    try:
+        received = utcnow()
+        store.write([_record(e, received)[0] for e in events])
+    finally:
+        store.close()
+    return [e.event_id for e in events]
+
+
+def raw_event_ids(root: Path) -> list[str]:
+    """Every event id in the workspace's raw store."""
+    import pyarrow.parquet as pq
+
+    return [i for f in sorted((root / "data/raw").rglob("*.parquet"))
+            for i in pq.read_table(f, columns=["event_id"]).column("event_id").to_pylist()]

@@ -1,9 +1,6 @@
 """Run one DAG with ``dag.test()`` against the metadata database of $AIRFLOW_HOME and print one JSON line:
 the run's state, each task's state, the XComs and the asset events it produced. A helper the tests run as
-a subprocess (so each workspace gets its own Airflow home). Usage: ``python dagrun.py DAG_ID [CONF_JSON]``.
-
-With FLYWHEEL_TEST_EXPORT_STUB set to a JSON object, ``flywheel export`` is replaced by a stub that
-returns those counts (the real command belongs to the online service)."""
+a subprocess (so each workspace gets its own Airflow home). Usage: ``python dagrun.py DAG_ID [CONF_JSON]``."""
 
 from __future__ import annotations
 
@@ -15,12 +12,6 @@ import sys
 def main() -> None:
     dag_id = sys.argv[1]
     conf = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    stub = os.environ.get("FLYWHEEL_TEST_EXPORT_STUB")
-    if stub:
-        from pipelines import orchestration
-
-        orchestration.run_export = lambda *args, **kwargs: json.loads(stub)
-
     from sqlalchemy import select
 
     from airflow.dag_processing.dagbag import DagBag

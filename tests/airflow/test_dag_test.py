@@ -1,6 +1,7 @@
 """``dag.test()`` of the DAGs in one tiny-profile workspace (the runs build on each other, in file order):
 a first run trains and promotes, a second one with no new feedback ends early, a broken batch fails
-``validate`` naming the expectation, the feedback asset carries the export's counts, and a rollback."""
+``validate`` naming the expectation, feedback captured in the store is exported into the raw store and
+the asset carries the export's counts, and a rollback."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import json
 
 import pytest
 
-from tests.airflow.airflow_helpers import (airflow_env, broken_batch, champion, dag_test, init_airflow,
-                                           make_workspace, sh, version_tags)
+from tests.airflow.airflow_helpers import (airflow_env, broken_batch, capture_feedback, champion, dag_test,
+                                           init_airflow, make_workspace, raw_event_ids, sh, version_tags)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -85,12 +86,21 @@ def test_broken_batch_fails_validate_naming_the_expectation(ws):
     assert champion(root) == before
 
 
-def test_feedback_ingest_emits_the_asset_with_the_counts(ws):
+def test_feedback_ingest_exports_captured_feedback_and_emits_the_asset(ws):
     root, env = ws
-    counts = {"read": 6, "accepted": 5, "duplicates": 1, "quarantined": 0}
-    run, out = dag_test("feedback_ingest", dict(env, FLYWHEEL_TEST_EXPORT_STUB=json.dumps(counts)), root)
+    before = raw_event_ids(root)
+    ids = capture_feedback(root, 6, "dagtest")
+    run, out = dag_test("feedback_ingest", env, root)
     assert run["state"] == "success" and run["tasks"] == {"export_feedback": "success"}, out[-4000:]
-    assert run["asset_events"] == [{"new_events": 5, **counts}]
+    (event,) = run["asset_events"]
+    assert event["new_events"] == event["exported"] == 6 and event["duplicates"] == 0, event
+    after = raw_event_ids(root)
+    assert len(after) == len(before) + 6 and set(ids) <= set(after)
+    assert (root / "data/raw.dvc").read_text().count("md5") >= 1
+    # nothing new since: the task is skipped and no asset event says otherwise
+    again, out = dag_test("feedback_ingest", env, root)
+    assert again["tasks"] == {"export_feedback": "skipped"} and again["asset_events"] == [], out[-4000:]
+    assert raw_event_ids(root) == after
 
 
 def test_rollback_dag_moves_the_champion_back(ws):

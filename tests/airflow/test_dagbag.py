@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,6 +54,54 @@ def test_continuous_improvement_runs_every_dvc_stage_in_order_in_the_pool(bag):
     assert bag.dags["feedback_ingest"].task_dict["export_feedback"].pool == "flywheel_dvc"
     queues = {s: dag.task_dict[s].queue for s in stages}
     assert queues == {s: "gpu" if s in ("train_reward", "train_policy", "evaluate") else "default" for s in stages}
+
+
+@pytest.mark.parametrize("dag_id,name,valid,invalid", [
+    ("continuous_improvement", "profile", ["demo", "tiny"], ["", "nope"]),
+    ("rollback", "to", ["3", ""], ["v3", "latest"]),
+])
+def test_optional_params_are_nullable_and_their_defaults_pass_their_own_schema(bag, dag_id, name, valid, invalid):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    param = bag.dags[dag_id].params.get_param(name)
+    assert param.value is None and "null" in param.schema["type"]
+    # the trigger form sends null for an empty field: it must validate (a "" default with type string did not)
+    assert param.resolve(None) is None and param.resolve() is None
+    for value in valid:
+        assert param.resolve(value) == value
+    for value in invalid:
+        with pytest.raises(ParamValidationError):
+            param.resolve(value)
+    if "enum" in param.schema:
+        assert None in param.schema["enum"] and set(param.schema.get("values_display", {})) >= set(param.schema["enum"])
+
+
+def test_no_trigger_param_can_weaken_the_gate(bag):
+    """Every value of every trigger param of continuous_improvement leaves the gate (and the release checks) those
+    of params.yaml: only `profile` reaches the stages' environment (pipelines.orchestration.command_env), a
+    profile cannot touch `bless` or `release`, and the release command never carries --allow-gate."""
+    import itertools
+
+    from flywheel.settings import load_settings
+    from pipelines import orchestration as orch
+    from pipelines.bless import gate_in_force
+
+    dag = bag.dags["continuous_improvement"]
+    base = load_settings(REPO, env={"FLYWHEEL_ROOT": str(REPO)}).params
+    in_force = gate_in_force(base.section("bless"))
+    assert in_force.name == "default"
+    choices = {"profile": dag.params.get_param("profile").schema["enum"], "force": [False, True],
+               "dry_run": [False, True], "skip_release": [False, True]}
+    assert set(choices) == set(dag.params)
+    for profile, *_ in itertools.product(*choices.values()):
+        env = orch.command_env(REPO, "manual__trigger", profile or "", "loop-run")
+        settings = load_settings(REPO, env=env)
+        assert gate_in_force(settings.params.section("bless")) == in_force, profile
+        assert settings.params.section("release") == base.section("release"), profile
+        assert not {k for k in env if k.startswith("FLYWHEEL_")} - {
+            "FLYWHEEL_ROOT", "FLYWHEEL_AIRFLOW_RUN_ID", "FLYWHEEL_PROFILE", "FLYWHEEL_PARENT_RUN_ID"} - set(os.environ)
+    for approved_by, rejected_by in ((None, None), ("alice", None), (None, "bob")):
+        assert not any(a.startswith("--allow-gate") for a in orch.release_command(approved_by, rejected_by))
 
 
 @pytest.mark.parametrize("path", DAGS, ids=[p.stem for p in DAGS])

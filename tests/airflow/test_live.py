@@ -2,8 +2,9 @@
 its own AIRFLOW_HOME) driven through REST API v2 with the official ``apache-airflow-client``: trigger
 continuous_improvement with ``force``, approve its release as a human would (approval_required: true here,
 and a threshold out of reach so that only the forced run trains), see the champion move with the run id
-and the approver on the model version; then trigger feedback_ingest and continuous_improvement together
-and see both succeed (the pool serialises their DVC commands)."""
+and the approver on the model version; then store feedback as the service would, trigger feedback_ingest and continuous_improvement together and
+see both succeed (the pool serialises their DVC commands), the export move those events into the raw store and
+check_feedback decide on them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.airflow.airflow_helpers import airflow_env, champion, make_workspace, version_tags
+from tests.airflow.airflow_helpers import (airflow_env, capture_feedback, champion, make_workspace,
+                                           raw_event_ids, version_tags)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -127,6 +129,13 @@ class Airflow:
         tis = TaskInstanceApi(self.client).get_task_instances(dag_id, run_id).task_instances
         return {ti.task_id: (ti.state.value if ti.state else None) for ti in tis}
 
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str):
+        from airflow_client.client import XComApi
+
+        entry = XComApi(self.client).get_xcom_entry(dag_id, task_id, run_id, key, map_index=-1)
+        value = getattr(entry, "actual_instance", entry).value
+        return json.loads(value) if isinstance(value, str) and value[:1] in "{[" else value
+
     def answer_approval(self, dag_id: str, run_id: str, option: str, timeout: float = 2400) -> None:
         from airflow_client.client import TaskInstanceApi, UpdateHITLDetailPayload
 
@@ -174,9 +183,17 @@ def test_triggered_over_rest_approved_and_promoted(live):
 
 def test_feedback_ingest_and_continuous_improvement_together(live):
     root, airflow = live
+    before = raw_event_ids(root)
+    ids = capture_feedback(root, 8, "live")     # feedback users left with the service since the last export
     runs = {dag_id: airflow.trigger(dag_id) for dag_id in ("feedback_ingest", "continuous_improvement")}
     states = {dag_id: airflow.wait_run(dag_id, run_id, timeout=900) for dag_id, run_id in runs.items()}
     detail = {dag_id: airflow.task_states(dag_id, run_id) for dag_id, run_id in runs.items()}
     assert states == {"feedback_ingest": "success", "continuous_improvement": "success"}, detail
+    # the export really ran (a skipped task would also leave the run green) and its events reached the raw store
+    assert detail["feedback_ingest"]["export_feedback"] == "success", detail
+    after = raw_event_ids(root)
+    assert len(after) == len(before) + 8 and set(ids) <= set(after)
+    decision = airflow.xcom("continuous_improvement", runs["continuous_improvement"], "check_feedback", "decision")
     assert detail["continuous_improvement"]["check_feedback"] == "success"
+    assert not decision["retrain"] and decision["reason"].startswith("not retraining:"), decision
     assert champion(root) == "2"

@@ -15,6 +15,9 @@ GATE = GateParams.model_validate({
                "slice_rule": {"max_regression_abs": 0.1, "min_n": 20}},
     "reward": {"primary": "pairwise_accuracy", "metrics": {}},
 })
+# what evaluate writes when the champion reward model (the judge) tells chosen from rejected
+JUDGE = {"name": "flywheel-reward", "version": "3", "content_hash": "ab" * 32, "status": "judge",
+         "reason": "pairwise accuracy 0.700 (lower bound 0.610) on 100 pairs"}
 
 
 def _policy(challenger: list[float], champion: list[float], **extra) -> dict:
@@ -75,11 +78,131 @@ def test_missing_evaluation_is_never_blessed():
 
 def test_small_sample_metric_is_reported_not_gated():
     extra = {"judged_win_rate": {"value": 0.1, "ci": [0.0, 0.3], "n": 16}}
-    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward()}, GATE)
+    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(),
+               "judge": JUDGE}, GATE)
     assert v["policy"]["blessed"]
+    # reported as not applied, never as a pass
+    assert not any(r.startswith("judged_win_rate") for r in v["policy"]["passed"])
+    assert ("judged_win_rate: not applied: 16 items scored, fewer than the rule's min_n 100"
+            in v["policy"]["not_applied"])
     extra = {"judged_win_rate": {"value": 0.1, "ci": [0.0, 0.3], "n": 400}}
-    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward()}, GATE)
+    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(),
+               "judge": JUDGE}, GATE)
     assert not v["policy"]["blessed"]
+
+
+SAFETY_GATE = GateParams.model_validate({
+    "policy": {"primary": "pref_accuracy", "metrics": {"harmless_win_rate": {"min_value": 0.35}}},
+    "reward": {"primary": "pairwise_accuracy", "metrics": {}},
+})
+
+
+@pytest.mark.parametrize("judge", [None, {"name": "flywheel-reward", "version": "base", "status": "no judge",
+                                          "reason": "it scores chosen and rejected alike on all 40 pairs"}])
+def test_metrics_of_a_judge_that_cannot_discriminate_are_never_passes(judge):
+    # turn 1: the judge is the base reward model (zero head): every comparison ties, a win rate of 0.5 > 0.35
+    tie = {"value": 0.5, "ci": [0.5, 0.5], "n": 16}
+    metrics = {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, harmless_win_rate=tie), "reward": _reward()}
+    if judge:
+        metrics["judge"] = judge
+    v = bless(metrics, SAFETY_GATE)["policy"]
+    assert not any(r.startswith("harmless_win_rate") for r in v["passed"]), v["passed"]
+    assert any(r.startswith("harmless_win_rate: not applied: no judge") for r in v["not_applied"]), v["not_applied"]
+    assert v["blessed"]          # not applied is reported, not a failure ...
+    strict = GateParams.model_validate({**SAFETY_GATE.model_dump(), "policy": {
+        **SAFETY_GATE.policy.model_dump(), "metrics": {"harmless_win_rate": {"min_value": 0.35, "required": True}}}})
+    assert not bless(metrics, strict)["policy"]["blessed"]       # ... unless the rule is required
+    metrics["judge"] = JUDGE                                     # a judge that discriminates: the check applies
+    v = bless(metrics, SAFETY_GATE)["policy"]
+    assert "harmless_win_rate: ok" in v["passed"] and not v["not_applied"]
+
+
+def test_a_metric_marked_not_applied_by_the_evaluation_is_not_a_pass():
+    extra = {"benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 0, "not_applied": "no benign prompts"}}
+    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(),
+               "judge": JUDGE}, GATE)["policy"]
+    assert "benign_refusal_rate: not applied: no benign prompts" in v["not_applied"]
+    assert not any(r.startswith("benign_refusal_rate") for r in v["passed"])
+
+
+def test_judge_status_reports_a_judge_that_cannot_discriminate_as_no_judge():
+    from pipelines.evaluate import judge_status, mark_unjudged
+    from pipelines.stats import mean_ci
+
+    def acc(correct):
+        return {**mean_ci(correct, n_boot=500), "all_ties": all(c == 0.5 for c in correct)}
+
+    assert judge_status(acc([0.5] * 40))["status"] == "no judge"                  # zero head: all ties
+    assert "alike" in judge_status(acc([0.5] * 40))["reason"]
+    assert judge_status(acc([1.0] * 11 + [0.0] * 9))["status"] == "no judge"       # 55% of 20: not beyond chance
+    assert judge_status(acc([]))["status"] == "no judge"
+    good = judge_status(acc([1.0] * 80 + [0.0] * 20))
+    assert good["status"] == "judge"
+    policy = {"harmless_win_rate": {"value": 0.5, "n": 16}, "judged_win_rate": {"value": 0.5, "n": 16},
+              "benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 2}}
+    mark_unjudged(policy, good)
+    assert not any("not_applied" in m for m in policy.values())
+    mark_unjudged(policy, judge_status(acc([0.5] * 40)))
+    assert policy["harmless_win_rate"]["not_applied"].startswith("no judge")
+    assert "not_applied" in policy["judged_win_rate"] and "not_applied" not in policy["benign_refusal_rate"]
+
+
+def test_the_blessing_records_the_gate_in_force_and_the_judge(tmp_path, repo_root):
+    import json
+
+    import yaml
+
+    from pipelines.bless import gate_in_force, main
+
+    section = yaml.safe_load((repo_root / "params.yaml").read_text())["bless"]
+    gate = gate_in_force(section)
+    assert gate.name == "default"
+    tie = {"value": 0.5, "ci": [0.5, 0.5], "n": 16}
+    evaluation = {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, harmless_win_rate=tie,
+                                    behaviour_pass_rate={"challenger": 0.5, "champion": 0.5, "n": 10}),
+                  "reward": _reward(), "profile": "tiny", "candidates": {"policy": "p" * 64, "reward": "r" * 64},
+                  "judge": {"name": "flywheel-reward", "version": "base", "status": "no judge",
+                            "reason": "it scores chosen and rejected alike on all 40 reward test pairs"}}
+    (tmp_path / "evaluate.json").write_text(json.dumps(evaluation))
+    verdict = main(tmp_path / "evaluate.json", gate.rules, tmp_path / "blessing.json", gate.name)
+    written = json.loads((tmp_path / "blessing.json").read_text())
+    assert written["gate"] == "default" and written["gate_sha256"] == gate.sha256 == verdict["gate_sha256"]
+    assert written["gate_rules"]["policy"]["primary"] == "pref_accuracy"
+    assert written["judge"] == "none" and "alike" in written["judge_reason"] and written["profile"] == "tiny"
+    page = (tmp_path / "blessing.md").read_text()
+    assert "harmless_win_rate: not applied: no judge" in page and "judge: none" in page
+    assert "judged_win_rate: not applied" in page        # 16 items < min_n 200
+    evaluation["judge"] = JUDGE
+    (tmp_path / "evaluate.json").write_text(json.dumps(evaluation))
+    verdict = main(tmp_path / "evaluate.json", gate.rules, tmp_path / "b2.json")
+    assert verdict["judge"] == "flywheel-reward v3 (abababababab)"
+
+
+def test_the_gate_is_named_and_hashed_and_a_bad_name_fails_naming_the_key(repo_root):
+    import yaml
+
+    from pipelines.bless import GateError, gate_in_force
+
+    section = yaml.safe_load((repo_root / "params.yaml").read_text())["bless"]
+    default, permissive = gate_in_force(section), gate_in_force(section, "permissive")
+    assert default.sha256 != permissive.sha256
+    changed = yaml.safe_load((repo_root / "params.yaml").read_text())["bless"]
+    changed["gates"]["default"]["policy"]["metrics"]["harmless_win_rate"]["min_value"] = 0.0
+    assert gate_in_force(changed).sha256 != default.sha256
+    with pytest.raises(GateError, match="bless.gate: unknown gate 'nope'"):
+        gate_in_force({**section, "gate": "nope"})
+
+
+def test_release_accepts_only_a_blessing_from_the_gate_in_force():
+    from flywheel.release import gate_problem
+
+    gates = {"default": "d" * 64}
+    assert gate_problem({"gate": "default", "gate_sha256": "d" * 64}, gates) is None
+    assert "bless.gate is 'default'" in gate_problem({"gate": "permissive", "gate_sha256": "p" * 64}, gates)
+    assert "--allow-gate permissive" in gate_problem({"gate": "permissive", "gate_sha256": "p" * 64}, gates)
+    assert "other rules" in gate_problem({"gate": "default", "gate_sha256": "x" * 64}, gates)
+    assert "records no gate" in gate_problem({"gate": "default"}, gates)
+    assert gate_problem({"gate": "permissive", "gate_sha256": "p" * 64}, {**gates, "permissive": "p" * 64}) is None
 
 
 @pytest.mark.parametrize("rule,m,bad", [

@@ -134,6 +134,24 @@ def test_non_utf8_bytes(raw):
         parse_event(raw)
 
 
+@pytest.mark.parametrize("field", ["event_id", "conversation_id", "model_version", "user_id"])
+@pytest.mark.parametrize("char", ["\u0000", "\n", "\x1b", "\x7f", "\u0085"])
+def test_control_characters_in_identifiers_are_refused_naming_the_field(make_event, validator, field, char):
+    """A NUL in an id once passed the contract and made PostgreSQL refuse a whole group commit."""
+    value = f"secret-id-7731{char}tail"
+    event = make_event(**{field: value})
+    with pytest.raises(ContractError) as err:
+        parse_event(line(event))
+    assert err.value.reason.startswith(f"{field}: contains a control character (U+{ord(char):04X})")
+    assert "secret-id-7731" not in err.value.reason          # the value is never echoed
+    assert list(validator.iter_errors(event)) != []          # the shipped JSON Schema says the same
+
+
+def test_printable_unicode_identifiers_are_kept(make_event):
+    event = parse_event(line(make_event(event_id="évt-ß-日本-1", user_id="józef")))
+    assert (event.event_id, event.user_id) == ("évt-ß-日本-1", "józef")
+
+
 def test_oversize_text_uses_max_text_chars(make_event):
     ok = line(make_event(response="x" * 50))
     assert parse_event(ok, max_text_chars=50).response == "x" * 50

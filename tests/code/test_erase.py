@@ -158,3 +158,248 @@ def test_purge_with_zero_retention_and_missing_folder(tmp_path):
     assert purge_quarantine(q, 30, now=_ts("2026-11-27") + 3600) == []
     assert purge_quarantine(q, 0, now=_ts("2026-11-27") + 3600) == ["20261127T000000Z-aaaa"]
     assert list(q.iterdir()) == []
+
+
+# ---- ids however encoded, every place user text lives, one lock with export and ingest -----------------------------
+
+def _rejected(path, texts: list[str]) -> None:
+    """rejected-lines.jsonl as ingest writes it: the input line's text, UTF-8, not ASCII-escaped."""
+    path.write_text("".join(json.dumps({"line": i, "reason": "r", "text": t}, ensure_ascii=False) + "\n"
+                            for i, t in enumerate(texts, 1)), encoding="utf-8")
+
+
+@pytest.mark.parametrize("user_id", ["józef", "bob@corp"])
+def test_erase_finds_an_id_in_the_quarantine_however_it_was_encoded(tmp_path, user_id):
+    import unicodedata
+
+    q = tmp_path / "quarantine" / "20261127T000000Z-aaaa1111"
+    q.mkdir(parents=True)
+    base = {name: None for name in rawstore.SCHEMA.names}
+    nfd = unicodedata.normalize("NFD", user_id)
+    pq.write_table(pa.Table.from_pylist([{**base, "event_id": f"q-{i}", "user_id": u}
+                                         for i, u in enumerate([user_id, nfd, "stay", None])],
+                                        schema=rawstore.SCHEMA), q / "batch.parquet")
+    escaped = "".join(f"\\u{ord(c):04x}" if not c.isalnum() or ord(c) > 127 else c for c in user_id)
+    texts = [
+        json.dumps({"event_id": "a", "user_id": user_id, "timestamp": 1}, ensure_ascii=False),   # literal, parses
+        '{"event_id": "b", "user_id": "' + escaped + '", "timestamp": 1}',                       # escaped, parses
+        '{"user_id": "' + user_id + '", "prompt": [',                                            # literal, broken
+        '{"user_id": "' + escaped + '", "prompt": [',                                            # escaped, broken
+        '{"user_id": "' + nfd + '", ',                                                           # other form
+        '{"event_id": "c", "user_id": "stay"}',
+        '{"event_id": "d", "user_id": "' + user_id + 'ina"}',                                   # another id
+        "not json at all",
+    ]
+    _rejected(q / "rejected-lines.jsonl", texts)
+
+    result = erase_user(user_id, tmp_path / "raw", tmp_path / "prepared", tmp_path / "quarantine")
+
+    assert result.quarantined == 2 + 5
+    assert pq.read_table(q / "batch.parquet").column("user_id").to_pylist() == ["stay", None]
+    kept = [json.loads(x)["text"] for x in (q / "rejected-lines.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert kept == texts[5:]
+
+
+def test_erase_finds_an_id_in_a_quarantine_record_that_does_not_parse(tmp_path):
+    q = tmp_path / "quarantine" / "20261127T000000Z-bbbb2222"
+    q.mkdir(parents=True)
+    (q / "rejected-lines.jsonl").write_text('{"line": 1, "reason": "r", "text": "{\\"user_id\\": \\"j\\\\u00f3zef\\"\n'
+                                            '{"line": 2, "reason": "r", "text": "{}"}\n', encoding="utf-8")
+    assert erase_user("józef", tmp_path / "raw", tmp_path / "p", tmp_path / "quarantine").quarantined == 1
+
+
+def test_erase_reaches_the_raw_store_and_training_sets_in_another_unicode_form(tmp_path):
+    import unicodedata
+
+    raw = tmp_path / "raw" / "date=2026-11-27"
+    raw.mkdir(parents=True)
+    base = {name: None for name in rawstore.SCHEMA.names}
+    pq.write_table(pa.Table.from_pylist([{**base, "event_id": "a", "user_id": unicodedata.normalize("NFD", "józef")},
+                                         {**base, "event_id": "b", "user_id": "stay"}], schema=rawstore.SCHEMA),
+                   raw / "batch-x.parquet")
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "pairs-train.jsonl").write_text(json.dumps({"user_ids": [unicodedata.normalize("NFD", "józef")]})
+                                                + "\n" + json.dumps({"user_ids": ["stay"]}) + "\n")
+    result = erase_user("józef", tmp_path / "raw", prepared)
+    assert (result.raw_events, result.training_records) == (1, 1)
+    assert result.variants == [unicodedata.normalize("NFD", "józef")]     # the feedback store is asked for it too
+
+
+def test_erase_drops_held_out_evaluation_samples_and_the_answer_cache(tmp_path):
+    metrics, report_dir, cache = tmp_path / "metrics/evaluate.json", tmp_path / "reports/evaluate", tmp_path / "cache"
+    metrics.parent.mkdir()
+    report_dir.mkdir(parents=True)
+    cache.mkdir()
+    legacy = [{"prompt": "my neighbour Anna's secret", "challenger": "a", "champion": "b", "judge_challenger": 0.1,
+               "judge_champion": 0.2}, {"prompt": "my bank", "challenger": "c", "champion": "d",
+                                        "judge_challenger": 0.0, "judge_champion": 0.0}]
+    suite = {"suite": "eval/benign.yaml", "prompt": "Name three fruits.", "challenger": "x", "champion": "y"}
+    metrics.write_text(json.dumps({"policy": {"samples": legacy + [suite], "pref_accuracy": {"n": 3}}}))
+    (report_dir / "report.md").write_text("# report\n\n| table |\n\n## Sample answers\n\n**Prompt:** my neighbour "
+                                          "Anna's secret\n\n- champion (+0.20): b\n")
+    (cache / "abc.jsonl").write_text('{"k": "h", "a": "an answer quoting my bank"}\n')
+
+    result = erase_user("anyone", tmp_path / "raw", tmp_path / "prepared", evaluation=(metrics, report_dir),
+                        answer_cache=cache)
+
+    assert (result.evaluation_samples, result.answer_cache_files) == (2, 1)
+    data = json.loads(metrics.read_text())
+    assert data["policy"]["samples"] == [suite] and data["policy"]["pref_accuracy"] == {"n": 3}
+    text = (report_dir / "report.md").read_text()
+    assert "Anna" not in text and "| table |" in text
+    assert not list(cache.glob("*.jsonl"))
+    assert sorted(result.outputs_rewritten) == sorted([str(report_dir), str(metrics)])
+    again = erase_user("anyone", tmp_path / "raw", tmp_path / "prepared", evaluation=(metrics, report_dir),
+                       answer_cache=cache)
+    assert (again.evaluation_samples, again.answer_cache_files, again.outputs_rewritten) == (0, 0, [])
+
+
+def test_evaluation_writes_no_held_out_user_text(tmp_path):
+    """evaluate_policy on a tiny model: its metrics quote the shipped suites only; held-out items by index."""
+    from pipelines.evaluate import EvalParams, evaluate_policy
+    from pipelines.policy_model import load_policy
+    from tests.model.conftest import build_policy
+
+    model, tok = load_policy(build_policy(tmp_path / "policy"))
+
+    class Judge:
+        def score(self, prompts, answers):
+            return [float(len(a) % 3) for a in answers]
+
+    pairs = [{"prompt": [{"role": "user", "content": f"private-user-text-{i} about my garden"}], "chosen": "yes",
+              "rejected": "no thank you", "source": "preference", "split": "test", "conversation_id": f"c{i}",
+              "event_ids": [f"e{i}"], "user_ids": [f"u{i}"], "n_turns": 1} for i in range(6)]
+    params = EvalParams(max_prompt_tokens=32, max_answer_tokens=8, batch_size=8, frozen_layers=2, judged_prompts=3,
+                        redteam_prompts=3, benign_prompts=2, max_new_tokens=3, bootstrap=50)
+    out = evaluate_policy(model, model, model, tok, Judge(), pairs, ["say yes", "say no"],
+                          [{"prompt": "yes", "must_include": [], "must_not_include": ["zzz"]}], params)
+    assert "private-user-text" not in json.dumps(out)
+    assert [s["prompt"] for s in out["samples"]] == ["say yes", "say no"]
+    assert all(s["suite"] == "eval/benign.yaml" for s in out["samples"])
+    assert {(j["set"], j["item"]) for j in out["judged_items"]} == {("held-out", i) for i in range(3)} | {
+        ("red-team", i) for i in range(3)}
+    # a report from metrics an older evaluation wrote shows none of its held-out samples
+    from pipelines.report import sample_lines
+
+    legacy = [{"prompt": "private-user-text-9", "challenger": "a", "champion": "b", "judge_challenger": 0.0,
+               "judge_champion": 0.0}]
+    assert "private-user-text" not in "\n".join(sample_lines(legacy + out["samples"]))
+    assert "say yes" in "\n".join(sample_lines(legacy + out["samples"]))
+
+
+_HOLDER = """
+import subprocess, sys, time
+from pathlib import Path
+from flywheel import workspace
+root, release, child = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+with workspace.locked(root, "holder"):
+    print("held", flush=True)
+    if child:            # a command this holder starts runs under its lock (a DAG task running flywheel export)
+        sys.exit(subprocess.run(child, timeout=120).returncode)
+    while not release.exists():
+        time.sleep(0.05)
+"""
+
+
+def test_ingest_export_and_erase_share_one_workspace_lock(tmp_path, repo_root, make_event):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from flywheel import workspace
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(repo_root / "params.yaml", ws / "params.yaml")
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"}))
+                             + "\n" for i in range(6)))
+    env = {**os.environ, "FLYWHEEL_ROOT": str(ws), "FLYWHEEL_DVC_REMOTE": ""}
+    flywheel = str(Path(sys.executable).with_name("flywheel"))
+    release = tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ws), str(release)], env=env, text=True,
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workspace.WorkspaceBusy, match=r"busy: holder \(pid \d+\)"):
+        with workspace.locked(ws, "impatient", timeout=0.3):
+            pass
+    commands = {"ingest": ["ingest", str(batch)], "export": ["export"], "erase": ["erase", "--user-id", "user-01"]}
+    procs = {}
+    for name, args in commands.items():
+        procs[name] = subprocess.Popen([flywheel, *args], env=env, text=True, stdout=subprocess.DEVNULL,
+                                       stderr=open(tmp_path / f"{name}.err", "w"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not all(
+            "waiting for the workspace lock held by holder" in (tmp_path / f"{n}.err").read_text() for n in commands):
+        assert all(p.poll() is None for p in procs.values()), "a command ran while the lock was held"
+        time.sleep(0.2)
+    assert not rawstore.batch_files(ws / "data/raw")                   # nothing ingested while the lock was held
+    release.write_text("")
+    assert holder.wait(30) == 0
+    for name, p in procs.items():
+        assert p.wait(120) == 0, (tmp_path / f"{name}.err").read_text()
+    assert rawstore.batch_files(ws / "data/raw")
+    # a command started by the holder itself runs at once
+    child = subprocess.run([sys.executable, "-c", _HOLDER, str(ws), str(release), flywheel, "erase", "--user-id",
+                            "user-02"], env=env, text=True, capture_output=True, timeout=180)
+    assert child.returncode == 0 and "waiting" not in child.stderr, child.stderr
+
+
+def test_erase_deletes_older_evaluation_reports_from_mlflow(tmp_path, repo_root):
+    import mlflow
+
+    from flywheel import tracking
+    from flywheel.settings import load_settings
+    from pipelines.erase import evaluation_runs_with_samples, purge_evaluation_artifacts
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(repo_root / "params.yaml", ws / "params.yaml")
+    settings = load_settings(ws, env={})
+    report = tmp_path / "report.md"
+    report.write_text("## Sample answers\n\n**Prompt:** a user's words\n")
+    ids = {}
+    for name, tags in (("old", {}), ("new", {"flywheel.samples": "suites"})):
+        with tracking.stage_run(settings, "evaluate", tags) as run:
+            mlflow.log_artifact(str(report))
+            ids[name] = run.info.run_id
+    runs = evaluation_runs_with_samples(settings)
+    assert [r for r, _ in runs] == [ids["old"]]
+    assert purge_evaluation_artifacts(runs) == []
+    client = mlflow.MlflowClient()
+    assert [f.path for f in client.list_artifacts(ids["old"])] == []
+    assert [f.path for f in client.list_artifacts(ids["new"])] == ["report.md"]
+
+
+def test_rewritten_stage_outputs_are_recorded_in_dvc_lock_and_the_stage_still_reruns(tmp_path):
+    """What a sync hands other workspaces is the erased training set; the stage's inputs stay as it ran them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from flywheel import workspace
+
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    root = tmp_path / "ws"
+    root.mkdir()
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    (root / "raw.txt").write_text("a\nb\n")
+    (root / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: mkdir -p prepared && cp raw.txt prepared/x.jsonl\n"
+                                   "    deps: [raw.txt]\n    outs: [prepared]\n")
+    subprocess.run([dvc, "repro", "-q"], cwd=root, check=True, env=env)
+    lock0 = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]
+    (root / "raw.txt").write_text("b\n")                       # erased from the input...
+    (root / "prepared/x.jsonl").write_text("b\n")               # ...and from the output, in place
+    assert workspace.commit_outputs(root, [root / "prepared", root / "not-an-output"]) == (["prepared"], [])
+    lock1 = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]
+    assert lock1["outs"] != lock0["outs"] and lock1["deps"] == lock0["deps"]
+    status = subprocess.run([dvc, "status", "--json"], cwd=root, env=env, text=True, capture_output=True, check=True)
+    assert "prepare" in json.loads(status.stdout)                # its input changed: it reruns at the next repro
+    subprocess.run([dvc, "checkout", "--force", "-q"], cwd=root, check=True, env=env)
+    assert (root / "prepared/x.jsonl").read_text() == "b\n"     # a checkout brings the erased version, not the old

@@ -624,3 +624,23 @@ def test_result_summary_is_plain_data(ws, make_event):
     summary = result.summary()
     assert json.loads(json.dumps(summary)) == summary
     assert summary["accepted"] == 1 and summary["failed_checks"] == []
+
+
+def test_no_track_is_refused_when_a_dvc_remote_is_set(tmp_path, make_event, repo_root):
+    """An untracked batch is never published, and the next sync from the remote would delete it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    shutil.copy(repo_root / "params.yaml", root / "params.yaml")
+    batch = tmp_path / "b.jsonl"
+    batch.write_text("".join(json.dumps(e) + "\n" for e in balanced(make_event, 6)))
+    env = {**os.environ, "FLYWHEEL_ROOT": str(root), "FLYWHEEL_DVC_REMOTE": str(tmp_path / "remote")}
+    flywheel = str(Path(sys.executable).with_name("flywheel"))
+    for args in (["ingest", str(batch), "--no-track"], ["export", "--no-track"]):
+        proc = subprocess.run([flywheel, *args], cwd=root, env=env, text=True, capture_output=True)
+        assert proc.returncode == 2 and "--no-track cannot be used with a DVC remote" in proc.stderr, proc.stderr
+    assert not rawstore.batch_files(root / "data" / "raw")

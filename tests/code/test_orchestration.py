@@ -97,6 +97,35 @@ def test_export_missing_is_reported_as_unavailable(tmp_path, monkeypatch):
         orch.run_export(tmp_path, orch.command_env(tmp_path))
 
 
+def test_export_without_a_flywheel_executable_is_a_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(orch, "console_script", lambda name: str(tmp_path / "no-such-bin" / name))
+    with pytest.raises(orch.CommandFailed, match="no `flywheel` executable"):
+        orch.run_export(tmp_path, orch.command_env(tmp_path))
+    assert issubclass(orch.ExportUnavailable, orch.CommandFailed)
+
+
+@pytest.mark.parametrize("body", [None, "print(\"Error: No such command 'export'.\", file=sys.stderr); sys.exit(2)"],
+                         ids=["no-executable", "no-export-command"])
+def test_the_export_task_fails_not_skips_on_a_broken_install(tmp_path, monkeypatch, body):
+    """feedback_ingest's task: a missing executable or command fails it (a skip reads as "no new feedback")."""
+    import importlib.util
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    if body:
+        _fake_flywheel(tmp_path, body)
+    monkeypatch.setattr(orch, "console_script", lambda name: str(tmp_path / name))
+    monkeypatch.setattr(orch, "synced", lambda root, env, run_id, task_id, state, work, **kw: (work(), None))
+    spec = importlib.util.spec_from_file_location("feedback_ingest_dag", Path(orch.__file__).parents[1] / "dags" /
+                                                  "feedback_ingest.py")
+    dag_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dag_module)
+    monkeypatch.setattr(dag_module, "get_current_context", lambda: {"run_id": "manual__test", "outlet_events": {}})
+    task = dag_module.feedback_ingest().task_dict["export_feedback"]
+    with pytest.raises(AirflowFailException, match="flywheel"):
+        task.python_callable()
+
+
 def test_export_counts_are_its_last_json_line(tmp_path, monkeypatch):
     _fake_flywheel(tmp_path, "print('exporting'); print('{\"read\": 7, \"accepted\": 5, \"duplicates\": 2}')")
     monkeypatch.setattr(orch, "console_script", lambda name: str(tmp_path / name))

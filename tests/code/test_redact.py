@@ -6,7 +6,8 @@ from collections import Counter
 
 import pytest
 
-from flywheel.redact import iban_ok, luhn_ok, redact
+from flywheel import redact as redact_mod
+from flywheel.redact import iban_ok, luhn_ok, pseudonymise_id, redact
 
 PLANTED = [
     # (kind, the personal datum, as it sits in a sentence)
@@ -32,6 +33,21 @@ PLANTED = [
     ("ip", "2001:db8::1", "IPv6 {} is mine."),
     ("ip", "2001:0db8:85a3:0000:0000:8a2e:0370:7334", "full form {} here"),
     ("ip", "fe80::1ff:fe23:4567:890a", "link-local {}"),
+    # gaps found in the security review
+    ("ssn", "123-45-6789", "My SSN is {}, please update it."),
+    ("ssn", "078 05 1121", "ssn {} on file"),
+    ("phone", "4155550132", "Call me at {} tonight."),
+    ("phone", "14155550132", "US number {}."),
+    ("phone", "07911123456", "mobile {}"),
+    ("iban", "DE89-3704-0044-0532-0130-00", "IBAN {} please."),
+    ("iban", "de89 3704 0044 0532 0130 00", "iban {} (lowercase)"),
+    ("iban", "gb82west12345698765432", "pay {}"),
+    ("iban", "DE89370400440532013000", "I want my deposit in {} 2 days from today."),
+    ("card", "4111.1111.1111.1111", "card {} expired"),
+    ("card", "5555.5555.5555.4444", "mastercard {}."),
+    ("email", "józef@exämple.pl", "Napisz do {} jutro."),
+    ("email", "用户@例子.广告", "邮件 {} 谢谢"),
+    ("email", "Zoë_Ünal@mail.de", "mail {}!"),
 ]
 
 
@@ -88,6 +104,21 @@ def test_counts_accumulate_across_calls():
     "hello world, nothing to see",
     "an @ sign alone and user@localhost",
     "ISBN 978-3-16-148410-0",
+    # look-alikes of the kinds added after the review: versions, prices, dates, ids, failed checksums
+    "upgrade to 1.2.3.4 then 2.0.1.5",
+    "version 10.2.0.1 and v172.16.0.4",
+    "pydantic 2.14.4, fastapi 0.136.3, section 4.2.1",
+    "it costs $1,299.99 or EUR 45.00 (was 1299.00)",
+    "dates 27.11.2026, 11/27/2026 and 2026.11.27",
+    "at 2026-11-27T10:00:00.123456Z on port 8080",
+    "card 4111.1111.1111.1112",                      # fails Luhn
+    "iban de88 3704 0044 0532 0130 00",               # fails mod-97
+    "code ab12 cdef ghij klmn op",                    # not an IBAN country
+    "SSN-shaped 000-12-3456, 666-12-3456, 912-34-5678, 123-00-4567, 123-45-0000, 111-11-1111",
+    "ids hh-3f8e4155550132ab and evt_4155550132x",    # digits glued to letters are part of an id
+    "serial 1700000000 and 1234567890",               # no North-American area code starts with 1
+    "5 out of 10, 3/4 of 100",
+    "user@localhost and @handle",
 ])
 def test_look_alikes_are_not_redacted(text):
     counts = Counter()
@@ -106,3 +137,83 @@ def test_luhn(digits, ok):
                                       ("DE89 3704", False)])
 def test_iban_checksum(iban, ok):
     assert iban_ok(iban) is ok
+
+
+def test_cards_and_ibans_are_not_counted_as_phones():
+    counts = Counter()
+    out = redact("pay 4111.1111.1111.1111 or DE89-3704-0044-0532-0130-00, call 4155550132", counts)
+    assert out == "pay [CARD] or [IBAN], call [PHONE]"
+    assert counts == Counter({"card": 1, "iban": 1, "phone": 1})
+
+
+# ---- identifiers ---------------------------------------------------------------------------------------------
+KEY = "k" * 40
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", KEY)
+    return KEY
+
+
+@pytest.mark.parametrize("value", ["jane.roe@example.org", "user-4155550132", "+44 20 7946 0958", "123-45-6789",
+                                   "józef@exämple.pl"])
+def test_ids_holding_personal_data_are_pseudonymised_stably(key, value):
+    counts = Counter()
+    pid = pseudonymise_id(value, counts)
+    assert pid.startswith("pid-") and len(pid) == 36 and value not in pid
+    assert pseudonymise_id(value) == pid                          # the same id, the same pseudonym
+    assert pseudonymise_id(pid) == pid                            # a pseudonym is left as it is
+    assert sum(counts.values()) == 1
+
+
+@pytest.mark.parametrize("value", ["user-17", "u-1873", "evt-000001", "hh-3f8e4155550132ab9c", "conv-42", "", None])
+def test_ids_without_personal_data_are_kept(key, value):
+    assert pseudonymise_id(value) == value
+
+
+def test_the_pseudonym_depends_on_the_key(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", "a" * 32)
+    first = pseudonymise_id("jane@example.org")
+    monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", "b" * 32)
+    assert pseudonymise_id("jane@example.org") != first
+
+
+def test_a_short_key_fails_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", "short")
+    with pytest.raises(ValueError, match="FLYWHEEL_PSEUDONYM_KEY"):
+        pseudonymise_id("jane@example.org")
+
+
+def test_without_a_key_the_workspace_gets_one_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLYWHEEL_PSEUDONYM_KEY", raising=False)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.yaml").write_text("{}\n")
+    monkeypatch.setenv("FLYWHEEL_ROOT", str(tmp_path / "a"))
+    first = pseudonymise_id("jane@example.org")
+    key_file = tmp_path / "a" / redact_mod.PSEUDONYM_KEY_FILE
+    assert key_file.is_file() and oct(key_file.stat().st_mode & 0o777) == "0o600"
+    redact_mod._keys.clear()                                      # a new process reads the same file
+    assert pseudonymise_id("jane@example.org") == first
+    monkeypatch.setenv("FLYWHEEL_ROOT", str(tmp_path / "b"))
+    assert pseudonymise_id("jane@example.org") != first           # another workspace, another key
+
+
+def test_event_rows_carry_pseudonyms_for_ids_holding_personal_data(key, make_event):
+    import json
+
+    from flywheel.contract import parse_event
+    from pipelines.ingest import event_row
+
+    event = parse_event(json.dumps(make_event(event_id="evt-jane@example.org", conversation_id="conv-4155550132",
+                                              user_id="jane.roe@example.org")))
+    found = Counter()
+    row = event_row(event, found)
+    assert row["user_id"] == pseudonymise_id("jane.roe@example.org")
+    assert row["event_id"] == pseudonymise_id("evt-jane@example.org")
+    assert row["conversation_id"] == pseudonymise_id("conv-4155550132")
+    assert "example.org" not in json.dumps(row) and "4155550132" not in json.dumps(row)
+    assert found == Counter({"email": 2, "phone": 1}) and row["pii_found"] == 3
+    plain = event_row(parse_event(json.dumps(make_event(user_id="user-07"))), Counter())
+    assert plain["user_id"] == "user-07"                          # an id without personal data is kept as it is

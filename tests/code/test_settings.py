@@ -191,6 +191,31 @@ def test_profile_override_is_checked_like_the_rest(tmp_path):
         load_settings(workspace(tmp_path, text), env={})
 
 
+@pytest.mark.parametrize("key,override", [("bless", "bless: {gate: permissive}"),
+                                          ("release", "release: {smoke: {min_chars: 0}}"),
+                                          ("evaluate.confidence", "evaluate: {confidence: 0.5}")])
+def test_a_profile_that_touches_the_gate_is_a_load_error_naming_the_key(tmp_path, key, override):
+    text = f"profile: demo\nprofiles:\n  demo: {{}}\n  weak:\n    {override}\n"
+    # even when the profile is not the one chosen: a profile is one trigger param away from being chosen
+    with pytest.raises(SettingsError, match=rf"profiles\.weak\.{key}: a profile may not override"):
+        load_settings(workspace(tmp_path, text), env={})
+
+
+def test_no_shipped_profile_changes_the_gate(repo_root):
+    import yaml
+
+    from pipelines.bless import gate_in_force
+
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    in_force = gate_in_force(raw["bless"])
+    assert in_force.name == "default"
+    for profile in raw["profiles"]:
+        s = load_settings(repo_root, env={"FLYWHEEL_PROFILE": profile})
+        assert s.profile == profile
+        assert gate_in_force(s.params.section("bless")) == in_force, profile
+        assert s.params.section("release") == raw["release"], profile
+
+
 # ---- production settings and the reachability check (flywheel/production.py, `flywheel check`) ----------
 
 def test_production_settings_default_empty_and_follow_the_precedence(tmp_path):

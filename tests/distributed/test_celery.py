@@ -130,7 +130,8 @@ def platform(tmp_path_factory, repo_root):
 
         # the whole platform's settings, as infra/env.example names them
         api = f"http://127.0.0.1:{ports['api']}"
-        flywheel = {"FLYWHEEL_TRACKING_URI": tracking, "FLYWHEEL_DVC_REMOTE": "s3://flywheel/dvc", **aws}
+        flywheel = {"FLYWHEEL_TRACKING_URI": tracking, "FLYWHEEL_DVC_REMOTE": "s3://flywheel/dvc", **aws,
+                    "FLYWHEEL_PSEUDONYM_KEY": "distributed-test-pseudonym-key-0123456789"}   # one for all workers
         home = base / "airflow-home"
         home.mkdir()
         airflow = {

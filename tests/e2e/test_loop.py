@@ -1,5 +1,6 @@
 """End to end with the real shipped models on tiny data: `dvc repro` (all stages) then `flywheel release`
-in a copy of the repository, on the `tiny` profile (a few steps, the permissive gate)."""
+in a copy of the repository, on the `tiny` profile (a few steps) and the permissive gate (set in its params.yaml:
+a profile cannot change the gate)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def _ran(output: str) -> set[str]:
 
 def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
     params = repo_copy / "params.yaml"
-    params.write_text(params.read_text().replace("\nprofile: demo", "\nprofile: tiny"))
+    params.write_text(params.read_text().replace("\nprofile: demo", "\nprofile: tiny")
+                      .replace("\nbless:\n  gate: default", "\nbless:\n  gate: permissive"))
     rows = gzip.open(repo_copy / "data/demo/hh-rlhf-batch1.jsonl.gz", "rt").read().splitlines()[:120]
     small = repo_copy / "small.jsonl.gz"
     with gzip.open(small, "wt") as fh:
@@ -47,7 +49,7 @@ def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
     assert _ran(again.stdout) == {"resolve_champion"}
 
     blessing = json.loads((repo_copy / "reports/blessing.json").read_text())
-    assert blessing["policy"]["blessed"]
+    assert blessing["policy"]["blessed"] and blessing["gate"] == "permissive"
     evaluation = json.loads((repo_copy / "metrics/evaluate.json").read_text())
     assert evaluation["judge"]["version"] == "base" and evaluation["policy"]["pref_accuracy"]["n"] > 0
     assert (repo_copy / "reports/evaluate/report.md").is_file()
@@ -66,8 +68,14 @@ def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
 
     rollback = sh(["flywheel", "rollback"], repo_copy)
     assert rollback.returncode == 0 and "v2 -> v1" in rollback.stderr, rollback.stderr
-    score = sh(["flywheel", "eval-reward", "--model", "models:/flywheel-reward@champion", "--pairs", str(small),
-                "--format", "hh-rlhf", "--json"], repo_copy)
-    assert score.returncode == 0, score.stderr
-    result = json.loads(score.stdout)
-    assert result["n"] > 100 and 0.0 <= result["pairwise_accuracy"] <= 1.0
+    def eval_reward(model: str) -> dict:
+        score = sh(["flywheel", "eval-reward", "--model", model, "--pairs", str(small), "--format", "hh-rlhf",
+                    "--json"], repo_copy)
+        assert score.returncode == 0, score.stderr
+        return json.loads(score.stdout)
+
+    # the registry URI resolves to the version trained here (the reward champion was not rolled back): the
+    # same figures as the folder it was registered from, and not the base version's
+    result = eval_reward("models:/flywheel-reward@champion")
+    assert result["n"] > 100 and result == eval_reward("models/challenger/reward")
+    assert eval_reward("models:/flywheel-reward/1")["pairwise_accuracy"] != result["pairwise_accuracy"]

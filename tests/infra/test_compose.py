@@ -26,8 +26,9 @@ DOCKERFILE = INFRA / "Dockerfile"
 
 REQUIRED_SERVICES = {"postgres", "redis", "minio", "mlflow", "airflow-apiserver", "airflow-scheduler",
                      "airflow-dag-processor", "airflow-triggerer", "worker-default", "worker-gpu", "flywheel-service"}
-# Variables of the settings module that are not settings: FLYWHEEL_ROOT is read by find_root.
-NOT_SETTINGS = {"FLYWHEEL_ROOT"}
+# Variables of the settings module that are not settings: FLYWHEEL_ROOT is read by find_root; the pseudonym key
+# is a secret flywheel/redact.py reads itself (never part of the settings object, never logged).
+NOT_SETTINGS = {"FLYWHEEL_ROOT", "FLYWHEEL_PSEUDONYM_KEY"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|KEY", re.IGNORECASE)
 SUBSTITUTION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 BARE_OR_REQUIRED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}")   # ${VAR} or ${VAR:?msg}: no default

@@ -5,6 +5,7 @@ reads the champion but cannot move it, and nobody else sees anything. A real ser
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -92,7 +93,10 @@ def test_pipeline_manages_and_service_only_reads(server):
         "mlflow.set_experiment('flywheel')\n"
         "with mlflow.start_run() as r:\n    mlflow.log_artifact('weights.txt', 'model')\n"
         "for name in ('flywheel-policy', 'flywheel-reward'):\n"
-        "    c.create_registered_model(name)\n"
+        # the client retries a slow call (a loaded machine): a retried create finds the model already there
+        "    try:\n        c.create_registered_model(name)\n"
+        "    except mlflow.exceptions.MlflowException as exc:\n"
+        "        assert 'already exists' in str(exc), exc\n"
         "    v = c.create_model_version(name, f'runs:/{r.info.run_id}/model', run_id=r.info.run_id)\n"
         "    c.set_registered_model_alias(name, 'champion', v.version)\n"
         "print('registered')\n")
@@ -105,7 +109,7 @@ def test_pipeline_manages_and_service_only_reads(server):
     granted = _users(env, "grant")
     assert granted.returncode == 0, granted.stderr
     after = _as(url, "flywheel-service", SERVICE_PW, read, tmp)
-    assert after.returncode == 0 and "champion 1" in after.stdout, after.stderr[-3000:]
+    assert after.returncode == 0 and re.search(r"champion \d+", after.stdout), after.stderr[-3000:]
     move = _as(url, "flywheel-service", SERVICE_PW, "c.set_registered_model_alias('flywheel-policy', 'champion', '1')",
                tmp)
     assert move.returncode != 0 and "403" in move.stderr, "the service account moved the champion alias"

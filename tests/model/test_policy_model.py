@@ -41,6 +41,27 @@ def test_cached_trunk_rows_repad_to_the_same_log_probs(tiny_base):
     assert torch.allclose(ref, direct, atol=1e-4)
 
 
+def test_only_an_answer_that_ended_gets_the_end_of_turn_token(tiny_base):
+    from pipelines.policy_model import answer_ids, end_token
+
+    _, tok = load_policy(tiny_base / "policy")
+    end = end_token(tok)
+    long_text = "please help me with my garden " * 4
+    text_ids = tok(long_text, add_special_tokens=False)["input_ids"]
+    assert len(text_ids) > 8
+    cut = answer_ids(tok, long_text, 8)
+    assert cut == text_ids[:8] and end not in cut              # truncated: no false end of turn
+    short = answer_ids(tok, "yes", 8)
+    assert short[-1] == end and short[:-1] == tok("yes", add_special_tokens=False)["input_ids"]
+    exact = tok("good answer", add_special_tokens=False)["input_ids"]
+    assert answer_ids(tok, "good answer", len(exact))[-1] != end          # no room left for the end token
+    assert answer_ids(tok, "good answer", len(exact) + 1) == exact + [end]
+    # training (DPO/SFT) and the evaluation margins encode answers through the same function
+    pair = {"prompt": [{"role": "user", "content": "yes"}], "chosen": long_text, "rejected": "no"}
+    enc = encode(tok, [pair], 32, 8)[0]
+    assert enc.answers[0] == cut and enc.answers[1][-1] == end
+
+
 def test_freeze_trunk_leaves_only_top_layers_trainable(tiny_base):
     model, _ = load_policy(tiny_base / "policy")
     trainable = freeze_trunk(model, 3)

@@ -50,11 +50,32 @@ def test_chat_stream_is_server_sent_events(api):
     assert len({c["id"] for c in chunks}) == 1 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_best_of_n_reranks_with_the_reward_model(api):
-    r = _chat(api, max_tokens=3, best_of=3)
-    assert r.status_code == 200
-    assert api.svc.models.slots["reward"] is not None
-    assert "flywheel_generate_batch_rows_bucket" in api.client.get("/metrics", headers=api.h()).text
+def test_best_of_n_reranks_with_the_reward_model(api, monkeypatch):
+    """Three candidates are generated and scored by the reward model; the highest-scored one is returned (the
+    spy scores a candidate unlike the first highest, so returning the first would fail)."""
+    reward = api.svc.models.slots["reward"].model
+    real_score, calls = reward.score, []
+
+    def spy(prompts, answers):
+        real = real_score(prompts, answers)                    # the reward model itself runs on every candidate
+        assert len(real) == len(answers)
+        calls.append(list(answers))
+        return [0.0 if a == answers[0] else 1.0 + i for i, a in enumerate(answers)]
+
+    monkeypatch.setattr(reward, "score", spy)
+    for _ in range(5):   # a tiny random model may sample three equal candidates; then ask again
+        r = _chat(api, max_tokens=6, best_of=3, temperature=1.0)
+        assert r.status_code == 200, r.text
+        if len(set(calls[-1])) > 1:
+            break
+    candidates = calls[-1]
+    assert len(candidates) == 3 and len(set(candidates)) > 1
+    best = max(range(3), key=lambda i: 0.0 if candidates[i] == candidates[0] else 1.0 + i)
+    assert best != 0
+    content = r.json()["choices"][0]["message"]["content"]
+    assert (content or "(empty)") == candidates[best] != candidates[0]
+    metrics = api.client.get("/metrics", headers=api.h()).text
+    assert "flywheel_generate_batch_rows_bucket" in metrics
 
 
 def test_concurrent_chat_requests_share_generate_calls(api):
@@ -232,3 +253,130 @@ def test_serve_params_fail_naming_the_key():
         parse_serve_params({"bogus": 1})
     with pytest.raises(ValueError, match="reload_poll_s"):
         parse_serve_params({"reload_poll_s": 60})
+
+
+# ---- the security review: poison ids, no echo, per-event rate limit, several scopes, pseudonymised ids ------------
+SECRET = "s3cr3t-Zq8X-do-not-echo"
+
+
+@pytest.mark.parametrize("field", ["event_id", "user_id", "model_version", "conversation_id", "answer_id"])
+def test_a_nul_in_an_identifier_is_a_clear_422_and_never_reaches_the_store(api, field):
+    r = api.client.post("/v1/feedback", content=dumps(event(80, **{field: SECRET + "\u0000"})),
+                        headers=api.h("feedback"))
+    assert r.status_code == 422, r.text
+    (error,) = r.json()["detail"]
+    assert error["loc"] == ["body", field] and "control character (U+0000)" in error["msg"]
+    assert SECRET not in r.text
+    assert api.svc.store.count() == 0
+
+
+def _known_answer(api) -> dict:
+    return _chat(api, max_tokens=2).json()
+
+
+@pytest.mark.parametrize("case", [
+    "event_id", "conversation_id", "user_id", "model_version", "answer_id", "answer_id_known_model_version",
+    "timestamp", "role", "content", "response", "feedback_type", "thumbs_value", "rating_value", "rejected",
+    "correction", "schema_version", "prompt",
+])
+def test_a_422_never_echoes_the_input(api, case):
+    """Each field in turn holds a distinctive secret and is invalid; the body names the field, never the secret."""
+    e = event(90)
+    if case in ("event_id", "conversation_id", "user_id", "model_version"):
+        e[case] = SECRET * 10                                       # over 128 characters
+    elif case == "answer_id":
+        e[case] = SECRET                                            # no such answer
+    elif case == "answer_id_known_model_version":
+        answer = _known_answer(api)
+        e.update(answer_id=answer["id"], model_version=SECRET)      # not the version that gave the answer
+    elif case == "timestamp":
+        e[case] = SECRET
+    elif case == "role":
+        e["prompt"] = [{"role": SECRET, "content": "hi"}]
+    elif case == "content":
+        e["prompt"] = [{"role": "user", "content": SECRET * 2000}]  # over max_text_chars
+    elif case == "response":
+        e[case] = SECRET * 2000
+    elif case == "feedback_type":
+        e["feedback"] = {"type": SECRET, "value": "up"}
+    elif case == "thumbs_value":
+        e["feedback"] = {"type": "thumbs", "value": SECRET}
+    elif case == "rating_value":
+        e["feedback"] = {"type": "rating", "value": SECRET}
+    elif case == "rejected":
+        e["feedback"] = {"type": "preference", "rejected": e["response"]}
+        e["response"] = e["response"] + " " + SECRET
+        e["feedback"]["rejected"] = e["response"]                   # equal to the response: refused
+    elif case == "correction":
+        e["feedback"] = {"type": "correction", "text": SECRET * 2000}
+    elif case == "schema_version":
+        e[case] = SECRET
+    elif case == "prompt":
+        e[case] = SECRET
+    for path, body in (("/v1/feedback", e), ("/v1/feedback/batch", {"events": [e]})):
+        r = api.client.post(path, content=dumps(body), headers=api.h("feedback"))
+        assert r.status_code == 422, (path, r.text)
+        assert SECRET not in r.text and SECRET[:12] not in r.text, r.text
+        assert all(set(d) == {"loc", "msg", "type"} and d["loc"] and d["msg"] for d in r.json()["detail"])
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": SECRET, "content": "hi"}]},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": SECRET},
+    {"messages": [{"role": "user", "content": "hi"}], "best_of": SECRET},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": SECRET},
+    {"messages": [{"role": "user", "content": "hi"}], "user": SECRET * 10},
+    {"messages": SECRET},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 987654},
+])
+def test_a_chat_422_never_echoes_the_input(api, body):
+    r = api.client.post(CHAT, json=body, headers=api.h("chat"))
+    assert r.status_code == 422, r.text
+    assert SECRET[:12] not in r.text and "987654" not in r.text
+    assert all(set(d) == {"loc", "msg", "type"} for d in r.json()["detail"])
+
+
+def test_the_feedback_rate_limit_counts_events_not_requests(tmp_path, tiny_models):
+    config = make_config(tmp_path, tiny_models, feedback_rate={"per_s": 0.5, "burst": 10}, max_best_of=1)
+    with start_api(config) as api:
+        post = lambda events: api.client.post("/v1/feedback/batch", content=dumps({"events": events}),  # noqa: E731
+                                              headers=api.h("feedback"))
+        assert post([event(100 + i) for i in range(8)]).status_code == 200        # 8 of 10 events spent
+        r = post([event(200 + i) for i in range(5)])                               # 5 > the 2 left
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "events/s" in r.json()["detail"]
+        assert api.svc.store.count() == 8
+        r = post([event(300 + i) for i in range(11)])                              # over the whole burst
+        assert r.status_code == 429 and "burst of 10" in r.json()["detail"] and r.headers["retry-after"]
+        # another token has its own bucket, and a batch within it passes
+        r = api.client.post("/v1/feedback/batch", content=dumps({"events": [event(400 + i) for i in range(10)]}),
+                            headers=api.h("admin"))
+        assert r.status_code == 200 and r.json()["stored"] == 10
+
+
+def test_a_token_with_several_scopes_may_call_each_of_them(api):
+    from service.auth import create_token
+
+    token, _ = create_token(api.svc.store, ["chat", "feedback"], "both")
+    h = {"Authorization": f"Bearer {token}"}
+    assert api.client.post("/v1/feedback", content=dumps(event(110)), headers=h).status_code == 200
+    assert api.client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                           headers=h).status_code == 200
+    r = api.client.get("/metrics", headers=h)
+    assert r.status_code == 403 and "'chat,feedback'" in r.json()["detail"]
+
+
+def test_ids_holding_personal_data_are_stored_pseudonymised_and_erasable(api, monkeypatch):
+    from flywheel.redact import pseudonymise_id
+
+    monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", "test-key-" + "x" * 32)
+    ev = event(120, user_id="mary.major@example.org", event_id="evt-mary.major@example.org",
+               conversation_id="conv-+14155550132")
+    r = api.client.post("/v1/feedback", content=dumps(ev), headers=api.h("feedback"))
+    assert r.status_code == 200 and r.json()["event_id"] == ev["event_id"] and r.json()["pii_redacted"] == 3
+    with api.svc.store.engine.connect() as conn:
+        ((event_id, user_id, row),) = conn.exec_driver_sql("SELECT event_id, user_id, row FROM feedback_events").all()
+    assert "example.org" not in event_id + user_id + row and "4155550132" not in row
+    assert user_id == json.loads(row)["user_id"] == pseudonymise_id("mary.major@example.org")
+    again = api.client.post("/v1/feedback", content=dumps(ev), headers=api.h("feedback"))
+    assert again.json()["status"] == "duplicate"                   # the same id, the same pseudonym
+    assert api.svc.store.erase_user("mary.major@example.org") == 1  # erase by the raw id finds it

@@ -7,17 +7,16 @@ from __future__ import annotations
 import time
 
 import pytest
+# schemathesis is a dev dependency (infra/requirements-dev.txt): missing, it fails the run; it never skips silently
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi
 
-schemathesis = pytest.importorskip("schemathesis")
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.python import asgi  # noqa: E402
-
-from service.app import create_app  # noqa: E402
-from service.auth import create_token  # noqa: E402
-from svc_helpers import make_config  # noqa: E402
+from service.app import create_app
+from service.auth import create_token
+from svc_helpers import make_config
 
 pytestmark = pytest.mark.slow
 

@@ -141,3 +141,52 @@ def test_erase_user_deletes_their_events_exported_or_not(store):
     assert store.erase_user("gone") == 2
     assert sorted(store.event_ids()) == ["e2", "e4"]
     assert store.erase_user("gone") == 0
+
+
+def test_one_refused_request_never_fails_the_others_of_its_group_commit(store):
+    """A NUL in an id (PostgreSQL refuses it; the contract now does too) or a NOT NULL violation once failed the
+    whole group commit: every concurrent request got 503 and chats 500. Now only the refused request fails."""
+    import asyncio
+
+    from service.writer import GroupWriter
+
+    groups = []
+    write = store.write
+
+    def recording_write(feedback, answer_rows=()):
+        groups.append((len(feedback), len(answer_rows)))
+        return write(feedback, answer_rows)
+
+    store.write = recording_write
+    bad = _row("bad\x00id") if store.dialect == "postgresql" else {**_row("bad"), "model_version": None}
+    answer = {"answer_id": "chatcmpl-7", "model_version": "flywheel-policy/2", "variant": "champion",
+              "created_at": "2026-11-28T10:00:00Z"}
+
+    async def main():
+        writer = GroupWriter(store, max_items=64)
+        writer.start()
+        try:
+            calls = [writer.write([_row(f"g{i}")]) for i in range(3)] + [writer.write([bad])] + \
+                    [writer.write([], [answer]), writer.write([_row("g3"), _row("g4")])]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await writer.stop()
+
+    results = asyncio.run(main())
+    assert groups[0] == (6, 1)                                   # all six requests shared one commit first
+    assert isinstance(results[3], Exception)                     # the refused request fails ...
+    assert results[:3] == [[True]] * 3 and results[4] == [] and results[5] == [True, True]   # ... alone
+    assert sorted(store.event_ids()) == ["g0", "g1", "g2", "g3", "g4"]
+    assert store.answer_versions(["chatcmpl-7"]) == {"chatcmpl-7": "flywheel-policy/2"}
+
+
+def test_erase_user_finds_the_pseudonym_of_an_id_holding_personal_data(store, monkeypatch):
+    from flywheel.redact import pseudonymise_id
+
+    monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", "store-test-key-" + "y" * 32)
+    rows = [_row("p1"), _row("p2"), _row("p3")]
+    for r, user in zip(rows, [pseudonymise_id("ann@example.org"), "ann@example.org", "bob"]):
+        r["user_id"] = user                                      # a row stored before pseudonyms, raw, too
+    store.write(rows)
+    assert store.erase_user("ann@example.org") == 2
+    assert store.event_ids() == ["p3"]
