@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:
 def prepared_sets(work: Path) -> Path:
     """Ingest both demo halves and run ``prepare``; returns the prepared folder (cached in ``work``)."""
     from flywheel.settings import ContractParams, IngestParams, PrepareParams
-    from pipelines.ingest import ingest
+    from flywheel.data.ingest import ingest
     from pipelines.prepare import main as prepare
 
     out = work / "prepared"

@@ -5,7 +5,7 @@
 For each size, three measurements, each in its own freshly spawned process, one after the other:
   pydantic alone          every line through FeedbackEvent.model_validate_json (one process)
   json.loads + Parquet    every line through json.loads, flattened, written with pyarrow (zstd)
-  flywheel ingest()       pipelines.ingest.ingest into a fresh temporary raw store: contract check,
+  flywheel ingest()       flywheel.data.ingest.ingest into a fresh temporary raw store: contract check,
                           redaction, de-duplication, Parquet, batch checks (Great Expectations,
                           imported lazily inside the call, so its set-up is timed too) and commit
 Only the call is timed; the product modules it needs are imported first (as a running service has
@@ -90,7 +90,7 @@ def run_json_parquet(path: str, out: str, chunk: int = 20000) -> dict:
 
 def run_ingest(path: str, workdir: str, workers: int | None = None) -> dict:
     from flywheel.settings import load_params
-    from pipelines.ingest import ingest
+    from flywheel.data.ingest import ingest
 
     params = load_params(common.ROOT / "params.yaml")
     raw, quarantine = Path(workdir) / "raw", Path(workdir) / "quarantine"
@@ -131,7 +131,7 @@ def bench_size(n: int, seed: int, workdir: Path, workers: int | None) -> dict:
                                              out=str(Path(tmp) / "baseline.parquet"))
         print(_row("json.loads + Parquet write", res["json_parquet"], n), flush=True)
         store = Path(tmp) / "ingest"
-        res["ingest"] = common.measure("bench_ingest", "run_ingest", preload=("pipelines.ingest", "flywheel.settings"),
+        res["ingest"] = common.measure("bench_ingest", "run_ingest", preload=("flywheel.data.ingest", "flywheel.settings"),
                                        path=str(src), workdir=str(store),
                                        workers=workers)
         print(_row("flywheel ingest()", res["ingest"], n), flush=True)

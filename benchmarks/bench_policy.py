@@ -35,11 +35,11 @@ def main() -> None:
     import torch
 
     from pipelines.base_models import build_policy
-    from pipelines.dpo import train_dpo
+    from flywheel.models.dpo import train_dpo
     from pipelines.evaluate import EvalParams, implicit_margins
-    from pipelines.policy_model import encode, load_policy
+    from flywheel.models.policy import encode, load_policy
     from pipelines.prepare import read_set
-    from pipelines.stats import correct_from_margin, mean_ci, paired_diff
+    from flywheel.evaluation.stats import correct_from_margin, mean_ci, paired_diff
     from pipelines.train_policy import PolicyParams
 
     torch.set_num_threads(2)
@@ -96,7 +96,7 @@ def trl_arm(base: Path, train: list[dict], recipe, steps: int) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from pipelines.policy_model import freeze_trunk, load_policy
+    from flywheel.models.policy import freeze_trunk, load_policy
 
     model, tok = load_policy(base)
     ref, _ = load_policy(base)

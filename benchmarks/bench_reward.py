@@ -28,8 +28,8 @@ def main() -> None:
 
     from pipelines.base_models import minilm_folder
     from pipelines.prepare import read_set
-    from pipelines.reward_model import RewardModel, RewardTrainParams, pairwise_correct, train_reward
-    from pipelines.stats import mean_ci
+    from flywheel.models.reward import RewardModel, RewardTrainParams, pairwise_correct, train_reward
+    from flywheel.evaluation.stats import mean_ci
 
     torch.set_num_threads(2)
     prepared = prepared_sets(args.work)

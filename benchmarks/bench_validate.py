@@ -3,7 +3,7 @@
     python benchmarks/bench_validate.py [--sizes 100000 1000000] [--batches 10] [--seed 0] [--workdir benchmarks/out]
 
 For each size a raw store of that many events is built once (Parquet files written directly with
-pipelines.rawstore.SCHEMA, in --batches batches over several date partitions, every column filled
+flywheel.data.rawstore.SCHEMA, in --batches batches over several date partitions, every column filled
 realistically, texts included) and kept under --workdir. Then, each in its own freshly spawned process:
   pandas baseline     read the same columns, compute the same checks (nulls, unique ids, value set,
                       ranges, label balance, drift of the newest batch) and the same quality metrics
@@ -41,7 +41,7 @@ def build_store(root: Path, n: int, batches: int, seed: int, chunk: int = 100_00
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipelines import rawstore
+    from flywheel.data import rawstore
 
     rng = np.random.default_rng(seed)
     tm = gen._TextMaker(random.Random(seed))

@@ -1,5 +1,5 @@
 """continuous_improvement: one task per dvc.yaml stage, in order, then the release. Wiring only: the
-decisions and the subprocess edge live in pipelines/orchestration.py."""
+decisions and the subprocess edge live in flywheel/orchestration.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from airflow.sdk import (Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param
 def _config():
     # schedule, retries and pool come from params.yaml; this module reads two local YAML files and
     # imports neither torch, mlflow nor great_expectations
-    from pipelines.orchestration import dag_config
+    from flywheel.orchestration import dag_config
 
     return dag_config(__file__)
 
@@ -50,7 +50,7 @@ speeds only, and `flywheel release` accepts only a blessing from the gate params
 
 
 def _env(profile: str | None = None):
-    from pipelines.orchestration import command_env
+    from flywheel.orchestration import command_env
 
     ctx = get_current_context()
     decision = ctx["ti"].xcom_pull(task_ids="check_feedback", key="decision") or {}
@@ -74,7 +74,7 @@ def _upstream_state(ti, task_id: str) -> dict | None:
 def _synced(task_id: str, work, push: list[str] | None = None, publish: bool = True, env=None):
     """``work()`` between a pull from and a push to the DVC remote when settings name one (workers on other
     machines see the same data); the new workspace state goes to XCom for the next task."""
-    from pipelines import orchestration as orch
+    from flywheel import orchestration as orch
 
     ctx = get_current_context()
     result, state = orch.synced(CFG.root, env or _env(), ctx["run_id"], task_id,
@@ -90,7 +90,7 @@ def _stage(stage: str):
           multiple_outputs=False,
           doc_md=f"`dvc repro --single-item {stage}` in the workspace (skipped by DVC when up to date).")
     def run_stage() -> dict:
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         env = _env()
         return orch.as_dict(_synced(stage, lambda: orch.run_stage(
@@ -128,7 +128,7 @@ def continuous_improvement():
         """Decide whether this run retrains; the reason goes to the log and to XCom ``decision``."""
         from flywheel.settings import load_settings
         from flywheel import tracking
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         ctx = get_current_context()
         params = ctx["params"]
@@ -157,7 +157,7 @@ def continuous_improvement():
     def record_training() -> dict:
         """The watermark: which raw-store batches this training saw (the next threshold counts from it)."""
         from flywheel.settings import load_settings
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         ctx = get_current_context()
         decision = ctx["ti"].xcom_pull(task_ids="check_feedback", key="decision")
@@ -169,7 +169,7 @@ def continuous_improvement():
     @task.branch
     def approval_needed() -> str:
         from flywheel.settings import load_settings
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         params = get_current_context()["params"]
         required = orch.orchestration_params(load_settings(CFG.root, env=_env()).params).approval_required
@@ -180,7 +180,7 @@ def continuous_improvement():
         """``flywheel release``: register, smoke-check, promote the blessed; this run's id is tagged."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         ctx = get_current_context()
         if ctx["params"]["skip_release"]:
@@ -201,7 +201,7 @@ def continuous_improvement():
         """After a rejection: register and check the challengers, never promote, tag who rejected."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         answer = get_current_context()["ti"].xcom_pull(task_ids="approve_release")
         if not answer or answer.get("chosen_options") != ["Reject"]:

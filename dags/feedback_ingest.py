@@ -11,7 +11,7 @@ from airflow.sdk import Asset, dag, get_current_context, task
 
 def _config():
     # the schedule, retries and pool come from params.yaml (two local YAML files; nothing heavy imported)
-    from pipelines.orchestration import dag_config
+    from flywheel.orchestration import dag_config
 
     return dag_config(__file__)
 
@@ -51,7 +51,7 @@ def feedback_ingest():
         """New feedback-store events into the raw store; the counts go on the asset event."""
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         ctx = get_current_context()
         env = orch.command_env(CFG.root, ctx["run_id"])

@@ -35,7 +35,7 @@ No retries: a second attempt would roll back again.
 def rollback():
     @task
     def rollback_champion() -> str:
-        from pipelines import orchestration as orch
+        from flywheel import orchestration as orch
 
         ctx = get_current_context()
         root = orch.workspace_root(__file__)

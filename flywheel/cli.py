@@ -109,7 +109,8 @@ def _changing_raw_store(s: Settings, command: str):
     task does: the next task's sync then neither deletes what it added nor brings back what it erased. Yields
     the list of extra paths to push (the raw store's pointer always is)."""
     from flywheel import workspace
-    from pipelines import orchestration as orch, remote
+    from flywheel import orchestration as orch
+    from flywheel import remote
 
     push: list[str] = []
     try:
@@ -169,7 +170,7 @@ def ingest(
 ) -> None:
     """Check, redact, de-duplicate and store a batch of feedback events."""
     from flywheel import workspace
-    from pipelines.ingest import IngestError, ingest as run_ingest
+    from flywheel.data.ingest import IngestError, ingest as run_ingest
 
     s = settings()
     _no_track_with_remote(s, track)
@@ -197,7 +198,7 @@ def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous u
     """Remove a user's data from every place Flywheel keeps user text: the feedback store, the raw store, the
     quarantine, the training sets, older evaluation samples and the answer cache (README, Security model)."""
     from flywheel import workspace
-    from pipelines import erase as erasure
+    from flywheel.data import erase as erasure
 
     s = settings()
     with _changing_raw_store(s, "erase") as push:
@@ -237,7 +238,7 @@ def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous u
 def _erase_mlflow_copies(s: Settings) -> tuple[int, str]:
     """Delete report.md from MLflow evaluate runs logged before samples came only from the shipped suites;
     returns how many were deleted and, for those that could not be, how to purge them by hand."""
-    from pipelines import erase as erasure
+    from flywheel.data import erase as erasure
 
     how = ("MLflow may keep evaluation reports logged before samples came only from the shipped suites (runs "
            "tagged flywheel.stage=evaluate without flywheel.samples=suites): delete those runs "
@@ -258,7 +259,7 @@ def _erase_mlflow_copies(s: Settings) -> tuple[int, str]:
 @quarantine_app.command("purge")
 def quarantine_purge(older_than: Optional[int] = typer.Option(None, help="days (default: params)")) -> None:
     """Delete quarantined batches older than the retention period."""
-    from pipelines.erase import purge_quarantine
+    from flywheel.data.erase import purge_quarantine
 
     s = settings()
     days = s.params.ingest.quarantine_retention_days if older_than is None else older_than
@@ -342,7 +343,7 @@ def stage_resolve_champion(base: Path = typer.Option(...), out: Path = typer.Opt
 def stage_train_reward(base: Path = typer.Option(...), prepared: Path = typer.Option(...),
                        out: Path = typer.Option(...), metrics: Path = typer.Option(...)) -> None:
     """Train the reward model on the reward pairs."""
-    from pipelines.reward_model import RewardTrainParams
+    from flywheel.models.reward import RewardTrainParams
     from pipelines.train_reward import main as train
 
     s = settings()
@@ -522,7 +523,7 @@ def _lineage(s: Settings) -> dict:
     import yaml
 
     from flywheel import tracking
-    from pipelines import rawstore
+    from flywheel.data import rawstore
 
     out = {"git_commit": tracking.git_commit(s.root), "airflow_run_id": s.airflow_run_id,
            "loop_run_id": s.parent_run_id}
@@ -639,7 +640,7 @@ def eval_reward(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Pairwise accuracy of a reward model on any preference file."""
-    from pipelines.eval_reward import EvalRewardError, run
+    from flywheel.evaluation.eval_reward import EvalRewardError, run
 
     s = settings()
     try:
@@ -726,7 +727,8 @@ def restore(run_id: Optional[str] = typer.Option(None, "--run-id",
     the DVC remote (dvc.lock, the raw-store pointer) and pull its data: the exact inputs and outputs behind a
     model version, on a fresh clone. Refuses to overwrite unpublished local changes unless --force."""
     from flywheel import workspace
-    from pipelines import orchestration as orch, remote
+    from flywheel import orchestration as orch
+    from flywheel import remote
 
     s = settings()
     if not s.dvc_remote:
@@ -753,7 +755,8 @@ def publish() -> None:
     DVC remote's latest, merged with what the remote holds: what ingest, export and erase do by themselves;
     for changes made by hand (`dvc add`, `dvc repro`) that a sync would otherwise refuse to overwrite."""
     from flywheel import workspace
-    from pipelines import orchestration as orch, remote
+    from flywheel import orchestration as orch
+    from flywheel import remote
 
     s = settings()
     if not s.dvc_remote:

@@ -57,7 +57,7 @@ def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str
     t0 = time.perf_counter()
     try:
         if kind == "policy":
-            from pipelines.policy_model import generate, load_policy
+            from flywheel.models.policy import generate, load_policy
 
             model, tok = load_policy(folder)
             answers = generate(model, tok, [[{"role": "user", "content": p}] for p in params.prompts],
@@ -67,7 +67,7 @@ def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str
         else:
             import math
 
-            from pipelines.reward_model import RewardModel
+            from flywheel.models.reward import RewardModel
 
             model = RewardModel.load(folder)
             scores = model.score([[{"role": "user", "content": p}] for p in params.prompts], ["Sure."] * len(params.prompts))

@@ -53,7 +53,7 @@ def build_policy(out: Path) -> Path:
 
 def build_reward(out: Path, max_length: int) -> Path:
     """The base reward model: MiniLM encoder plus a zero-initialised linear head."""
-    from pipelines.reward_model import RewardModel
+    from flywheel.models.reward import RewardModel
 
     RewardModel.from_encoder(minilm_folder(), max_length=max_length).save(out)
     return out

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines import stats
-from pipelines.policy_model import (cast_frozen, collate, encode, generate, run_trunk, top_layers, top_logps,
+from flywheel.evaluation import stats
+from flywheel.models.policy import (cast_frozen, collate, encode, generate, run_trunk, top_layers, top_logps,
                                     trunk_fingerprint)
 
 _QUOTES = str.maketrans({**{c: "'" for c in "\u2018\u2019\u201a\u201b\u02bc\u02b9`\u00b4\u2032\uff07"},
@@ -393,7 +393,7 @@ def suite_samples(prompts: list[list[dict]], challenger: list[str], champion: li
 
 
 def evaluate_reward(champion, challenger, pairs: list[dict], params: EvalParams) -> dict:
-    from pipelines.reward_model import pairwise_correct
+    from flywheel.models.reward import pairwise_correct
 
     ch = pairwise_correct(challenger, pairs)
     cp = pairwise_correct(champion, pairs)
@@ -460,17 +460,17 @@ def main(settings, params: EvalParams, champion_info: dict, base: Path, challeng
 
     from flywheel import tracking
     from flywheel.registry import content_hash
-    from pipelines import report
-    from pipelines.policy_model import load_policy
+    from flywheel.evaluation import report
+    from flywheel.models.policy import load_policy
     from pipelines.prepare import read_set
-    from pipelines.reward_model import RewardModel
+    from flywheel.models.reward import RewardModel
 
     torch.manual_seed(params.seed)
     pairs = read_set(prepared, "pairs", "test")
     reward_pairs = read_set(prepared, "reward_pairs", "test")
     benign = yaml.safe_load((suites / "benign.yaml").read_text())["instructions"]
     behaviour = yaml.safe_load((suites / "behaviour.yaml").read_text())["cases"]
-    from pipelines.policy_model import best_device
+    from flywheel.models.policy import best_device
 
     device = best_device()
     reference, tok = load_policy(base / "policy", device=device)

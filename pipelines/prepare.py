@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from flywheel.settings import PrepareParams, SplitParams
-from pipelines import rawstore
+from flywheel.data import rawstore
 
 SETS = ("pairs", "sft", "reward_pairs")
 SPLITS = ("train", "val", "test")

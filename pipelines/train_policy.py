@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.dpo import DPOParams, train_dpo
-from pipelines.policy_model import best_device, encode, load_policy
+from flywheel.models.dpo import DPOParams, train_dpo
+from flywheel.models.policy import best_device, encode, load_policy
 from pipelines.prepare import read_set
 
 

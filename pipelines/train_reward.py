@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pipelines.prepare import read_set
-from pipelines.reward_model import RewardModel, RewardTrainParams, pairwise_correct, train_reward
+from flywheel.models.reward import RewardModel, RewardTrainParams, pairwise_correct, train_reward
 
 
 def fit(base: Path, train: list[dict], val: list[dict], params: RewardTrainParams, log=print) -> tuple[RewardModel, dict]:

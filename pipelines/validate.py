@@ -16,8 +16,8 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from flywheel.settings import ValidateParams
-from pipelines import rawstore
-from pipelines.expectations import Check, SuiteOutcome, run_suite
+from flywheel.data import rawstore
+from flywheel.data.expectations import Check, SuiteOutcome, run_suite
 
 COLUMNS = ["event_id", "timestamp", "ingested_at", "batch_id", "conversation_id", "model_version",
            "response_chars", "feedback_type", "rating", "polarity", "pii_found", "n_turns"]

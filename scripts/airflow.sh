@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r home pool < <(python -c "
 from flywheel.settings import load_settings
-from pipelines.orchestration import orchestration_params
+from flywheel.orchestration import orchestration_params
 s = load_settings(); print(s.airflow_home, orchestration_params(s.params).pool)")
 port=${AIRFLOW__API__PORT:-8080}
 export AIRFLOW_HOME=$home FLYWHEEL_ROOT=$PWD

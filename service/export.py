@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines import rawstore
+from flywheel.data import rawstore
 from service.store import FeedbackStore
 
 

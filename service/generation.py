@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from pipelines.policy_model import device_of, end_token, prompt_ids
+from flywheel.models.policy import device_of, end_token, prompt_ids
 from service.batching import Job
 
 

@@ -71,10 +71,10 @@ class ModelManager:
     @staticmethod
     def _load(kind: str, version: str, folder: Path) -> Slot:
         if kind == "reward":
-            from pipelines.reward_model import RewardModel
+            from flywheel.models.reward import RewardModel
 
             return Slot(version, RewardModel.load(folder))
-        from pipelines.policy_model import load_policy
+        from flywheel.models.policy import load_policy
 
         model, tok = load_policy(folder)
         return Slot(version, model, tok)

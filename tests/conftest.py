@@ -90,7 +90,7 @@ def demo_store(tmp_path_factory) -> Store:
     """The three shipped demo batches ingested (a day apart) into a session-wide store. Do not modify it;
     copy it (``shutil.copytree``) to change it."""
     from flywheel.settings import ContractParams, IngestParams
-    from pipelines.ingest import ingest
+    from flywheel.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("demo-store")
     store = Store(root / "raw", root / "quarantine")

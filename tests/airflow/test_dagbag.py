@@ -78,12 +78,12 @@ def test_optional_params_are_nullable_and_their_defaults_pass_their_own_schema(b
 
 def test_no_trigger_param_can_weaken_the_gate(bag):
     """Every value of every trigger param of continuous_improvement leaves the gate (and the release checks) those
-    of params.yaml: only `profile` reaches the stages' environment (pipelines.orchestration.command_env), a
+    of params.yaml: only `profile` reaches the stages' environment (flywheel.orchestration.command_env), a
     profile cannot touch `bless` or `release`, and the release command never carries --allow-gate."""
     import itertools
 
     from flywheel.settings import load_settings
-    from pipelines import orchestration as orch
+    from flywheel import orchestration as orch
     from pipelines.bless import gate_in_force
 
     dag = bag.dags["continuous_improvement"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.bless import GateParams, MetricRule, bless, check_rule
-from pipelines.stats import correct_from_margin, mean_ci, paired_diff
+from flywheel.evaluation.stats import correct_from_margin, mean_ci, paired_diff
 
 GATE = GateParams.model_validate({
     "policy": {"primary": "pref_accuracy", "primary_min_ci_lower": 0.0,
@@ -127,7 +127,7 @@ def test_a_metric_marked_not_applied_by_the_evaluation_is_not_a_pass():
 
 def test_judge_status_reports_a_judge_that_cannot_discriminate_as_no_judge():
     from pipelines.evaluate import judge_status, mark_unjudged
-    from pipelines.stats import mean_ci
+    from flywheel.evaluation.stats import mean_ci
 
     def acc(correct):
         return {**mean_ci(correct, n_boot=500), "all_ties": all(c == 0.5 for c in correct)}

@@ -1,4 +1,4 @@
-"""pipelines.erase: a user's data leaves the raw store and the training sets; quarantine retention."""
+"""flywheel.data.erase: a user's data leaves the raw store and the training sets; quarantine retention."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flywheel.settings import PrepareParams
-from pipelines import prepare, rawstore
-from pipelines.erase import erase_user, purge_quarantine
+from pipelines import prepare
+from flywheel.data import rawstore
+from flywheel.data.erase import erase_user, purge_quarantine
 
 
 @pytest.fixture
@@ -258,7 +259,7 @@ def test_erase_drops_held_out_evaluation_samples_and_the_answer_cache(tmp_path):
 def test_evaluation_writes_no_held_out_user_text(tmp_path):
     """evaluate_policy on a tiny model: its metrics quote the shipped suites only; held-out items by index."""
     from pipelines.evaluate import EvalParams, evaluate_policy
-    from pipelines.policy_model import load_policy
+    from flywheel.models.policy import load_policy
     from tests.model.conftest import build_policy
 
     model, tok = load_policy(build_policy(tmp_path / "policy"))
@@ -280,7 +281,7 @@ def test_evaluation_writes_no_held_out_user_text(tmp_path):
     assert {(j["set"], j["item"]) for j in out["judged_items"]} == {("held-out", i) for i in range(3)} | {
         ("red-team", i) for i in range(3)}
     # a report from metrics an older evaluation wrote shows none of its held-out samples
-    from pipelines.report import sample_lines
+    from flywheel.evaluation.report import sample_lines
 
     legacy = [{"prompt": "private-user-text-9", "challenger": "a", "champion": "b", "judge_challenger": 0.0,
                "judge_champion": 0.0}]
@@ -352,7 +353,7 @@ def test_erase_deletes_older_evaluation_reports_from_mlflow(tmp_path, repo_root)
 
     from flywheel import tracking
     from flywheel.settings import load_settings
-    from pipelines.erase import evaluation_runs_with_samples, purge_evaluation_artifacts
+    from flywheel.data.erase import evaluation_runs_with_samples, purge_evaluation_artifacts
 
     ws = tmp_path / "ws"
     ws.mkdir()

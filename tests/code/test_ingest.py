@@ -1,4 +1,4 @@
-"""pipelines.ingest: counts, de-duplication, quarantine, formats, batch checks, crash safety and redaction."""
+"""flywheel.data.ingest: counts, de-duplication, quarantine, formats, batch checks, crash safety and redaction."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flywheel.settings import ContractParams, IngestChecks, IngestParams
-from pipelines import batch_checks, rawstore
-from pipelines import ingest as ingest_mod
-from pipelines.ingest import IngestError, ingest
+from flywheel.data import batch_checks
+from flywheel.data import rawstore
+from flywheel.data import ingest as ingest_mod
+from flywheel.data.ingest import IngestError, ingest
 
 NOW = datetime(2026, 11, 27, 9, 30, tzinfo=timezone.utc)
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines import orchestration as orch
-from pipelines.orchestration import OrchestrationParams, decide
+from flywheel import orchestration as orch
+from flywheel.orchestration import OrchestrationParams, decide
 
 P = OrchestrationParams(min_new_events=100, max_negative_rate_rise=0.1, min_events_for_rate=20)
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 import pytest
 
 from flywheel.settings import PrepareParams, SplitParams
-from pipelines import rawstore
+from flywheel.data import rawstore
 from pipelines.prepare import SETS, SPLITS, compile_sets, deduplicate, load_events, main, prepare, read_set, split_of
 
 _n = itertools.count(1)

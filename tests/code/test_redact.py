@@ -204,7 +204,7 @@ def test_event_rows_carry_pseudonyms_for_ids_holding_personal_data(key, make_eve
     import json
 
     from flywheel.contract import parse_event
-    from pipelines.ingest import event_row
+    from flywheel.data.ingest import event_row
 
     event = parse_event(json.dumps(make_event(event_id="evt-jane@example.org", conversation_id="conv-4155550132",
                                               user_id="jane.roe@example.org")))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import orchestration as orch
-from pipelines import remote
+from flywheel import orchestration as orch
+from flywheel import remote
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 
@@ -154,7 +154,7 @@ POINTER = "outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 1\n  nfil
 
 
 @pytest.mark.parametrize("rel,text,why", [
-    ("pipelines/ingest.py", "import os\n", "only dvc.lock"),
+    ("pipelines/validate.py", "import os\n", "only dvc.lock"),
     ("dvc.yaml", "stages: {}\n", "only dvc.lock"),
     ("params.yaml", "x: 1\n", "only dvc.lock"),
     ("/tmp/evil.dvc", POINTER, "outside the workspace"),
@@ -169,7 +169,7 @@ POINTER = "outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 1\n  nfil
 ])
 def test_a_state_writing_anything_but_lock_pointers_and_watermark_is_refused(origin, rel, text, why):
     (origin / "pipelines").mkdir()
-    (origin / "pipelines/ingest.py").write_text("# the real code\n")
+    (origin / "pipelines/validate.py").write_text("# the real code\n")
     subprocess.run(["git", "add", "-A"], cwd=origin, check=True, env=_env())
     before = {p: p.read_bytes() for p in origin.rglob("*") if p.is_file() and ".git" not in p.parts}
     state = {"dvc.lock": "schema: '2.0'\n", rel: text}           # a good file first: nothing may be written at all
@@ -310,7 +310,7 @@ def _events_file(path: Path, make_event, n: int, **overrides) -> Path:
 
 
 def _stored(w: Path) -> list[dict]:
-    from pipelines import rawstore
+    from flywheel.data import rawstore
 
     return rawstore.read_columns(w / "data/raw", ["event_id", "user_id"]).to_pylist()
 
@@ -319,7 +319,7 @@ def _task_ingests(w: Path, env: dict, files: list[Path], run_id: str = "schedule
     """What a DAG task does in production: synced pull, work (here an ingest and `dvc add`), push and publish."""
     from flywheel import workspace
     from flywheel.settings import load_settings
-    from pipelines.ingest import ingest
+    from flywheel.data.ingest import ingest
 
     s = load_settings(w, env=env)
 
@@ -394,7 +394,7 @@ def test_a_hand_run_erase_is_published_and_the_next_task_does_not_bring_rows_bac
 def test_unpublished_changes_stop_the_task_until_published(s3_worker, tmp_path, make_event):
     from flywheel import workspace
     from flywheel.settings import load_settings
-    from pipelines.ingest import ingest
+    from flywheel.data.ingest import ingest
 
     w, env = s3_worker
     _task_ingests(w, env, [_events_file(tmp_path / "first.jsonl", make_event, 6)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.evaluate import EvalParams, _slices, cluster_keys, evaluate_reward, length_baseline, slice_keys
-from pipelines.stats import mean_ci, paired_diff
+from flywheel.evaluation.stats import mean_ci, paired_diff
 
 PROMPTS, PER_PROMPT = 10, 20
 

@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flywheel.settings import ContractParams, IngestChecks, IngestParams, ValidateParams
-from pipelines import batch_checks, rawstore, validate
-from pipelines.ingest import ingest
+from pipelines import validate
+from flywheel.data import batch_checks
+from flywheel.data import rawstore
+from flywheel.data.ingest import ingest
 
 DAY1 = datetime(2026, 11, 20, 12, tzinfo=timezone.utc)
 DAY2 = datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
@@ -240,7 +242,7 @@ def test_numeric_fast_path_answers_like_great_expectations():
 
     import numpy as np
 
-    from pipelines.expectations import _numeric_dtype_fast_path
+    from flywheel.data.expectations import _numeric_dtype_fast_path
 
     _numeric_dtype_fast_path()
     import great_expectations.util as gx_util

@@ -55,7 +55,7 @@ def build_reward(folder: Path, seed: int = 0) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from pipelines.base_models import minilm_folder
-    from pipelines.reward_model import RewardModel
+    from flywheel.models.reward import RewardModel
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(minilm_folder())

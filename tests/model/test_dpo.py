@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from pipelines.dpo import DPOParams, train_dpo
+from flywheel.models.dpo import DPOParams, train_dpo
 from pipelines.evaluate import EvalParams, implicit_margins
-from pipelines.policy_model import encode, load_policy
-from pipelines.stats import correct_from_margin
+from flywheel.models.policy import encode, load_policy
+from flywheel.evaluation.stats import correct_from_margin
 from tests.model.conftest import synthetic_pairs
 
 PARAMS = dict(frozen_layers=2, steps=12, batch_size=4, lr=5e-3, warmup_steps=1, beta=0.5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipelines.evaluate import EvalParams, evaluate_policy, evaluate_reward, headline_metrics, implicit_margins
-from pipelines.policy_model import load_policy, trunk_fingerprint
+from flywheel.models.policy import load_policy, trunk_fingerprint
 from tests.model.conftest import synthetic_pairs
 
 EVAL = EvalParams(max_prompt_tokens=32, max_answer_tokens=8, batch_size=4, frozen_layers=2, judged_prompts=3,
@@ -70,7 +70,7 @@ def test_implicit_margins_run_with_accelerator_weights(tiny_base):
 
 
 def _judge(tiny_base):
-    from pipelines.reward_model import RewardModel
+    from flywheel.models.reward import RewardModel
 
     return RewardModel.load(tiny_base / "reward")
 
@@ -78,8 +78,8 @@ def _judge(tiny_base):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 def test_tiny_evaluation_and_dpo_steps_on_cuda(tiny_base):
-    from pipelines.dpo import DPOParams, train_dpo
-    from pipelines.policy_model import best_device, encode
+    from flywheel.models.dpo import DPOParams, train_dpo
+    from flywheel.models.policy import best_device, encode
 
     assert best_device() == "cuda"
     ref_cpu, tok = load_policy(tiny_base / "policy")
@@ -102,7 +102,7 @@ def test_tiny_evaluation_and_dpo_steps_on_cuda(tiny_base):
 
 
 def test_an_empty_test_split_is_reported_not_measured(tiny_base, tmp_path):
-    from pipelines import report
+    from flywheel.evaluation import report
 
     ref, tok = load_policy(tiny_base / "policy")
     judge = _judge(tiny_base)

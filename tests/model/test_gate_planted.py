@@ -16,11 +16,11 @@ from flywheel.release import SmokeParams, bootstrap, release
 from flywheel.settings import load_settings
 from pipelines.bless import GateParams, bless, gate_in_force
 from pipelines.bless import main as bless_stage
-from pipelines.dpo import DPOParams, train_dpo
+from flywheel.models.dpo import DPOParams, train_dpo
 from pipelines.evaluate import EvalParams, evaluate_policy, evaluate_reward
 from pipelines.evaluate import main as evaluate_stage
-from pipelines.policy_model import encode, load_policy
-from pipelines.reward_model import RewardModel, RewardTrainParams, train_reward
+from flywheel.models.policy import encode, load_policy
+from flywheel.models.reward import RewardModel, RewardTrainParams, train_reward
 from pipelines.train_policy import save
 from tests.model.conftest import synthetic_pairs
 

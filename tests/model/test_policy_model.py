@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.dpo import TrunkCache, pair_batch
-from pipelines.policy_model import (collate, encode, freeze_trunk, generate, load_policy, run_trunk, top_layers,
+from flywheel.models.dpo import TrunkCache, pair_batch
+from flywheel.models.policy import (collate, encode, freeze_trunk, generate, load_policy, run_trunk, top_layers,
                                     top_logps, trunk_fingerprint)
 from tests.model.conftest import synthetic_pairs
 
@@ -42,7 +42,7 @@ def test_cached_trunk_rows_repad_to_the_same_log_probs(tiny_base):
 
 
 def test_only_an_answer_that_ended_gets_the_end_of_turn_token(tiny_base):
-    from pipelines.policy_model import answer_ids, end_token
+    from flywheel.models.policy import answer_ids, end_token
 
     _, tok = load_policy(tiny_base / "policy")
     end = end_token(tok)
@@ -90,7 +90,7 @@ def test_generate_returns_one_answer_per_prompt(tiny_base):
 
 
 def test_a_bf16_trunk_stays_close_to_the_fp32_forward_and_trains_the_fp32_top(tiny_base):
-    from pipelines.policy_model import cast_frozen
+    from flywheel.models.policy import cast_frozen
 
     model, tok = load_policy(tiny_base / "policy")
     enc = encode(tok, synthetic_pairs(3), 32, 8)

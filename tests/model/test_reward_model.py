@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.reward_model import RewardModel, RewardTrainParams, pairwise_correct, reward_text, train_reward
+from flywheel.models.reward import RewardModel, RewardTrainParams, pairwise_correct, reward_text, train_reward
 from tests.model.conftest import synthetic_pairs
 
 
@@ -44,7 +44,7 @@ def test_reward_text_keeps_the_last_turns_and_the_answer():
 def test_length_grouped_order_is_a_permutation_of_similar_length_batches():
     import random
 
-    from pipelines.reward_model import length_grouped_order
+    from flywheel.models.reward import length_grouped_order
 
     lengths = [(i * 7919) % 293 + 5 for i in range(1000)]
     a = length_grouped_order(lengths, 16, random.Random(0))

@@ -12,7 +12,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import rawstore
+from flywheel.data import rawstore
 from service.store import FeedbackStore
 from svc_helpers import event, flywheel, workspace
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import rawstore
+from flywheel.data import rawstore
 from service import export as export_mod
 from service.auth import create_token, token_hash
 from service.export import export

@@ -27,7 +27,7 @@ import pyarrow as pa
 from flywheel.contract import ContractError, parse_event
 from flywheel.redact import pseudonymise_id, redact
 from flywheel.settings import ContractParams, IngestParams
-from pipelines import rawstore
+from flywheel.data import rawstore
 
 FORMATS = ("native", "hh-rlhf")
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -225,7 +225,7 @@ def _map_chunks(chunks: Iterator, args: tuple, workers: int) -> Iterator[_Chunk]
 def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, params: IngestParams,
            contract: ContractParams, workers: int | None = None, now: datetime | None = None) -> IngestResult:
     """Ingest ``files`` as one batch; returns the counts (read = accepted + duplicates + quarantined)."""
-    from pipelines import batch_checks
+    from flywheel.data import batch_checks
 
     if fmt not in FORMATS:
         raise IngestError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")

@@ -143,7 +143,7 @@ def check_feedback(settings: Settings, params: OrchestrationParams, force: bool 
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipelines import rawstore
+    from flywheel.data import rawstore
 
     table = rawstore.read_columns(settings.raw_store, ["batch_id", "polarity"])
     batches = table.column("batch_id")
@@ -160,7 +160,7 @@ def record_training(settings: Settings, upto_batch: str | None, airflow_run_id: 
     """Write the watermark: the raw-store batches (up to ``upto_batch``) the training that just ran saw."""
     import pyarrow.compute as pc
 
-    from pipelines import rawstore
+    from flywheel.data import rawstore
 
     table = rawstore.read_columns(settings.raw_store, ["batch_id", "polarity"])
     if upto_batch is not None:
@@ -335,7 +335,7 @@ def as_dict(obj) -> dict:
     return asdict(obj)
 
 
-# ---- the DVC remote between workers (production: settings ``dvc_remote``; see pipelines/remote.py) ------------
+# ---- the DVC remote between workers (production: settings ``dvc_remote``; see flywheel/remote.py) ------------
 STATE_KEY = "workspace_state"
 SYNC_LOCK_TIMEOUT = 1800.0     # a task waits this long for a command run by hand in its workspace
 
@@ -354,7 +354,7 @@ def synced(root: Path, env: dict[str, str], run_id: str, task_id: str, state: di
     unpublished local changes (``remote.UnpublishedChanges`` names them and the fix)."""
     from flywheel import workspace
     from flywheel.settings import load_settings
-    from pipelines import remote
+    from flywheel import remote
 
     settings = load_settings(root, env=env)
     url = settings.dvc_remote

@@ -18,8 +18,8 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from flywheel.settings import IngestChecks
-from pipelines import rawstore
-from pipelines.expectations import Check, run_suite
+from flywheel.data import rawstore
+from flywheel.data.expectations import Check, run_suite
 
 
 @dataclass

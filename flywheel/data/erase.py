@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipelines import rawstore
+from flywheel.data import rawstore
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 LEGACY_SAMPLES = "## Sample answers\n"          # the report section that quoted held-out prompts (before suites-only)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipelines.policy_model import (Batch, Encoded, TrunkOut, cast_frozen, collate, freeze_trunk, run_trunk, top_layers, top_logps,
+from flywheel.models.policy import (Batch, Encoded, TrunkOut, cast_frozen, collate, freeze_trunk, run_trunk, top_layers, top_logps,
                                     device_of, trunk_context)
 
 

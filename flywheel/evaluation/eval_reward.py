@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from flywheel.contract import ContractError, parse_event
-from pipelines.ingest import IngestError, hh_to_event, read_lines
+from flywheel.data.ingest import IngestError, hh_to_event, read_lines
 
 
 class EvalRewardError(RuntimeError):
@@ -55,8 +55,8 @@ def resolve_model(settings, uri: str) -> Path:
 
 
 def run(settings, uri: str, path: Path, fmt: str, contract) -> dict:
-    from pipelines.reward_model import RewardModel, pairwise_correct
-    from pipelines.stats import mean_ci
+    from flywheel.models.reward import RewardModel, pairwise_correct
+    from flywheel.evaluation.stats import mean_ci
 
     if fmt not in ("native", "hh-rlhf"):
         raise EvalRewardError(f"unknown format {fmt!r}; expected native or hh-rlhf")

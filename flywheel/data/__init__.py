@@ -1,0 +1,1 @@
+"""Feedback data: the raw store and its rows, ingest and its batch checks, erase."""

@@ -1,0 +1,1 @@
+"""The policy and reward model code shared by training, evaluation, release and serving."""
