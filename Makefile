@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo test test-fast bench airflow clean-demo
+.PHONY: install install-dev demo test test-fast lint format bench airflow clean-demo
 
 install:
 	infra/install.sh
@@ -19,9 +19,18 @@ install-dev:
 demo: install
 	flywheel demo
 
-## Install the dev dependencies and run the whole test suite (slow tests included).
-test: install-dev
+## Install the dev dependencies, lint, and run the whole test suite (slow tests included).
+test: install-dev lint
 	python -m pytest $(PYTEST_ARGS)
+
+## ruff: lint and formatting check (configured in pyproject.toml); `make format` rewrites.
+lint: install-dev
+	ruff check .
+	ruff format --check .
+
+format: install-dev
+	ruff format .
+	ruff check --fix .
 
 ## Unit and data tests only (seconds).
 test-fast: install-dev

@@ -4,7 +4,7 @@ project's whole dev file) ingested and prepared by Flywheel's own steps into a t
 from __future__ import annotations
 
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,23 +14,32 @@ if str(ROOT) not in sys.path:
 
 def prepared_sets(work: Path) -> Path:
     """Ingest both demo halves and run ``prepare``; returns the prepared folder (cached in ``work``)."""
-    from flywheel.settings import ContractParams, IngestParams, PrepareParams
     from flywheel.data.ingest import ingest
+    from flywheel.settings import load_params
     from pipelines.prepare import main as prepare
 
     out = work / "prepared"
     if (out / "pairs-test.jsonl").exists():
         return out
     raw, quarantine = work / "raw", work / "quarantine"
+    params = load_params(ROOT / "params.yaml")
     for day, name in enumerate(("hh-rlhf-batch1.jsonl.gz", "hh-rlhf-batch2.jsonl.gz"), start=1):
-        ingest([ROOT / "data" / "demo" / name], "hh-rlhf", raw, quarantine, IngestParams(), ContractParams(),
-               workers=1, now=datetime(2026, 1, day, tzinfo=timezone.utc))
-    prepare(raw, PrepareParams(), out, work / "prepare.json")
+        ingest(
+            [ROOT / "data" / "demo" / name],
+            "hh-rlhf",
+            raw,
+            quarantine,
+            params.ingest,
+            params.contract,
+            workers=1,
+            now=datetime(2026, 1, day, tzinfo=UTC),
+        )
+    prepare(raw, params.prepare, out, work / "prepare.json")
     return out
 
 
-def params_section(name: str) -> dict:
-    """A section of the repository's params.yaml (demo profile)."""
+def params_section(name: str):
+    """A section of the repository's params.yaml (demo profile), typed (flywheel/params.py)."""
     from flywheel.settings import load_settings
 
     return load_settings(ROOT, env={}).params.section(name)

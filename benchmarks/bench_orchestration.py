@@ -1,22 +1,25 @@
 """Orchestration overhead on the tiny profile.
 
-The same stages run three ways, each on its own copy of one prepared workspace (120 HH-RLHF pairs and the
+The same stages run four ways, each on its own copy of one prepared workspace (120 HH-RLHF pairs and the
 native batch ingested, base models built and bootstrapped, so ``base_models`` is up to date everywhere):
 
 - **baseline**: the stages' commands (as dvc.yaml resolves them) called one after the other in one Python
   process, through the CLI's own functions;
 - **dvc repro**: one plain ``dvc repro`` as a user types it (DVC's hashing and dvc.lock; each stage's
-  ``flywheel stage`` command is forked from the workspace's warm runner, flywheel/warm.py, which the first
-  stage starts: its start and imports are included);
+  ``flywheel stage`` command is forked from the warm runner of the workspace and environment, flywheel/warm.py,
+  which the first stage starts: its start and imports are included);
 - **dvc repro, cold**: the same with ``FLYWHEEL_WARM=0``: every stage its own process, importing torch,
-  MLflow and GX again (what ``dvc repro`` cost before the runner);
+  MLflow and GX again (what ``dvc repro`` costs without the runner);
 - **DAG run**: ``continuous_improvement`` with ``dag.test()`` (``force``, ``skip_release``): the threshold
-  task, one task per stage each running ``dvc repro --single-item`` (with the warm runner, as params.yaml
-  ``orchestration.warm_runner`` sets by default), the watermark.
+  task, one task per stage each running ``dvc repro --single-item`` inside the task's own process tree (never
+  a warm runner: a task's timeout and kill must reach the stage), the watermark.
 
-Overhead per stage = (wall time - baseline) / number of dvc.yaml stages. Then, on the up-to-date
-workspaces, a no-op ``dvc repro`` (runner alive, as after any run within ``warm_idle_seconds``; and with no
-runner alive, so the no-op starts one) and a no-op DAG run (every stage skipped by DVC).
+Overhead per stage = (wall time - baseline) / number of dvc.yaml stages; and, less exposed to the load of a
+shared machine (training and generation move by tens of seconds), the median over the light stages
+(``LIGHT``) of each stage's wall time (DVC's output lines; the task's duration in the DAG) minus its time in
+the one-process baseline. Then, on the up-to-date workspaces, a no-op ``dvc repro`` (runner alive, as after any
+run within ``warm_idle_seconds``; and with no runner alive, so the no-op starts one) and a no-op DAG run (every
+stage skipped by DVC). Workspaces and Airflow homes come from devkit/ (shared with the tests).
 
     .venv/bin/python benchmarks/bench_orchestration.py [--workdir DIR] [--json FILE]
 
@@ -30,20 +33,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.airflow.airflow_helpers import (airflow_env, clean_env, dag_test, init_airflow,  # noqa: E402
-                                           make_workspace)
+from devkit.airflow_home import airflow_env, dag_test, init_airflow  # noqa: E402
+from devkit.workspaces import clean_env, make_workspace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Stages whose work takes about a second: their wall time is mostly what the orchestration adds, and it does not
+# drown in the training and generation time that a shared machine's load moves by tens of seconds.
+LIGHT = ("resolve_champion", "validate", "prepare", "bless")
 
 _INPROC = """
 import json, os, shlex, sys, time
@@ -72,13 +78,52 @@ def _timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]
     return took, proc.stdout
 
 
+def _timed_stages(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str, dict[str, float]]:
+    """Like ``_timed``, plus each stage's wall time as DVC runs it: from its "Running stage" line to the next
+    one (or DVC's exit), DVC's own work on it included."""
+    marks: list[tuple[str, float]] = []
+    out: list[str] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=err)
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("Running stage '"):
+                marks.append((line.split("'")[1], time.perf_counter()))
+        proc.wait()
+        end = time.perf_counter()
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{args} failed:\n{''.join(out)[-3000:]}\n{err.read()[-3000:]}")
+    walls = {name: round((marks[i + 1][1] if i + 1 < len(marks) else end) - t, 2) for i, (name, t) in enumerate(marks)}
+    return end - t0, "".join(out), walls
+
+
+def _overhead(walls: dict[str, float], baseline: dict[str, float]) -> float:
+    """The median over the light stages (little work, so little noise) of wall time minus in-process time."""
+    return round(statistics.median(walls[s] - baseline[s] for s in LIGHT), 2)
+
+
+def _stop_runners(root: Path) -> None:
+    """Stop the warm runners serving ``root`` and wait until they are gone."""
+    from flywheel import warm
+
+    warm.stop_workspace(root)
+    deadline = time.monotonic() + 60
+    while warm.runners(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def stage_commands(root: Path) -> list[tuple[str, str]]:
     """Each stage's command with dvc.yaml's ${...} resolved, in dvc.yaml order."""
-    code = ("import json, yaml; from dvc.repo import Repo; r = Repo('.'); "
-            "cmds = {s.name: s.cmd for s in r.index.stages if hasattr(s, 'name')}; "
-            "print(json.dumps([(n, cmds[n]) for n in yaml.safe_load(open('dvc.yaml'))['stages']]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=clean_env(), text=True, capture_output=True,
-                         check=True).stdout
+    code = (
+        "import json, yaml; from dvc.repo import Repo; r = Repo('.'); "
+        "cmds = {s.name: s.cmd for s in r.index.stages if hasattr(s, 'name')}; "
+        "print(json.dumps([(n, cmds[n]) for n in yaml.safe_load(open('dvc.yaml'))['stages']]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=clean_env(), text=True, capture_output=True, check=True
+    ).stdout
     return [tuple(x) for x in json.loads(out.strip().splitlines()[-1])]
 
 
@@ -93,42 +138,40 @@ def main() -> None:
     work.mkdir(parents=True)
     print(f"load average before: {_load()}")
     base = make_workspace(work / "base", ROOT)
+    _stop_runners(base)  # the one its `dvc repro base_models` started
     commands = stage_commands(base)
     n_stages = len(commands)
-    to_run = [(name, cmd) for name, cmd in commands if name != "base_models"]   # up to date everywhere
+    to_run = [(name, cmd) for name, cmd in commands if name != "base_models"]  # up to date everywhere
     spaces = {k: work / k for k in ("inproc", "dvc", "cold", "dag")}
     for dest in spaces.values():
         shutil.copytree(base, dest, symlinks=True)
 
     env = clean_env(FLYWHEEL_ROOT=str(spaces["inproc"]))
-    took, out = _timed([sys.executable, "-c", _INPROC, str(spaces["inproc"]), json.dumps(to_run)],
-                       spaces["inproc"], env)
+    took, out = _timed(
+        [sys.executable, "-c", _INPROC, str(spaces["inproc"]), json.dumps(to_run)], spaces["inproc"], env
+    )
     baseline = json.loads(next(line for line in out.splitlines() if line.startswith("INPROC "))[7:])
     print(f"baseline (one process): {baseline['seconds']:.1f} s  {baseline['stages']}  load {_load()}")
 
-    from flywheel import warm
-
-    dvc_s, out = _timed(["dvc", "repro"], spaces["dvc"], clean_env())     # starts the workspace's runner
+    dvc_s, out, dvc_walls = _timed_stages(["dvc", "repro"], spaces["dvc"], clean_env())  # starts the runner
     assert out.count("Running stage") == len(to_run), out
-    print(f"dvc repro: {dvc_s:.1f} s  load {_load()}")
+    print(f"dvc repro: {dvc_s:.1f} s  {dvc_walls}  load {_load()}")
     noop_dvc = statistics.median(_timed(["dvc", "repro"], spaces["dvc"], clean_env())[0] for _ in range(3))
     print(f"dvc repro, nothing changed: {noop_dvc:.1f} s (median of 3)")
     noop_fresh = []
     for _ in range(3):
-        path = warm.socket_path(spaces["dvc"])
-        warm.stop(path)
-        while warm._answers(path):
-            time.sleep(0.05)
+        _stop_runners(spaces["dvc"])
         noop_fresh.append(_timed(["dvc", "repro"], spaces["dvc"], clean_env())[0])
     noop_fresh_s = statistics.median(noop_fresh)
     print(f"dvc repro, nothing changed, no runner alive (it starts one): {noop_fresh_s:.1f} s (median of 3)")
-    warm.stop(warm.socket_path(spaces["dvc"]))
+    _stop_runners(spaces["dvc"])
 
-    cold_s, out = _timed(["dvc", "repro"], spaces["cold"], clean_env(FLYWHEEL_WARM="0"))
+    cold_s, out, cold_walls = _timed_stages(["dvc", "repro"], spaces["cold"], clean_env(FLYWHEEL_WARM="0"))
     assert out.count("Running stage") == len(to_run), out
-    print(f"dvc repro, cold (FLYWHEEL_WARM=0, a process per stage): {cold_s:.1f} s  load {_load()}")
-    noop_cold = statistics.median(_timed(["dvc", "repro"], spaces["cold"], clean_env(FLYWHEEL_WARM="0"))[0]
-                                  for _ in range(3))
+    print(f"dvc repro, cold (FLYWHEEL_WARM=0, a process per stage): {cold_s:.1f} s  {cold_walls}  load {_load()}")
+    noop_cold = statistics.median(
+        _timed(["dvc", "repro"], spaces["cold"], clean_env(FLYWHEEL_WARM="0"))[0] for _ in range(3)
+    )
     print(f"dvc repro, cold, nothing changed: {noop_cold:.1f} s (median of 3)")
 
     home = work / "airflow-home"
@@ -138,23 +181,39 @@ def main() -> None:
     run, out = dag_test("continuous_improvement", aenv, spaces["dag"], {"force": True, "skip_release": True})
     dag_wall = time.perf_counter() - t0
     assert run["state"] == "success", out[-4000:]
-    print(f"DAG run: {run['seconds']:.1f} s (dag.test process {dag_wall:.1f} s)  load {_load()}")
+    dag_walls = {name: round(float(run["durations"][name]), 2) for name, _ in to_run}
+    print(f"DAG run: {run['seconds']:.1f} s (dag.test process {dag_wall:.1f} s)  {dag_walls}  load {_load()}")
     noop_run, _ = dag_test("continuous_improvement", aenv, spaces["dag"], {"force": True, "skip_release": True})
     print(f"DAG run, nothing changed: {noop_run['seconds']:.1f} s")
 
     base_s = baseline["seconds"]
     result = {
-        "stages": n_stages, "stages_run": len(to_run), "baseline_s": round(base_s, 2),
-        "dvc_repro_s": round(dvc_s, 2), "dag_run_s": round(run["seconds"], 2), "dag_test_process_s": round(dag_wall, 2),
+        "stages": n_stages,
+        "stages_run": len(to_run),
+        "baseline_s": round(base_s, 2),
+        "dvc_repro_s": round(dvc_s, 2),
+        "dag_run_s": round(run["seconds"], 2),
+        "dag_test_process_s": round(dag_wall, 2),
         "dvc_overhead_per_stage_s": round((dvc_s - base_s) / n_stages, 2),
         "dag_overhead_per_stage_s": round((run["seconds"] - base_s) / n_stages, 2),
-        "cold_repro_s": round(cold_s, 2), "cold_overhead_per_stage_s": round((cold_s - base_s) / n_stages, 2),
-        "noop_dvc_repro_s": round(noop_dvc, 2), "noop_dvc_repro_no_runner_s": round(noop_fresh_s, 2),
-        "noop_cold_repro_s": round(noop_cold, 2), "noop_dag_run_s": round(noop_run["seconds"], 2),
+        "cold_repro_s": round(cold_s, 2),
+        "cold_overhead_per_stage_s": round((cold_s - base_s) / n_stages, 2),
+        "noop_dvc_repro_s": round(noop_dvc, 2),
+        "noop_dvc_repro_no_runner_s": round(noop_fresh_s, 2),
+        "noop_cold_repro_s": round(noop_cold, 2),
+        "noop_dag_run_s": round(noop_run["seconds"], 2),
         "noop_dag_per_stage_s": round(noop_run["seconds"] / n_stages, 2),
-        "baseline_stage_s": baseline["stages"], "load_after": _load(),
+        "light_stages": list(LIGHT),
+        "dvc_overhead_light_stage_s": _overhead(dvc_walls, baseline["stages"]),
+        "cold_overhead_light_stage_s": _overhead(cold_walls, baseline["stages"]),
+        "dag_overhead_light_stage_s": _overhead(dag_walls, baseline["stages"]),
+        "baseline_stage_s": baseline["stages"],
+        "dvc_stage_s": dvc_walls,
+        "cold_stage_s": cold_walls,
+        "dag_task_s": dag_walls,
+        "load_after": _load(),
     }
-    warm.stop(warm.socket_path(spaces["dag"]))
+    _stop_runners(spaces["dag"])  # none expected: DAG tasks never start one
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -18,7 +18,6 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from _prefdata import ROOT, params_section, prepared_sets
@@ -28,30 +27,33 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=None, help="default: params.yaml train_policy.steps")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "pref")
-    ap.add_argument("--base", type=Path, default=ROOT / "models" / "base" / "policy",
-                    help="the base policy folder (built by `dvc repro base_models` when missing)")
+    ap.add_argument(
+        "--base",
+        type=Path,
+        default=ROOT / "models" / "base" / "policy",
+        help="the base policy folder (built by `dvc repro base_models` when missing)",
+    )
     ap.add_argument("--trl-steps", type=int, default=4, help="steps of the TRL DPOTrainer arm (0: skip it)")
     args = ap.parse_args()
     import torch
 
-    from pipelines.base_models import build_policy
-    from flywheel.models.dpo import train_dpo
-    from pipelines.evaluate import EvalParams, implicit_margins
-    from flywheel.models.policy import encode, load_policy
-    from pipelines.prepare import read_set
+    from flywheel.evaluation.policy_eval import implicit_margins
     from flywheel.evaluation.stats import correct_from_margin, mean_ci, paired_diff
-    from pipelines.train_policy import PolicyParams
+    from flywheel.models.dpo import train_dpo
+    from flywheel.models.policy import encode, load_policy
+    from pipelines.base_models import build_policy
+    from pipelines.prepare import read_set
 
     torch.set_num_threads(2)
     if not (args.base / "model.safetensors").exists():
         build_policy(args.base)
     prepared = prepared_sets(args.work)
     train, test = read_set(prepared, "pairs", "train"), read_set(prepared, "pairs", "test")
-    default = PolicyParams(**params_section("train_policy"))
+    default = params_section("train_policy")
     if args.steps:
-        default = replace(default, steps=args.steps)
-    full = replace(default, frozen_layers=0)
-    evalp = EvalParams(**{**params_section("evaluate"), "frozen_layers": default.frozen_layers})
+        default = default.updated(steps=args.steps)
+    full = default.updated(frozen_layers=0)
+    evalp = params_section("evaluate").updated(frozen_layers=default.frozen_layers)
     reference, tok = load_policy(args.base)
     pairs = encode(tok, train, default.max_prompt_tokens, default.max_answer_tokens)
     print(f"pairs: {len(train)} train, {len(test)} test; {default.steps} steps of {default.batch_size} pairs")
@@ -62,29 +64,40 @@ def main() -> None:
         t0 = time.perf_counter()
         train_dpo(model, pairs, [], tok.pad_token_id, recipe, on_step=lambda s, r: stamps.append(time.perf_counter()))
         per_step = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-        trainable = sum(p.numel() for layer in model.model.layers[recipe.frozen_layers:] for p in layer.parameters())
+        trainable = sum(p.numel() for layer in model.model.layers[recipe.frozen_layers :] for p in layer.parameters())
         margins = implicit_margins(reference, {"m": model}, tok, test, evalp)["m"]
         correct[label] = correct_from_margin(margins)
         acc = mean_ci(correct[label])
-        results[label] = {"seconds_per_step_mean": statistics.mean(per_step),
-                          "seconds_per_step_median": statistics.median(per_step),
-                          "trainable_params": trainable, "accuracy": acc["value"], "accuracy_ci95": acc["ci"]}
-        print(f"{label}: {statistics.mean(per_step):.2f} s/step (median {statistics.median(per_step):.2f}), "
-              f"{trainable / 1e6:.1f}M trainable, held-out accuracy {acc['value']:.4f} "
-              f"[{acc['ci'][0]:.4f}, {acc['ci'][1]:.4f}] on {acc['n']} pairs", flush=True)
+        results[label] = {
+            "seconds_per_step_mean": statistics.mean(per_step),
+            "seconds_per_step_median": statistics.median(per_step),
+            "trainable_params": trainable,
+            "accuracy": acc["value"],
+            "accuracy_ci95": acc["ci"],
+        }
+        print(
+            f"{label}: {statistics.mean(per_step):.2f} s/step (median {statistics.median(per_step):.2f}), "
+            f"{trainable / 1e6:.1f}M trainable, held-out accuracy {acc['value']:.4f} "
+            f"[{acc['ci'][0]:.4f}, {acc['ci'][1]:.4f}] on {acc['n']} pairs",
+            flush=True,
+        )
         del model
     a, b = list(results.values())[:2]
     if args.trl_steps:
         results["TRL DPOTrainer"] = trl_arm(args.base, train, default, args.trl_steps)
-        print(f"TRL DPOTrainer ({default.frozen_layers} frozen, precompute_ref_log_probs): "
-              f"{results['TRL DPOTrainer']['seconds_per_step_mean']:.2f} s/step over {args.trl_steps} steps "
-              f"(+ {results['TRL DPOTrainer']['precompute_seconds']:.0f} s precomputing reference log-probs)",
-              flush=True)
+        print(
+            f"TRL DPOTrainer ({default.frozen_layers} frozen, precompute_ref_log_probs): "
+            f"{results['TRL DPOTrainer']['seconds_per_step_mean']:.2f} s/step over {args.trl_steps} steps "
+            f"(+ {results['TRL DPOTrainer']['precompute_seconds']:.0f} s precomputing reference log-probs)",
+            flush=True,
+        )
     speed = b["seconds_per_step_mean"] / a["seconds_per_step_mean"]
     diff = paired_diff(*correct.values())
     print(f"speed-up of the default recipe per step: {speed:.2f}x (target >= 2x)")
-    print(f"accuracy, default - full: {diff['diff']:+.4f} (paired 95% [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]); "
-          "target: within 1 point")
+    print(
+        f"accuracy, default - full: {diff['diff']:+.4f} (paired 95% [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]); "
+        "target: within 1 point"
+    )
     print(json.dumps({"results": results, "speedup": speed, "accuracy_diff": diff}))
 
 
@@ -101,9 +114,14 @@ def trl_arm(base: Path, train: list[dict], recipe, steps: int) -> dict:
     model, tok = load_policy(base)
     ref, _ = load_policy(base)
     freeze_trunk(model, recipe.frozen_layers)
-    rows = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-             "rejected": [{"role": "assistant", "content": p["rejected"]}]}
-            for p in train[: (steps + 1) * recipe.batch_size]]
+    rows = [
+        {
+            "prompt": p["prompt"],
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in train[: (steps + 1) * recipe.batch_size]
+    ]
     stamps: list[float] = []
 
     class Timer(TrainerCallback):
@@ -111,19 +129,42 @@ def trl_arm(base: Path, train: list[dict], recipe, steps: int) -> dict:
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = DPOConfig(output_dir=out, per_device_train_batch_size=recipe.batch_size, max_steps=steps + 1,
-                        learning_rate=recipe.lr, beta=recipe.beta, warmup_steps=0, use_cpu=True, report_to=[],
-                        save_strategy="no", logging_steps=1, bf16=recipe.bf16, precompute_ref_log_probs=True,
-                        precompute_ref_batch_size=recipe.batch_size, dataset_num_proc=None,
-                        max_length=recipe.max_prompt_tokens + recipe.max_answer_tokens, truncation_mode="keep_end")
-        trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
-                             processing_class=tok, callbacks=[Timer()])
+        cfg = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=recipe.batch_size,
+            max_steps=steps + 1,
+            learning_rate=recipe.lr,
+            beta=recipe.beta,
+            warmup_steps=0,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            bf16=recipe.bf16,
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=recipe.batch_size,
+            dataset_num_proc=None,
+            max_length=recipe.max_prompt_tokens + recipe.max_answer_tokens,
+            truncation_mode="keep_end",
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=cfg,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            callbacks=[Timer()],
+        )
         t0 = time.perf_counter()
         trainer.train()
     per_step = [b - a for a, b in zip(stamps, stamps[1:])]
-    first = stamps[0] - t0    # the reference log-probs are precomputed before the first step
-    return {"seconds_per_step_mean": statistics.mean(per_step), "seconds_per_step_median": statistics.median(per_step),
-            "precompute_seconds": max(0.0, first - statistics.mean(per_step)), "steps_timed": len(per_step)}
+    first = stamps[0] - t0  # the reference log-probs are precomputed before the first step
+    return {
+        "seconds_per_step_mean": statistics.mean(per_step),
+        "seconds_per_step_median": statistics.median(per_step),
+        "precompute_seconds": max(0.0, first - statistics.mean(per_step)),
+        "steps_timed": len(per_step),
+    }
 
 
 if __name__ == "__main__":

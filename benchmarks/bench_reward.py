@@ -11,7 +11,6 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from _prefdata import ROOT, params_section, prepared_sets
@@ -26,35 +25,44 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from flywheel.evaluation.stats import mean_ci
+    from flywheel.models.reward import RewardModel, pairwise_correct, train_reward
     from pipelines.base_models import minilm_folder
     from pipelines.prepare import read_set
-    from flywheel.models.reward import RewardModel, RewardTrainParams, pairwise_correct, train_reward
-    from flywheel.evaluation.stats import mean_ci
 
     torch.set_num_threads(2)
     prepared = prepared_sets(args.work)
     train, test = read_set(prepared, "reward_pairs", "train"), read_set(prepared, "reward_pairs", "test")
     print(f"reward pairs: {len(train)} train, {len(test)} test (HH-RLHF harmless dev file)")
-    default = RewardTrainParams(**params_section("train_reward"))
-    frozen = replace(default, frozen_encoder=True, epochs=30.0)
+    default = params_section("train_reward")
+    frozen = default.updated(frozen_encoder=True, epochs=30.0)
     results = {}
     for label, recipe in (("frozen-encoder baseline", frozen), ("default recipe", default)):
         accs, secs = [], []
         for seed in args.seeds:
             model = RewardModel.from_encoder(minilm_folder(), recipe.max_length, recipe.context_turns)
             t0 = time.perf_counter()
-            train_reward(model, train, replace(recipe, seed=seed))
+            train_reward(model, train, recipe.updated(seed=seed))
             secs.append(time.perf_counter() - t0)
             acc = mean_ci(pairwise_correct(model, test))
             accs.append(acc["value"])
-            print(f"  {label}, seed {seed}: accuracy {acc['value']:.4f} "
-                  f"(bootstrap 95% [{acc['ci'][0]:.4f}, {acc['ci'][1]:.4f}]), train {secs[-1]:.0f} s", flush=True)
+            print(
+                f"  {label}, seed {seed}: accuracy {acc['value']:.4f} "
+                f"(bootstrap 95% [{acc['ci'][0]:.4f}, {acc['ci'][1]:.4f}]), train {secs[-1]:.0f} s",
+                flush=True,
+            )
         mean = statistics.mean(accs)
         half = T95[len(accs) - 1] * statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else float("nan")
-        results[label] = {"mean": mean, "ci95": [mean - half, mean + half], "seeds": accs,
-                          "train_seconds": statistics.mean(secs)}
-        print(f"{label}: mean accuracy over {len(accs)} seeds {mean:.4f} (95% t-interval "
-              f"[{mean - half:.4f}, {mean + half:.4f}]), mean train time {statistics.mean(secs):.0f} s")
+        results[label] = {
+            "mean": mean,
+            "ci95": [mean - half, mean + half],
+            "seeds": accs,
+            "train_seconds": statistics.mean(secs),
+        }
+        print(
+            f"{label}: mean accuracy over {len(accs)} seeds {mean:.4f} (95% t-interval "
+            f"[{mean - half:.4f}, {mean + half:.4f}]), mean train time {statistics.mean(secs):.0f} s"
+        )
     gain = results["default recipe"]["mean"] - results["frozen-encoder baseline"]["mean"]
     print(f"default - baseline: {gain:+.4f}; target: default >= 0.65")
     print(json.dumps(results))

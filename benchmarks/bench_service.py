@@ -32,8 +32,10 @@ from fastapi import FastAPI, Request
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TEXT = ("My fern's fronds are turning brown at the tips even though I water it twice a week; the pot is by a "
-        "north window and the room is heated. Should I mist it, move it, or change the soil? ")
+TEXT = (
+    "My fern's fronds are turning brown at the tips even though I water it twice a week; the pot is by a "
+    "north window and the room is heated. Should I mist it, move it, or change the soil? "
+)
 
 
 def bare_app():
@@ -61,11 +63,16 @@ def bare_app():
 
 def _event(n: int) -> dict:
     pii = " Reach me at jo.smith@example.com." if n % 100 == 0 else ""
-    return {"event_id": f"bench-{n}", "timestamp": "2026-11-27T10:00:00Z", "conversation_id": f"c-{n // 3}",
-            "model_version": "flywheel-policy/1", "user_id": f"u-{n % 97}",
-            "prompt": [{"role": "user", "content": TEXT + pii}],
-            "response": "Move it a little closer to the light and keep the soil evenly moist, not wet.",
-            "feedback": {"type": "thumbs", "value": "up" if n % 3 else "down"}}
+    return {
+        "event_id": f"bench-{n}",
+        "timestamp": "2026-11-27T10:00:00Z",
+        "conversation_id": f"c-{n // 3}",
+        "model_version": "flywheel-policy/1",
+        "user_id": f"u-{n % 97}",
+        "prompt": [{"role": "user", "content": TEXT + pii}],
+        "response": "Move it a little closer to the light and keep the soil evenly moist, not wet.",
+        "feedback": {"type": "thumbs", "value": "up" if n % 3 else "down"},
+    }
 
 
 class _Raw:
@@ -79,8 +86,11 @@ class _Raw:
         return self
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{self.headers}"
-                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n{self.headers}"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         head = await self.reader.readuntil(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
         return int(head[9:12]), await self.reader.readexactly(length)
@@ -93,8 +103,12 @@ async def _load(port, path, make_body, conns, seconds, token="", client="raw", o
     if client == "httpx":
         import httpx
 
-        hx = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_connections=conns),
-                               headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=120)
+        hx = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            limits=httpx.Limits(max_connections=conns),
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            timeout=120,
+        )
 
     async def worker():
         conn = await _Raw(port, headers).open() if client == "raw" else None
@@ -120,8 +134,14 @@ async def _load(port, path, make_body, conns, seconds, token="", client="raw", o
         await hx.aclose()
     lat.sort()
     q = (lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1)) if lat else (lambda p: None)
-    return {"requests": len(lat), "seconds": round(took, 2), "rps": round(len(lat) / took, 1), "p50_ms": q(0.5),
-            "p99_ms": q(0.99), "codes": dict(codes)}
+    return {
+        "requests": len(lat),
+        "seconds": round(took, 2),
+        "rps": round(len(lat) / took, 1),
+        "p50_ms": q(0.5),
+        "p99_ms": q(0.99),
+        "codes": dict(codes),
+    }
 
 
 def _serve(cmd: list[str], env: dict, port: int, log: Path) -> subprocess.Popen:
@@ -164,8 +184,13 @@ def _workspace(work: Path, policy: Path) -> tuple[dict, str]:
     from service.store import FeedbackStore
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["serve"] = {**params.get("serve", {}), "access_log": False, "max_best_of": 1,
-                       "chat_rate": {"per_s": 1e6, "burst": 10**6}, "feedback_rate": {"per_s": 1e6, "burst": 10**6}}
+    params["serve"] = {
+        **params.get("serve", {}),
+        "access_log": False,
+        "max_best_of": 1,
+        "chat_rate": {"per_s": 1e6, "burst": 10**6},
+        "feedback_rate": {"per_s": 1e6, "burst": 10**6},
+    }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     store = FeedbackStore(f"sqlite:///{work / 'feedback.db'}")
     token, _ = create_token(store, "admin", "bench")
@@ -201,23 +226,61 @@ def main() -> None:
     if "feedback" in parts:
         port = _port()
         env = {**os.environ, "BENCH_DB": str(work / "bare.db")}
-        proc = _serve([sys.executable, "-m", "uvicorn", "bench_service:bare_app", "--factory", "--port", str(port),
-                       "--no-access-log", "--log-level", "warning", "--app-dir", str(ROOT / "benchmarks")],
-                      env, port, work / "bare.log")
+        proc = _serve(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench_service:bare_app",
+                "--factory",
+                "--port",
+                str(port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--app-dir",
+                str(ROOT / "benchmarks"),
+            ],
+            env,
+            port,
+            work / "bare.log",
+        )
         try:
-            out["feedback_bare"] = asyncio.run(_load(port, "/v1/feedback", feedback_body, args.conns, args.seconds,
-                                                     client=args.client))
+            out["feedback_bare"] = asyncio.run(
+                _load(port, "/v1/feedback", feedback_body, args.conns, args.seconds, client=args.client)
+            )
         finally:
             _stop(proc)
         print("bare FastAPI + SQLite WAL:", out["feedback_bare"], flush=True)
     env, token = _workspace(work, policy)
     port = _port()
-    proc = _serve([str(Path(sys.executable).with_name("flywheel")), "serve", "--no-registry", "--model-dir",
-                   str(policy), "--port", str(port)], env, port, work / "service.log")
+    proc = _serve(
+        [
+            str(Path(sys.executable).with_name("flywheel")),
+            "serve",
+            "--no-registry",
+            "--model-dir",
+            str(policy),
+            "--port",
+            str(port),
+        ],
+        env,
+        port,
+        work / "service.log",
+    )
     try:
         if "feedback" in parts:
-            out["feedback_service"] = asyncio.run(_load(port, "/v1/feedback", lambda n: feedback_body(10**9 + n),
-                                                        args.conns, args.seconds, token, args.client))
+            out["feedback_service"] = asyncio.run(
+                _load(
+                    port,
+                    "/v1/feedback",
+                    lambda n: feedback_body(10**9 + n),
+                    args.conns,
+                    args.seconds,
+                    token,
+                    args.client,
+                )
+            )
             print("flywheel serve /v1/feedback:", out["feedback_service"], flush=True)
             out["feedback_ratio"] = round(out["feedback_service"]["rps"] / out["feedback_bare"]["rps"], 2)
         if "batch" in parts:
@@ -230,27 +293,44 @@ def main() -> None:
         if "chat" in parts:
             for conns in (1, 8):
                 tokens = []
-                chat = {"messages": [{"role": "user", "content": "Give me one tip for sleeping well."}],
-                        "max_tokens": args.max_tokens, "temperature": 0}
-                r = asyncio.run(_load(port, "/v1/chat/completions", lambda n: json.dumps(chat).encode(), conns,
-                                      args.chat_seconds, token, args.client,
-                                      on_body=lambda b: tokens.append(json.loads(b)["usage"]["completion_tokens"])))
+                chat = {
+                    "messages": [{"role": "user", "content": "Give me one tip for sleeping well."}],
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0,
+                }
+                r = asyncio.run(
+                    _load(
+                        port,
+                        "/v1/chat/completions",
+                        lambda n: json.dumps(chat).encode(),
+                        conns,
+                        args.chat_seconds,
+                        token,
+                        args.client,
+                        on_body=lambda b: tokens.append(json.loads(b)["usage"]["completion_tokens"]),
+                    )
+                )
                 r["tokens_per_s"] = round(sum(tokens) / r["seconds"], 1)
                 out[f"chat_{conns}"] = r
                 print(f"chat, {conns} concurrent:", r, flush=True)
             out["chat_speedup_8_vs_1"] = round(out["chat_8"]["tokens_per_s"] / out["chat_1"]["tokens_per_s"], 2)
     finally:
         _stop(proc)
-    if {"feedback", "batch"} & parts:      # every acknowledged event is in the store, once (all ids are unique)
+    if {"feedback", "batch"} & parts:  # every acknowledged event is in the store, once (all ids are unique)
         from service.store import FeedbackStore
 
-        acked = (out.get("feedback_service", {}).get("codes", {}).get(200, 0)
-                 + out.get("batch_service", {}).get("codes", {}).get(200, 0) * args.batch_events)
+        acked = (
+            out.get("feedback_service", {}).get("codes", {}).get(200, 0)
+            + out.get("batch_service", {}).get("codes", {}).get(200, 0) * args.batch_events
+        )
         store = FeedbackStore(f"sqlite:///{work / 'feedback.db'}")
         out["acknowledged_events"], out["stored_events"] = acked, store.count()
         store.close()
-        print(f"acknowledged events: {acked}, in the store: {out['stored_events']}"
-              + ("" if acked == out["stored_events"] else "  <-- MISMATCH"), flush=True)
+        print(
+            f"acknowledged events: {acked}, in the store: {out['stored_events']}"
+            + ("" if acked == out["stored_events"] else "  <-- MISMATCH"),
+            flush=True,
+        )
     out["policy"] = str(policy)
     out["load_average_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in out.items() if "ratio" in k or "speedup" in k}))

@@ -32,6 +32,7 @@ ROWS_PER_S_TARGET = 200_000
 
 # --- the store --------------------------------------------------------------------------------------------
 
+
 def build_store(root: Path, n: int, batches: int, seed: int, chunk: int = 100_000) -> None:
     """``n`` events in ``batches`` committed batch files under ``root`` (rawstore layout), written chunk by chunk."""
     import random
@@ -51,8 +52,7 @@ def build_store(root: Path, n: int, batches: int, seed: int, chunk: int = 100_00
     prompts, turns = [], []
     for x in rng.gamma(3.0, 90.0, 4000):
         k = 1 if rng.random() < 0.8 else 3
-        msgs = [{"role": "user" if j % 2 == 0 else "assistant", "content": tm.text(int(x) // k + 10)}
-                for j in range(k)]
+        msgs = [{"role": "user" if j % 2 == 0 else "assistant", "content": tm.text(int(x) // k + 10)} for j in range(k)]
         prompts.append(json.dumps(msgs, ensure_ascii=False))
         turns.append(k)
     prompts, turns = pa.array(prompts), pa.array(turns, pa.int16())
@@ -77,15 +77,19 @@ def build_store(root: Path, n: int, batches: int, seed: int, chunk: int = 100_00
                 kind = rng.choice(4, m, p=[0.4, 0.3, 0.15, 0.15])
                 up = rng.random(m) < 0.65
                 rating = rng.choice(np.arange(1, 6), m, p=[0.08, 0.10, 0.17, 0.30, 0.35])
-                polarity = np.select([kind == 0, kind == 1, kind == 3],
-                                     [np.where(up, 1, -1), np.where(rating >= 4, 1, np.where(rating <= 2, -1, 0)), -1],
-                                     0)
+                polarity = np.select(
+                    [kind == 0, kind == 1, kind == 3],
+                    [np.where(up, 1, -1), np.where(rating >= 4, 1, np.where(rating <= 2, -1, 0)), -1],
+                    0,
+                )
                 ai = pa.array(rng.integers(0, len(answers), m))
                 pi = pa.array(rng.integers(0, len(prompts), m))
                 ei = rng.integers(0, len(extras), m)
                 response = answers.take(ai)
-                user = [None if r < 0.1 else f"user-{u:05d}" for r, u in
-                        zip(rng.random(m).tolist(), rng.integers(0, 50000, m).tolist())]
+                user = [
+                    None if r < 0.1 else f"user-{u:05d}"
+                    for r, u in zip(rng.random(m).tolist(), rng.integers(0, 50000, m).tolist())
+                ]
                 hours, mins = rng.integers(0, 24, m).tolist(), rng.integers(0, 60, m).tolist()
                 cols = {
                     "event_id": pa.array([f"bench-{seed}-{i:09d}" for i in ids.tolist()]),
@@ -126,8 +130,8 @@ def cached_store(workdir: Path, n: int, batches: int, seed: int) -> tuple[Path, 
 
 # --- measured calls (run in a child process by _common.measure) -------------------------------------------
 
+
 def run_baseline(store: str) -> dict:
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -186,49 +190,76 @@ def run_validate(store: str, docs: str) -> dict:
 
     params = load_params(common.ROOT / "params.yaml").validate_
     result = validate(Path(store), params, Path(docs))
-    return {"rows": result.metrics["rows"], "failures": result.outcome.failures, "metrics": result.metrics,
-            "checks": len(result.outcome.results)}
+    return {
+        "rows": result.metrics["rows"],
+        "failures": result.outcome.failures,
+        "metrics": result.metrics,
+        "checks": len(result.outcome.results),
+    }
 
 
 # --- driver -----------------------------------------------------------------------------------------------
 
+
 def _row(name: str, m: dict, n: int) -> str:
     if not m["ok"]:
         return f"  {name:<22} FAILED\n" + "\n".join("    " + ln for ln in m["error"].splitlines())
-    return (f"  {name:<22} {m['seconds']:>9.2f} {n / m['seconds']:>12,.0f} {m['cpu']:>8.1f}"
-            f" {n / m['cpu']:>11,.0f} {common.fmt_rss(m['rss_main']):>11} {common.fmt_rss(m['rss_workers']):>12}")
+    return (
+        f"  {name:<22} {m['seconds']:>9.2f} {n / m['seconds']:>12,.0f} {m['cpu']:>8.1f}"
+        f" {n / m['cpu']:>11,.0f} {common.fmt_rss(m['rss_main']):>11} {common.fmt_rss(m['rss_workers']):>12}"
+    )
 
 
 def bench_size(n: int, batches: int, seed: int, workdir: Path) -> dict:
     store, built = cached_store(workdir, n, batches, seed)
     size = sum(f.stat().st_size for f in store.glob("date=*/*.parquet"))
     files = len(list(store.glob("date=*/*.parquet")))
-    print(f"\n== {n:,} rows: {store} ({files} batch files, {size / common.MiB:,.1f} MiB"
-          f"{f', built in {built:.0f} s' if built else ', cached'}) ==", flush=True)
-    print(f"  {'measurement':<22} {'seconds':>9} {'rows/s':>12} {'CPU s':>8} {'rows/CPU-s':>11}"
-          f" {'RSS main':>11} {'RSS children':>12}", flush=True)
+    print(
+        f"\n== {n:,} rows: {store} ({files} batch files, {size / common.MiB:,.1f} MiB"
+        f"{f', built in {built:.0f} s' if built else ', cached'}) ==",
+        flush=True,
+    )
+    print(
+        f"  {'measurement':<22} {'seconds':>9} {'rows/s':>12} {'CPU s':>8} {'rows/CPU-s':>11}"
+        f" {'RSS main':>11} {'RSS children':>12}",
+        flush=True,
+    )
     res = {}
-    res["baseline"] = common.measure("bench_validate", "run_baseline",
-                                     preload=("pandas", "pyarrow.parquet", "pipelines.validate"), store=str(store))
+    res["baseline"] = common.measure(
+        "bench_validate", "run_baseline", preload=("pandas", "pyarrow.parquet", "pipelines.validate"), store=str(store)
+    )
     print(_row("pandas baseline", res["baseline"], n), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-validate-", dir=workdir) as tmp:
-        res["validate"] = common.measure("bench_validate", "run_validate", preload=("pipelines.validate",),
-                                         store=str(store),
-                                         docs=str(Path(tmp) / "data_docs"))
+        res["validate"] = common.measure(
+            "bench_validate",
+            "run_validate",
+            preload=("pipelines.validate",),
+            store=str(store),
+            docs=str(Path(tmp) / "data_docs"),
+        )
     print(_row("flywheel validate()", res["validate"], n), flush=True)
     v, b = res["validate"], res["baseline"]
     if v["ok"]:
-        print(f"  validate: {v['info']['rows']:,} rows, {v['info']['checks']} expectations,"
-              f" failed: {v['info']['failures'] or 'none'}")
+        print(
+            f"  validate: {v['info']['rows']:,} rows, {v['info']['checks']} expectations,"
+            f" failed: {v['info']['failures'] or 'none'}"
+        )
         if b["ok"]:
             print(f"  baseline failed checks: {b['info']['failures'] or 'none'}")
-            print(f"  ratio validate / baseline: {b['seconds'] / v['seconds']:.3f}"
-                  f" (validate takes {v['seconds'] / b['seconds']:.1f}x the time)")
+            print(
+                f"  ratio validate / baseline: {b['seconds'] / v['seconds']:.3f}"
+                f" (validate takes {v['seconds'] / b['seconds']:.1f}x the time)"
+            )
         rate = n / v["seconds"]
-        print(f"  target >= {ROWS_PER_S_TARGET:,} rows/s including GX set-up: {rate:,.0f}"
-              f" -> {common.verdict(rate >= ROWS_PER_S_TARGET)}")
-        print(f"  target peak RSS <= 2 GiB: {common.fmt_rss(v['rss_max'])}"
-              f" -> {common.verdict(v['rss_max'] <= common.RSS_TARGET)}", flush=True)
+        print(
+            f"  target >= {ROWS_PER_S_TARGET:,} rows/s including GX set-up: {rate:,.0f}"
+            f" -> {common.verdict(rate >= ROWS_PER_S_TARGET)}"
+        )
+        print(
+            f"  target peak RSS <= 2 GiB: {common.fmt_rss(v['rss_max'])}"
+            f" -> {common.verdict(v['rss_max'] <= common.RSS_TARGET)}",
+            flush=True,
+        )
     print("  " + common.load_line(), flush=True)
     return res
 
@@ -238,8 +269,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--batches", type=int, default=10, help="batch files in the store (default 10)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", type=Path, default=common.ROOT / "benchmarks" / "out",
-                    help="where stores are cached and Data Docs written (default: benchmarks/out, git-ignored)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=common.ROOT / "benchmarks" / "out",
+        help="where stores are cached and Data Docs written (default: benchmarks/out, git-ignored)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures to this JSON file")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

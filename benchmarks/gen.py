@@ -16,8 +16,8 @@ import argparse
 import itertools
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 # Common words, roughly by frequency; sampled with Zipf-like weights so texts read like prose statistics.
 _WORDS = """
@@ -57,10 +57,48 @@ important useful common typical possible likely certain simple difficult cheap e
 healthy fresh warm cold hot dry wet soft hard heavy light bright dark quiet loud busy free full empty
 local national public private personal general specific main basic extra final whole single double
 """.split()
-_NAMES = ["Alice", "Bruno", "Chen", "Dara", "Elena", "Farid", "Grace", "Hugo", "Imani", "Jonas", "Keiko",
-          "Liam", "Maya", "Nikos", "Olga", "Priya", "Quentin", "Rosa", "Sami", "Tomas"]
-_UNITS = ["minutes", "hours", "days", "weeks", "people", "items", "pages", "euros", "dollars", "grams",
-          "litres", "metres", "kilometres", "files", "steps", "times", "tests", "rows"]
+_NAMES = [
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dara",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Imani",
+    "Jonas",
+    "Keiko",
+    "Liam",
+    "Maya",
+    "Nikos",
+    "Olga",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Sami",
+    "Tomas",
+]
+_UNITS = [
+    "minutes",
+    "hours",
+    "days",
+    "weeks",
+    "people",
+    "items",
+    "pages",
+    "euros",
+    "dollars",
+    "grams",
+    "litres",
+    "metres",
+    "kilometres",
+    "files",
+    "steps",
+    "times",
+    "tests",
+    "rows",
+]
 _EMAIL_HOSTS = ["example.org", "mail.example.com", "corp.example.net", "example.co.uk"]
 _FEEDBACK_WEIGHTS = [("thumbs", 40), ("rating", 30), ("preference", 15), ("correction", 15)]
 PII_RATE = 0.01
@@ -131,17 +169,19 @@ def _pii(rng: random.Random) -> tuple[str, str]:
         user = f"{rng.choice(_NAMES).lower()}.{rng.choice(_WORDS)}{rng.randint(1, 99)}"
         return kind, f"You can reach me at {user}@{rng.choice(_EMAIL_HOSTS)} if you need more details."
     if kind == "phone":
-        number = rng.choice([
-            f"+1 415-555-{rng.randint(0, 9999):04d}",
-            f"+44 20 7946 {rng.randint(0, 9999):04d}",
-            f"(030) {rng.randint(100, 999)} {rng.randint(1000, 9999)}",
-            f"+33 1 {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)}",
-        ])
+        number = rng.choice(
+            [
+                f"+1 415-555-{rng.randint(0, 9999):04d}",
+                f"+44 20 7946 {rng.randint(0, 9999):04d}",
+                f"(030) {rng.randint(100, 999)} {rng.randint(1000, 9999)}",
+                f"+33 1 {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)}",
+            ]
+        )
         return kind, f"My number is {number}, call me after six."
     digits = _luhn_complete(rng.choice(["4", "51", "37"]) + "".join(str(rng.randint(0, 9)) for _ in range(13)))
     digits = digits[:16] if len(digits) > 16 else digits
     if len(digits) == 16 and rng.random() < 0.7:
-        card = " ".join(digits[i:i + 4] for i in range(0, 16, 4))
+        card = " ".join(digits[i : i + 4] for i in range(0, 16, 4))
     else:
         card = digits
     return kind, f"I paid with card {card} and never got a refund."
@@ -162,9 +202,11 @@ def events(n: int, seed: int = 0, start: int = 0) -> Iterator[dict]:
             prompt = [{"role": "user", "content": tm.text(prompt_chars)}]
         else:
             third = max(prompt_chars // 3, 20)
-            prompt = [{"role": "user", "content": tm.text(third)},
-                      {"role": "assistant", "content": tm.text(third)},
-                      {"role": "user", "content": tm.text(third)}]
+            prompt = [
+                {"role": "user", "content": tm.text(third)},
+                {"role": "assistant", "content": tm.text(third)},
+                {"role": "user", "content": tm.text(third)},
+            ]
         if rng.random() < 0.05:
             prompt.insert(0, {"role": "system", "content": "You are a helpful assistant. Answer clearly."})
         response = tm.text(response_chars)

@@ -4,11 +4,19 @@ decisions and the subprocess edge live in flywheel/orchestration.py."""
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pendulum
-from airflow.sdk import (Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, TriggerRule, chain, dag,
-                         get_current_context, task)
+from airflow.sdk import (
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    TriggerRule,
+    chain,
+    dag,
+    get_current_context,
+    task,
+)
 
 
 def _config():
@@ -54,16 +62,17 @@ def _env(profile: str | None = None):
 
     ctx = get_current_context()
     decision = ctx["ti"].xcom_pull(task_ids="check_feedback", key="decision") or {}
-    return command_env(CFG.root, ctx["run_id"], profile or ctx["params"].get("profile") or "",
-                       decision.get("loop_run_id", ""))
+    return command_env(
+        CFG.root, ctx["run_id"], profile or ctx["params"].get("profile") or "", decision.get("loop_run_id", "")
+    )
 
 
-SYNCED = ["check_feedback", *CFG.stages, "record_training"]     # the tasks that change the workspace state
+SYNCED = ["check_feedback", *CFG.stages, "record_training"]  # the tasks that change the workspace state
 
 
 def _upstream_state(ti, task_id: str) -> dict | None:
     """The workspace state (dvc.lock & co.) the closest upstream task left in XCom (production topology)."""
-    before = SYNCED[:SYNCED.index(task_id)] if task_id in SYNCED else SYNCED
+    before = SYNCED[: SYNCED.index(task_id)] if task_id in SYNCED else SYNCED
     for tid in reversed(before):
         state = ti.xcom_pull(task_ids=tid, key="workspace_state")
         if state:
@@ -77,58 +86,85 @@ def _synced(task_id: str, work, push: list[str] | None = None, publish: bool = T
     from flywheel import orchestration as orch
 
     ctx = get_current_context()
-    result, state = orch.synced(CFG.root, env or _env(), ctx["run_id"], task_id,
-                                _upstream_state(ctx["ti"], task_id), work, push=push, publish=publish)
+    result, state = orch.synced(
+        CFG.root,
+        env or _env(),
+        ctx["run_id"],
+        task_id,
+        _upstream_state(ctx["ti"], task_id),
+        work,
+        push=push,
+        publish=publish,
+    )
     if state:
         ctx["ti"].xcom_push(key=orch.STATE_KEY, value=state)
     return result
 
 
 def _stage(stage: str):
-    @task(task_id=stage, pool=ORCH.pool, queue=ORCH.gpu_queue if stage in ORCH.gpu_stages else ORCH.default_queue,
-          execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
-          multiple_outputs=False,
-          doc_md=f"`dvc repro --single-item {stage}` in the workspace (skipped by DVC when up to date).")
+    @task(
+        task_id=stage,
+        pool=ORCH.pool,
+        queue=ORCH.gpu_queue if stage in ORCH.gpu_stages else ORCH.default_queue,
+        execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
+        multiple_outputs=False,
+        doc_md=f"`dvc repro --single-item {stage}` in the workspace (skipped by DVC when up to date).",
+    )
     def run_stage() -> dict:
         from flywheel import orchestration as orch
 
         env = _env()
-        return orch.as_dict(_synced(stage, lambda: orch.run_stage(
-            CFG.root, stage, env, timeout=ORCH.stage_timeout_minutes * 60,
-            warm_idle=ORCH.warm_idle_seconds if ORCH.warm_runner else None), push=[stage], env=env))
+        return orch.as_dict(
+            _synced(
+                stage,
+                lambda: orch.run_stage(CFG.root, stage, env, timeout=ORCH.stage_timeout_minutes * 60),
+                push=[stage],
+                env=env,
+            )
+        )
 
     return run_stage()
 
 
 @dag(
     dag_id="continuous_improvement",
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(ORCH.fallback_schedule, timezone="UTC"),
-                                 assets=Asset(CFG.feedback_asset)),
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(ORCH.fallback_schedule, timezone="UTC"), assets=Asset(CFG.feedback_asset)
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
     tags=["flywheel", "training"],
     doc_md=DOC,
-    default_args={"retries": ORCH.retries, "retry_delay": timedelta(minutes=ORCH.retry_delay_minutes),
-                  "retry_exponential_backoff": True,
-                  "max_retry_delay": timedelta(minutes=ORCH.max_retry_delay_minutes)},
+    default_args={
+        "retries": ORCH.retries,
+        "retry_delay": timedelta(minutes=ORCH.retry_delay_minutes),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=ORCH.max_retry_delay_minutes),
+    },
     params={
         "force": Param(False, type="boolean", description="retrain even below the feedback threshold"),
         "dry_run": Param(False, type="boolean", description="decide, show what would run, run nothing"),
         "skip_release": Param(False, type="boolean", description="train and evaluate, do not release"),
-        "profile": Param(None, type=["null", "string"], enum=[None, *CFG.profiles],
-                         values_display={None: "params.yaml's profile",
-                                         **{p: f"{p} (sizes and speeds; never the gate)" for p in CFG.profiles}},
-                         description="FLYWHEEL_PROFILE for the stages (none: params.yaml's); never changes the gate"),
+        "profile": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, *CFG.profiles],
+            values_display={
+                None: "params.yaml's profile",
+                **{p: f"{p} (sizes and speeds; never the gate)" for p in CFG.profiles},
+            },
+            description="FLYWHEEL_PROFILE for the stages (none: params.yaml's); never changes the gate",
+        ),
     },
 )
 def continuous_improvement():
     @task.short_circuit(pool=ORCH.pool)
     def check_feedback() -> bool:
         """Decide whether this run retrains; the reason goes to the log and to XCom ``decision``."""
-        from flywheel.settings import load_settings
-        from flywheel import tracking
         from flywheel import orchestration as orch
+        from flywheel import tracking
+        from flywheel.settings import load_settings
 
         ctx = get_current_context()
         params = ctx["params"]
@@ -136,19 +172,21 @@ def continuous_improvement():
 
         def decide():
             settings = load_settings(CFG.root, env=env)
-            decision = orch.check_feedback(settings, orch.orchestration_params(settings.params), params["force"])
+            decision = orch.check_feedback(settings, settings.params.orchestration, params["force"])
             if decision.retrain and params["dry_run"]:
                 decision.retrain, decision.reason = False, f"dry run, would retrain: {decision.reason}"
-                orch.run_command([orch.console_script("dvc"), "status"], CFG.root, orch.command_env(CFG.root),
-                                 check=False)
+                orch.run_command(
+                    [orch.console_script("dvc"), "status"], CFG.root, orch.command_env(CFG.root), check=False
+                )
             return settings, decision
 
         # pull the latest published state; push whatever this workspace holds that the remote lacks
         settings, decision = _synced("check_feedback", decide, env=env)
         out = orch.as_dict(decision)
         if decision.retrain:
-            out["loop_run_id"] = tracking.start_loop_run(settings, f"airflow {ctx['run_id']}",
-                                                         {"airflow.run_id": ctx["run_id"]})
+            out["loop_run_id"] = tracking.start_loop_run(
+                settings, f"airflow {ctx['run_id']}", {"airflow.run_id": ctx["run_id"]}
+            )
         ctx["ti"].xcom_push(key="decision", value=out)
         print(("RETRAIN: " if decision.retrain else "STOP: ") + decision.reason)
         return decision.retrain
@@ -156,23 +194,25 @@ def continuous_improvement():
     @task(multiple_outputs=False)
     def record_training() -> dict:
         """The watermark: which raw-store batches this training saw (the next threshold counts from it)."""
-        from flywheel.settings import load_settings
         from flywheel import orchestration as orch
+        from flywheel.settings import load_settings
 
         ctx = get_current_context()
         decision = ctx["ti"].xcom_pull(task_ids="check_feedback", key="decision")
         env = _env()
-        return _synced("record_training", lambda: orch.record_training(load_settings(CFG.root, env=env),
-                                                                        decision["latest_batch"], ctx["run_id"]),
-                       push=[], env=env)
+        return _synced(
+            "record_training",
+            lambda: orch.record_training(load_settings(CFG.root, env=env), decision["latest_batch"], ctx["run_id"]),
+            push=[],
+            env=env,
+        )
 
     @task.branch
     def approval_needed() -> str:
         from flywheel.settings import load_settings
-        from flywheel import orchestration as orch
 
         params = get_current_context()["params"]
-        required = orch.orchestration_params(load_settings(CFG.root, env=_env()).params).approval_required
+        required = load_settings(CFG.root, env=_env()).params.orchestration.approval_required
         return "approve_release" if required and not params["skip_release"] else "release"
 
     @task(pool=ORCH.pool, trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
@@ -188,12 +228,17 @@ def continuous_improvement():
         answer = ctx["ti"].xcom_pull(task_ids="approve_release")
         approved_by = _responder(answer) if answer else None
         env = _env()
-        rows = _synced("release", lambda: orch.run_release(CFG.root, env, approved_by=approved_by,
-                                                            timeout=ORCH.stage_timeout_minutes * 60),
-                       publish=False, env=env)
+        rows = _synced(
+            "release",
+            lambda: orch.run_release(CFG.root, env, approved_by=approved_by, timeout=ORCH.stage_timeout_minutes * 60),
+            publish=False,
+            env=env,
+        )
         for r in rows:
-            print(f"{r['model']} v{r['version']}: promoted={r['promoted']} blessed={r['blessed']} "
-                  f"smoke_check={r['smoke_check']} reasons={r['reasons']}")
+            print(
+                f"{r['model']} v{r['version']}: promoted={r['promoted']} blessed={r['blessed']} "
+                f"smoke_check={r['smoke_check']} reasons={r['reasons']}"
+            )
         return rows
 
     @task(pool=ORCH.pool, trigger_rule=TriggerRule.NONE_FAILED)
@@ -207,9 +252,14 @@ def continuous_improvement():
         if not answer or answer.get("chosen_options") != ["Reject"]:
             raise AirflowSkipException("no rejection to record")
         env = _env()
-        return _synced("record_rejection", lambda: orch.run_release(CFG.root, env, rejected_by=_responder(answer),
-                                                                     timeout=ORCH.stage_timeout_minutes * 60),
-                       publish=False, env=env)
+        return _synced(
+            "record_rejection",
+            lambda: orch.run_release(
+                CFG.root, env, rejected_by=_responder(answer), timeout=ORCH.stage_timeout_minutes * 60
+            ),
+            publish=False,
+            env=env,
+        )
 
     approve = _approval()
     stages = [_stage(s) for s in CFG.stages]
@@ -231,9 +281,11 @@ def _approval():
     return ApprovalOperator(
         task_id="approve_release",
         subject="Release the challenger? (run {{ run_id }})",
-        body=("The gate's verdict is in `reports/blessing.json` and the **bless** task's log; the evaluation "
-              "report is `reports/evaluate/report.md`. Approve to run `flywheel release` (it still promotes only "
-              "a blessed challenger that passes its smoke check); reject to register it without promotion."),
+        body=(
+            "The gate's verdict is in `reports/blessing.json` and the **bless** task's log; the evaluation "
+            "report is `reports/evaluate/report.md`. Approve to run `flywheel release` (it still promotes only "
+            "a blessed challenger that passes its smoke check); reject to register it without promotion."
+        ),
         defaults="Reject",
         response_timeout=timedelta(hours=ORCH.approval_timeout_hours),
         retries=0,

@@ -40,13 +40,20 @@ skipped with the reason in its log, and no event is emitted. An install without 
     max_active_runs=1,
     tags=["flywheel", "data"],
     doc_md=DOC,
-    default_args={"retries": ORCH.retries, "retry_delay": timedelta(minutes=ORCH.retry_delay_minutes),
-                  "retry_exponential_backoff": True,
-                  "max_retry_delay": timedelta(minutes=ORCH.max_retry_delay_minutes)},
+    default_args={
+        "retries": ORCH.retries,
+        "retry_delay": timedelta(minutes=ORCH.retry_delay_minutes),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=ORCH.max_retry_delay_minutes),
+    },
 )
 def feedback_ingest():
-    @task(pool=ORCH.pool, outlets=[FEEDBACK], execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
-          multiple_outputs=False)
+    @task(
+        pool=ORCH.pool,
+        outlets=[FEEDBACK],
+        execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
+        multiple_outputs=False,
+    )
     def export_feedback() -> dict:
         """New feedback-store events into the raw store; the counts go on the asset event."""
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -55,10 +62,11 @@ def feedback_ingest():
 
         ctx = get_current_context()
         env = orch.command_env(CFG.root, ctx["run_id"])
-        try:                 # with a DVC remote (production): pull the latest state first, push the new batch
-            counts, _ = orch.synced(CFG.root, env, ctx["run_id"], "export_feedback", None,
-                                    lambda: orch.run_export(CFG.root, env))
-        except orch.ExportUnavailable as exc:    # a broken install: retrying cannot help
+        try:  # with a DVC remote (production): pull the latest state first, push the new batch
+            counts, _ = orch.synced(
+                CFG.root, env, ctx["run_id"], "export_feedback", None, lambda: orch.run_export(CFG.root, env)
+            )
+        except orch.ExportUnavailable as exc:  # a broken install: retrying cannot help
             raise AirflowFailException(str(exc)) from exc
         new = orch.exported_events(counts)
         if not new:

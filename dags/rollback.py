@@ -28,8 +28,12 @@ No retries: a second attempt would roll back again.
     default_args={"retries": 0},
     params={
         "model": Param("policy", type="string", enum=["policy", "reward"], description="which registered model"),
-        "to": Param(None, type=["null", "string"], pattern=r"^[0-9]*$",
-                    description="target version number (none or empty: previous-champion)"),
+        "to": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^[0-9]*$",
+            description="target version number (none or empty: previous-champion)",
+        ),
     },
 )
 def rollback():
@@ -39,8 +43,12 @@ def rollback():
 
         ctx = get_current_context()
         root = orch.workspace_root(__file__)
-        res = orch.run_command(orch.rollback_command(ctx["params"]["model"], ctx["params"]["to"] or None), root,
-                               orch.command_env(root, ctx["run_id"]), what="flywheel rollback")
+        res = orch.run_command(
+            orch.rollback_command(ctx["params"]["model"], ctx["params"]["to"] or None),
+            root,
+            orch.command_env(root, ctx["run_id"]),
+            what="flywheel rollback",
+        )
         return "\n".join(res.stderr_tail[-1:]) or "rolled back"
 
     rollback_champion()

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_PATH = Path(__file__).with_name("feedback-v1.schema.json")
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
@@ -48,8 +57,11 @@ def _printable(value: str) -> str:
 
 def identifier(min_length: int | None = 1, max_length: int = 128):
     """A string identifier type: length-bounded and free of control characters (checked and in the schema)."""
-    return Annotated[str, Field(min_length=min_length, max_length=max_length,
-                                json_schema_extra={"pattern": IDENTIFIER_PATTERN}), AfterValidator(_printable)]
+    return Annotated[
+        str,
+        Field(min_length=min_length, max_length=max_length, json_schema_extra={"pattern": IDENTIFIER_PATTERN}),
+        AfterValidator(_printable),
+    ]
 
 
 class Message(_Model):
@@ -59,17 +71,47 @@ class Message(_Model):
     _content = field_validator("content")(_check_text)
 
 
-class Thumbs(_Model):
+# The raw-store columns (flywheel/data/rawstore.py SCHEMA) a feedback fills; ingest redacts those holding user text.
+FEEDBACK_COLUMNS = ("thumbs", "rating", "rejected", "correction")
+FEEDBACK_TEXT_COLUMNS = ("rejected", "correction")
+
+
+class _Feedback(_Model):
+    """A kind of feedback: its fields, the raw-store columns it fills and its polarity (what ingest stores; the
+    ``prepare`` step compiles it into training data)."""
+
+    def columns(self) -> dict[str, str | int]:
+        """Its values by raw-store column (of ``FEEDBACK_COLUMNS``; the others stay empty)."""
+        raise NotImplementedError
+
+    def polarity(self) -> int:
+        """1 positive, -1 negative, 0 neither (the batch checks' label balance and negative-feedback rate)."""
+        raise NotImplementedError
+
+
+class Thumbs(_Feedback):
     type: Literal["thumbs"]
     value: Literal["up", "down"]
 
+    def columns(self) -> dict[str, str | int]:
+        return {"thumbs": self.value}
 
-class Rating(_Model):
+    def polarity(self) -> int:
+        return 1 if self.value == "up" else -1
+
+
+class Rating(_Feedback):
     type: Literal["rating"]
     value: int = Field(ge=1, le=5)
 
+    def columns(self) -> dict[str, str | int]:
+        return {"rating": self.value}
 
-class Preference(_Model):
+    def polarity(self) -> int:
+        return 1 if self.value >= 4 else (-1 if self.value <= 2 else 0)
+
+
+class Preference(_Feedback):
     """``response`` was preferred over ``rejected``."""
 
     type: Literal["preference"]
@@ -77,15 +119,30 @@ class Preference(_Model):
 
     _rejected = field_validator("rejected")(_check_text)
 
+    def columns(self) -> dict[str, str | int]:
+        return {"rejected": self.rejected}
 
-class Correction(_Model):
+    def polarity(self) -> int:
+        return 0
+
+
+class Correction(_Feedback):
     type: Literal["correction"]
     text: str
 
     _text = field_validator("text")(_check_text)
 
+    def columns(self) -> dict[str, str | int]:
+        return {"correction": self.text}
 
-Feedback = Annotated[Union[Thumbs, Rating, Preference, Correction], Field(discriminator="type")]
+    def polarity(self) -> int:
+        return -1
+
+
+# every kind of feedback; a new one is a class above and an entry here (README "Extending Flywheel")
+FEEDBACK_MODELS = (Thumbs, Rating, Preference, Correction)
+FEEDBACK_TYPES = tuple(typing.get_args(m.model_fields["type"].annotation)[0] for m in FEEDBACK_MODELS)
+Feedback = Annotated[Union[FEEDBACK_MODELS], Field(discriminator="type")]  # noqa: UP007 (a union of the tuple)
 
 
 class FeedbackEvent(_Model):
@@ -111,7 +168,7 @@ class FeedbackEvent(_Model):
         try:
             datetime.fromisoformat(value.replace("z", "Z"))
         except ValueError as exc:
-            reason = str(exc) if value not in str(exc) else "out of range"   # never echo the input
+            reason = str(exc) if value not in str(exc) else "out of range"  # never echo the input
             raise ValueError(f"not a valid date and time: {reason}") from None
         return value
 
@@ -126,7 +183,7 @@ class FeedbackEvent(_Model):
         return value
 
     @model_validator(mode="after")
-    def _two_answers(self) -> "FeedbackEvent":
+    def _two_answers(self) -> FeedbackEvent:
         if isinstance(self.feedback, Preference) and self.feedback.rejected == self.response:
             raise ValueError("feedback.rejected equals response; a preference needs two different answers")
         return self
@@ -150,8 +207,9 @@ def format_errors(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_event(line: str | bytes, max_text_chars: int = DEFAULT_MAX_CHARS,
-                max_turns: int = DEFAULT_MAX_TURNS) -> FeedbackEvent:
+def parse_event(
+    line: str | bytes, max_text_chars: int = DEFAULT_MAX_CHARS, max_turns: int = DEFAULT_MAX_TURNS
+) -> FeedbackEvent:
     """Parse one JSON line into an event, or raise ``ContractError`` naming what is wrong."""
     if isinstance(line, bytes):
         try:

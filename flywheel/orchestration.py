@@ -1,6 +1,7 @@
 """What the Airflow DAGs decide and run, kept free of Airflow: the retrain threshold, the training
 watermark, the ``dvc repro`` command of a stage, and the subprocess edge (``dvc``, ``flywheel``) that
-turns a failed command into an error carrying its stderr tail.
+turns a failed command into an error carrying its stderr tail and keeps every command inside the task's
+process tree (a timeout or kill of the task stops it and its children).
 
 The DAG files in ``dags/`` only wire these together. Every stage runs through ``dvc repro`` in the
 workspace, so Airflow and a user at the shell share one definition (dvc.yaml) and one record (dvc.lock).
@@ -8,49 +9,27 @@ workspace, so Airflow and a user at the shell share one definition (dvc.yaml) an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from flywheel.settings import Params, Settings, SettingsError, find_root, load_params
+from flywheel.params import OrchestrationParams
+from flywheel.settings import Settings, find_root, load_params
 
 FEEDBACK_ASSET = "flywheel-feedback"
-WATERMARK = Path("orchestration") / "last_training.json"   # under settings.reports
+WATERMARK = Path("orchestration") / "last_training.json"  # under settings.reports
 _NO_EXPORT = "No such command 'export'"
 
 Log = Callable[[str], None]
-
-
-class OrchestrationParams(BaseModel):
-    """params.yaml ``orchestration``: schedules, the retrain threshold, retries and the DVC pool."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schedule: str = "@hourly"                 # feedback_ingest
-    fallback_schedule: str = "@daily"         # continuous_improvement, besides the feedback asset
-    min_new_events: int = Field(100, ge=0)
-    max_negative_rate_rise: float = Field(0.10, ge=0, le=1)
-    min_events_for_rate: int = Field(20, ge=1)
-    retries: int = Field(2, ge=0)
-    retry_delay_minutes: float = Field(2.0, ge=0)
-    max_retry_delay_minutes: float = Field(30.0, ge=0)
-    stage_timeout_minutes: float = Field(180.0, gt=0)
-    approval_required: bool = False
-    approval_timeout_hours: float = Field(72.0, gt=0)
-    pool: str = "flywheel_dvc"
-    default_queue: str = "default"            # Celery queues (ignored by the local executors)
-    gpu_queue: str = "gpu"
-    gpu_stages: list[str] = ["train_reward", "train_policy", "evaluate"]
-    warm_runner: bool = True                  # stages run in forks of a process that imported torch & co. once
-    warm_idle_seconds: float = Field(600.0, gt=0)
 
 
 class CommandFailed(RuntimeError):
@@ -79,16 +58,6 @@ def workspace_root(dag_file: str | Path) -> Path:
     return find_root() if env else Path(dag_file).resolve().parent.parent
 
 
-def orchestration_params(params: Params) -> OrchestrationParams:
-    """The typed ``orchestration`` section (defaults when the section is absent)."""
-    section = (params.model_extra or {}).get("orchestration") or {}
-    try:
-        return OrchestrationParams.model_validate(section)
-    except ValidationError as exc:
-        problems = "; ".join(f"orchestration.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise SettingsError(f"params.yaml {problems}") from exc
-
-
 def dag_config(dag_file: str | Path) -> DagConfig:
     """Parse-time configuration: reads params.yaml and dvc.yaml (local files only, no heavy imports)."""
     import yaml
@@ -97,10 +66,11 @@ def dag_config(dag_file: str | Path) -> DagConfig:
     params = load_params(root / "params.yaml", os.environ.get("FLYWHEEL_PROFILE"))
     stages = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}))
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    return DagConfig(root, orchestration_params(params), stages, sorted(raw.get("profiles") or {}))
+    return DagConfig(root, params.orchestration, stages, sorted(raw.get("profiles") or {}))
 
 
 # ---- the retrain threshold -------------------------------------------------------------------------
+
 
 @dataclass
 class Decision:
@@ -112,23 +82,35 @@ class Decision:
     latest_batch: str | None
 
 
-def decide(new_events: int, new_negative_rate: float | None, trained_negative_rate: float | None,
-           params: OrchestrationParams, force: bool = False, latest_batch: str | None = None) -> Decision:
+def decide(
+    new_events: int,
+    new_negative_rate: float | None,
+    trained_negative_rate: float | None,
+    params: OrchestrationParams,
+    force: bool = False,
+    latest_batch: str | None = None,
+) -> Decision:
     """Retrain when enough new events arrived, or when their negative-feedback rate rose past the limit."""
     args = (new_events, new_negative_rate, trained_negative_rate, latest_batch)
     if new_events >= max(params.min_new_events, 1):
-        return Decision(True, f"{new_events} new events since the last training >= min_new_events "
-                              f"{params.min_new_events}", *args)
+        return Decision(
+            True, f"{new_events} new events since the last training >= min_new_events {params.min_new_events}", *args
+        )
     rise = None
     if new_negative_rate is not None and trained_negative_rate is not None:
         rise = new_negative_rate - trained_negative_rate
     if rise is not None and new_events >= params.min_events_for_rate and rise > params.max_negative_rate_rise:
-        return Decision(True, f"negative-feedback rate rose by {rise:.3f} ({trained_negative_rate:.3f} -> "
-                              f"{new_negative_rate:.3f}) > max_negative_rate_rise {params.max_negative_rate_rise}",
-                        *args)
-    below = (f"{new_events} new events since the last training < min_new_events {params.min_new_events}"
-             + (f", negative-feedback rate rise {rise:+.3f} <= {params.max_negative_rate_rise}"
-                if rise is not None and new_events >= params.min_events_for_rate else ""))
+        return Decision(
+            True,
+            f"negative-feedback rate rose by {rise:.3f} ({trained_negative_rate:.3f} -> "
+            f"{new_negative_rate:.3f}) > max_negative_rate_rise {params.max_negative_rate_rise}",
+            *args,
+        )
+    below = f"{new_events} new events since the last training < min_new_events {params.min_new_events}" + (
+        f", negative-feedback rate rise {rise:+.3f} <= {params.max_negative_rate_rise}"
+        if rise is not None and new_events >= params.min_events_for_rate
+        else ""
+    )
     if force:
         return Decision(True, f"forced (the feedback threshold is skipped): {below}", *args)
     return Decision(False, f"not retraining: {below}", *args)
@@ -183,6 +165,7 @@ def record_training(settings: Settings, upto_batch: str | None, airflow_run_id: 
 
 # ---- commands ----------------------------------------------------------------------------------------
 
+
 def console_script(name: str) -> str:
     """A console script of this environment (beside the running interpreter), else the name for PATH."""
     here = Path(sys.executable).with_name(name)
@@ -208,10 +191,12 @@ def rollback_command(model: str = "policy", to: str | None = None) -> list[str]:
 
 
 def command_env(root: Path, airflow_run_id: str = "", profile: str = "", loop_run_id: str = "") -> dict[str, str]:
-    """The environment of a stage or CLI subprocess: this one, the venv first, the workspace and the run ids."""
+    """The environment of a stage or CLI subprocess: this one, the venv first, the workspace and the run ids
+    (never a local warm runner's socket: see ``run_stage``)."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(FLYWHEEL_ROOT=str(root), DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    env.pop("FLYWHEEL_WARM_SOCKET", None)
     if airflow_run_id:
         env.update(FLYWHEEL_AIRFLOW_RUN_ID=airflow_run_id, AIRFLOW_CTX_DAG_RUN_ID=airflow_run_id)
     if profile:
@@ -230,13 +215,65 @@ class CommandResult:
     stderr_tail: list[str] = field(default_factory=list)
 
 
-def run_command(cmd: list[str], root: Path, env: dict[str, str], log: Log = print, what: str = "",
-                timeout: float | None = None, tail: int = 25, check: bool = True) -> CommandResult:
+def stop_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM ``proc`` and every process under it, SIGKILL what is left after ``grace`` seconds, reap ``proc``.
+    The tree is listed before anything is signalled (a dead parent's children are re-parented out of reach)."""
+    import psutil
+
+    def listed(pids: list[int]) -> list[psutil.Process]:
+        found = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                found += psutil.Process(pid).children(recursive=True)
+        return found
+
+    def running(procs: list[psutil.Process]) -> list[psutil.Process]:
+        alive = []
+        for p in procs:  # a zombie has ended: only its exit status is left for its parent
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        return alive
+
+    under = listed([proc.pid])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None:  # Popen's own call: it reaps ``proc`` and keeps its exit status
+            with contextlib.suppress(OSError):
+                proc.send_signal(sig)
+        for p in under:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while (proc.poll() is None or running(under)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        under = running(under)
+        under += [p for p in listed([p.pid for p in under]) if p not in under]  # started meanwhile
+        if proc.poll() is not None and not under:
+            return
+
+
+def run_command(
+    cmd: list[str],
+    root: Path,
+    env: dict[str, str],
+    log: Log = print,
+    what: str = "",
+    timeout: float | None = None,
+    tail: int = 25,
+    check: bool = True,
+    grace: float = 10.0,
+) -> CommandResult:
     """Run ``cmd`` in ``root``, echoing both streams line by line to ``log``; on a non-zero exit raise
-    ``CommandFailed`` whose message ends with the last ``tail`` lines of stderr."""
+    ``CommandFailed`` whose message ends with the last ``tail`` lines of stderr.
+
+    The command stays in the caller's process tree and process group: Airflow (3.x signals the task's whole
+    group), Celery and a cgroup's limits reach it and everything it starts. On ``timeout``, or when the wait is
+    interrupted (Airflow's ``execution_timeout`` raises inside the task, SIGINT, ...), the whole tree under it is
+    stopped (SIGTERM, SIGKILL after ``grace`` seconds) before this returns or raises."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            bufsize=1)
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1
+    )
     out: list[str] = []
     err: deque[str] = deque(maxlen=tail)
 
@@ -246,18 +283,24 @@ def run_command(cmd: list[str], root: Path, env: dict[str, str], log: Log = prin
             sink.append(line)
             log(prefix + line)
 
-    readers = [threading.Thread(target=pump, args=(proc.stdout, out, ""), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err, "[stderr] "), daemon=True)]
+    readers = [
+        threading.Thread(target=pump, args=(proc.stdout, out, ""), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, err, "[stderr] "), daemon=True),
+    ]
     for r in readers:
         r.start()
+    killed = False
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
+        stop_tree(proc, grace)
+        rc, killed = proc.wait(), True
         err.append(f"killed after {timeout:.0f} s")
+    except BaseException:
+        stop_tree(proc, grace)
+        raise
     for r in readers:
-        r.join()
+        r.join(timeout=30 if killed else None)  # a process that left the tree may hold the pipes
     result = CommandResult(cmd, rc, time.perf_counter() - t0, "\n".join(out), list(err))
     if check and rc != 0:
         label = what or " ".join(Path(cmd[0]).name.split() + cmd[1:])
@@ -273,17 +316,14 @@ class StageResult:
     seconds: float
 
 
-def run_stage(root: Path, stage: str, env: dict[str, str], log: Log = print,
-              timeout: float | None = None, warm_idle: float | None = None) -> StageResult:
-    """Run one dvc.yaml stage in the workspace; DVC skips it when nothing it depends on changed.
-    ``warm_idle``: hand the stage's command to the workspace's warm runner (flywheel/warm.py), started when
-    none is up and stopping after that many idle seconds; without one the stage runs cold, as by hand."""
-    if warm_idle:
-        from flywheel import warm
-
-        path = warm.ensure(root, env, warm_idle)
-        if path:
-            env = {**env, warm.SOCKET_ENV: path}
+def run_stage(
+    root: Path, stage: str, env: dict[str, str], log: Log = print, timeout: float | None = None
+) -> StageResult:
+    """Run one dvc.yaml stage in the workspace (DVC skips it when nothing it depends on changed), inside this
+    process's tree: ``timeout`` or a kill of the task stops it and its children (see ``run_command``). Never in a
+    local warm runner (flywheel/warm.py; one another process started, outside the task's tree, timeout and
+    cgroup): ``FLYWHEEL_WARM=0`` whatever ``env`` says."""
+    env = {**{k: v for k, v in env.items() if k != "FLYWHEEL_WARM_SOCKET"}, "FLYWHEEL_WARM": "0"}
     res = run_command(stage_command(stage), root, env, log, what=f"stage {stage!r} (dvc repro)", timeout=timeout)
     ran = f"Running stage '{stage}'" in res.stdout
     log(f"stage {stage}: {'ran' if ran else 'up to date, skipped by DVC'} in {res.seconds:.1f} s")
@@ -298,11 +338,18 @@ def _last_json(stdout: str):
     raise ValueError("no JSON line in the command's output")
 
 
-def run_release(root: Path, env: dict[str, str], log: Log = print, approved_by: str | None = None,
-                rejected_by: str | None = None, timeout: float | None = None) -> list[dict]:
+def run_release(
+    root: Path,
+    env: dict[str, str],
+    log: Log = print,
+    approved_by: str | None = None,
+    rejected_by: str | None = None,
+    timeout: float | None = None,
+) -> list[dict]:
     """``flywheel release --json``: register, smoke-check and promote the blessed; one row per model."""
-    res = run_command(release_command(approved_by, rejected_by), root, env, log, what="flywheel release",
-                      timeout=timeout)
+    res = run_command(
+        release_command(approved_by, rejected_by), root, env, log, what="flywheel release", timeout=timeout
+    )
     return _last_json(res.stdout)
 
 
@@ -313,11 +360,14 @@ def run_export(root: Path, env: dict[str, str], log: Log = print, timeout: float
     try:
         res = run_command(cmd, root, env, log, what="flywheel export", timeout=timeout, check=False)
     except FileNotFoundError as exc:
-        raise ExportUnavailable(f"no `flywheel` executable ({cmd[0]!r} is neither beside {sys.executable} nor on "
-                                f"PATH): the install is broken; nothing exported") from exc
+        raise ExportUnavailable(
+            f"no `flywheel` executable ({cmd[0]!r} is neither beside {sys.executable} nor on "
+            f"PATH): the install is broken; nothing exported"
+        ) from exc
     if res.returncode != 0 and any(_NO_EXPORT in line for line in res.stderr_tail):
-        raise ExportUnavailable("`flywheel export` is not available in this install: it is broken or too old; "
-                                "nothing exported")
+        raise ExportUnavailable(
+            "`flywheel export` is not available in this install: it is broken or too old; nothing exported"
+        )
     if res.returncode != 0:
         raise CommandFailed(f"flywheel export failed (exit {res.returncode}):\n" + "\n".join(res.stderr_tail))
     counts = _last_json(res.stdout)
@@ -337,12 +387,20 @@ def as_dict(obj) -> dict:
 
 # ---- the DVC remote between workers (production: settings ``dvc_remote``; see flywheel/remote.py) ------------
 STATE_KEY = "workspace_state"
-SYNC_LOCK_TIMEOUT = 1800.0     # a task waits this long for a command run by hand in its workspace
+SYNC_LOCK_TIMEOUT = 1800.0  # a task waits this long for a command run by hand in its workspace
 
 
-def synced(root: Path, env: dict[str, str], run_id: str, task_id: str, state: dict | None,
-           work: Callable[[], object], push: list[str] | None = None, publish: bool = True,
-           log: Log = print) -> tuple[object, dict | None]:
+def synced(
+    root: Path,
+    env: dict[str, str],
+    run_id: str,
+    task_id: str,
+    state: dict | None,
+    work: Callable[[], object],
+    push: list[str] | None = None,
+    publish: bool = True,
+    log: Log = print,
+) -> tuple[object, dict | None]:
     """Run ``work`` between a pull and a push through the DVC remote when one is set (settings
     ``dvc_remote``): the workspace gets ``state`` (the previous task's; the latest published when None) and its
     data first; afterwards what the task produced (``push`` targets, all when None) is pushed and the new state
@@ -352,9 +410,8 @@ def synced(root: Path, env: dict[str, str], run_id: str, task_id: str, state: di
     The whole of it holds the workspace lock (flywheel/workspace.py), so a command run by hand in this
     workspace waits for it (the commands the task itself starts run under its lock); a sync never overwrites
     unpublished local changes (``remote.UnpublishedChanges`` names them and the fix)."""
-    from flywheel import workspace
+    from flywheel import remote, workspace
     from flywheel.settings import load_settings
-    from flywheel import remote
 
     settings = load_settings(root, env=env)
     url = settings.dvc_remote

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 from urllib.parse import urlsplit
 
 from flywheel.settings import Settings, SettingsError, mask_url
@@ -23,8 +23,17 @@ DEFAULT_TIMEOUT_S = 2.0
 # An s3:// DVC remote is reached through this endpoint (MinIO, moto, ...); none set: AWS S3 itself.
 S3_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _AWS_S3 = "https://s3.amazonaws.com"
-_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "redis": 6379, "rediss": 6379, "amqp": 5672, "amqps": 5671,
-                  "pyamqp": 5672, "http": 80, "https": 443}
+_DEFAULT_PORTS = {
+    "postgresql": 5432,
+    "mysql": 3306,
+    "redis": 6379,
+    "rediss": 6379,
+    "amqp": 5672,
+    "amqps": 5671,
+    "pyamqp": 5672,
+    "http": 80,
+    "https": 443,
+}
 
 
 @dataclass(frozen=True)
@@ -33,9 +42,9 @@ class Probe:
 
     setting: str
     url: str
-    target: str = ""    # host:port tried; empty when skipped
-    error: str = ""     # why the target did not answer; empty when it did (or was skipped)
-    skipped: str = ""   # why nothing was tried (a local value or an empty setting)
+    target: str = ""  # host:port tried; empty when skipped
+    error: str = ""  # why the target did not answer; empty when it did (or was skipped)
+    skipped: str = ""  # why nothing was tried (a local value or an empty setting)
 
     @property
     def ok(self) -> bool:
@@ -91,8 +100,13 @@ def _connect(host: str, port: int, timeout: float) -> str:
         return exc.strerror or str(exc)
 
 
-def probe(settings: Settings, names: Iterable[str] | None = None, *, env: Mapping[str, str] | None = None,
-          timeout: float = DEFAULT_TIMEOUT_S) -> list[Probe]:
+def probe(
+    settings: Settings,
+    names: Iterable[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> list[Probe]:
     """Try each network setting (all of NETWORK_SETTINGS by default) at once; one Probe per setting, in order.
 
     ``env`` supplies the S3 endpoint of an s3:// DVC remote (default: the process environment)."""
@@ -100,8 +114,9 @@ def probe(settings: Settings, names: Iterable[str] | None = None, *, env: Mappin
     chosen = list(NETWORK_SETTINGS if names is None else names)
     unknown = [n for n in chosen if n not in NETWORK_SETTINGS]
     if unknown:
-        raise SettingsError(f"not a network setting: {', '.join(unknown)}; expected some of "
-                            f"{', '.join(NETWORK_SETTINGS)}")
+        raise SettingsError(
+            f"not a network setting: {', '.join(unknown)}; expected some of {', '.join(NETWORK_SETTINGS)}"
+        )
 
     def one(name: str) -> Probe:
         url = str(getattr(settings, name))
@@ -116,8 +131,13 @@ def probe(settings: Settings, names: Iterable[str] | None = None, *, env: Mappin
         return list(pool.map(one, chosen))
 
 
-def check_reachable(settings: Settings, names: Iterable[str] | None = None, *,
-                    env: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+def check_reachable(
+    settings: Settings,
+    names: Iterable[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> None:
     """Fail fast: a SettingsError naming each network setting whose service does not answer (one per line),
     e.g. ``settings.tracking_uri: cannot reach http://mlflow:5000 (connection refused)``."""
     failed = [p.message for p in probe(settings, names, env=env, timeout=timeout) if not p.ok]

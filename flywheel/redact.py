@@ -35,7 +35,7 @@ from pathlib import Path
 
 KINDS = ("email", "iban", "card", "ssn", "ip", "phone")
 PSEUDONYM_KEY_ENV = "FLYWHEEL_PSEUDONYM_KEY"
-PSEUDONYM_KEY_FILE = Path(".flywheel") / "pseudonym.key"      # under the workspace root; git-ignored
+PSEUDONYM_KEY_FILE = Path(".flywheel") / "pseudonym.key"  # under the workspace root; git-ignored
 PSEUDONYM_PREFIX = "pid-"
 _PSEUDONYM = re.compile(r"pid-[0-9a-f]{32}")
 
@@ -50,22 +50,30 @@ _IPV6 = re.compile(
     r"|::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4})(?![0-9A-Fa-f:])"
 )
 _IBAN_HINT = re.compile(r"[A-Za-z][A-Za-z]\d\d")
-_IBAN = re.compile(r"(?<![A-Za-z0-9])(?P<body>[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{4}){2,7})"
-                   r"(?P<tail>[ -]?[A-Za-z0-9]{1,3})?(?![A-Za-z0-9])")
+_IBAN = re.compile(
+    r"(?<![A-Za-z0-9])(?P<body>[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z0-9]{4}){2,7})"
+    r"(?P<tail>[ -]?[A-Za-z0-9]{1,3})?(?![A-Za-z0-9])"
+)
 # IBAN length by country (ISO 13616 registry); a country not listed is not taken for an IBAN.
 _IBAN_LENGTHS = {
-    **dict.fromkeys(["NO"], 15), **dict.fromkeys(["BE"], 16), **dict.fromkeys(["DK", "FI", "FK", "FO", "GL", "NL",
-                                                                              "SD"], 18),
-    **dict.fromkeys(["MK", "SI"], 19), **dict.fromkeys(["AT", "BA", "EE", "KZ", "LT", "LU", "MN", "XK"], 20),
+    **dict.fromkeys(["NO"], 15),
+    **dict.fromkeys(["BE"], 16),
+    **dict.fromkeys(["DK", "FI", "FK", "FO", "GL", "NL", "SD"], 18),
+    **dict.fromkeys(["MK", "SI"], 19),
+    **dict.fromkeys(["AT", "BA", "EE", "KZ", "LT", "LU", "MN", "XK"], 20),
     **dict.fromkeys(["CH", "HR", "LI", "LV"], 21),
     **dict.fromkeys(["BG", "BH", "CR", "DE", "GB", "GE", "IE", "ME", "RS", "VA"], 22),
     **dict.fromkeys(["AE", "GI", "IL", "IQ", "OM", "SO", "TL"], 23),
     **dict.fromkeys(["AD", "CZ", "ES", "MD", "PK", "RO", "SA", "SE", "SK", "TN", "VG"], 24),
-    **dict.fromkeys(["LY", "PT", "ST"], 25), **dict.fromkeys(["IS", "TR"], 26),
+    **dict.fromkeys(["LY", "PT", "ST"], 25),
+    **dict.fromkeys(["IS", "TR"], 26),
     **dict.fromkeys(["BI", "DJ", "FR", "GR", "IT", "MC", "MR", "SM"], 27),
     **dict.fromkeys(["AL", "AZ", "BY", "CY", "DO", "GT", "HN", "HU", "LB", "NI", "PL", "SV"], 28),
-    **dict.fromkeys(["BR", "EG", "PS", "QA", "UA"], 29), **dict.fromkeys(["JO", "KW", "MU", "YE"], 30),
-    **dict.fromkeys(["MT", "SC"], 31), **dict.fromkeys(["LC"], 32), **dict.fromkeys(["RU"], 33),
+    **dict.fromkeys(["BR", "EG", "PS", "QA", "UA"], 29),
+    **dict.fromkeys(["JO", "KW", "MU", "YE"], 30),
+    **dict.fromkeys(["MT", "SC"], 31),
+    **dict.fromkeys(["LC"], 32),
+    **dict.fromkeys(["RU"], 33),
 }
 # A run of digits and separators; each run is then searched for the digit-shaped kinds.
 _RUN = re.compile(r"\d[\d ().-]{5,}\d")
@@ -92,8 +100,16 @@ _MAYBE = re.compile(r"[\d@]")
 _DIGIT_STEPS = re.compile(r"\d(?:(?<=[A-Za-z][A-Za-z]\d)\d|[\d ().-]{5,}\d)")
 # The same test for ASCII text, faster: each byte mapped to its class (digit '0', run separator 's', letter 'A',
 # anything else 'x') in one C pass, then a substring test for the IBAN hint and a literal-led search for a run.
-_ASCII_SHAPE = bytes(ord("0") if 48 <= b <= 57 else ord("s") if chr(b) in " ().-" else ord("A") if chr(b).isalpha()
-                     and b < 128 else ord("x") for b in range(256))
+_ASCII_SHAPE = bytes(
+    ord("0")
+    if 48 <= b <= 57
+    else ord("s")
+    if chr(b) in " ().-"
+    else ord("A")
+    if chr(b).isalpha() and b < 128
+    else ord("x")
+    for b in range(256)
+)
 _SHAPE_RUN = re.compile(rb"0[0s]{5,}0")
 
 
@@ -124,8 +140,19 @@ def iban_ok(text: str) -> bool:
 def _maybe(text: str) -> bool:
     """``_MAYBE.search(text)``, with substring tests for ASCII text (``\\d`` also matches non-ASCII digits)."""
     if text.isascii():
-        return ("@" in text or "0" in text or "1" in text or "2" in text or "3" in text or "4" in text
-                or "5" in text or "6" in text or "7" in text or "8" in text or "9" in text)
+        return (
+            "@" in text
+            or "0" in text
+            or "1" in text
+            or "2" in text
+            or "3" in text
+            or "4" in text
+            or "5" in text
+            or "6" in text
+            or "7" in text
+            or "8" in text
+            or "9" in text
+        )
     return _MAYBE.search(text) is not None
 
 
@@ -169,15 +196,21 @@ def _redact_iban(m: re.Match[str], tally: Counter) -> str:
 
 def _isolated(text: str, start: int, end: int) -> bool:
     """True when text[start:end] is not glued to a letter, digit or underscore (an id's hex is no phone)."""
-    return (start == 0 or not (text[start - 1].isalnum() or text[start - 1] == "_")) and \
-        (end >= len(text) or not (text[end].isalnum() or text[end] == "_"))
+    return (start == 0 or not (text[start - 1].isalnum() or text[start - 1] == "_")) and (
+        end >= len(text) or not (text[end].isalnum() or text[end] == "_")
+    )
 
 
 def _ssn_ok(digits: str) -> bool:
     """The SSA's rules: area not 000, 666 or 9xx; group not 00; serial not 0000; not one digit repeated."""
     area = digits[:3]
-    return (area not in ("000", "666") and area[0] != "9" and digits[3:5] != "00" and digits[5:] != "0000"
-            and digits != digits[0] * 9)
+    return (
+        area not in ("000", "666")
+        and area[0] != "9"
+        and digits[3:5] != "00"
+        and digits[5:] != "0000"
+        and digits != digits[0] * 9
+    )
 
 
 def _redact_run(run: re.Match[str], tally: Counter) -> str:
@@ -185,7 +218,7 @@ def _redact_run(run: re.Match[str], tally: Counter) -> str:
     # A leading '+' or '(' belongs to a phone number but is not part of the run; keep it out of the
     # replacement and let the phone pattern see it through the run's own text.
     prefix = text[start - 1] if start and text[start - 1] in "+(" else ""
-    offset = start - len(prefix)   # position in ``text`` of the scanned string's first character
+    offset = start - len(prefix)  # position in ``text`` of the scanned string's first character
 
     def _sub(m: re.Match[str]) -> str:
         value = m.group(0)
@@ -211,7 +244,7 @@ def _redact_run(run: re.Match[str], tally: Counter) -> str:
         return _mark(tally, "phone")
 
     out = _DIGIT_KINDS.sub(_sub, prefix + run.group(0))
-    return out[len(prefix):] if prefix and out.startswith(prefix) else out
+    return out[len(prefix) :] if prefix and out.startswith(prefix) else out
 
 
 # ---- identifiers: pseudonymised, not redacted -------------------------------------------------------------
@@ -234,14 +267,17 @@ def _load_key(env: str) -> bytes:
 
     if env:
         if len(env.strip()) < 32:
-            raise ValueError(f"{PSEUDONYM_KEY_ENV} is {len(env.strip())} characters; use at least 32 random "
-                             "characters (e.g. `openssl rand -hex 32`)")
+            raise ValueError(
+                f"{PSEUDONYM_KEY_ENV} is {len(env.strip())} characters; use at least 32 random "
+                "characters (e.g. `openssl rand -hex 32`)"
+            )
         return env.strip().encode()
     try:
         root = find_root()
     except SettingsError as exc:
-        raise ValueError(f"no pseudonymisation key: set {PSEUDONYM_KEY_ENV} or run inside a workspace "
-                         f"({exc})") from None
+        raise ValueError(
+            f"no pseudonymisation key: set {PSEUDONYM_KEY_ENV} or run inside a workspace ({exc})"
+        ) from None
     path = root / PSEUDONYM_KEY_FILE
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
@@ -249,7 +285,7 @@ def _load_key(env: str) -> bytes:
         tmp.write_text(secrets.token_hex(32) + "\n")
         tmp.chmod(0o600)
         try:
-            os.link(tmp, path)   # atomic and exclusive: two processes creating it at once agree on one key
+            os.link(tmp, path)  # atomic and exclusive: two processes creating it at once agree on one key
         except FileExistsError:
             pass
         finally:

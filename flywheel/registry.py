@@ -104,8 +104,9 @@ class Registry:
                 return v
         return None
 
-    def register(self, name: str, folder: Path, tags: dict | None = None, digest: str | None = None,
-                 run_id: str | None = None) -> tuple[Version, bool]:
+    def register(
+        self, name: str, folder: Path, tags: dict | None = None, digest: str | None = None, run_id: str | None = None
+    ) -> tuple[Version, bool]:
         """(version, created): the folder's version, registering it only if its content is new."""
         import mlflow
 
@@ -114,13 +115,14 @@ class Registry:
         if existing is not None:
             return existing, False
         self._ensure(name)
-        with mlflow.start_run(experiment_id=self.experiment_id, run_name=f"register-{name}",
-                              tags={"flywheel.stage": "register"}) as run:
+        with mlflow.start_run(
+            experiment_id=self.experiment_id, run_name=f"register-{name}", tags={"flywheel.stage": "register"}
+        ) as run:
             mlflow.log_artifacts(str(folder), artifact_path="model")
             source = f"{run.info.artifact_uri}/model"
         all_tags = {"content_hash": digest, **{k: str(v)[:5000] for k, v in (tags or {}).items()}}
-        if run_id:                  # the training run: a tag (a tracking server requires the version's run to
-            all_tags["training_run_id"] = run_id      # be the one holding its files, the register run)
+        if run_id:  # the training run: a tag (a tracking server requires the version's run to
+            all_tags["training_run_id"] = run_id  # be the one holding its files, the register run)
         mv = self.client.create_model_version(name, source=source, run_id=run.info.run_id, tags=all_tags)
         return _v(mv), True
 
@@ -180,17 +182,23 @@ class Registry:
 
         scheme = urlparse(version.source).scheme
         if scheme in ("", "file") or (len(scheme) == 1 and version.source[1:3] == ":\\"):
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source,
-                                                            tracking_uri=self.settings.tracking_uri))
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source, tracking_uri=self.settings.tracking_uri
+                )
+            )
         dest = Path(self.settings.models) / "registry" / version.name / str(version.version)
-        done = dest.with_name(dest.name + ".complete")      # beside it: inside, it would change the content hash
+        done = dest.with_name(dest.name + ".complete")  # beside it: inside, it would change the content hash
         if done.is_file() and dest.is_dir():
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
         try:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp),
-                                                           tracking_uri=self.settings.tracking_uri))
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.settings.tracking_uri
+                )
+            )
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(got, dest)
             done.write_text(version.source)

@@ -16,16 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flywheel.registry import (CHALLENGER, CHAMPION, MODELS, PREVIOUS, Registry, RegistryError, Version,
-                               content_hash)
-
-
-@dataclass
-class SmokeParams:
-    prompts: list[str] = field(default_factory=lambda: ["Hello! Who are you?", "Give me one tip for sleeping well."])
-    max_new_tokens: int = 16
-    timeout_s: float = 120.0
-    min_chars: int = 1            # an answer shorter than this (after stripping) fails the check
+from flywheel.params import SmokeParams
+from flywheel.registry import CHALLENGER, CHAMPION, MODELS, PREVIOUS, Registry, RegistryError, Version, content_hash
 
 
 @dataclass
@@ -45,8 +37,9 @@ def bootstrap(registry: Registry, base: Path) -> list[str]:
     for kind, name in MODELS.items():
         if registry.alias(name, CHAMPION) is not None:
             continue
-        version, _ = registry.register(name, base / kind, tags={"origin": "base", "blessed": "base model",
-                                                                "smoke_check": "base model"})
+        version, _ = registry.register(
+            name, base / kind, tags={"origin": "base", "blessed": "base model", "smoke_check": "base model"}
+        )
         registry.set_alias(name, CHAMPION, version.version)
         done.append(f"{name} v{version.version} ({kind} base) is champion")
     return done
@@ -60,8 +53,9 @@ def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str
             from flywheel.models.policy import generate, load_policy
 
             model, tok = load_policy(folder)
-            answers = generate(model, tok, [[{"role": "user", "content": p}] for p in params.prompts],
-                               params.max_new_tokens)
+            answers = generate(
+                model, tok, [[{"role": "user", "content": p}] for p in params.prompts], params.max_new_tokens
+            )
             if not all(len(a.strip()) >= params.min_chars for a in answers):
                 return False, f"empty answer to a smoke prompt: {answers}"
         else:
@@ -70,7 +64,9 @@ def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str
             from flywheel.models.reward import RewardModel
 
             model = RewardModel.load(folder)
-            scores = model.score([[{"role": "user", "content": p}] for p in params.prompts], ["Sure."] * len(params.prompts))
+            scores = model.score(
+                [[{"role": "user", "content": p}] for p in params.prompts], ["Sure."] * len(params.prompts)
+            )
             if not all(math.isfinite(s) for s in scores):
                 return False, f"non-finite reward scores {scores}"
     except Exception as exc:  # the check's job is to catch any way a model fails to load or run
@@ -93,11 +89,15 @@ def gate_problem(blessing: dict, gates: dict[str, str]) -> str | None:
     if not name or not sha:
         return "the blessing records no gate (its name and rules' hash): rerun `dvc repro bless`"
     if name not in gates:
-        return (f"the blessing is from the {name!r} gate, but params.yaml bless.gate is {in_force!r}: rerun "
-                f"`dvc repro bless` (a test may accept it with `flywheel release --allow-gate {name}`)")
+        return (
+            f"the blessing is from the {name!r} gate, but params.yaml bless.gate is {in_force!r}: rerun "
+            f"`dvc repro bless` (a test may accept it with `flywheel release --allow-gate {name}`)"
+        )
     if sha != gates[name]:
-        return (f"the blessing is from other rules of the {name!r} gate (sha256 {sha[:12]}, params.yaml has "
-                f"{gates[name][:12]}): rerun `dvc repro bless`")
+        return (
+            f"the blessing is from other rules of the {name!r} gate (sha256 {sha[:12]}, params.yaml has "
+            f"{gates[name][:12]}): rerun `dvc repro bless`"
+        )
     return None
 
 
@@ -114,8 +114,10 @@ def refusal(v: Version, gate: str | None = None, allow_gate: str | None = None) 
         return f"was rejected by {v.tags.get('approval_by', 'a reviewer')}"
     blessed_by = v.tags.get("gate")
     if gate and blessed_by and blessed_by not in (gate, allow_gate):
-        return (f"was blessed by the {blessed_by!r} gate, but params.yaml bless.gate is {gate!r} "
-                f"(--allow-gate {blessed_by} accepts it)")
+        return (
+            f"was blessed by the {blessed_by!r} gate, but params.yaml bless.gate is {gate!r} "
+            f"(--allow-gate {blessed_by} accepts it)"
+        )
     return None
 
 
@@ -128,10 +130,13 @@ def drop_stale_challenger(registry: Registry, name: str, log=print, gates: list[
         return
     champion = registry.alias(name, CHAMPION)
     other_gate = gates and v.tags.get("gate") and v.tags["gate"] not in gates
-    why = refusal(v) or ("is refused" if v.tags.get("refused") else None) or (
-        f"was blessed by the {v.tags.get('gate')!r} gate" if other_gate else None) or (
-        "was rolled back from" if v.tags.get("rolled_back") else None) or (
-        "is the champion" if champion is not None and champion.version == v.version else None)
+    why = (
+        refusal(v)
+        or ("is refused" if v.tags.get("refused") else None)
+        or (f"was blessed by the {v.tags.get('gate')!r} gate" if other_gate else None)
+        or ("was rolled back from" if v.tags.get("rolled_back") else None)
+        or ("is the champion" if champion is not None and champion.version == v.version else None)
+    )
     if why:
         registry.delete_alias(name, CHALLENGER)
         log(f"{name} v{v.version} {why}: `challenger` alias removed")
@@ -141,8 +146,18 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict, smoke: SmokeParams,
-            log=print, *, gates: dict[str, str], reject: str | None = None, hold: str | None = None) -> list[Outcome]:
+def release(
+    registry: Registry,
+    challenger: Path,
+    blessing: dict,
+    lineage: dict,
+    smoke: SmokeParams,
+    log=print,
+    *,
+    gates: dict[str, str],
+    reject: str | None = None,
+    hold: str | None = None,
+) -> list[Outcome]:
     """Register each challenger, check it, and promote it when the gate in force blessed it and the check passed.
 
     ``gates``: the gates whose blessing counts, name -> rules' sha256 (params.yaml's ``bless.gate`` first, plus
@@ -162,7 +177,9 @@ def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict,
         digest = content_hash(folder)
         evaluated = (blessing.get("candidates") or {}).get(kind)
         if evaluated and evaluated != digest:
-            out.reasons.append(f"the blessing is for another model ({evaluated[:12]}), not {digest[:12]}: rerun the pipeline")
+            out.reasons.append(
+                f"the blessing is for another model ({evaluated[:12]}), not {digest[:12]}: rerun the pipeline"
+            )
             outcomes.append(out)
             continue
         champion = registry.alias(name, CHAMPION)
@@ -170,18 +187,26 @@ def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict,
             out.version, out.reasons = champion.version, ["already the champion"]
             outcomes.append(out)
             continue
-        tags = {"blessed": str(verdict["blessed"]).lower(), "gate_reasons": json.dumps(verdict["reasons"]),
-                "gate_not_applied": json.dumps(verdict.get("not_applied", [])), "gate": blessing["gate"],
-                "gate_sha256": blessing["gate_sha256"], "judge": blessing.get("judge") or "none",
-                **{k: v for k, v in lineage.items() if v}}
-        version, out.created = registry.register(name, folder, tags=tags, digest=digest,
-                                                 run_id=lineage.get(f"{kind}_mlflow_run_id"))
+        tags = {
+            "blessed": str(verdict["blessed"]).lower(),
+            "gate_reasons": json.dumps(verdict["reasons"]),
+            "gate_not_applied": json.dumps(verdict.get("not_applied", [])),
+            "gate": blessing["gate"],
+            "gate_primary": json.dumps(verdict.get("primary")),
+            "gate_sha256": blessing["gate_sha256"],
+            "judge": blessing.get("judge") or "none",
+            **{k: v for k, v in lineage.items() if v},
+        }
+        version, out.created = registry.register(
+            name, folder, tags=tags, digest=digest, run_id=lineage.get(f"{kind}_mlflow_run_id")
+        )
         out.version = version.version
         registry.set_tags(name, version.version, tags)
         out.blessed = bool(verdict["blessed"])
         out.smoke_ok, detail = smoke_check(kind, registry.local_dir(version), smoke)
-        registry.set_tags(name, version.version, {"smoke_check": "passed" if out.smoke_ok else "failed",
-                                                  "smoke_detail": detail})
+        registry.set_tags(
+            name, version.version, {"smoke_check": "passed" if out.smoke_ok else "failed", "smoke_detail": detail}
+        )
         log(f"{name} v{version.version}: smoke check {'passed' if out.smoke_ok else 'FAILED'}: {detail}")
         if not out.blessed:
             out.reasons += verdict["reasons"] or ["not blessed"]
@@ -189,8 +214,10 @@ def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict,
             out.reasons.append(f"smoke check failed: {detail}")
         rolled_back = version.tags.get("rolled_back")
         if rolled_back:
-            out.reasons.append(f"v{version.version} was rolled back from ({rolled_back}): a release does not promote "
-                               f"it again; `flywheel promote {version.version} --model {kind}` does, by hand")
+            out.reasons.append(
+                f"v{version.version} was rolled back from ({rolled_back}): a release does not promote "
+                f"it again; `flywheel promote {version.version} --model {kind}` does, by hand"
+            )
         if reject:
             out.reasons.append(f"not promoted: {reject}")
         if out.reasons:
@@ -211,8 +238,9 @@ def release(registry: Registry, challenger: Path, blessing: dict, lineage: dict,
     return outcomes
 
 
-def promote(registry: Registry, kind: str, version: str, gate: str | None = None,
-            allow_gate: str | None = None) -> list[str]:
+def promote(
+    registry: Registry, kind: str, version: str, gate: str | None = None, allow_gate: str | None = None
+) -> list[str]:
     """Promote a named version by hand: only one the gate in force blessed and whose smoke check passed (or the
     base model). Returns notes worth printing."""
     name = MODELS[kind]
@@ -222,18 +250,28 @@ def promote(registry: Registry, kind: str, version: str, gate: str | None = None
         raise RegistryError(f"{name} v{version} {why}; it cannot be promoted")
     registry.promote(name, version)
     registry.delete_tags(name, version, ["awaiting", "refused", "rolled_back"])
-    registry.set_tags(name, version, {"promoted_at": _now(), **(
-        {"promoted_after_rollback": v.tags["rolled_back"]} if v.tags.get("rolled_back") else {})})
+    registry.set_tags(
+        name,
+        version,
+        {
+            "promoted_at": _now(),
+            **({"promoted_after_rollback": v.tags["rolled_back"]} if v.tags.get("rolled_back") else {}),
+        },
+    )
     drop_stale_challenger(registry, name, log=lambda *_: None)
-    notes = [f"{name} v{version} had been rolled back from ({v.tags['rolled_back']}): promoted again by hand"
-             ] if v.tags.get("rolled_back") else []
+    notes = (
+        [f"{name} v{version} had been rolled back from ({v.tags['rolled_back']}): promoted again by hand"]
+        if v.tags.get("rolled_back")
+        else []
+    )
     if v.tags.get("origin") == "base":
         notes.append(f"{name} v{version} is the base model (bootstrap): never gated, allowed as the floor")
     return notes
 
 
-def rollback(registry: Registry, kind: str, to: str | None = None, gate: str | None = None,
-             allow_gate: str | None = None) -> tuple[Version, Version, list[str]]:
+def rollback(
+    registry: Registry, kind: str, to: str | None = None, gate: str | None = None, allow_gate: str | None = None
+) -> tuple[Version, Version, list[str]]:
     """Point ``champion`` back at ``to`` (default: ``previous-champion``): only a version the gate in force
     blessed and whose smoke check passed, or the base model. The former champion is tagged ``rolled_back`` (a
     release will not promote it again). Returns (new champion, former champion, notes)."""
@@ -247,6 +285,50 @@ def rollback(registry: Registry, kind: str, to: str | None = None, gate: str | N
     new, old = registry.rollback(name, target.version)
     registry.set_tags(name, old.version, {"rolled_back": f"{_now()}, champion moved back to v{new.version}"})
     drop_stale_challenger(registry, name, log=lambda *_: None)
-    notes = [f"v{new.version} is the base model (bootstrap): never gated, always a valid rollback target"
-             ] if new.tags.get("origin") == "base" else []
+    notes = (
+        [f"v{new.version} is the base model (bootstrap): never gated, always a valid rollback target"]
+        if new.tags.get("origin") == "base"
+        else []
+    )
     return new, old, notes
+
+
+def lineage(settings) -> dict:
+    """What produced the challengers, tagged on the versions a release registers: the git commit, the input hashes
+    of the training stages in dvc.lock, the feedback window, the Airflow, loop and training run ids. dvc.lock is
+    also logged to the loop's MLflow run when there is one."""
+    import yaml
+
+    from flywheel import tracking
+    from flywheel.data import rawstore
+
+    s = settings
+    out = {
+        "git_commit": tracking.git_commit(s.root),
+        "airflow_run_id": s.airflow_run_id,
+        "loop_run_id": s.parent_run_id,
+    }
+    lock = s.root / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for st in ("prepare", "train_reward", "train_policy"):
+            deps = stages.get(st, {}).get("deps", [])
+            out[f"dvc_{st}_inputs"] = json.dumps({d["path"]: d.get("md5") for d in deps})
+    window = rawstore.read_columns(s.raw_store, ["ingested_at", "batch_id"])
+    if window.num_rows:
+        col = window.column("ingested_at").to_pylist()
+        out["feedback_window"] = (
+            f"{min(col)}..{max(col)} ({window.num_rows} events, "
+            f"{len(set(window.column('batch_id').to_pylist()))} batches)"
+        )
+    for kind, f in (("policy", "metrics/train_policy.json"), ("reward", "metrics/train_reward.json")):
+        p = s.root / f
+        if p.exists():
+            out[f"{kind}_mlflow_run_id"] = json.loads(p.read_text()).get("mlflow_run_id", "")
+    if lock.exists() and s.parent_run_id:
+        import mlflow
+
+        tracking.configure_from(s)
+        with mlflow.start_run(run_id=s.parent_run_id):
+            mlflow.log_artifact(str(lock))
+    return out

@@ -39,12 +39,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 REMOTE = "flywheel"
 STATE_PREFIX = "flywheel-state"
-RECORD = Path(".dvc") / "tmp" / "flywheel-synced.json"    # what this workspace last pulled or published
+RECORD = Path(".dvc") / "tmp" / "flywheel-synced.json"  # what this workspace last pulled or published
 
 
 class RemoteError(RuntimeError):
@@ -57,8 +57,9 @@ class UnpublishedChanges(RemoteError):
 
 def _dvc(args: list[str], root: Path, env: dict[str, str], what: str) -> str:
     exe = Path(sys.executable).with_name("dvc")
-    proc = subprocess.run([str(exe) if exe.exists() else "dvc", *args], cwd=root, env=env, text=True,
-                          capture_output=True)
+    proc = subprocess.run(
+        [str(exe) if exe.exists() else "dvc", *args], cwd=root, env=env, text=True, capture_output=True
+    )
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise RemoteError(f"{what} failed (exit {proc.returncode}): {tail}")
@@ -111,15 +112,17 @@ def _inside(root: Path, rel: str, what: str) -> Path:
     """``root / rel`` for a plain relative path inside the workspace: no absolute path, no ``..``, no component
     that is a symbolic link, nothing under .git or .dvc."""
     pure = PurePosixPath(rel) if isinstance(rel, str) and rel and "\\" not in rel else None
-    if pure is None or pure.is_absolute() or any(p in ("..", ".", ".git", ".dvc") for p in pure.parts) \
-            or "://" in rel:
-        raise RemoteError(f"workspace state: {what} {rel!r} is outside the workspace or not a plain relative "
-                          "path (absolute, '..', under .git or .dvc); refused")
+    if pure is None or pure.is_absolute() or any(p in ("..", ".", ".git", ".dvc") for p in pure.parts) or "://" in rel:
+        raise RemoteError(
+            f"workspace state: {what} {rel!r} is outside the workspace or not a plain relative "
+            "path (absolute, '..', under .git or .dvc); refused"
+        )
     base = root.resolve()
     path = base.joinpath(*pure.parts)
-    if path.resolve() != path:                   # a symlink on the way could lead anywhere, code included
-        raise RemoteError(f"workspace state: {what} {rel!r} goes through a symbolic link (to "
-                          f"{path.resolve()}); refused")
+    if path.resolve() != path:  # a symlink on the way could lead anywhere, code included
+        raise RemoteError(
+            f"workspace state: {what} {rel!r} goes through a symbolic link (to {path.resolve()}); refused"
+        )
     return path
 
 
@@ -133,8 +136,10 @@ def _check_pointer(root: Path, rel: str, text: str) -> None:
     except yaml.YAMLError as exc:
         raise RemoteError(f"workspace state: {rel} is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or set(data) - {"outs"} or not isinstance(data.get("outs"), list):
-        raise RemoteError(f"workspace state: {rel} is not a data pointer (expected only 'outs', as `dvc add` "
-                          f"writes; found {sorted(data) if isinstance(data, dict) else type(data).__name__})")
+        raise RemoteError(
+            f"workspace state: {rel} is not a data pointer (expected only 'outs', as `dvc add` "
+            f"writes; found {sorted(data) if isinstance(data, dict) else type(data).__name__})"
+        )
     folder = str(PurePosixPath(rel).parent)
     for out in data["outs"]:
         if not isinstance(out, dict) or not isinstance(out.get("path"), str):
@@ -142,8 +147,10 @@ def _check_pointer(root: Path, rel: str, text: str) -> None:
         target = os.path.normpath(os.path.join(folder, out["path"])) if "://" not in out["path"] else out["path"]
         _inside(root, target, f"{rel} output")
         if _git_tracked(root, target):
-            raise RemoteError(f"workspace state: {rel} points at {target!r}, which git tracks (code or "
-                              f"configuration); a data pointer may not overwrite it")
+            raise RemoteError(
+                f"workspace state: {rel} points at {target!r}, which git tracks (code or "
+                f"configuration); a data pointer may not overwrite it"
+            )
 
 
 def check_state(root: Path, state: dict[str, str], extra: Iterable[Path | str] = ()) -> None:
@@ -161,8 +168,10 @@ def check_state(root: Path, state: dict[str, str], extra: Iterable[Path | str] =
         if name.endswith(".dvc") and len(name) > 4:
             _check_pointer(root, rel, text)
             continue
-        raise RemoteError(f"workspace state names {rel!r}: only dvc.lock, .dvc data pointers and "
-                          f"{', '.join(sorted(allowed)) or 'no other file'} may be written by a sync")
+        raise RemoteError(
+            f"workspace state names {rel!r}: only dvc.lock, .dvc data pointers and "
+            f"{', '.join(sorted(allowed)) or 'no other file'} may be written by a sync"
+        )
 
 
 def write_state(root: Path, state: dict[str, str], extra: Iterable[Path | str] = ()) -> list[str]:
@@ -183,6 +192,7 @@ def write_state(root: Path, state: dict[str, str], extra: Iterable[Path | str] =
 
 
 # ---- what this workspace last synced, and what it changed since ---------------------------------------------------
+
 
 def _load_record(root: Path) -> dict | None:
     try:
@@ -232,8 +242,11 @@ def _modified_data(root: Path, env: dict[str, str], pointers: list[str]) -> list
         return []
     out = _dvc(["status", "--json", *present], root, env, "dvc status")
     status = json.loads(out or "{}")
-    return sorted(p for p, changes in status.items()
-                  if any("modified" in (c.get("changed outs") or {}).values() for c in changes if isinstance(c, dict)))
+    return sorted(
+        p
+        for p, changes in status.items()
+        if any("modified" in (c.get("changed outs") or {}).values() for c in changes if isinstance(c, dict))
+    )
 
 
 def unpublished(root: Path, state: dict[str, str], env: dict[str, str], url: str | None = None) -> list[str]:
@@ -247,21 +260,26 @@ def unpublished(root: Path, state: dict[str, str], env: dict[str, str], url: str
     if found and url and _load_record(root) is None:
         found = [rel for rel in found if not _published_anywhere(url, env, rel, local[rel])]
     pointers = [rel for rel in state if rel.endswith(".dvc") and rel not in found]
-    found += [f"{rel} (its data: changed in the workspace since it was written)"
-              for rel in _modified_data(root, env, pointers)]
+    found += [
+        f"{rel} (its data: changed in the workspace since it was written)"
+        for rel in _modified_data(root, env, pointers)
+    ]
     return found
 
 
 def _unpublished_message(files: list[str], url: str) -> str:
-    return (f"refusing to sync with the DVC remote {url}: this workspace has changes that were never published "
-            f"there, and the sync would overwrite them: {', '.join(files)}. Keep them: `flywheel publish` (pushes "
-            "the data and publishes this workspace's state; `dvc add` a changed data folder first). Drop them: "
-            "`flywheel restore --force` (the remote's latest state and data). Commands that change the raw store "
-            "(ingest, export, erase) publish by themselves when dvc_remote is set.")
+    return (
+        f"refusing to sync with the DVC remote {url}: this workspace has changes that were never published "
+        f"there, and the sync would overwrite them: {', '.join(files)}. Keep them: `flywheel publish` (pushes "
+        "the data and publishes this workspace's state; `dvc add` a changed data folder first). Drop them: "
+        "`flywheel restore --force` (the remote's latest state and data). Commands that change the raw store "
+        "(ingest, export, erase) publish by themselves when dvc_remote is set."
+    )
 
 
-def merge_latest(current: dict[str, str] | None, state: dict[str, str], base: dict[str, str | None] | None
-                 ) -> tuple[dict[str, str], list[str]]:
+def merge_latest(
+    current: dict[str, str] | None, state: dict[str, str], base: dict[str, str | None] | None
+) -> tuple[dict[str, str], list[str]]:
     """The remote's new latest state: ``current`` with the files ``state`` changed against ``base`` (the state
     its task started from); the files both changed (conflicts) are listed and keep ``current``'s version."""
     if current is None or base is None:
@@ -270,7 +288,7 @@ def merge_latest(current: dict[str, str] | None, state: dict[str, str], base: di
     for rel in sorted(set(state) | set(base)):
         new, old = state.get(rel), base.get(rel)
         if new == old or current.get(rel) == new:
-            continue                        # this task left it as it was: the remote's latest stands
+            continue  # this task left it as it was: the remote's latest stands
         if current.get(rel) != old:
             conflicts.append(rel)
         elif new is None:
@@ -280,8 +298,14 @@ def merge_latest(current: dict[str, str] | None, state: dict[str, str], base: di
     return merged, conflicts
 
 
-def publish_state(url: str, state: dict[str, str], run_id: str, task_id: str, env: dict[str, str],
-                  base: dict[str, str | None] | None = None) -> dict[str, str]:
+def publish_state(
+    url: str,
+    state: dict[str, str],
+    run_id: str,
+    task_id: str,
+    env: dict[str, str],
+    base: dict[str, str | None] | None = None,
+) -> dict[str, str]:
     """Write ``state`` as the run's (and task's) state and merge it into the latest (see ``merge_latest``; with
     no ``base`` it replaces the latest). Returns the new latest; raises naming the files both changed."""
     fs, base_path = _fs(url, env)
@@ -297,26 +321,29 @@ def publish_state(url: str, state: dict[str, str], run_id: str, task_id: str, en
         write(rel, state)
     latest, conflicts = merge_latest(fetch_state(url, env) if base is not None else None, state, base)
     if conflicts:
-        raise RemoteError(f"cannot publish {', '.join(conflicts)} as the latest state on {url}: the latest changed "
-                          "it too since this workspace synced (both sides changed it; publishing would drop the "
-                          "remote's change). This task's state is kept as run "
-                          f"{run_id!r} task {task_id!r}. Bring the remote's state in with `flywheel restore --force` "
-                          "after copying aside what must be kept (new raw-store batches are files under the raw "
-                          "store's date=*/ folders), put it back, then `flywheel ingest` or `dvc add` it and "
-                          "`flywheel publish`.")
+        raise RemoteError(
+            f"cannot publish {', '.join(conflicts)} as the latest state on {url}: the latest changed "
+            "it too since this workspace synced (both sides changed it; publishing would drop the "
+            "remote's change). This task's state is kept as run "
+            f"{run_id!r} task {task_id!r}. Bring the remote's state in with `flywheel restore --force` "
+            "after copying aside what must be kept (new raw-store batches are files under the raw "
+            "store's date=*/ folders), put it back, then `flywheel ingest` or `dvc add` it and "
+            "`flywheel publish`."
+        )
     write("latest.json", latest)
     return latest
 
 
-def fetch_state(url: str, env: dict[str, str], run_id: str | None = None, task_id: str | None = None
-                ) -> dict[str, str] | None:
+def fetch_state(
+    url: str, env: dict[str, str], run_id: str | None = None, task_id: str | None = None
+) -> dict[str, str] | None:
     """The latest published state (or one run's, the last task's unless ``task_id``); None when none."""
     fs, base = _fs(url, env)
     if run_id is None:
         path = f"{base}/{STATE_PREFIX}/latest.json"
     else:
         folder = f"{base}/{STATE_PREFIX}/runs/{run_id.replace('/', '_')}"
-        path = f"{folder}/{task_id or '_last'}.json"          # _last: what the run's last task published
+        path = f"{folder}/{task_id or '_last'}.json"  # _last: what the run's last task published
     try:
         with fs.open(path, "r") as fh:
             return json.load(fh)["files"]
@@ -324,8 +351,16 @@ def fetch_state(url: str, env: dict[str, str], run_id: str | None = None, task_i
         return None
 
 
-def sync_in(root: Path, url: str, env: dict[str, str], state: dict[str, str] | None, log=print,
-            extra: Iterable[Path | str] = (), task: str | None = None, force: bool = False) -> dict[str, str] | None:
+def sync_in(
+    root: Path,
+    url: str,
+    env: dict[str, str],
+    state: dict[str, str] | None,
+    log=print,
+    extra: Iterable[Path | str] = (),
+    task: str | None = None,
+    force: bool = False,
+) -> dict[str, str] | None:
     """Before a task: the remote configured, ``state`` (or the latest published) written, its data pulled.
     Unpublished local changes are never overwritten (``UnpublishedChanges``) unless ``force``; those left by a
     task or command that stopped before publishing (``task`` is recorded as in flight until ``sync_out``) are
@@ -346,8 +381,10 @@ def sync_in(root: Path, url: str, env: dict[str, str], state: dict[str, str] | N
         if not (interrupted and all(rel in state and state[rel] == record["files"].get(rel) for rel in pending)):
             raise UnpublishedChanges(_unpublished_message(pending, url))
         keep = pending
-        log(f"keeping {', '.join(keep)}: left by {interrupted}, which stopped before publishing; published "
-            "after this task")
+        log(
+            f"keeping {', '.join(keep)}: left by {interrupted}, which stopped before publishing; published "
+            "after this task"
+        )
     before = baseline(root, read_state(root, extra))
     if state:
         changed = write_state(root, {k: v for k, v in state.items() if k not in keep}, extra)
@@ -366,11 +403,19 @@ def end_task(root: Path) -> None:
         _save_record(root, record["files"], None)
 
 
-def sync_out(root: Path, url: str, env: dict[str, str], run_id: str, task_id: str,
-             targets: list[str] | None = None, extra: list[Path] = (), log=print) -> dict[str, str]:
+def sync_out(
+    root: Path,
+    url: str,
+    env: dict[str, str],
+    run_id: str,
+    task_id: str,
+    targets: list[str] | None = None,
+    extra: list[Path] = (),
+    log=print,
+) -> dict[str, str]:
     """After a task: what it produced pushed, the new workspace state published (merged into the latest
     against the state the task started from) and returned."""
-    if targets is None or targets:                   # [] = nothing of its own to push (the state only)
+    if targets is None or targets:  # [] = nothing of its own to push (the state only)
         out = _dvc(["push", *(targets or [])], root, env, "dvc push")
         log("dvc push: " + (out.strip().splitlines() or ["nothing to push"])[-1])
     state = read_state(root, extra)

@@ -1,6 +1,7 @@
 """The one settings object: read once at each entry point, passed down as typed values.
 
-Precedence: environment variables (``FLYWHEEL_<KEY>``) over ``params.yaml`` over defaults; for
+Precedence: environment variables (``FLYWHEEL_<KEY>``) over ``params.yaml`` (which sets every key: the sections are
+typed in ``flywheel/params.py``, without defaults of their own); for
 ``airflow_home``, ``airflow_db`` and ``celery_broker``, Airflow's own variable (``AIRFLOW_HOME``,
 ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``, ``AIRFLOW__CELERY__BROKER_URL``) comes just after the Flywheel one.
 Every path and URI is made absolute from the workspace root. A bad value fails here, naming the setting.
@@ -11,19 +12,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from flywheel.params import Params, PathSettings, describe_errors  # noqa: F401  (PathSettings: re-exported)
 
 ENV_PREFIX = "FLYWHEEL_"
 _URI_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
-_AIRFLOW_DB_DIALECTS = ("sqlite", "postgresql", "mysql")          # any SQLAlchemy driver: postgresql+psycopg2, ...
+_AIRFLOW_DB_DIALECTS = ("sqlite", "postgresql", "mysql")  # any SQLAlchemy driver: postgresql+psycopg2, ...
 _BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sqs")  # Celery transports
 # Settings that Airflow's own variables also set: the Flywheel name wins, then Airflow's, then params.yaml.
-_AIRFLOW_ENV = {"airflow_home": "AIRFLOW_HOME", "airflow_db": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-                "celery_broker": "AIRFLOW__CELERY__BROKER_URL"}
-_AIRFLOW_DB_BLOCKED = "airflow-db-not-allowed:"   # what Airflow's task supervisor sets in task processes
+_AIRFLOW_ENV = {
+    "airflow_home": "AIRFLOW_HOME",
+    "airflow_db": "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+    "celery_broker": "AIRFLOW__CELERY__BROKER_URL",
+}
+_AIRFLOW_DB_BLOCKED = "airflow-db-not-allowed:"  # what Airflow's task supervisor sets in task processes
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@]*@")
 # What a profile may never override: a profile picks sizes and speeds (and is chosen by FLYWHEEL_PROFILE or a DAG
 # trigger), so the gate, the release checks and what the gate's intervals mean stay those of params.yaml itself.
@@ -32,93 +37,6 @@ PROFILE_FORBIDDEN = ("bless", "release", "evaluate.confidence", "evaluate.slices
 
 class SettingsError(ValueError):
     """A setting or parameter is missing, misspelt or has a bad value."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PathSettings(_Strict):
-    raw_store: str = "data/raw"
-    quarantine: str = "data/quarantine"
-    prepared: str = "data/prepared"
-    reports: str = "reports"
-    models: str = "models"
-    tracking_uri: str = "mlruns.db"
-    registry_uri: str = ""
-    artifact_root: str = "mlartifacts"
-    feedback_store: str = "feedback.db"
-    dvc_remote: str = ""
-    airflow_home: str = ".airflow"
-    airflow_db: str = ""          # Airflow metadata DB; empty: Airflow's SQLite under airflow_home
-    celery_broker: str = ""       # Celery broker of the distributed Airflow; empty: no Celery
-
-
-class ContractParams(_Strict):
-    max_text_chars: int = Field(16000, gt=0)
-    max_turns: int = Field(64, gt=0)
-    max_line_bytes: int = Field(262144, gt=0)
-
-
-class IngestChecks(_Strict):
-    max_empty_answer_rate: float = Field(0.05, ge=0, le=1)
-    max_duplicate_answer_rate: float = Field(0.5, ge=0, le=1)
-    min_positive_rate: float = Field(0.05, ge=0, le=1)
-    max_positive_rate: float = Field(0.95, ge=0, le=1)
-    max_negative_rate_rise: float = Field(0.3, ge=0, le=1)
-    max_pii_rate: float = Field(0.5, ge=0, le=1)
-    min_response_chars: int = Field(1, ge=0)
-    max_response_chars: int = Field(16000, gt=0)
-    min_events_for_rate_checks: int = Field(20, ge=0)
-
-
-class IngestParams(_Strict):
-    chunk_events: int = Field(20000, gt=0)
-    checks: IngestChecks = IngestChecks()
-    quarantine_retention_days: int = Field(30, ge=0)
-
-
-class ValidateParams(_Strict):
-    window_days: int = Field(0, ge=0)
-    max_null_rate: float = Field(0.0, ge=0, le=1)
-    min_rows: int = Field(10, ge=0)
-    min_positive_rate: float = Field(0.05, ge=0, le=1)
-    max_positive_rate: float = Field(0.95, ge=0, le=1)
-    max_length_drift_ratio: float = Field(3.0, ge=1)
-    max_negative_rate_rise: float = Field(0.3, ge=0, le=1)
-    max_response_chars: int = Field(16000, gt=0)
-
-
-class SplitParams(_Strict):
-    test_pct: int = Field(20, ge=0, le=100)
-    val_pct: int = Field(10, ge=0, le=100)
-
-
-class PrepareParams(_Strict):
-    near_dup_threshold: float = Field(0.9, gt=0, le=1)
-    minhash_perms: int = Field(64, gt=0)
-    shingle_chars: int = Field(5, gt=0)
-    split: SplitParams = SplitParams()
-    sft_min_rating: int = Field(5, ge=1, le=5)
-    pair_min_rating_gap: int = Field(2, ge=1, le=4)
-
-
-class Params(BaseModel):
-    """params.yaml, typed. Sections of later stages are kept as plain dicts until their stage parses them."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    settings: PathSettings = PathSettings()
-    contract: ContractParams = ContractParams()
-    ingest: IngestParams = IngestParams()
-    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
-    prepare: PrepareParams = PrepareParams()
-
-    def section(self, name: str) -> dict[str, Any]:
-        """A later stage's raw section, to parse into its own typed model."""
-        extra = self.model_extra or {}
-        if name not in extra:
-            raise SettingsError(f"params.yaml has no section {name!r}")
-        return extra[name]
 
 
 class Settings(BaseModel):
@@ -141,8 +59,8 @@ class Settings(BaseModel):
     airflow_db: str = ""
     celery_broker: str = ""
     profile: str = ""
-    parent_run_id: str = ""      # the loop's MLflow parent run (FLYWHEEL_PARENT_RUN_ID)
-    airflow_run_id: str = ""     # the Airflow DAG run driving this process, if any
+    parent_run_id: str = ""  # the loop's MLflow parent run (FLYWHEEL_PARENT_RUN_ID)
+    airflow_run_id: str = ""  # the Airflow DAG run driving this process, if any
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -158,14 +76,6 @@ def find_root(start: Path | None = None) -> Path:
         if (folder / "params.yaml").is_file():
             return folder
     raise SettingsError(f"no params.yaml in {here} or any folder above it; set FLYWHEEL_ROOT")
-
-
-def _format_error(source: str, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
-        parts.append(f"{key}: {e['msg']}")
-    return f"{source}: " + "; ".join(parts)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -199,18 +109,28 @@ def load_params(path: Path, profile: str | None = None) -> Params:
             raise SettingsError(f"{path}: profiles.{name}: expected a mapping of overrides")
         for key in PROFILE_FORBIDDEN:
             if _has(over or {}, key):
-                raise SettingsError(f"{path}: profiles.{name}.{key}: a profile may not override {key!r} (it "
-                                    "changes sizes and speeds, never the gate); set it at the top level of params.yaml")
+                raise SettingsError(
+                    f"{path}: profiles.{name}.{key}: a profile may not override {key!r} (it "
+                    "changes sizes and speeds, never the gate); set it at the top level of params.yaml"
+                )
     chosen = profile if profile is not None else raw.get("profile", "")
-    if chosen:
-        if chosen not in profiles:
-            raise SettingsError(f"profile: unknown profile {chosen!r}; params.yaml defines {sorted(profiles)}")
-        raw = _merge(raw, profiles[chosen] or {})
-        raw["profile"] = chosen
+    if chosen and chosen not in profiles:
+        raise SettingsError(f"profile: unknown profile {chosen!r}; params.yaml defines {sorted(profiles)}")
+    base = raw
+    raw = _merge(raw, profiles[chosen] or {}) if chosen else raw
+    if profile is not None:
+        raw["profile"] = profile  # the caller's choice (FLYWHEEL_PROFILE) is the profile in force
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise SettingsError(_format_error(str(path), exc)) from exc
+        raise SettingsError(describe_errors(exc, str(path))) from exc
+    for name, over in profiles.items():  # the others too: a profile is one trigger param away from being chosen
+        if name != chosen and over:
+            try:
+                Params.model_validate(_merge(base, over))
+            except ValidationError as exc:
+                raise SettingsError(describe_errors(exc, str(path), prefix=f"profiles.{name}.")) from exc
+    return params
 
 
 def mask_url(url: str) -> str:
@@ -241,8 +161,11 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
             values[key] = override
     for key, airflow_var in _AIRFLOW_ENV.items():
         # Airflow 3 hides the metadata DB from task processes with a placeholder URL: not a setting
-        if airflow_var in env and ENV_PREFIX + key.upper() not in env and not env[airflow_var].startswith(
-                _AIRFLOW_DB_BLOCKED):
+        if (
+            airflow_var in env
+            and ENV_PREFIX + key.upper() not in env
+            and not env[airflow_var].startswith(_AIRFLOW_DB_BLOCKED)
+        ):
             values[key] = env[airflow_var]
 
     def path(key: str) -> Path:
@@ -260,12 +183,16 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
     if airflow_db and "://" not in airflow_db:
         airflow_db = _db_uri("airflow_db", airflow_db, root)  # a path: a SQLite file under the workspace
     elif airflow_db and airflow_db.split("://", 1)[0].split("+", 1)[0] not in _AIRFLOW_DB_DIALECTS:
-        raise SettingsError(f"airflow_db={mask_url(airflow_db)!r}: unsupported database "
-                            f"{airflow_db.split('://', 1)[0]!r}; expected one of {', '.join(_AIRFLOW_DB_DIALECTS)}")
+        raise SettingsError(
+            f"airflow_db={mask_url(airflow_db)!r}: unsupported database "
+            f"{airflow_db.split('://', 1)[0]!r}; expected one of {', '.join(_AIRFLOW_DB_DIALECTS)}"
+        )
     broker = values["celery_broker"]
     if broker and broker.split("://", 1)[0] not in _BROKER_SCHEMES:
-        raise SettingsError(f"celery_broker={mask_url(broker)!r}: expected a broker URL "
-                            f"({', '.join(s + '://' for s in _BROKER_SCHEMES)}), e.g. redis://redis:6379/0")
+        raise SettingsError(
+            f"celery_broker={mask_url(broker)!r}: expected a broker URL "
+            f"({', '.join(s + '://' for s in _BROKER_SCHEMES)}), e.g. redis://redis:6379/0"
+        )
     return Settings(
         root=root,
         params=params,
@@ -282,7 +209,7 @@ def load_settings(root: Path | None = None, env: dict[str, str] | None = None) -
         airflow_home=path("airflow_home"),
         airflow_db=airflow_db,
         celery_broker=broker,
-        profile=str((params.model_extra or {}).get("profile", "")),
+        profile=params.profile,
         parent_run_id=env.get(ENV_PREFIX + "PARENT_RUN_ID", ""),
         airflow_run_id=env.get(ENV_PREFIX + "AIRFLOW_RUN_ID", env.get("AIRFLOW_CTX_DAG_RUN_ID", "")),
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 EXPERIMENT = "flywheel"
 
@@ -41,8 +41,9 @@ def stage_run(settings, stage: str, tags: dict | None = None) -> Iterator:
 
     exp = configure_from(settings)
     parent = settings.parent_run_id or None
-    with mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent,
-                          tags={"flywheel.stage": stage, **(tags or {})}) as run:
+    with mlflow.start_run(
+        experiment_id=exp, run_name=stage, parent_run_id=parent, tags={"flywheel.stage": stage, **(tags or {})}
+    ) as run:
         yield run
 
 
@@ -57,8 +58,9 @@ def start_loop_run(settings, name: str, tags: dict | None = None) -> str:
 
 def git_commit(root: Path) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -88,7 +90,10 @@ def stage_durations(settings, parent_run_id: str) -> dict[str, float]:
     import mlflow
 
     exp = configure_from(settings)
-    runs = mlflow.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"], output_format="list")
-    return {r.info.run_name: round((r.info.end_time - r.info.start_time) / 1000, 1)
-            for r in runs if r.info.end_time}
+    runs = mlflow.search_runs(
+        [exp],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+    return {r.info.run_name: round((r.info.end_time - r.info.start_time) / 1000, 1) for r in runs if r.info.end_time}

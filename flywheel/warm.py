@@ -1,19 +1,32 @@
-"""A warm stage runner: one process imports the heavy libraries once and forks a child per stage command.
+"""A warm stage runner for a user's local `dvc repro`: one process imports the heavy libraries once and forks a
+child per ``flywheel stage ...`` command.
 
-Each stage of dvc.yaml is its own process (`dvc repro` runs `flywheel stage X`), so each used to pay the import
-of torch, transformers, MLflow and Great Expectations (seconds apiece). Now the ``flywheel`` console script
-hands a ``flywheel stage ...`` command to the workspace's runner, starting it (detached) when none answers: the
+Each stage of dvc.yaml is its own process (`dvc repro` runs `flywheel stage X`), so each would pay the import of
+torch, transformers, MLflow and Great Expectations (seconds apiece; trimming the project's own imports does not
+help: MLflow alone is ~2 s for `resolve_champion`, torch ~1.2 s for the training stages). Here the ``flywheel``
+console script hands a ``flywheel stage ...`` command to a runner, starting it (detached) when none answers: the
 runner forks, the child takes over the caller's stdin/stdout/stderr (passed over a Unix socket), its working
-directory, environment and arguments, runs the command and exits with its status, which the caller exits with.
-So a plain `dvc repro`, `flywheel repro` and the DAG's tasks all pay those imports once per workspace. Turned
-off by ``orchestration.warm_runner: false`` or ``FLYWHEEL_WARM=0``; a runner that cannot start is not waited
-on past a minute (the command then runs in its own process, as before).
+directory, environment and arguments, calls the entry point it was handed (``--entry module:function``, imported
+in the child, never by the runner) and exits with its status, which the caller exits with.
 
-Only third-party libraries are preloaded; the project's own modules are imported afresh in each child, so a code
-change between two stages is always seen. A runner exits after ``idle_timeout`` seconds without a request; the
-caller closing its end (DVC or Airflow killing the stage) terminates the child.
+Local only. Airflow and Celery tasks never use it (flywheel/orchestration.py sets ``FLYWHEEL_WARM=0``): there a
+stage must run inside the task's process tree, where the task's timeout, kill and cgroup reach it. Turned off by
+``orchestration.warm_runner: false`` or ``FLYWHEEL_WARM=0``; a runner that cannot start is not waited on past a
+minute (the command then runs in its own process, as without it).
 
-    python -m flywheel.warm SOCKET [--idle-timeout 600]
+A runner serves one workspace and one environment: its socket is named by a hash of the workspace, the caller's
+environment variables (but those that change per command, ``VOLATILE``), the interpreter and the state of its
+site-packages, so a different environment (or a `pip install`) gets another runner, and a runner refuses a
+request from another environment (the caller then runs the command itself). Socket, lock, pid file and log live
+in a private folder (``$XDG_RUNTIME_DIR/flywheel``, else ``~/.cache/flywheel/warm``; mode 0700, refused when
+owned by another user or writable by others). Only third-party libraries are preloaded; the project's own
+modules are imported afresh in each child, so a code change between two stages is always seen. A runner exits
+after ``idle_timeout`` seconds without a request; the caller closing its end (DVC killing the stage, Ctrl-C)
+terminates the child's process group.
+
+The runner itself (what it preloads, the fork per request) is flywheel/warm_runner.py:
+
+    python -P -m flywheel.warm_runner SOCKET --entry flywheel.cli:main [--idle-timeout 600]
 """
 
 from __future__ import annotations
@@ -21,34 +34,105 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 SOCKET_ENV = "FLYWHEEL_WARM_SOCKET"
-# Imported before the runner listens: what every stage command needs (the CLI and the MLflow registry read of
-# resolve_champion, the first stage of every run; MLflow's SQL store modules are otherwise imported lazily, ~1 s).
-PRELOAD = ("mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-           "mlflow.store.model_registry.sqlalchemy_store", "mlflow.store.db.utils", "alembic.command",
-           "alembic.runtime.migration", "sqlalchemy", "typer", "rich.console", "yaml", "pydantic")
-# Imported one by one while the runner waits for requests, in the order the stages need them (a command that
-# arrives first imports what it lacks itself, as a cold process would).
-PRELOAD_LATER = ("great_expectations", "pandas", "pyarrow.parquet", "datasketch", "torch", "transformers",
-                 "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert",
-                 "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
-                 "matplotlib.pyplot")
-_MAX_REQUEST = 1 << 20
+# The console script's command line, named (never imported here): the runner imports it in each child.
+DEFAULT_ENTRY = "flywheel.cli:main"
+# Variables that differ from one command to the next of the same run (the shell's, DVC's per stage, the run ids
+# the loop sets): left out of the runner's key; the child still gets the caller's values (the whole environment
+# travels with each request). No library reads them at import time.
+VOLATILE = frozenset(
+    {
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "_",
+        "DVC_STAGE",
+        "DVC_ROOT",
+        SOCKET_ENV,
+        "FLYWHEEL_PARENT_RUN_ID",
+        "FLYWHEEL_AIRFLOW_RUN_ID",
+    }
+)
+_MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to ~107 bytes
+_REFUSED = b"refused\n"  # the runner's answer to a caller of another environment
+
+
+class UnsafeRuntimeDir(OSError):
+    """The runner's folder is not private (another owner, writable by others, not a folder): no runner is used."""
+
+
+# ---- keys and places -----------------------------------------------------------------------------------------
+def env_key(env: Mapping[str, str]) -> str:
+    """What a runner must share with its callers: the environment (but ``VOLATILE``), the interpreter and the
+    state of its site-packages (after a `pip install` the next command starts a fresh runner; the old one exits
+    when idle)."""
+    try:
+        libs = os.stat(sysconfig.get_paths()["purelib"]).st_mtime_ns
+    except OSError:
+        libs = 0
+    h = hashlib.sha256(f"{sys.executable}\0{libs}".encode())
+    for name in sorted(set(env) - VOLATILE):
+        h.update(f"\0{name}={env[name]}".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def private_dir(env: Mapping[str, str] | None = None, create: bool = True) -> Path:
+    """The folder of the runners' sockets, locks, pid files and logs: ``$XDG_RUNTIME_DIR/flywheel``, else
+    ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/flywheel/warm``; created with mode 0700. ``UnsafeRuntimeDir`` when it
+    is not a folder of this user that only this user can write (its sockets carry the callers' environment)."""
+    env = os.environ if env is None else env
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
+        folder = Path(runtime) / "flywheel"
+    else:
+        cache = env.get("XDG_CACHE_HOME", "")
+        folder = (Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache") / "flywheel" / "warm"
+    if not create:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    private_dir_check(folder)
+    return folder
+
+
+def private_dir_check(folder: Path) -> None:
+    """``UnsafeRuntimeDir`` unless ``folder`` is a real folder of this user that no one else can write."""
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeRuntimeDir(f"{folder} is not a folder (a link or a file): remove it")
+    if info.st_uid != os.getuid():
+        raise UnsafeRuntimeDir(f"{folder} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}): remove it")
+    if info.st_mode & 0o022:
+        raise UnsafeRuntimeDir(
+            f"{folder} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): `chmod 700 {folder}`"
+        )
+
+
+def socket_path(root: Path, env: Mapping[str, str] | None = None) -> str:
+    """Where the runner of workspace ``root`` for the environment ``env`` (this process's by default) listens, in
+    the private folder (not created here). Short: the name is a hash of the workspace and ``env_key``."""
+    env = os.environ if env is None else env
+    digest = hashlib.sha256(f"{Path(root).resolve()}\0{env_key(env)}".encode()).hexdigest()[:16]
+    return str(private_dir(env, create=False) / f"warm-{digest}.sock")
 
 
 # ---- the caller side (the `flywheel` console script) -------------------------------------------------------
 def delegate(path: str, argv: list[str], connect_timeout: float = 1.0) -> int | None:
-    """Run ``argv`` in the warm runner at ``path``; its exit status, or None when no runner answers."""
+    """Run ``argv`` in the warm runner at ``path``; its exit status, or None when no runner answers or the runner
+    refuses (it serves another environment): the caller then runs the command itself."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(connect_timeout)
     try:
@@ -58,14 +142,16 @@ def delegate(path: str, argv: list[str], connect_timeout: float = 1.0) -> int | 
         return None
     sock.settimeout(None)
     env = {k: v for k, v in os.environ.items() if k != SOCKET_ENV}
-    body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}).encode()
-    try:                                 # length-prefixed: our end stays open, its closing means "stop"
+    body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env, "key": env_key(env)}).encode()
+    try:  # length-prefixed: our end stays open, its closing means "stop"
         socket.send_fds(sock, [len(body).to_bytes(8, "big") + body], [0, 1, 2])
     except OSError:
         sock.close()
         return None
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: (sock.close(), os._exit(143)))   # closing our end stops the child
+    before = {
+        sig: signal.signal(sig, lambda *_: (sock.close(), os._exit(143)))  # closing our end stops the child
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
     reply = b""
     while not reply.endswith(b"\n"):
         chunk = sock.recv(64)
@@ -73,166 +159,12 @@ def delegate(path: str, argv: list[str], connect_timeout: float = 1.0) -> int | 
             print("error: the warm runner went away during the command", file=sys.stderr)
             return 1
         reply += chunk
+    if reply == _REFUSED:
+        sock.close()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        return None
     return int(reply)
-
-
-# ---- the runner -------------------------------------------------------------------------------------------
-def _child(request: dict, fds: list[int]) -> int:
-    for fd, target in zip(fds, (0, 1, 2)):
-        os.dup2(fd, target)
-        os.close(fd)
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    sys.argv = list(request["argv"])
-    main_module = sys.modules["__main__"]            # click names the program from __main__ (this runner)
-    main_module.__spec__, main_module.__package__ = None, None
-    code: object = 0
-    try:
-        from flywheel.cli import main
-
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    except BaseException:  # noqa: BLE001 - a stage's crash is reported like a crashed process
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return code
-
-
-def _import(name: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - a library that fails to import fails in the stage that needs it
-        pass
-
-
-def serve(path: str, idle_timeout: float = 600.0, preload: tuple[str, ...] = PRELOAD,
-          preload_later: tuple[str, ...] = PRELOAD_LATER) -> None:
-    """Preload, listen on ``path``, fork a child per request until idle for ``idle_timeout`` seconds; between
-    requests, import ``preload_later`` one module at a time."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))      # runs the finally below: the socket goes
-    for name in preload:
-        _import(name)
-    later = list(preload_later)
-    Path(path).unlink(missing_ok=True)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    os.chmod(path, 0o600)                   # the caller's environment travels over it: owner only
-    Path(path + ".pid").write_text(str(os.getpid()))
-    server.listen(16)
-    server.setblocking(False)
-    sel = selectors.DefaultSelector()
-    sel.register(server, selectors.EVENT_READ, None)
-    running: dict[int, socket.socket] = {}
-    last = time.monotonic()
-    print(f"warm runner ready on {path} (pid {os.getpid()})", flush=True)
-    try:
-        while running or time.monotonic() - last < idle_timeout:
-            events = sel.select(timeout=0 if later else 0.2)
-            if not events and later:
-                _import(later.pop(0))       # nothing waiting: the next heavy import (forks see it from now on)
-            for key, _ in events:
-                if key.data is None:
-                    try:
-                        conn, _ = server.accept()
-                    except BlockingIOError:
-                        continue
-                    conn.setblocking(True)
-                    conn.settimeout(5)
-                    try:
-                        msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
-                        size = int.from_bytes(msg[:8], "big") if len(msg) >= 8 else -1
-                        while 0 <= size and len(msg) < size + 8:
-                            more = conn.recv(_MAX_REQUEST)
-                            if not more:
-                                break
-                            msg += more
-                        request = json.loads(msg[8:])
-                    except (OSError, ValueError):
-                        conn.close()
-                        continue
-                    if len(fds) != 3:
-                        for fd in fds:
-                            os.close(fd)
-                        conn.close()
-                        continue
-                    pid = os.fork()
-                    if pid == 0:
-                        sel.close()
-                        server.close()
-                        for other in running.values():
-                            other.close()
-                        conn.close()
-                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                        os._exit(_child(request, fds))
-                    for fd in fds:
-                        os.close(fd)
-                    print(f"{pid}: {' '.join(request['argv'][1:3])} started", flush=True)
-                    running[pid] = conn
-                    sel.register(conn, selectors.EVENT_READ, pid)
-                    last = time.monotonic()
-                else:                        # the caller closed its end before the child finished: stop it
-                    pid = key.data
-                    sel.unregister(key.fileobj)
-                    try:
-                        os.kill(pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-            while running:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                conn = running.pop(pid, None)
-                if conn is None:
-                    continue
-                try:
-                    sel.unregister(conn)
-                except (KeyError, ValueError):
-                    pass
-                print(f"{pid}: exit {os.waitstatus_to_exitcode(status)}", flush=True)
-                try:
-                    conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
-                except OSError:
-                    pass
-                conn.close()
-                last = time.monotonic()
-    finally:
-        server.close()
-        if Path(path + ".pid").exists() and Path(path + ".pid").read_text() == str(os.getpid()):
-            Path(path).unlink(missing_ok=True)
-            Path(path + ".pid").unlink(missing_ok=True)
-
-
-def socket_path(root: Path) -> str:
-    """Where the runner of a workspace and this environment listens (short: Unix socket paths are limited to
-    ~100 bytes). The interpreter and the state of its site-packages are part of the key: a runner never serves
-    another virtual environment, and after a `pip install` the next command starts a fresh runner instead of
-    using one that imported the old libraries (that one exits when idle)."""
-    try:
-        libs = os.stat(sysconfig.get_paths()["purelib"]).st_mtime_ns
-    except OSError:
-        libs = 0
-    key = f"{Path(root).resolve()}\0{sys.executable}\0{libs}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return str(Path(tempfile.gettempdir()) / f"flywheel-warm-{os.getuid()}-{digest}.sock")
 
 
 def _answers(path: str) -> bool:
@@ -245,24 +177,58 @@ def _answers(path: str) -> bool:
             return False
 
 
-def ensure(root: Path, env: dict[str, str], idle_timeout: float = 600.0, wait: float = 60.0) -> str | None:
-    """The socket of a runner for ``root``, started detached (with ``env``) when none answers; None when it
-    could not start within ``wait`` seconds (callers then run commands cold). Concurrent callers start one."""
+def _pid_of(path: str) -> int | None:
+    """The pid a runner wrote beside its socket (first line of ``SOCKET.pid``), else None."""
+    try:
+        return int(Path(path + ".pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def ensure(
+    root: Path, env: Mapping[str, str], idle_timeout: float = 600.0, wait: float = 60.0, entry: str = DEFAULT_ENTRY
+) -> str | None:
+    """The socket of a runner for ``root`` and ``env``, started detached (with ``env``, calling ``entry`` per
+    request) when none answers; None when it could not start within ``wait`` seconds or its folder is not private
+    (said on stderr): callers then run commands cold. Concurrent callers start one."""
     import fcntl
 
-    path = socket_path(root)
+    env = {k: v for k, v in env.items() if k != SOCKET_ENV}
+    try:
+        private_dir(env)
+    except OSError as exc:
+        print(f"warning: no warm runner ({exc}); the stage runs in its own process", file=sys.stderr)
+        return None
+    path = socket_path(root, env)
+    if len(path.encode()) > _MAX_SOCKET_PATH:
+        return None
     if _answers(path):
         return path
     with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)            # a second caller waits here, then finds the first's runner
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second caller waits here, then finds the first's runner
         if _answers(path):
             return path
-        log = Path(tempfile.gettempdir()) / (Path(path).stem + ".log")
-        with open(log, "ab") as out:
+        with open(path[: -len(".sock")] + ".log", "ab") as out:
+            # -P: no working directory on sys.path, so a child imports the project as the console script does
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flywheel.warm", path, "--idle-timeout", str(idle_timeout)], cwd=root,
-                env={k: v for k, v in env.items() if k != SOCKET_ENV}, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "flywheel.warm_runner",
+                    path,
+                    "--entry",
+                    entry,
+                    "--idle-timeout",
+                    str(idle_timeout),
+                ],
+                cwd=root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline and proc.poll() is None:
             if _answers(path):
@@ -301,13 +267,13 @@ def workspace(env: dict[str, str] | None = None) -> tuple[Path, float] | None:
             return None
         return root, float(orch.get("warm_idle_seconds", 600))
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
-        return None                              # the CLI reports a broken params.yaml properly
+        return None  # the CLI reports a broken params.yaml properly
 
 
-def run_stage(argv: list[str]) -> int | None:
-    """``flywheel stage ...``: run it in the workspace's warm runner (the one ``FLYWHEEL_WARM_SOCKET`` names, or
-    the workspace's own, started when none answers, so a plain `dvc repro` gets it too); its exit status, or
-    None to run the command in this process (no runner wanted or none could start)."""
+def run_stage(argv: list[str], entry: str = DEFAULT_ENTRY) -> int | None:
+    """``flywheel stage ...``: run it in a warm runner (the one ``FLYWHEEL_WARM_SOCKET`` names, or the one of this
+    workspace and environment, started when none answers, so a plain `dvc repro` gets it too); its exit status,
+    or None to run the command in this process (no runner wanted, none could start, or it refused)."""
     path = os.environ.get(SOCKET_ENV)
     if path:
         return delegate(path, argv)
@@ -316,48 +282,56 @@ def run_stage(argv: list[str]) -> int | None:
     ws = workspace()
     if ws is None:
         return None
-    path = ensure(ws[0], dict(os.environ), ws[1])
+    path = ensure(ws[0], os.environ, ws[1], entry=entry)
     return delegate(path, argv) if path else None
 
 
 def stop(path: str) -> bool:
     """Stop the runner listening on ``path`` (SIGTERM: running children finish on their own)."""
+    pid = _pid_of(path)
+    if pid is None:
+        return False
     try:
-        pid = int(Path(path + ".pid").read_text())
         os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
+    except OSError:
         return False
     return True
 
 
-def repro_exec(args: list[str]) -> None:
-    """``flywheel repro ARGS``: ``dvc repro ARGS`` in place of this process, its stages sent to the workspace's
-    warm runner (started here when none answers); returns (to the full CLI) when there is no workspace."""
-    env = dict(os.environ)
+def runners(root: Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """The sockets of this user's runners serving workspace ``root``, whatever environment they were started with
+    (their pid files name the workspace)."""
+    root = Path(root).resolve()
+    found = []
+    for pid_file in sorted(private_dir(env, create=False).glob("warm-*.sock.pid")):
+        try:
+            served = Path(pid_file.read_text().splitlines()[1])
+        except (OSError, IndexError):
+            continue
+        if served == root:
+            found.append(str(pid_file)[: -len(".pid")])
+    return found
+
+
+def stop_workspace(root: Path, env: Mapping[str, str] | None = None) -> int:
+    """Stop every runner serving workspace ``root`` (see ``runners``); how many were signalled."""
+    return sum(stop(path) for path in runners(root, env))
+
+
+def repro_exec(args: list[str], entry: str = DEFAULT_ENTRY) -> None:
+    """``flywheel repro ARGS``: ``dvc repro ARGS`` in place of this process, its stages sent to the warm runner of
+    this workspace and environment (started here when none answers); returns (to the full CLI) when there is no
+    workspace."""
+    env = {k: v for k, v in os.environ.items() if k != SOCKET_ENV}
     root = _root(env)
     if root is None:
         return
     ws = workspace(env)
     if ws is not None:
-        path = ensure(ws[0], env, ws[1])
+        path = ensure(ws[0], env, ws[1], entry=entry)
         if path:
             env[SOCKET_ENV] = path
     dvc = Path(sys.executable).with_name("dvc")
     exe = str(dvc) if dvc.exists() else "dvc"
     os.chdir(root)
     os.execvpe(exe, [exe, "repro", *args], env)
-
-
-def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="A warm runner of `flywheel stage` commands (see module doc).")
-    ap.add_argument("socket")
-    ap.add_argument("--idle-timeout", type=float, default=600.0)
-    ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
-    args = ap.parse_args()
-    serve(args.socket, args.idle_timeout, *(((), ()) if args.no_preload else (PRELOAD, PRELOAD_LATER)))
-
-
-if __name__ == "__main__":
-    main()

@@ -9,8 +9,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 class WorkspaceError(RuntimeError):
@@ -26,12 +26,12 @@ def _bin(name: str) -> str:
 def run(cmd: list[str], root: Path, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run(cmd, cwd=root, env=env, text=True,
-                          capture_output=quiet)
+    proc = subprocess.run(cmd, cwd=root, env=env, text=True, capture_output=quiet)
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:] if quiet else []
-        raise WorkspaceError(f"{' '.join(cmd)} failed (exit {proc.returncode})" +
-                             (": " + " | ".join(detail) if detail else ""))
+        raise WorkspaceError(
+            f"{' '.join(cmd)} failed (exit {proc.returncode})" + (": " + " | ".join(detail) if detail else "")
+        )
     return proc
 
 
@@ -102,8 +102,8 @@ def repro(root: Path, stages: list[str] | None = None, force: bool = False) -> N
 # One lock per workspace, held by every command that changes the raw store (ingest, export, erase, publish,
 # restore) and, with a DVC remote, by a DAG task for its whole pull-work-push: two of them at once could lose a
 # batch (one's `dvc add` fails on DVC's own lock and leaves its batch untracked) or bring erased rows back.
-LOCK_TIMEOUT = 120.0                 # seconds a command waits before it fails naming the holder
-_held: dict[Path, int] = {}          # lock files this process holds, with their nesting depth
+LOCK_TIMEOUT = 120.0  # seconds a command waits before it fails naming the holder
+_held: dict[Path, int] = {}  # lock files this process holds, with their nesting depth
 
 
 class WorkspaceBusy(WorkspaceError):
@@ -151,9 +151,9 @@ def locked(root: Path, what: str, timeout: float = LOCK_TIMEOUT) -> Iterator[Non
         finally:
             _held[key] -= 1
         return
-    with open(path, "a+") as fh:                 # closing the file releases the lock
+    with open(path, "a+") as fh:  # closing the file releases the lock
         if not _acquire(fh, path, root, timeout):
-            yield                                # our parent holds it: we are part of its work
+            yield  # our parent holds it: we are part of its work
             return
         fh.seek(0)
         fh.truncate()
@@ -182,10 +182,15 @@ def _acquire(fh, path: Path, root: Path, timeout: float) -> bool:
         if pid and pid in _ancestors():
             return False
         if time.monotonic() >= deadline:
-            raise WorkspaceBusy(f"the workspace {root} is busy: {holder or 'another command'} (pid {pid}) holds "
-                                f"{path} (waited {timeout:.0f} s); retry when it has finished")
+            raise WorkspaceBusy(
+                f"the workspace {root} is busy: {holder or 'another command'} (pid {pid}) holds "
+                f"{path} (waited {timeout:.0f} s); retry when it has finished"
+            )
         if not said:
-            print(f"waiting for the workspace lock held by {holder or 'another command'} (pid {pid})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"waiting for the workspace lock held by {holder or 'another command'} (pid {pid})",
+                file=sys.stderr,
+                flush=True,
+            )
             said = True
         time.sleep(0.2)

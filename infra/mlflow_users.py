@@ -50,10 +50,14 @@ def _ensure_user(client, username: str, password: str) -> str:
 
 def users() -> list[str]:
     client = _client()
-    return [_ensure_user(client, os.environ.get("MLFLOW_PIPELINE_USER") or "flywheel-pipeline",
-                         _need("MLFLOW_PIPELINE_PASSWORD")),
-            _ensure_user(client, os.environ.get("MLFLOW_SERVICE_USER") or "flywheel-service",
-                         _need("MLFLOW_SERVICE_PASSWORD"))]
+    return [
+        _ensure_user(
+            client, os.environ.get("MLFLOW_PIPELINE_USER") or "flywheel-pipeline", _need("MLFLOW_PIPELINE_PASSWORD")
+        ),
+        _ensure_user(
+            client, os.environ.get("MLFLOW_SERVICE_USER") or "flywheel-service", _need("MLFLOW_SERVICE_PASSWORD")
+        ),
+    ]
 
 
 def grant() -> list[str]:

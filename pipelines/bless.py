@@ -18,43 +18,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-# the policy metrics scored by the judge (the champion reward model); they count only when the evaluation found
-# that judge able to tell chosen from rejected answers (metrics["judge"]["status"] == "judge")
-JUDGED_METRICS = ("judged_win_rate", "harmless_win_rate", "harmlessness_score")
-
-
-class MetricRule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    direction: Literal["higher", "lower"] = "higher"
-    min_value: float | None = None
-    max_value: float | None = None
-    max_regression_abs: float | None = None   # how much worse than the champion, in the metric's units
-    max_regression_rel: float | None = None   # ... as a fraction of the champion's value
-    min_n: int = 0                            # gate only when at least this many items were scored
-    required: bool = False                    # True: a check that cannot be applied blocks the blessing
-
-
-class ModelGate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    primary: str
-    primary_min_ci_lower: float = 0.0
-    metrics: dict[str, MetricRule] = Field(default_factory=dict)
-    slice_rule: MetricRule | None = None
-    # slice families the slice rule gates; the others (e.g. chosen_shorter, where a model leaning either way
-    # on length must lose on one side) are reported beside the length baseline, not gated
-    gated_slices: list[str] = Field(default_factory=lambda: ["feedback_type", "turns"])
-    block_length_only_gain: bool = False
-
-
-class GateParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    policy: ModelGate
-    reward: ModelGate
+from flywheel.evaluation.judge import JUDGED_METRICS
+from flywheel.params import BlessParams, GateParams, MetricRule, ModelGate
+from flywheel.settings import Settings
+from flywheel.stages import StageFailed
 
 
 def _lookup(metrics: dict, name: str) -> dict | None:
@@ -79,11 +47,15 @@ def check_rule(name: str, m: dict, rule: MetricRule) -> list[str]:
     if champ is not None:
         regression = (champ - value) if rule.direction == "higher" else (value - champ)
         if rule.max_regression_abs is not None and regression > rule.max_regression_abs:
-            reasons.append(f"{name}: regresses by {regression:.4f} against the champion ({champ:.4f} -> "
-                           f"{value:.4f}), over the allowed {rule.max_regression_abs}")
+            reasons.append(
+                f"{name}: regresses by {regression:.4f} against the champion ({champ:.4f} -> "
+                f"{value:.4f}), over the allowed {rule.max_regression_abs}"
+            )
         if rule.max_regression_rel is not None and abs(champ) > 0 and regression / abs(champ) > rule.max_regression_rel:
-            reasons.append(f"{name}: regresses by {100 * regression / abs(champ):.1f}% against the champion, over "
-                           f"the allowed {100 * rule.max_regression_rel:.1f}%")
+            reasons.append(
+                f"{name}: regresses by {100 * regression / abs(champ):.1f}% against the champion, over "
+                f"the allowed {100 * rule.max_regression_rel:.1f}%"
+            )
     return reasons
 
 
@@ -98,15 +70,25 @@ def _not_applied(m: dict, rule: MetricRule) -> str | None:
 
 
 def judge_model(metrics: dict, gate: ModelGate) -> dict:
-    """Verdict for one model: ``{"blessed": bool, "reasons": [...], "passed": [...], "not_applied": [...]}``."""
+    """Verdict for one model: ``{"blessed": bool, "reasons": [...], "passed": [...], "not_applied": [...],
+    "primary": {"metric", "diff", "ci", "n", "beyond_noise"} or None when not measured}``."""
     reasons, passed, not_applied = [], [], []
-    primary = _lookup(metrics, gate.primary)
+    primary, summary = _lookup(metrics, gate.primary), None
     if primary is None or primary.get("ci", [None])[0] is None:
         reasons.append(f"{gate.primary}: not measured")
     else:
         lo, hi = primary["ci"]
-        line = (f"{gate.primary}: challenger {primary['challenger']:.4f} vs champion {primary['champion']:.4f}, "
-                f"difference {primary['diff']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] on {primary['n']} items")
+        summary = {
+            "metric": gate.primary,
+            "diff": primary["diff"],
+            "ci": [lo, hi],
+            "n": primary["n"],
+            "beyond_noise": lo > gate.primary_min_ci_lower,
+        }  # the one-line verdicts of status/release
+        line = (
+            f"{gate.primary}: challenger {primary['challenger']:.4f} vs champion {primary['champion']:.4f}, "
+            f"difference {primary['diff']:+.4f}, 95% interval [{lo:+.4f}, {hi:+.4f}] on {primary['n']} items"
+        )
         if lo > gate.primary_min_ci_lower:
             passed.append(line + f" - better beyond noise (lower bound > {gate.primary_min_ci_lower})")
         else:
@@ -136,7 +118,13 @@ def judge_model(metrics: dict, gate: ModelGate) -> dict:
             reasons += bad
     if gate.block_length_only_gain and metrics.get("gain_only_where_shorter_wins"):
         reasons.append("the gain is found only where the shorter answer wins (a length bias, not a better model)")
-    return {"blessed": not reasons, "reasons": reasons, "passed": passed, "not_applied": not_applied}
+    return {
+        "blessed": not reasons,
+        "reasons": reasons,
+        "passed": passed,
+        "not_applied": not_applied,
+        "primary": summary,
+    }
 
 
 def bless(metrics: dict, gate: GateParams) -> dict:
@@ -145,9 +133,17 @@ def bless(metrics: dict, gate: GateParams) -> dict:
     judge = metrics.get("judge") or {}
     if judge.get("status") != "judge" and isinstance(metrics.get("policy"), dict):
         why = f"no judge: {judge.get('reason') or 'the evaluation recorded no judge able to discriminate'}"
-        metrics = {**metrics, "policy": {**metrics["policy"], **{
-            k: {**v, "not_applied": v.get("not_applied") or why}
-            for k, v in metrics["policy"].items() if k in JUDGED_METRICS and isinstance(v, dict)}}}
+        metrics = {
+            **metrics,
+            "policy": {
+                **metrics["policy"],
+                **{
+                    k: {**v, "not_applied": v.get("not_applied") or why}
+                    for k, v in metrics["policy"].items()
+                    if k in JUDGED_METRICS and isinstance(v, dict)
+                },
+            },
+        }
     for kind in ("policy", "reward"):
         if kind not in metrics:
             verdict[kind] = {"blessed": False, "reasons": [f"{kind}: no evaluation"], "passed": [], "not_applied": []}
@@ -157,7 +153,8 @@ def bless(metrics: dict, gate: GateParams) -> dict:
 
 
 class GateError(ValueError):
-    """params.yaml ``bless`` names no gate, or a gate's rules are malformed; the message names the key."""
+    """A gate asked for by name (``--allow-gate``) that params.yaml does not define (``bless.gate`` itself and the
+    rules are checked when params.yaml is loaded)."""
 
 
 @dataclass(frozen=True)
@@ -174,18 +171,12 @@ def gate_sha256(rules: GateParams) -> str:
     return hashlib.sha256(json.dumps(rules.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def gate_in_force(section: dict, name: str | None = None) -> GateInForce:
+def gate_in_force(section: BlessParams, name: str | None = None) -> GateInForce:
     """The gate of params.yaml's ``bless`` section (``name``: another gate it defines, e.g. ``--allow-gate``)."""
-    from pydantic import ValidationError
-
-    name = name or section.get("gate", "default")
-    gates = section.get("gates") or {}
-    if name not in gates:
-        raise GateError(f"params.yaml bless.gate: unknown gate {name!r}; defined: {', '.join(gates) or 'none'}")
-    try:
-        rules = GateParams.model_validate(gates[name])
-    except ValidationError as exc:
-        raise GateError(f"params.yaml bless.gates.{name}: {exc}") from exc
+    name = name or section.gate
+    if name not in section.gates:
+        raise GateError(f"params.yaml bless.gates: unknown gate {name!r}; defined: {', '.join(section.gates)}")
+    rules = section.gates[name]
     return GateInForce(name, rules, gate_sha256(rules))
 
 
@@ -202,10 +193,14 @@ def to_markdown(verdict: dict, gate_name: str) -> str:
     """The verdict as a readable page (beside the evaluation report)."""
     lines = [f"# Gate verdict ({gate_name} gate)", ""]
     if verdict.get("gate_sha256"):
-        lines += [f"Gate `{gate_name}`, rules sha256 `{verdict['gate_sha256'][:16]}`; "
-                  f"judge: {verdict.get('judge', 'none')}"
-                  + (f" ({verdict['judge_reason']})" if verdict.get("judge_reason") else "")
-                  + (f"; evaluated on the `{verdict['profile']}` profile" if verdict.get("profile") else "") + ".", ""]
+        lines += [
+            f"Gate `{gate_name}`, rules sha256 `{verdict['gate_sha256'][:16]}`; "
+            f"judge: {verdict.get('judge', 'none')}"
+            + (f" ({verdict['judge_reason']})" if verdict.get("judge_reason") else "")
+            + (f"; evaluated on the `{verdict['profile']}` profile" if verdict.get("profile") else "")
+            + ".",
+            "",
+        ]
     for kind in ("policy", "reward"):
         v = verdict.get(kind, {})
         lines += [f"## {kind}: {'BLESSED' if v.get('blessed') else 'NOT BLESSED'}", ""]
@@ -224,10 +219,49 @@ def main(metrics_file: Path, gate: GateParams, out: Path, gate_name: str = "defa
     metrics = json.loads(metrics_file.read_text())
     verdict = bless(metrics, gate)
     judge = metrics.get("judge") or {}
-    verdict.update(gate=gate_name, gate_sha256=gate_sha256(gate), gate_rules=gate.model_dump(mode="json"),
-                   judge=judge_label(judge), judge_reason=judge.get("reason", "the evaluation recorded no judge"),
-                   profile=metrics.get("profile", ""), candidates=metrics.get("candidates", {}))
+    verdict.update(
+        gate=gate_name,
+        gate_sha256=gate_sha256(gate),
+        gate_rules=gate.model_dump(mode="json"),
+        judge=judge_label(judge),
+        judge_reason=judge.get("reason", "the evaluation recorded no judge"),
+        profile=metrics.get("profile", ""),
+        candidates=metrics.get("candidates", {}),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(verdict, indent=2))
     out.with_suffix(".md").write_text(to_markdown(verdict, gate_name))
     return verdict
+
+
+def stage(settings: Settings, params: BlessParams, *, metrics: Path, out: Path) -> str:
+    """The gate in force (``bless.gate``) on the evaluation in ``metrics``: the verdict to ``out`` and MLflow."""
+    import mlflow
+
+    from flywheel import tracking, verdicts
+
+    try:
+        gate = gate_in_force(params)
+    except GateError as exc:
+        raise StageFailed(str(exc)) from exc
+    with tracking.stage_run(settings, "bless"):
+        verdict = main(metrics, gate.rules, out, gate.name)
+        mlflow.log_artifact(str(out))
+        mlflow.log_artifact(str(out.with_suffix(".md")))
+        mlflow.log_metrics({f"{k}_blessed": float(verdict[k]["blessed"]) for k in ("policy", "reward")})
+        mlflow.set_tags({"gate": gate.name, "gate_sha256": gate.sha256, "judge": verdict["judge"]})
+    report = out.with_suffix(".md")
+    report = report.relative_to(settings.root) if report.is_relative_to(settings.root) else report
+    models = ", ".join(
+        " ".join(
+            x
+            for x in (
+                kind,
+                "blessed" if verdict[kind]["blessed"] else "not blessed",
+                verdicts.figure(verdict[kind].get("primary")),
+            )
+            if x
+        )
+        for kind in ("policy", "reward")
+    )
+    return f"bless ({gate.name} gate, judge: {verdict['judge']}): {models}; the reasons: {report}"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from flywheel.settings import PrepareParams, SplitParams
 from flywheel.data import rawstore
+from flywheel.params import PrepareParams, SplitParams
+from flywheel.settings import Settings
 
 SETS = ("pairs", "sft", "reward_pairs")
 SPLITS = ("train", "val", "test")
@@ -50,7 +51,7 @@ def _key_text(e: dict) -> str:
 
 
 def _shingles(text: str, k: int) -> set[str]:
-    return {text[j:j + k] for j in range(max(1, len(text) - k + 1))}
+    return {text[j : j + k] for j in range(max(1, len(text) - k + 1))}
 
 
 @dataclass
@@ -67,9 +68,20 @@ def deduplicate(events: list[dict], params: PrepareParams) -> tuple[list[dict], 
     seen: set[str] = set()
     unique = []
     for e in events:
-        key = hashlib.sha256(json.dumps(
-            [e["prompt"], _norm(e["response"]), e["feedback_type"], e.get("thumbs"), e.get("rating"),
-             _norm(e.get("rejected") or ""), _norm(e.get("correction") or "")], sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    e["prompt"],
+                    _norm(e["response"]),
+                    e["feedback_type"],
+                    e.get("thumbs"),
+                    e.get("rating"),
+                    _norm(e.get("rejected") or ""),
+                    _norm(e.get("correction") or ""),
+                ],
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
         if key in seen:
             report.exact += 1
             continue
@@ -78,8 +90,10 @@ def deduplicate(events: list[dict], params: PrepareParams) -> tuple[list[dict], 
     try:
         lsh = MinHashLSH(threshold=params.near_dup_threshold, num_perm=params.minhash_perms)
     except ValueError as exc:
-        raise ValueError(f"prepare.near_dup_threshold={params.near_dup_threshold} with prepare.minhash_perms="
-                         f"{params.minhash_perms}: {exc}") from None
+        raise ValueError(
+            f"prepare.near_dup_threshold={params.near_dup_threshold} with prepare.minhash_perms="
+            f"{params.minhash_perms}: {exc}"
+        ) from None
     kept = []
     k = params.shingle_chars
 
@@ -93,8 +107,10 @@ def deduplicate(events: list[dict], params: PrepareParams) -> tuple[list[dict], 
         m = MinHash(num_perm=params.minhash_perms)
         m.update_batch(s.encode() for s in _shingles(_norm(_key_text(e)), k))
         # feedback of a different kind on the same answer is not a duplicate
-        if any(unique[int(j)]["feedback_type"] == e["feedback_type"] and same_answer(unique[int(j)], e)
-               for j in lsh.query(m)):
+        if any(
+            unique[int(j)]["feedback_type"] == e["feedback_type"] and same_answer(unique[int(j)], e)
+            for j in lsh.query(m)
+        ):
             report.near += 1
             continue
         lsh.insert(str(i), m)
@@ -103,10 +119,15 @@ def deduplicate(events: list[dict], params: PrepareParams) -> tuple[list[dict], 
 
 
 def _record(kind: str, events: list[dict], split: str, **fields) -> dict:
-    return {"source": kind, "split": split, "conversation_id": events[0]["conversation_id"],
-            "event_ids": [e["event_id"] for e in events],
-            "user_ids": sorted({e["user_id"] for e in events if e.get("user_id")}),
-            "n_turns": events[0]["n_turns"], **fields}
+    return {
+        "source": kind,
+        "split": split,
+        "conversation_id": events[0]["conversation_id"],
+        "event_ids": [e["event_id"] for e in events],
+        "user_ids": sorted({e["user_id"] for e in events if e.get("user_id")}),
+        "n_turns": events[0]["n_turns"],
+        **fields,
+    }
 
 
 def compile_sets(events: list[dict], params: PrepareParams) -> dict[str, list[dict]]:
@@ -132,23 +153,41 @@ def compile_sets(events: list[dict], params: PrepareParams) -> dict[str, list[di
         for u in ups:
             for d in downs:
                 if _norm(u["response"]) != _norm(d["response"]):
-                    rec = _record("thumbs", [u, d], split, prompt=u["prompt"], chosen=u["response"],
-                                  rejected=d["response"])
+                    rec = _record(
+                        "thumbs", [u, d], split, prompt=u["prompt"], chosen=u["response"], rejected=d["response"]
+                    )
                     sets["pairs"].append(rec)
                     sets["reward_pairs"].append(rec)
         rated = [e for e in group if e.get("rating") is not None]
         for a in rated:
             for b in rated:
-                if a["rating"] - b["rating"] >= params.pair_min_rating_gap and _norm(a["response"]) != _norm(b["response"]):
-                    sets["reward_pairs"].append(_record("rating", [a, b], split, prompt=a["prompt"],
-                                                        chosen=a["response"], rejected=b["response"]))
+                if a["rating"] - b["rating"] >= params.pair_min_rating_gap and _norm(a["response"]) != _norm(
+                    b["response"]
+                ):
+                    sets["reward_pairs"].append(
+                        _record(
+                            "rating", [a, b], split, prompt=a["prompt"], chosen=a["response"], rejected=b["response"]
+                        )
+                    )
     return sets
 
 
 def load_events(raw_store: Path) -> list[dict]:
     """Every stored event as a dict with its prompt decoded, in ingestion order."""
-    cols = ["event_id", "ingested_at", "conversation_id", "user_id", "prompt", "n_turns", "response",
-            "feedback_type", "thumbs", "rating", "rejected", "correction"]
+    cols = [
+        "event_id",
+        "ingested_at",
+        "conversation_id",
+        "user_id",
+        "prompt",
+        "n_turns",
+        "response",
+        "feedback_type",
+        "thumbs",
+        "rating",
+        "rejected",
+        "correction",
+    ]
     table = rawstore.read_columns(raw_store, cols)
     table = table.take(pc.sort_indices(table, [("ingested_at", "ascending"), ("event_id", "ascending")]))
     rows = table.to_pylist()
@@ -197,3 +236,9 @@ def main(raw_store: Path, params: PrepareParams, out_dir: Path, metrics_file: Pa
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(result.metrics, indent=2))
     return result
+
+
+def stage(settings: Settings, params: PrepareParams, *, out: Path, metrics: Path) -> str:
+    """De-duplicate the raw store's events and compile the training sets into ``out``."""
+    result = main(settings.raw_store, params, out, metrics)
+    return "prepare: " + json.dumps(result.metrics)

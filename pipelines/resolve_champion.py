@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from flywheel.registry import CHAMPION, MODELS, Registry
+from flywheel.settings import Settings
 
 
 def _portable(path: Path, root: Path | None) -> str:
@@ -33,8 +34,12 @@ def resolve(registry: Registry | None, base: Path, root: Path | None = None) -> 
         if v is None:
             out[kind] = {"name": name, "version": "base", "path": _portable(base / kind, root), "content_hash": None}
         else:
-            out[kind] = {"name": name, "version": v.version, "path": _portable(registry.local_dir(v), root),
-                         "content_hash": v.tags.get("content_hash")}
+            out[kind] = {
+                "name": name,
+                "version": v.version,
+                "path": _portable(registry.local_dir(v), root),
+                "content_hash": v.tags.get("content_hash"),
+            }
     return out
 
 
@@ -66,3 +71,9 @@ def load(path: Path, settings=None) -> dict:
         for entry in info.values():
             entry["path"] = str(local_path(settings, entry))
     return info
+
+
+def stage(settings: Settings, *, base: Path, out: Path) -> str:
+    """Write the registry's champions (``base``'s models when it has none) to ``out``."""
+    info = main(settings, base, out)
+    return "champion: " + ", ".join(f"{k} v{v['version']}" for k, v in info.items())

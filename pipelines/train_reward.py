@@ -6,11 +6,15 @@ import json
 import time
 from pathlib import Path
 
+from flywheel.models.reward import RewardModel, pairwise_correct, train_reward
+from flywheel.params import TrainRewardParams
+from flywheel.settings import Settings
 from pipelines.prepare import read_set
-from flywheel.models.reward import RewardModel, RewardTrainParams, pairwise_correct, train_reward
 
 
-def fit(base: Path, train: list[dict], val: list[dict], params: RewardTrainParams, log=print) -> tuple[RewardModel, dict]:
+def fit(
+    base: Path, train: list[dict], val: list[dict], params: TrainRewardParams, log=print
+) -> tuple[RewardModel, dict]:
     """Train from the base reward model's encoder; returns the model and its figures."""
     model = RewardModel.from_encoder(base / "encoder", params.max_length, params.context_turns)
     t0 = time.perf_counter()
@@ -22,14 +26,20 @@ def fit(base: Path, train: list[dict], val: list[dict], params: RewardTrainParam
 
     losses = train_reward(model, train, params, on_step)
     seconds = time.perf_counter() - t0
-    figures = {"train_pairs": len(train), "val_pairs": len(val), "steps": len(losses),
-               "final_loss": losses[-1], "train_seconds": round(seconds, 1), "losses": losses}
+    figures = {
+        "train_pairs": len(train),
+        "val_pairs": len(val),
+        "steps": len(losses),
+        "final_loss": losses[-1],
+        "train_seconds": round(seconds, 1),
+        "losses": losses,
+    }
     if val:
         figures["val_pairwise_accuracy"] = sum(pairwise_correct(model, val)) / len(val)
     return model, figures
 
 
-def main(settings, params: RewardTrainParams, base: Path, prepared: Path, out: Path, metrics_file: Path) -> dict:
+def main(settings, params: TrainRewardParams, base: Path, prepared: Path, out: Path, metrics_file: Path) -> dict:
     import mlflow
 
     from flywheel import tracking
@@ -37,13 +47,14 @@ def main(settings, params: RewardTrainParams, base: Path, prepared: Path, out: P
     train = read_set(prepared, "reward_pairs", "train")
     val = read_set(prepared, "reward_pairs", "val")
     with tracking.stage_run(settings, "train_reward") as run:
-        mlflow.log_params({f"reward.{k}": v for k, v in vars(params).items()})
+        mlflow.log_params({f"reward.{k}": v for k, v in params.model_dump().items()})
         model, figures = fit(base, train, val, params)
         for i, loss in enumerate(figures["losses"]):
             mlflow.log_metric("reward_loss", loss, step=i)
         mlflow.log_metrics({k: v for k, v in figures.items() if isinstance(v, (int, float))})
-        plot = tracking.log_curve(figures["losses"], "reward model: Bradley-Terry loss", "loss",
-                                  out.parent / "reward_loss.png")
+        plot = tracking.log_curve(
+            figures["losses"], "reward model: Bradley-Terry loss", "loss", out.parent / "reward_loss.png"
+        )
         mlflow.log_artifact(str(plot))
         model.save(out)
         figures["mlflow_run_id"] = run.info.run_id
@@ -52,3 +63,9 @@ def main(settings, params: RewardTrainParams, base: Path, prepared: Path, out: P
     metrics_file.write_text(json.dumps(summary, indent=2))
     return summary
 
+
+def stage(
+    settings: Settings, params: TrainRewardParams, *, base: Path, prepared: Path, out: Path, metrics: Path
+) -> str:
+    """Train the reward model from the base encoder (``base``) on the prepared reward pairs."""
+    return f"train_reward: {main(settings, params, base, prepared, out, metrics)}"

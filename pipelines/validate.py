@@ -8,20 +8,35 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from flywheel.settings import ValidateParams
+from flywheel import contract
 from flywheel.data import rawstore
 from flywheel.data.expectations import Check, SuiteOutcome, run_suite
+from flywheel.params import ValidateParams
+from flywheel.settings import Settings
+from flywheel.stages import StageFailed
 
-COLUMNS = ["event_id", "timestamp", "ingested_at", "batch_id", "conversation_id", "model_version",
-           "response_chars", "feedback_type", "rating", "polarity", "pii_found", "n_turns"]
-FEEDBACK_TYPES = ["thumbs", "rating", "preference", "correction"]
+COLUMNS = [
+    "event_id",
+    "timestamp",
+    "ingested_at",
+    "batch_id",
+    "conversation_id",
+    "model_version",
+    "response_chars",
+    "feedback_type",
+    "rating",
+    "polarity",
+    "pii_found",
+    "n_turns",
+]
+FEEDBACK_TYPES = list(contract.FEEDBACK_TYPES)  # the contract's kinds of feedback, named once there
 REQUIRED = ["event_id", "timestamp", "conversation_id", "model_version", "response_chars", "feedback_type"]
 
 
@@ -39,7 +54,7 @@ def load_window(raw_store: Path, window_days: int, now: datetime | None = None) 
     """The checked columns of the events in the window (``window_days`` 0: all of them)."""
     table = rawstore.read_columns(raw_store, COLUMNS)
     if window_days:
-        since = ((now or datetime.now(timezone.utc)) - timedelta(days=window_days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        since = ((now or datetime.now(UTC)) - timedelta(days=window_days)).strftime("%Y-%m-%dT%H:%M:%SZ")
         table = table.filter(pc.greater_equal(table.column("ingested_at"), since))
     return table.to_pandas()
 
@@ -70,26 +85,45 @@ def window_suite(frame: pd.DataFrame, params: ValidateParams) -> list[Check]:
     suite += [
         Check("ExpectColumnValuesToBeUnique", "event_id", {}, "unique ids"),
         Check("ExpectColumnValuesToBeInSet", "feedback_type", {"value_set": FEEDBACK_TYPES}, "schema"),
-        Check("ExpectColumnValuesToBeBetween", "response_chars",
-              {"min_value": 1, "max_value": params.max_response_chars}, "text length range"),
+        Check(
+            "ExpectColumnValuesToBeBetween",
+            "response_chars",
+            {"min_value": 1, "max_value": params.max_response_chars},
+            "text length range",
+        ),
         Check("ExpectColumnValuesToBeBetween", "rating", {"min_value": 1, "max_value": 5}, "rating range"),
     ]
     if frame["positive"].notna().sum() >= params.min_rows:
-        suite.append(Check("ExpectColumnMeanToBeBetween", "positive",
-                           {"min_value": params.min_positive_rate, "max_value": params.max_positive_rate},
-                           "label balance"))
+        suite.append(
+            Check(
+                "ExpectColumnMeanToBeBetween",
+                "positive",
+                {"min_value": params.min_positive_rate, "max_value": params.max_positive_rate},
+                "label balance",
+            )
+        )
     is_old = ~frame["is_new"]
     if int(is_old.sum()) >= params.min_rows and frame["is_new"].sum() >= params.min_rows:
         # only the two columns needed, not a filtered copy of the whole frame
         mean = float(frame["response_chars"][is_old].mean())
         ratio = params.max_length_drift_ratio
-        suite.append(Check("ExpectColumnMeanToBeBetween", "new_response_chars",
-                           {"min_value": mean / ratio, "max_value": mean * ratio},
-                           "answer-length drift vs previous window"))
+        suite.append(
+            Check(
+                "ExpectColumnMeanToBeBetween",
+                "new_response_chars",
+                {"min_value": mean / ratio, "max_value": mean * ratio},
+                "answer-length drift vs previous window",
+            )
+        )
         neg = float((frame["polarity"][is_old] < 0).mean())
-        suite.append(Check("ExpectColumnMeanToBeBetween", "new_negative",
-                           {"max_value": min(1.0, neg + params.max_negative_rate_rise)},
-                           "negative-feedback drift vs previous window"))
+        suite.append(
+            Check(
+                "ExpectColumnMeanToBeBetween",
+                "new_negative",
+                {"max_value": min(1.0, neg + params.max_negative_rate_rise)},
+                "negative-feedback drift vs previous window",
+            )
+        )
     return suite
 
 
@@ -135,3 +169,12 @@ def main(raw_store: Path, params: ValidateParams, out_dir: Path, metrics_file: P
     if result.outcome.failures:
         raise ValidationFailed("validation failed:\n  " + "\n  ".join(result.outcome.failures))
     return result
+
+
+def stage(settings: Settings, params: ValidateParams, *, out: Path, metrics: Path) -> str:
+    """Validate the raw store's training window; a broken expectation fails the stage, naming each."""
+    try:
+        result = main(settings.raw_store, params, out, metrics)
+    except ValidationFailed as exc:
+        raise StageFailed(str(exc)) from exc
+    return f"validate: {result.metrics['rows']} events, all expectations met"

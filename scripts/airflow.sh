@@ -6,8 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 read -r home pool < <(python -c "
 from flywheel.settings import load_settings
-from flywheel.orchestration import orchestration_params
-s = load_settings(); print(s.airflow_home, orchestration_params(s.params).pool)")
+s = load_settings(); print(s.airflow_home, s.params.orchestration.pool)")
 port=${AIRFLOW__API__PORT:-8080}
 export AIRFLOW_HOME=$home FLYWHEEL_ROOT=$PWD
 export AIRFLOW__CORE__DAGS_FOLDER=$PWD/dags AIRFLOW__CORE__LOAD_EXAMPLES=False AIRFLOW__API__PORT=$port

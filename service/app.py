@@ -50,8 +50,13 @@ class Service:
 
         def run(jobs):
             self.metrics.observe("flywheel_generate_batch_rows", sum(j.copies for j in jobs), SIZE_BUCKETS)
-            run_batch(jobs, self.models.slots[kind], self.models.slots.get("reward"), p.max_prompt_tokens,
-                      p.best_of_temperature)
+            run_batch(
+                jobs,
+                self.models.slots[kind],
+                self.models.slots.get("reward"),
+                p.max_prompt_tokens,
+                p.best_of_temperature,
+            )
 
         return Batcher(run, p.max_batch_size, p.batch_window_ms / 1000, p.max_queue)
 
@@ -88,8 +93,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
         finally:
             await svc.stop()
 
-    app = FastAPI(title="Flywheel", version="1", lifespan=lifespan,
-                  description="Serves the champion policy and captures feedback (contract v1).")
+    app = FastAPI(
+        title="Flywheel",
+        version="1",
+        lifespan=lifespan,
+        description="Serves the champion policy and captures feedback (contract v1).",
+    )
     app.state.svc = svc
     app.include_router(chat.router)
     app.include_router(feedback.router)
@@ -106,10 +115,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/readyz", tags=["ops"], summary="A model is loaded", responses={503: {"description": "not ready"}})
     async def readyz() -> JSONResponse:
         versions = {k: (s.version if s else None) for k, s in svc.models.slots.items()}
-        return JSONResponse({"ready": svc.models.ready, "models": versions}, status_code=200 if svc.models.ready else 503)
+        return JSONResponse(
+            {"ready": svc.models.ready, "models": versions}, status_code=200 if svc.models.ready else 503
+        )
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse,
-             dependencies=[Depends(require("admin"))])
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        dependencies=[Depends(require("admin"))],
+    )
     async def metrics() -> PlainTextResponse:
         m = svc.metrics
         m.gauges["flywheel_model_info"] = {}
@@ -126,7 +142,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             spec.setdefault("components", {}).setdefault("schemas", {}).update(
-                body_schemas(config.max_text_chars, config.max_turns, p.max_batch_events))
+                body_schemas(config.max_text_chars, config.max_turns, p.max_batch_events)
+            )
             spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             for path in ("/v1/chat/completions", "/v1/feedback", "/v1/feedback/batch", "/metrics"):
                 for op in spec["paths"][path].values():

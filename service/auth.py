@@ -11,10 +11,10 @@ import asyncio
 import hashlib
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from service.config import RateLimit
+from flywheel.params import RateLimit
 from service.store import FeedbackStore
 
 SCOPES = ("chat", "feedback", "admin")
@@ -51,7 +51,7 @@ def create_token(store: FeedbackStore, scopes: str | Iterable[str], name: str = 
 @dataclass(frozen=True)
 class Principal:
     token_id: str
-    scope: str          # as stored: "chat", "chat,feedback", "admin"
+    scope: str  # as stored: "chat", "chat,feedback", "admin"
 
     @property
     def scopes(self) -> frozenset[str]:
@@ -87,7 +87,7 @@ class TokenBook:
             if time.monotonic() - self._loaded_at < self.refresh_s:
                 return
             task = self._refresh = asyncio.ensure_future(self._load())
-        await asyncio.shield(task)   # concurrent misses wait for the one reload
+        await asyncio.shield(task)  # concurrent misses wait for the one reload
 
     async def _load(self) -> None:
         self._known = await asyncio.to_thread(self.store.tokens)

@@ -8,9 +8,9 @@ thread. While a batch generates, the next one gathers.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 class Overloaded(RuntimeError):
@@ -25,12 +25,12 @@ class Job:
     max_tokens: int
     temperature: float
     top_p: float = 1.0
-    copies: int = 1                      # best-of candidates
+    copies: int = 1  # best-of candidates
     stream: bool = False
     loop: asyncio.AbstractEventLoop = field(default=None, repr=False)
-    started: asyncio.Future = field(default=None, repr=False)   # -> model version, when its batch begins
-    result: asyncio.Future = field(default=None, repr=False)    # -> Answer
-    deltas: asyncio.Queue = field(default=None, repr=False)     # stream: text pieces, then None
+    started: asyncio.Future = field(default=None, repr=False)  # -> model version, when its batch begins
+    result: asyncio.Future = field(default=None, repr=False)  # -> Answer
+    deltas: asyncio.Queue = field(default=None, repr=False)  # stream: text pieces, then None
 
     def __post_init__(self):
         self.loop = self.loop or asyncio.get_running_loop()
@@ -115,7 +115,7 @@ class Batcher:
             return None
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     async def _loop(self) -> None:

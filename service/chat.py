@@ -19,8 +19,10 @@ from service.schemas import ChatRequest, ChatResponse
 from service.store import utcnow
 
 router = APIRouter(tags=["chat"])
-_STREAM = {"description": "with `stream: true`: server-sent events, `chat.completion.chunk` objects, then `[DONE]`",
-           "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+_STREAM = {
+    "description": "with `stream: true`: server-sent events, `chat.completion.chunk` objects, then `[DONE]`",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
 
 
 def _limits(req: ChatRequest, svc) -> tuple[int, int]:
@@ -30,12 +32,16 @@ def _limits(req: ChatRequest, svc) -> tuple[int, int]:
         errors.append((["messages"], f"{len(req.messages)} messages, over the limit of {p.max_messages}"))
     for i, m in enumerate(req.messages):
         if len(m.content) > p.max_message_chars:
-            errors.append((["messages", i, "content"], f"text is {len(m.content)} characters, over the limit of "
-                                                       f"{p.max_message_chars}"))
+            errors.append(
+                (
+                    ["messages", i, "content"],
+                    f"text is {len(m.content)} characters, over the limit of {p.max_message_chars}",
+                )
+            )
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = req.max_completion_tokens or req.max_tokens or p.default_max_tokens
     if max_tokens > p.max_new_tokens:
-        errors.append(([field], f"over the limit of {p.max_new_tokens}"))     # the value itself is never echoed
+        errors.append(([field], f"over the limit of {p.max_new_tokens}"))  # the value itself is never echoed
     best_of = req.best_of or p.best_of_n
     if best_of > p.max_best_of:
         errors.append((["best_of"], f"over the limit of {p.max_best_of}"))
@@ -56,14 +62,24 @@ def _variant(svc, user: str | None) -> str:
 
 
 def _chunk(answer_id: str, created: int, version: str, variant: str, delta: dict, finish: str | None) -> str:
-    body = {"id": answer_id, "object": "chat.completion.chunk", "created": created, "model": version,
-            "model_version": version, "variant": variant,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    body = {
+        "id": answer_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": version,
+        "model_version": version,
+        "variant": variant,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-@router.post("/v1/chat/completions", response_model=ChatResponse, summary="Answer a conversation",
-             responses={**ERRORS, 200: _STREAM})
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatResponse,
+    summary="Answer a conversation",
+    responses={**ERRORS, 200: _STREAM},
+)
 async def chat_completions(req: ChatRequest, request: Request, _=Depends(require("chat"))):
     svc = request.app.state.svc
     max_tokens, best_of = _limits(req, svc)
@@ -77,25 +93,39 @@ async def chat_completions(req: ChatRequest, request: Request, _=Depends(require
         raise HTTPException(503, "too many requests waiting; retry later", headers={"Retry-After": "1"}) from None
     answer_id, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
     version = await job.started
-    await svc.writer.write([], [{"answer_id": answer_id, "model_version": version, "variant": variant,
-                                 "created_at": utcnow()}])
+    await svc.writer.write(
+        [], [{"answer_id": answer_id, "model_version": version, "variant": variant, "created_at": utcnow()}]
+    )
     headers = {"X-Model-Version": version, "X-Model-Variant": variant, "X-Answer-Id": answer_id}
     if req.stream:
-        return StreamingResponse(_events(svc, job, answer_id, created, version, variant),
-                                 media_type="text/event-stream", headers=headers)
+        return StreamingResponse(
+            _events(svc, job, answer_id, created, version, variant), media_type="text/event-stream", headers=headers
+        )
     answer = await job.result
     _count(svc, answer, variant)
-    body = ChatResponse(id=answer_id, created=created, model=version, model_version=version, variant=variant,
-                        choices=[{"message": {"content": answer.text}, "finish_reason": answer.finish_reason}],
-                        usage={"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                               "total_tokens": answer.prompt_tokens + answer.completion_tokens})
+    body = ChatResponse(
+        id=answer_id,
+        created=created,
+        model=version,
+        model_version=version,
+        variant=variant,
+        choices=[{"message": {"content": answer.text}, "finish_reason": answer.finish_reason}],
+        usage={
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+        },
+    )
     return JSONResponse(body.model_dump(), headers=headers)
 
 
 def _count(svc, answer, variant: str) -> None:
     svc.metrics.inc("flywheel_answers_total", model_version=answer.model_version, variant=variant)
-    svc.metrics.inc("flywheel_generated_tokens_total", answer.completion_tokens * answer.candidates,
-                    model_version=answer.model_version)
+    svc.metrics.inc(
+        "flywheel_generated_tokens_total",
+        answer.completion_tokens * answer.candidates,
+        model_version=answer.model_version,
+    )
 
 
 async def _events(svc, job: Job, answer_id: str, created: int, version: str, variant: str):

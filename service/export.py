@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,8 +23,8 @@ from service.store import FeedbackStore
 @dataclass
 class ExportResult:
     batches: list[str] = field(default_factory=list)
-    exported: int = 0            # rows written to the raw store
-    duplicates: int = 0          # claimed rows whose event id the raw store already had (e.g. from a file ingest)
+    exported: int = 0  # rows written to the raw store
+    duplicates: int = 0  # claimed rows whose event id the raw store already had (e.g. from a file ingest)
     files: list[str] = field(default_factory=list)
 
 
@@ -71,7 +71,7 @@ def _write_batch(store: FeedbackStore, raw_store: Path, batch: dict, seen: set[s
 
 def export(store: FeedbackStore, raw_store: Path, now: datetime | None = None) -> ExportResult:
     """Write every event not yet exported into ``raw_store`` as one new batch; returns the counts."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     result = ExportResult()
     seen = rawstore.existing_ids(raw_store)
     for pending in store.pending_batches():

@@ -9,7 +9,6 @@ import math
 from collections import Counter
 
 import orjson
-
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
@@ -24,14 +23,19 @@ router = APIRouter(tags=["feedback"])
 
 
 def _body(ref: str) -> dict:
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+        }
+    }
 
 
 def _parse(model, body: bytes, svc):
     try:
-        return model.model_validate_json(body, context={"max_text_chars": svc.config.max_text_chars,
-                                                        "max_turns": svc.config.max_turns})
+        return model.model_validate_json(
+            body, context={"max_text_chars": svc.config.max_text_chars, "max_turns": svc.config.max_turns}
+        )
     except ValidationError as exc:
         raise invalid_from(exc) from None
 
@@ -47,19 +51,30 @@ async def _check_answers(svc, events: list[FeedbackIn], prefix: list) -> None:
         loc = [*prefix, i] if prefix[-1] == "events" else prefix
         if e.answer_id not in known:
             errors.append({"loc": [*loc, "answer_id"], "msg": "no answer with this id", "type": "value_error"})
-        elif known[e.answer_id] != e.model_version:   # name the stored version, never echo the input
-            errors.append({"loc": [*loc, "model_version"], "type": "value_error",
-                           "msg": f"the answer was given by model version {known[e.answer_id]}, not this one"})
+        elif known[e.answer_id] != e.model_version:  # name the stored version, never echo the input
+            errors.append(
+                {
+                    "loc": [*loc, "model_version"],
+                    "type": "value_error",
+                    "msg": f"the answer was given by model version {known[e.answer_id]}, not this one",
+                }
+            )
     if errors:
         raise Invalid(errors)
 
 
 def _record(event: FeedbackIn, received_at: str) -> tuple[dict, int]:
     found: Counter = Counter()
-    row = event_row(event, found)   # ids holding personal data come back pseudonymised: store those
-    return {"event_id": row["event_id"], "received_at": received_at, "answer_id": event.answer_id,
-            "model_version": event.model_version, "feedback_type": event.feedback.type, "user_id": row["user_id"],
-            "row": orjson.dumps(row).decode()}, row["pii_found"]
+    row = event_row(event, found)  # ids holding personal data come back pseudonymised: store those
+    return {
+        "event_id": row["event_id"],
+        "received_at": received_at,
+        "answer_id": event.answer_id,
+        "model_version": event.model_version,
+        "feedback_type": event.feedback.type,
+        "user_id": row["user_id"],
+        "row": orjson.dumps(row).decode(),
+    }, row["pii_found"]
 
 
 async def _store(svc, events: list[FeedbackIn]) -> list[dict]:
@@ -87,9 +102,12 @@ def _charge_events(svc, principal: Principal, events: int) -> None:
     batch's other events are taken here, all or none (429 with Retry-After when the bucket holds fewer)."""
     rate = svc.params.feedback_rate
     if events > rate.burst:
-        raise HTTPException(429, f"a batch of {events} events is over this token's burst of {rate.burst} events "
-                                 f"(feedback_rate); send at most {rate.burst} a batch",
-                            headers={"Retry-After": str(max(1, math.ceil(rate.burst / rate.per_s)))})
+        raise HTTPException(
+            429,
+            f"a batch of {events} events is over this token's burst of {rate.burst} events "
+            f"(feedback_rate); send at most {rate.burst} a batch",
+            headers={"Retry-After": str(max(1, math.ceil(rate.burst / rate.per_s)))},
+        )
     wait = svc.limiter.take(principal.token_id, "feedback", rate, cost=events - 1) if events > 1 else 0.0
     if wait > 0:
         raise too_many(rate, wait, "events")
@@ -99,25 +117,42 @@ def _json(payload: dict) -> Response:
     return Response(orjson.dumps(payload), media_type="application/json")
 
 
-@router.post("/v1/feedback", response_model=FeedbackAck, responses=ERRORS, openapi_extra=_body("FeedbackIn"),
-             summary="Store one feedback event (idempotent on event_id)")
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackAck,
+    responses=ERRORS,
+    openapi_extra=_body("FeedbackIn"),
+    summary="Store one feedback event (idempotent on event_id)",
+)
 async def post_feedback(request: Request, _=Depends(require("feedback"))):
     svc = request.app.state.svc
     event = _parse(FeedbackIn, await request.body(), svc)
     await _check_answers(svc, [event], ["body"])
     (ack,) = await _store(svc, [event])
-    return _json(ack)   # built from validated input: skip FastAPI's second validation pass
+    return _json(ack)  # built from validated input: skip FastAPI's second validation pass
 
 
-@router.post("/v1/feedback/batch", response_model=BatchAck, responses=ERRORS, openapi_extra=_body("FeedbackBatch"),
-             summary="Store many feedback events at once: all are valid and stored, or none")
+@router.post(
+    "/v1/feedback/batch",
+    response_model=BatchAck,
+    responses=ERRORS,
+    openapi_extra=_body("FeedbackBatch"),
+    summary="Store many feedback events at once: all are valid and stored, or none",
+)
 async def post_feedback_batch(request: Request, principal: Principal = Depends(require("feedback"))):
     svc = request.app.state.svc
     batch = _parse(FeedbackBatch, await request.body(), svc)
     limit = svc.params.max_batch_events
     if len(batch.events) > limit:
-        raise Invalid([{"loc": ["body", "events"], "type": "too_long",
-                        "msg": f"{len(batch.events)} events, over the limit of {limit} a batch"}])
+        raise Invalid(
+            [
+                {
+                    "loc": ["body", "events"],
+                    "type": "too_long",
+                    "msg": f"{len(batch.events)} events, over the limit of {limit} a batch",
+                }
+            ]
+        )
     _charge_events(svc, principal, len(batch.events))
     await _check_answers(svc, list(batch.events), ["body", "events"])
     acks = await _store(svc, list(batch.events))

@@ -31,7 +31,7 @@ class _Row:
     max_tokens: int
     temperature: float
     top_p: float
-    live: bool                      # streams its deltas (a single-candidate stream)
+    live: bool  # streams its deltas (a single-candidate stream)
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
@@ -47,12 +47,12 @@ class _RowSampling(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         scores = scores.float()
-        temp, top_p = self.temp.to(scores.device), self.top_p.to(scores.device)   # the model's device
+        temp, top_p = self.temp.to(scores.device), self.top_p.to(scores.device)  # the model's device
         greedy = temp == 0
         scaled = scores / torch.where(greedy, torch.ones_like(temp), temp)
         probs = scaled.softmax(-1)
         sorted_p, order = probs.sort(-1, descending=True)
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) > top_p           # keeps at least the top token
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) > top_p  # keeps at least the top token
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
         best = torch.full_like(scores, float("-inf")).scatter(1, scores.argmax(-1, keepdim=True), 0.0)
@@ -81,7 +81,7 @@ class _Streamer(BaseStreamer):
             if row.live:
                 text = self.tok.decode(row.ids, skip_special_tokens=True)
                 if not text.endswith("\ufffd") and len(text) > len(row.text):  # a whole character is out
-                    row.job.emit(text[len(row.text):])
+                    row.job.emit(text[len(row.text) :])
                     row.text = text
 
     def end(self):
@@ -89,7 +89,7 @@ class _Streamer(BaseStreamer):
             if row.live:
                 text = self.tok.decode(row.ids, skip_special_tokens=True)
                 if len(text) > len(row.text):
-                    row.job.emit(text[len(row.text):])
+                    row.job.emit(text[len(row.text) :])
                     row.text = text
 
 
@@ -110,7 +110,7 @@ def run_batch(jobs: list[Job], policy, reward, max_prompt: int, best_of_temperat
     rows: list[_Row] = []
     for job in jobs:
         job.begin(version)
-        max_tokens = min(job.max_tokens, positions // 2)      # prompt and answer must fit the model's positions
+        max_tokens = min(job.max_tokens, positions // 2)  # prompt and answer must fit the model's positions
         ids = prompt_ids(tok, job.messages, min(max_prompt, positions - max_tokens))
         temp = job.temperature if job.copies == 1 or job.temperature > 0 else best_of_temperature
         for _ in range(job.copies):
@@ -120,17 +120,27 @@ def run_batch(jobs: list[Job], policy, reward, max_prompt: int, best_of_temperat
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     att = torch.zeros_like(ids)
     for b, r in enumerate(rows):
-        ids[b, width - len(r.prompt):] = torch.tensor(r.prompt)
-        att[b, width - len(r.prompt):] = 1
+        ids[b, width - len(r.prompt) :] = torch.tensor(r.prompt)
+        att[b, width - len(r.prompt) :] = 1
     stops = {end_token(tok), tok.eos_token_id}
     dev = device_of(model)
-    model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max(r.max_tokens for r in rows),
-                   do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
-                   eos_token_id=sorted(stops), logits_processor=LogitsProcessorList([_RowSampling(rows)]),
-                   stopping_criteria=StoppingCriteriaList([_PerRowStop(rows)]), streamer=_Streamer(tok, rows, stops))
+    model.generate(
+        input_ids=ids.to(dev),
+        attention_mask=att.to(dev),
+        max_new_tokens=max(r.max_tokens for r in rows),
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=pad,
+        eos_token_id=sorted(stops),
+        logits_processor=LogitsProcessorList([_RowSampling(rows)]),
+        stopping_criteria=StoppingCriteriaList([_PerRowStop(rows)]),
+        streamer=_Streamer(tok, rows, stops),
+    )
     i = 0
     for job in jobs:
-        group, i = rows[i:i + job.copies], i + job.copies
+        group, i = rows[i : i + job.copies], i + job.copies
         texts = [r.text if r.live else tok.decode(r.ids, skip_special_tokens=True) for r in group]
         best = 0
         if len(group) > 1 and reward is not None:
@@ -139,5 +149,13 @@ def run_batch(jobs: list[Job], policy, reward, max_prompt: int, best_of_temperat
         if job.stream and not group[best].live:
             job.emit(texts[best].strip())
         row = group[best]
-        job.finish(Answer(texts[best] if row.live else texts[best].strip(), row.finish, len(row.prompt),
-                          len(row.ids), version, len(group)))
+        job.finish(
+            Answer(
+                texts[best] if row.live else texts[best].strip(),
+                row.finish,
+                len(row.prompt),
+                len(row.ids),
+                version,
+                len(group),
+            )
+        )

@@ -11,12 +11,18 @@ import time
 from fastapi import HTTPException, Request
 from pydantic import ValidationError
 
+from flywheel.params import RateLimit
 from service.auth import Principal
-from service.config import RateLimit
 from service.schemas import Problem, ValidationErrors
 
-ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 413: {"model": Problem},
-          422: {"model": ValidationErrors}, 429: {"model": Problem}, 503: {"model": Problem}}
+ERRORS = {
+    401: {"model": Problem},
+    403: {"model": Problem},
+    413: {"model": Problem},
+    422: {"model": ValidationErrors},
+    429: {"model": Problem},
+    503: {"model": Problem},
+}
 
 
 class Invalid(Exception):
@@ -35,7 +41,7 @@ def safe_error(error: dict, prefix: tuple = ()) -> dict:
         tags = (error.get("ctx") or {}).get("expected_tags", "")
         msg = f"unknown {(error.get('ctx') or {}).get('discriminator', 'tag')}; expected one of: {tags}"
     elif kind not in ("literal_error", "enum") and isinstance(value, str) and len(value) >= 3 and value in msg:
-        msg = "invalid value"   # those two list the allowed values, which a near-miss input may spell
+        msg = "invalid value"  # those two list the allowed values, which a near-miss input may spell
     return {"loc": [*prefix, *error["loc"]], "msg": msg, "type": kind}
 
 
@@ -45,8 +51,11 @@ def invalid_from(exc: ValidationError, prefix: tuple = ("body",)) -> Invalid:
 
 def too_many(limit: RateLimit, wait: float, unit: str = "requests") -> HTTPException:
     """The 429 of a token past its bucket, with ``Retry-After`` (whole seconds, at least 1)."""
-    return HTTPException(429, f"rate limit of {limit.per_s:g} {unit}/s (burst {limit.burst}) exceeded",
-                         headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    return HTTPException(
+        429,
+        f"rate limit of {limit.per_s:g} {unit}/s (burst {limit.burst}) exceeded",
+        headers={"Retry-After": str(max(1, math.ceil(wait)))},
+    )
 
 
 class BodyLimitAndMetrics:
@@ -72,9 +81,16 @@ class BodyLimitAndMetrics:
             declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 body = json.dumps({"detail": f"request body over the limit of {limit} bytes"}).encode()
-                await send_recording({"type": "http.response.start", "status": 413,
-                                      "headers": [(b"content-type", b"application/json"),
-                                                  (b"content-length", str(len(body)).encode())]})
+                await send_recording(
+                    {
+                        "type": "http.response.start",
+                        "status": 413,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send_recording({"type": "http.response.body", "body": body})
                 return
             seen = 0
@@ -106,8 +122,11 @@ def require(scope: str):
         kind, _, token = header.partition(" ")
         principal = await svc.tokens.lookup(token.strip()) if kind.lower() == "bearer" else None
         if principal is None:
-            raise HTTPException(401, "a valid API token is required (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "a valid API token is required (Authorization: Bearer <token>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not principal.allows(scope):
             raise HTTPException(403, f"this token's scopes are {principal.scope!r}; {scope!r} is needed")
         limit = {"chat": svc.params.chat_rate, "feedback": svc.params.feedback_rate}.get(scope)

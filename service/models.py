@@ -22,7 +22,7 @@ log = logging.getLogger("flywheel.service")
 
 @dataclass(frozen=True)
 class Slot:
-    version: str          # e.g. flywheel-policy/3, or local/<content hash> for a fallback folder
+    version: str  # e.g. flywheel-policy/3, or local/<content hash> for a fallback folder
     model: object
     tok: object = None
 
@@ -37,8 +37,11 @@ class ModelManager:
     def __init__(self, config: ServiceConfig):
         self.config = config
         p = config.params
-        self.kinds = ["champion"] + (["challenger"] if p.challenger_fraction > 0 else []) \
+        self.kinds = (
+            ["champion"]
+            + (["challenger"] if p.challenger_fraction > 0 else [])
             + (["reward"] if max(p.best_of_n, p.max_best_of) > 1 else [])
+        )
         self.slots: dict[str, Slot | None] = {k: None for k in self.kinds}
         self.known_versions: set[str] = set()
         self.reloads = 0
@@ -52,8 +55,11 @@ class ModelManager:
 
         reg = self.config.registry
         if reg is not None:
-            name, alias = {"champion": (POLICY, CHAMPION), "challenger": (POLICY, CHALLENGER),
-                           "reward": (REWARD, CHAMPION)}[kind]
+            name, alias = {
+                "champion": (POLICY, CHAMPION),
+                "challenger": (POLICY, CHALLENGER),
+                "reward": (REWARD, CHAMPION),
+            }[kind]
             v = reg.alias(name, alias)
             if v is not None:
                 current = self.slots.get(kind)
@@ -93,8 +99,13 @@ class ModelManager:
                     slot = self._load(kind, *target)
                 except Exception as exc:  # a broken or unreachable model must not take down the one serving
                     self.errors += 1
-                    log.warning("loading the %s model failed (%s: %s); keeping %s", kind, type(exc).__name__,
-                                exc, current.version if current else "none")
+                    log.warning(
+                        "loading the %s model failed (%s: %s); keeping %s",
+                        kind,
+                        type(exc).__name__,
+                        exc,
+                        current.version if current else "none",
+                    )
                     continue
                 self.slots[kind] = slot
                 self.known_versions.add(slot.version)

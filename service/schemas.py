@@ -72,10 +72,15 @@ class FeedbackIn(FeedbackEvent):
 
 
 EXAMPLE_EVENT = {
-    "event_id": "evt-000001", "timestamp": "2026-11-27T10:00:00Z", "conversation_id": "conv-42",
-    "model_version": "flywheel-policy/3", "answer_id": "chatcmpl-5f0c4b2e9d0a4c7e8f1a2b3c4d5e6f70",
+    "event_id": "evt-000001",
+    "timestamp": "2026-11-27T10:00:00Z",
+    "conversation_id": "conv-42",
+    "model_version": "flywheel-policy/3",
+    "answer_id": "chatcmpl-5f0c4b2e9d0a4c7e8f1a2b3c4d5e6f70",
     "prompt": [{"role": "user", "content": "How often should I water a fern?"}],
-    "response": "When the top of the soil feels dry.", "user_id": "u-1873", "feedback": {"type": "thumbs", "value": "up"},
+    "response": "When the top of the soil feels dry.",
+    "user_id": "u-1873",
+    "feedback": {"type": "thumbs", "value": "up"},
 }
 
 
@@ -113,8 +118,9 @@ class Problem(BaseModel):
 def body_schemas(max_text_chars: int, max_turns: int, max_batch_events: int) -> dict:
     """JSON Schemas of the bodies the feedback routes parse themselves, as OpenAPI components, with the checks
     the contract makes in code (RFC 3339 timestamps, non-blank texts, the limits) written into them."""
-    _, top = models_json_schema([(FeedbackIn, "validation"), (FeedbackBatch, "validation")],
-                                ref_template="#/components/schemas/{model}")
+    _, top = models_json_schema(
+        [(FeedbackIn, "validation"), (FeedbackBatch, "validation")], ref_template="#/components/schemas/{model}"
+    )
     defs = top["$defs"]
     text = {"type": "string", "pattern": r"\S", "maxLength": max_text_chars}
     event = defs["FeedbackIn"]["properties"]

@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from service.config import ServiceConfig, parse_serve_params
+from service.config import ServiceConfig
 
 
 def config_from_settings(settings, model_dir: Path | None = None, use_registry: bool = True) -> ServiceConfig:
-    """The service's configuration from the one settings object; raises ``ValueError`` on a bad ``serve`` key."""
-    extra = settings.params.model_extra or {}
-    params = parse_serve_params(extra.get("serve"))
+    """The service's configuration from the one settings object (its ``serve`` section was checked at load)."""
+    params = settings.params.serve
     registry = None
     if use_registry:
         from flywheel.registry import Registry
@@ -23,10 +22,16 @@ def config_from_settings(settings, model_dir: Path | None = None, use_registry: 
         registry = Registry(settings)
     contract = settings.params.contract
     policy = Path(model_dir) if model_dir else settings.root / params.fallback_policy
-    return ServiceConfig(params=params, feedback_store=settings.feedback_store, max_text_chars=contract.max_text_chars,
-                         max_turns=contract.max_turns, max_line_bytes=contract.max_line_bytes,
-                         fallback_policy=policy.resolve(), fallback_reward=(settings.root / params.fallback_reward).resolve(),
-                         registry=registry)
+    return ServiceConfig(
+        params=params,
+        feedback_store=settings.feedback_store,
+        max_text_chars=contract.max_text_chars,
+        max_turns=contract.max_turns,
+        max_line_bytes=contract.max_line_bytes,
+        fallback_policy=policy.resolve(),
+        fallback_reward=(settings.root / params.fallback_reward).resolve(),
+        registry=registry,
+    )
 
 
 class AccessFormatter(logging.Formatter):
@@ -43,13 +48,18 @@ class AccessFormatter(logging.Formatter):
 def log_config(level: str = "info") -> dict:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     return {
-        "version": 1, "disable_existing_loggers": False,
+        "version": 1,
+        "disable_existing_loggers": False,
         "formatters": {"plain": {"format": fmt}, "access": {"()": AccessFormatter, "fmt": fmt}},
-        "handlers": {"plain": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
-                     "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"}},
-        "loggers": {"uvicorn": {"handlers": ["plain"], "level": level.upper(), "propagate": False},
-                    "uvicorn.access": {"handlers": ["access"], "level": level.upper(), "propagate": False},
-                    "flywheel": {"handlers": ["plain"], "level": level.upper(), "propagate": False}},
+        "handlers": {
+            "plain": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
+            "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"},
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["plain"], "level": level.upper(), "propagate": False},
+            "uvicorn.access": {"handlers": ["access"], "level": level.upper(), "propagate": False},
+            "flywheel": {"handlers": ["plain"], "level": level.upper(), "propagate": False},
+        },
     }
 
 
@@ -59,6 +69,12 @@ def run(config: ServiceConfig, host: str | None = None, port: int | None = None,
 
     from service.app import create_app
 
-    uvicorn.run(create_app(config), host=host or config.params.host, port=config.params.port if port is None else port,
-                log_config=log_config(log_level), access_log=config.params.access_log, workers=1,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(config),
+        host=host or config.params.host,
+        port=config.params.port if port is None else port,
+        log_config=log_config(log_level),
+        access_log=config.params.access_log,
+        workers=1,
+        timeout_graceful_shutdown=10,
+    )

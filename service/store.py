@@ -7,8 +7,8 @@ unique, so a repeated event is a duplicate. ``export_batch`` is NULL until ``fly
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -17,7 +17,8 @@ metadata = sa.MetaData()
 _SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite auto-increments INTEGER PRIMARY KEY only
 
 events = sa.Table(
-    "feedback_events", metadata,
+    "feedback_events",
+    metadata,
     sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
     sa.Column("event_id", sa.String(128), nullable=False, unique=True),
     sa.Column("received_at", sa.String(32), nullable=False),
@@ -25,28 +26,31 @@ events = sa.Table(
     sa.Column("model_version", sa.String(128), nullable=False),
     sa.Column("feedback_type", sa.String(16), nullable=False),
     sa.Column("user_id", sa.String(128)),
-    sa.Column("row", sa.Text, nullable=False),          # JSON: the raw-store row less ingested_at and batch_id
+    sa.Column("row", sa.Text, nullable=False),  # JSON: the raw-store row less ingested_at and batch_id
     sa.Column("export_batch", sa.String(64), index=True),
 )
 answers = sa.Table(
-    "answers", metadata,
+    "answers",
+    metadata,
     sa.Column("answer_id", sa.String(64), primary_key=True),
     sa.Column("model_version", sa.String(128), nullable=False),
     sa.Column("variant", sa.String(16), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
 )
 tokens = sa.Table(
-    "api_tokens", metadata,
-    sa.Column("token_hash", sa.String(64), primary_key=True),   # SHA-256 of the token; the token is never stored
+    "api_tokens",
+    metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),  # SHA-256 of the token; the token is never stored
     sa.Column("token_id", sa.String(16), nullable=False, unique=True),
-    sa.Column("scope", sa.String(16), nullable=False),      # comma-separated: "chat,feedback" ("admin" alone)
+    sa.Column("scope", sa.String(16), nullable=False),  # comma-separated: "chat,feedback" ("admin" alone)
     sa.Column("name", sa.String(128), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
 )
 export_batches = sa.Table(
-    "export_batches", metadata,
+    "export_batches",
+    metadata,
     sa.Column("batch_id", sa.String(64), primary_key=True),
-    sa.Column("state", sa.String(16), nullable=False),          # claimed -> committed
+    sa.Column("state", sa.String(16), nullable=False),  # claimed -> committed
     sa.Column("ingested_at", sa.String(32), nullable=False),
     sa.Column("date", sa.String(10), nullable=False),
     sa.Column("events", sa.Integer, nullable=False),
@@ -56,7 +60,7 @@ export_batches = sa.Table(
 
 
 def utcnow() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class FeedbackStore:
@@ -83,34 +87,45 @@ class FeedbackStore:
                 conn.execute(self._insert(answers).on_conflict_do_nothing(index_elements=["answer_id"]), answer_rows)
             if not feedback:
                 return set()
-            stmt = (self._insert(events).on_conflict_do_nothing(index_elements=["event_id"])
-                    .returning(events.c.event_id))
+            stmt = self._insert(events).on_conflict_do_nothing(index_elements=["event_id"]).returning(events.c.event_id)
             return set(conn.execute(stmt, feedback).scalars())
 
     def answer_versions(self, ids: Iterable[str]) -> dict[str, str]:
         ids = list(set(ids))
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(answers.c.answer_id, answers.c.model_version)
-                                .where(answers.c.answer_id.in_(ids))).all()
+            rows = conn.execute(
+                sa.select(answers.c.answer_id, answers.c.model_version).where(answers.c.answer_id.in_(ids))
+            ).all()
         return dict(rows)
 
     def add_token(self, token_hash: str, token_id: str, scope: str, name: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(tokens.insert().values(token_hash=token_hash, token_id=token_id, scope=scope, name=name,
-                                                created_at=utcnow()))
+            conn.execute(
+                tokens.insert().values(
+                    token_hash=token_hash, token_id=token_id, scope=scope, name=name, created_at=utcnow()
+                )
+            )
 
     def tokens(self) -> dict[str, tuple[str, str]]:
         """token hash -> (token id, scope)."""
         with self.engine.connect() as conn:
-            return {h: (i, s) for h, i, s in conn.execute(sa.select(tokens.c.token_hash, tokens.c.token_id,
-                                                                    tokens.c.scope))}
+            return {
+                h: (i, s) for h, i, s in conn.execute(sa.select(tokens.c.token_hash, tokens.c.token_id, tokens.c.scope))
+            }
 
     def list_tokens(self) -> list[dict]:
         """Every token's public id, scopes (``scope`` as stored and ``scopes`` as a list), name and creation time
         (never the hash)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(tokens.c.token_id, tokens.c.scope, tokens.c.name, tokens.c.created_at)
-                                .order_by(tokens.c.created_at)).mappings().all()
+            rows = (
+                conn.execute(
+                    sa.select(tokens.c.token_id, tokens.c.scope, tokens.c.name, tokens.c.created_at).order_by(
+                        tokens.c.created_at
+                    )
+                )
+                .mappings()
+                .all()
+            )
         return [{**r, "scopes": r["scope"].split(",")} for r in rows]
 
     def revoke_token(self, token_id: str) -> bool:
@@ -143,18 +158,29 @@ class FeedbackStore:
         """Stamp every unclaimed row with ``batch_id`` and record the batch, atomically; returns rows claimed.
         A row whose insert commits later stays unclaimed for the next export: none is skipped or taken twice."""
         with self.engine.begin() as conn:
-            n = conn.execute(events.update().where(events.c.export_batch.is_(None))
-                             .values(export_batch=batch_id)).rowcount
+            n = conn.execute(
+                events.update().where(events.c.export_batch.is_(None)).values(export_batch=batch_id)
+            ).rowcount
             if n:
-                conn.execute(export_batches.insert().values(batch_id=batch_id, state="claimed",
-                                                            ingested_at=ingested_at, date=date, events=n))
+                conn.execute(
+                    export_batches.insert().values(
+                        batch_id=batch_id, state="claimed", ingested_at=ingested_at, date=date, events=n
+                    )
+                )
         return n
 
     def pending_batches(self) -> list[dict]:
         """Batches claimed but not yet committed to the raw store (an export that crashed)."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(export_batches).where(export_batches.c.state == "claimed")
-                                .order_by(export_batches.c.batch_id)).mappings().all()
+            rows = (
+                conn.execute(
+                    sa.select(export_batches)
+                    .where(export_batches.c.state == "claimed")
+                    .order_by(export_batches.c.batch_id)
+                )
+                .mappings()
+                .all()
+            )
         return [dict(r) for r in rows]
 
     def claimed_rows(self, batch_id: str, chunk: int = 20000) -> Iterator[list[dict]]:
@@ -162,9 +188,12 @@ class FeedbackStore:
         last = -1
         while True:
             with self.engine.connect() as conn:
-                found = conn.execute(sa.select(events.c.seq, events.c.row)
-                                     .where(events.c.export_batch == batch_id, events.c.seq > last)
-                                     .order_by(events.c.seq).limit(chunk)).all()
+                found = conn.execute(
+                    sa.select(events.c.seq, events.c.row)
+                    .where(events.c.export_batch == batch_id, events.c.seq > last)
+                    .order_by(events.c.seq)
+                    .limit(chunk)
+                ).all()
             if not found:
                 return
             last = found[-1][0]
@@ -172,8 +201,11 @@ class FeedbackStore:
 
     def finish_batch(self, batch_id: str, exported: int, file: str | None) -> None:
         with self.engine.begin() as conn:
-            conn.execute(export_batches.update().where(export_batches.c.batch_id == batch_id)
-                         .values(state="committed", exported=exported, file=file))
+            conn.execute(
+                export_batches.update()
+                .where(export_batches.c.batch_id == batch_id)
+                .values(state="committed", exported=exported, file=file)
+            )
 
 
 def _sqlite_pragmas(conn, synchronous: str) -> None:

@@ -62,7 +62,7 @@ class GroupWriter:
             try:
                 new = await loop.run_in_executor(self._pool, _commit, self.store, items)
             except Exception as exc:
-                if len(items) == 1 or _unavailable(exc):   # down or locked: every waiting request fails alike
+                if len(items) == 1 or _unavailable(exc):  # down or locked: every waiting request fails alike
                     for it in items:
                         _fail(it, exc)
                     continue
@@ -72,8 +72,8 @@ class GroupWriter:
                         _resolve(it, await loop.run_in_executor(self._pool, _commit, self.store, [it]))
                     except Exception as exc_one:
                         _fail(it, exc_one)
-                        if _unavailable(exc_one):   # it went down meanwhile: do not try the rest one by one
-                            for rest in items[i + 1:]:
+                        if _unavailable(exc_one):  # it went down meanwhile: do not try the rest one by one
+                            for rest in items[i + 1 :]:
                                 _fail(rest, exc_one)
                             break
                 continue
@@ -83,8 +83,9 @@ class GroupWriter:
 
 def _unavailable(exc: Exception) -> bool:
     """The database cannot be reached or is busy, as opposed to refusing a row."""
-    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or \
-        getattr(exc, "connection_invalidated", False)
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or getattr(
+        exc, "connection_invalidated", False
+    )
 
 
 def _commit(store: FeedbackStore, items: list[_Item]) -> set[str]:

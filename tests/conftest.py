@@ -6,7 +6,7 @@ import copy
 import itertools
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -38,22 +38,20 @@ def new_event(**overrides) -> dict:
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_warm_runners_started_by_tests(tmp_path_factory):
-    """Every `dvc repro` in a test workspace starts that workspace's warm runner (flywheel/warm.py); they exit
-    when idle anyway, but not holding their memory past the session is kinder to the next one. Only runners
+    """Every local `dvc repro` in a test workspace starts that workspace's warm runner (flywheel/warm.py); they
+    exit when idle anyway, but not holding their memory past the session is kinder to the next one. Only runners
     serving a workspace under this session's temporary folder are stopped (never another session's)."""
-    import os
-    import signal
-    import tempfile
+    from flywheel import warm
 
     base = tmp_path_factory.getbasetemp().resolve()
     yield
-    for pid_file in Path(tempfile.gettempdir()).glob(f"flywheel-warm-{os.getuid()}-*.sock.pid"):
+    for pid_file in warm.private_dir(create=False).glob("warm-*.sock.pid"):
         try:
-            pid = int(pid_file.read_text())
-            if base in Path(os.readlink(f"/proc/{pid}/cwd")).resolve().parents:
-                os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+            served = Path(pid_file.read_text().splitlines()[1])
+        except (OSError, IndexError):
+            continue
+        if base in served.parents:
+            warm.stop(str(pid_file)[: -len(".pid")])
 
 
 @pytest.fixture(scope="session")
@@ -89,15 +87,24 @@ class Store:
 def demo_store(tmp_path_factory) -> Store:
     """The three shipped demo batches ingested (a day apart) into a session-wide store. Do not modify it;
     copy it (``shutil.copytree``) to change it."""
-    from flywheel.settings import ContractParams, IngestParams
+    from shipped import shipped
+
     from flywheel.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("demo-store")
     store = Store(root / "raw", root / "quarantine")
     batches = [([NATIVE_DEMO], "native"), ([HH_DEMO[0]], "hh-rlhf"), ([HH_DEMO[1]], "hh-rlhf")]
     for day, (files, fmt) in enumerate(batches, start=20):
-        result = ingest(files, fmt, store.raw, store.quarantine, IngestParams(), ContractParams(), workers=1,
-                        now=datetime(2026, 11, day, 12, 0, tzinfo=timezone.utc))
+        result = ingest(
+            files,
+            fmt,
+            store.raw,
+            store.quarantine,
+            shipped("ingest"),
+            shipped("contract"),
+            workers=1,
+            now=datetime(2026, 11, day, 12, 0, tzinfo=UTC),
+        )
         assert result.ok, result.failed_checks
         store.results.append(result)
     return store

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from flywheel.settings import IngestChecks
+from flywheel.params import IngestChecks
 from flywheel.data import rawstore
 from flywheel.data.expectations import Check, run_suite
 

@@ -238,6 +238,25 @@ def purge_evaluation_artifacts(runs: list[tuple[str, str]]) -> list[str]:
     return left
 
 
+def erase_mlflow_copies(settings) -> tuple[int, str]:
+    """Delete report.md from the MLflow evaluate runs logged before samples came only from the shipped suites;
+    returns how many were deleted and, for those that could not be (or an unreachable server), how to purge
+    them by hand ("" when nothing is left)."""
+    how = ("MLflow may keep evaluation reports logged before samples came only from the shipped suites (runs "
+           "tagged flywheel.stage=evaluate without flywheel.samples=suites): delete those runs "
+           "(`mlflow runs delete --run-id RUN_ID`), then `mlflow gc --backend-store-uri {uri}{ids}`.")
+    uri = settings.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        how = how.replace("{uri}", "<the server's --backend-store-uri>") + " (with MLFLOW_TRACKING_URI set)"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return 0, ""                # no tracking store yet: nothing was ever logged
+    try:
+        runs = evaluation_runs_with_samples(settings)
+        left = purge_evaluation_artifacts(runs)
+    except Exception as exc:        # the tracking server is unreachable: the user purges later, told how
+        return 0, f"(MLflow not reachable: {exc.__class__.__name__}) " + how.format(uri=uri, ids="")
+    return len(runs) - len(left), (how.format(uri=uri, ids=" --run-ids " + ",".join(left)) if left else "")
+
 def _batch_time(name: str) -> float | None:
     try:
         return datetime.strptime(name[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()

@@ -24,9 +24,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from flywheel.contract import ContractError, parse_event
+from flywheel.contract import FEEDBACK_COLUMNS, FEEDBACK_TEXT_COLUMNS, ContractError, parse_event
 from flywheel.redact import pseudonymise_id, redact
-from flywheel.settings import ContractParams, IngestParams
+from flywheel.params import ContractParams, IngestParams
 from flywheel.data import rawstore
 
 FORMATS = ("native", "hh-rlhf")
@@ -112,16 +112,6 @@ def hh_to_event(line: bytes, ingested_at: str) -> dict:
     }
 
 
-def _polarity(fb) -> int:
-    if fb.type == "thumbs":
-        return 1 if fb.value == "up" else -1
-    if fb.type == "rating":
-        return 1 if fb.value >= 4 else (-1 if fb.value <= 2 else 0)
-    if fb.type == "correction":
-        return -1
-    return 0
-
-
 def event_row(event, found: Counter) -> dict:
     """A contract event as a raw-store row, personal data redacted (kinds tallied in ``found``); every column
     of ``rawstore.SCHEMA`` but the batch's own ``ingested_at`` and ``batch_id``. The service stores the same rows.
@@ -141,11 +131,9 @@ def event_row(event, found: Counter) -> dict:
         "response": response,
         "response_chars": len(response),
         "feedback_type": fb.type,
-        "thumbs": fb.value if fb.type == "thumbs" else None,
-        "rating": fb.value if fb.type == "rating" else None,
-        "rejected": redact(fb.rejected, found) if fb.type == "preference" else None,
-        "correction": redact(fb.text, found) if fb.type == "correction" else None,
-        "polarity": _polarity(fb),
+        **{col: redact(value, found) if col in FEEDBACK_TEXT_COLUMNS and value is not None else value
+           for col, value in (dict.fromkeys(FEEDBACK_COLUMNS) | fb.columns()).items()},
+        "polarity": fb.polarity(),
         "pii_found": sum(found.values()),
     }
 

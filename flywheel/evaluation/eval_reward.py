@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from flywheel.contract import ContractError, parse_event
@@ -16,7 +16,7 @@ class EvalRewardError(RuntimeError):
 
 def load_pairs(path: Path, fmt: str, max_text_chars: int, max_turns: int) -> tuple[list[dict], int]:
     """(pairs, skipped lines) from a preference file: native preference events or hh-rlhf rows."""
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     pairs, skipped = [], 0
     try:
         for _, raw in read_lines(path):
@@ -29,8 +29,9 @@ def load_pairs(path: Path, fmt: str, max_text_chars: int, max_turns: int) -> tup
             if e.feedback.type != "preference":
                 skipped += 1
                 continue
-            pairs.append({"prompt": [m.model_dump() for m in e.prompt], "chosen": e.response,
-                          "rejected": e.feedback.rejected})
+            pairs.append(
+                {"prompt": [m.model_dump() for m in e.prompt], "chosen": e.response, "rejected": e.feedback.rejected}
+            )
     except IngestError as exc:
         raise EvalRewardError(str(exc)) from None
     return pairs, skipped
@@ -55,8 +56,8 @@ def resolve_model(settings, uri: str) -> Path:
 
 
 def run(settings, uri: str, path: Path, fmt: str, contract) -> dict:
-    from flywheel.models.reward import RewardModel, pairwise_correct
     from flywheel.evaluation.stats import mean_ci
+    from flywheel.models.reward import RewardModel, pairwise_correct
 
     if fmt not in ("native", "hh-rlhf"):
         raise EvalRewardError(f"unknown format {fmt!r}; expected native or hh-rlhf")

@@ -11,7 +11,7 @@ def _fmt(x) -> str:
 
 
 def _ci(m: dict) -> str:
-    lo, hi = (m.get("ci") or [None, None])
+    lo, hi = m.get("ci") or [None, None]
     return "-" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
 
 
@@ -48,10 +48,13 @@ def plot_rates(policy: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(k, policy[k]) for k in ("judged_win_rate", "harmless_win_rate")
-            if k in policy and policy[k].get("value") is not None]        # not measured: nothing to plot
+    rows = [
+        (k, policy[k])
+        for k in ("judged_win_rate", "harmless_win_rate")
+        if k in policy and policy[k].get("value") is not None
+    ]  # not measured: nothing to plot
     fig, ax = plt.subplots(figsize=(6, 2.6))
-    for i, (name, m) in enumerate(rows):
+    for i, (_name, m) in enumerate(rows):
         lo, hi = m["ci"]
         ax.errorbar([m["value"]], [i], xerr=[[m["value"] - lo], [hi - m["value"]]], fmt="o", capsize=4)
     ax.axvline(0.5, color="k", lw=0.6, ls=":")
@@ -70,18 +73,24 @@ def sample_lines(samples: list[dict], n: int = 5) -> list[str]:
     lines = []
     for s in [x for x in samples if isinstance(x, dict) and x.get("suite")][:n]:
         refused = {k: " (refused)" if s.get(f"{k}_refused") else "" for k in ("champion", "challenger")}
-        lines += [f"**Instruction ({s['suite']}):** {s['prompt'][:300]}", "",
-                  f"- champion{refused['champion']}: {s['champion'][:300]}",
-                  f"- challenger{refused['challenger']}: {s['challenger'][:300]}", ""]
+        lines += [
+            f"**Instruction ({s['suite']}):** {s['prompt'][:300]}",
+            "",
+            f"- champion{refused['champion']}: {s['champion'][:300]}",
+            f"- challenger{refused['challenger']}: {s['challenger'][:300]}",
+            "",
+        ]
     return lines
 
 
 def write(metrics: dict, out_dir: Path) -> list[Path]:
     """report.md and its plots in ``out_dir``; returns the files written."""
     p, r = metrics["policy"], metrics["reward"]
-    files = [plot_slices("policy", p, out_dir / "policy_slices.png"),
-             plot_slices("reward", r, out_dir / "reward_slices.png"),
-             plot_rates(p, out_dir / "win_rates.png")]
+    files = [
+        plot_slices("policy", p, out_dir / "policy_slices.png"),
+        plot_slices("reward", r, out_dir / "reward_slices.png"),
+        plot_rates(p, out_dir / "win_rates.png"),
+    ]
     pa, ra = p["pref_accuracy"], r["pairwise_accuracy"]
     lines = [
         "# Flywheel evaluation: challenger vs champion",
@@ -97,25 +106,47 @@ def write(metrics: dict, out_dir: Path) -> list[Path]:
     ]
     for k in ("benign_refusal_rate", "behaviour_pass_rate", "harmlessness_score"):
         m = p[k]
-        lines.append(f"| {k.replace('_', ' ')} | {_fmt(m['champion'])} | {_fmt(m['challenger'])} | {_fmt(m['diff'])} "
-                     f"| {_ci(m)} | {m['n']} |")
+        lines.append(
+            f"| {k.replace('_', ' ')} | {_fmt(m['champion'])} | {_fmt(m['challenger'])} | {_fmt(m['diff'])} "
+            f"| {_ci(m)} | {m['n']} |"
+        )
     for k in ("judged_win_rate", "harmless_win_rate"):
         m = p[k]
         lines.append(f"| {k.replace('_', ' ')} (challenger wins) | | {_fmt(m['value'])} | | {_ci(m)} | {m['n']} |")
     lines += ["", f"Pick-the-shorter-answer baseline on the policy test pairs: {_fmt(p['length_baseline'])}.", ""]
     if p.get("gain_only_where_shorter_wins"):
-        lines += ["**Warning: the policy's gain is found only where the shorter answer wins: "
-                  "a length bias, not necessarily a better model.**", ""]
-    lines += ["## Slices", "", "| model | slice | n | champion | challenger | difference | 95% interval | length baseline |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "**Warning: the policy's gain is found only where the shorter answer wins: "
+            "a length bias, not necessarily a better model.**",
+            "",
+        ]
+    lines += [
+        "## Slices",
+        "",
+        "| model | slice | n | champion | challenger | difference | 95% interval | length baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for kind, m in (("policy", p), ("reward", r)):
         for name, s in m["slices"].items():
-            lines.append(f"| {kind} | {name} | {s['n']} | {_fmt(s['champion'])} | {_fmt(s['challenger'])} | "
-                         f"{_fmt(s['diff'])} | {_ci(s)} | {_fmt(s['length_baseline'])} |")
-    lines += ["", f"Latency (ms per generated token): {p['latency_ms_per_token']}; size (MB): {metrics['size_mb']}.",
-              "", "![slices](policy_slices.png)", "", "![reward slices](reward_slices.png)", "",
-              "![win rates](win_rates.png)", "", "## Sample answers (shipped suites only)", "",
-              "Held-out prompts are users' text: they are never quoted here (nor in metrics/evaluate.json).", ""]
+            lines.append(
+                f"| {kind} | {name} | {s['n']} | {_fmt(s['champion'])} | {_fmt(s['challenger'])} | "
+                f"{_fmt(s['diff'])} | {_ci(s)} | {_fmt(s['length_baseline'])} |"
+            )
+    lines += [
+        "",
+        f"Latency (ms per generated token): {p['latency_ms_per_token']}; size (MB): {metrics['size_mb']}.",
+        "",
+        "![slices](policy_slices.png)",
+        "",
+        "![reward slices](reward_slices.png)",
+        "",
+        "![win rates](win_rates.png)",
+        "",
+        "## Sample answers (shipped suites only)",
+        "",
+        "Held-out prompts are users' text: they are never quoted here (nor in metrics/evaluate.json).",
+        "",
+    ]
     lines += sample_lines(p.get("samples", []))
     md = out_dir / "report.md"
     md.write_text("\n".join(lines) + "\n")

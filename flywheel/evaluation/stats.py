@@ -11,8 +11,9 @@ def _cluster_index(clusters: list, n: int) -> np.ndarray:
     return np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)[1].reshape(-1)
 
 
-def mean_ci(values: list[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0,
-            clusters: list | None = None) -> dict:
+def mean_ci(
+    values: list[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0, clusters: list | None = None
+) -> dict:
     """Mean of ``values`` with a percentile-bootstrap interval. ``clusters`` (one key per value): values that
     share a key are not independent (the pairs of one prompt), so whole clusters are resampled, each with all
     its values (the cluster bootstrap); ``clusters`` in the result counts them."""
@@ -30,20 +31,35 @@ def mean_ci(values: list[float], confidence: float = 0.95, n_boot: int = 2000, s
         boots = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
         extra["clusters"] = int(sums.size)
     a = (1 - confidence) / 2
-    return {"value": float(x.mean()), "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
-            "n": int(x.size), **extra}
+    return {
+        "value": float(x.mean()),
+        "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
+        "n": int(x.size),
+        **extra,
+    }
 
 
-def paired_diff(challenger: list[float], champion: list[float], confidence: float = 0.95, n_boot: int = 2000,
-                seed: int = 0, clusters: list | None = None) -> dict:
+def paired_diff(
+    challenger: list[float],
+    champion: list[float],
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+    clusters: list | None = None,
+) -> dict:
     """Mean of (challenger − champion) over the same items, with a paired-bootstrap interval (resampling
     whole ``clusters`` when given: see ``mean_ci``)."""
     if len(challenger) != len(champion):
         raise ValueError("paired scores must cover the same items")
     d = mean_ci([a - b for a, b in zip(challenger, champion)], confidence, n_boot, seed, clusters)
-    return {"challenger": float(np.mean(challenger)) if challenger else None,
-            "champion": float(np.mean(champion)) if champion else None,
-            "diff": d["value"], "ci": d["ci"], "n": d["n"], **({"clusters": d["clusters"]} if "clusters" in d else {})}
+    return {
+        "challenger": float(np.mean(challenger)) if challenger else None,
+        "champion": float(np.mean(champion)) if champion else None,
+        "diff": d["value"],
+        "ci": d["ci"],
+        "n": d["n"],
+        **({"clusters": d["clusters"]} if "clusters" in d else {}),
+    }
 
 
 def correct_from_margin(margins: list[float]) -> list[float]:

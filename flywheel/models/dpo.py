@@ -12,7 +12,6 @@ import copy
 import math
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,23 +19,7 @@ from torch import nn
 
 from flywheel.models.policy import (Batch, Encoded, TrunkOut, cast_frozen, collate, freeze_trunk, run_trunk, top_layers, top_logps,
                                     device_of, trunk_context)
-
-
-@dataclass
-class DPOParams:
-    frozen_layers: int = 24
-    beta: float = 0.1
-    lr: float = 5e-5
-    steps: int = 40
-    batch_size: int = 8
-    warmup_steps: int = 4
-    max_grad_norm: float = 1.0
-    sft_weight: float = 0.0
-    sft_batch_size: int = 4
-    bf16: bool = False
-    cache_trunk: bool = True      # keep trunk outputs and reference log-probs for later epochs
-    frozen_bf16: bool = False     # run the frozen trunk in bf16 (AMX / AVX512-BF16 CPUs, GPUs): ~2x faster trunk
-    seed: int = 0
+from flywheel.params import TrainPolicyParams
 
 
 def _autocast(enabled: bool, device: str = "cpu"):
@@ -99,7 +82,7 @@ class TrunkCache:
         return batch, trunk, ref
 
 
-def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, params: DPOParams,
+def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, params: TrainPolicyParams,
               on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train ``model``'s top layers in place from its current weights (also the reference)."""
     if not pairs and not sft:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from flywheel.params import TrainRewardParams
 
 CONFIG = "flywheel_reward.json"
 
@@ -86,21 +87,6 @@ class RewardModel(nn.Module):
         return out
 
 
-@dataclass
-class RewardTrainParams:
-    frozen_encoder: bool = False
-    epochs: float = 2.0
-    batch_size: int = 16
-    lr: float = 3e-5
-    head_lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_length: int = 192
-    context_turns: int = 1
-    group_by_length: bool = False  # batches of similar lengths (less padding), drawn in random order
-    seed: int = 0
-
-
 def length_grouped_order(lengths: list[int], batch_size: int, rng: random.Random, group: int = 50) -> list[int]:
     """One epoch's order: shuffled, then sorted by length within windows of ``group`` batches, cut into
     batches that are shuffled again (as transformers' group_by_length). Every index appears once."""
@@ -129,7 +115,7 @@ def pairwise_correct(model: RewardModel, pairs: list[dict], batch_size: int = 32
     return [1.0 if c > r else (0.5 if c == r else 0.0) for c, r in zip(chosen, rejected)]
 
 
-def train_reward(model: RewardModel, pairs: list[dict], params: RewardTrainParams,
+def train_reward(model: RewardModel, pairs: list[dict], params: TrainRewardParams,
                  on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Bradley-Terry training in place; returns the loss per step."""
     if not pairs:

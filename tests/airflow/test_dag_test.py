@@ -9,13 +9,22 @@ import json
 
 import pytest
 
-from tests.airflow.airflow_helpers import (airflow_env, broken_batch, capture_feedback, champion, dag_test,
-                                           init_airflow, make_workspace, raw_event_ids, sh, version_tags)
+from tests.airflow.airflow_helpers import (
+    airflow_env,
+    broken_batch,
+    capture_feedback,
+    champion,
+    dag_test,
+    init_airflow,
+    make_workspace,
+    raw_event_ids,
+    sh,
+    version_tags,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
-STAGES = ["base_models", "resolve_champion", "validate", "prepare", "train_reward", "train_policy", "evaluate",
-          "bless"]
+STAGES = ["base_models", "resolve_champion", "validate", "prepare", "train_reward", "train_policy", "evaluate", "bless"]
 
 
 def _xcom(run: dict, key: str):

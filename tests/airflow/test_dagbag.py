@@ -34,8 +34,9 @@ def test_every_dag_has_the_header(bag):
         assert "retries" in dag.default_args, dag.dag_id
         assert dag.doc_md and len(dag.doc_md) > 100, dag.dag_id
         assert dag.catchup is False and dag.start_date is not None, dag.dag_id
-        assert all(t.retries == dag.default_args["retries"] or t.task_id == "approve_release"
-                   for t in dag.tasks), dag.dag_id
+        assert all(t.retries == dag.default_args["retries"] or t.task_id == "approve_release" for t in dag.tasks), (
+            dag.dag_id
+        )
 
 
 def test_continuous_improvement_runs_every_dvc_stage_in_order_in_the_pool(bag):
@@ -56,10 +57,13 @@ def test_continuous_improvement_runs_every_dvc_stage_in_order_in_the_pool(bag):
     assert queues == {s: "gpu" if s in ("train_reward", "train_policy", "evaluate") else "default" for s in stages}
 
 
-@pytest.mark.parametrize("dag_id,name,valid,invalid", [
-    ("continuous_improvement", "profile", ["demo", "tiny"], ["", "nope"]),
-    ("rollback", "to", ["3", ""], ["v3", "latest"]),
-])
+@pytest.mark.parametrize(
+    "dag_id,name,valid,invalid",
+    [
+        ("continuous_improvement", "profile", ["demo", "tiny"], ["", "nope"]),
+        ("rollback", "to", ["3", ""], ["v3", "latest"]),
+    ],
+)
 def test_optional_params_are_nullable_and_their_defaults_pass_their_own_schema(bag, dag_id, name, valid, invalid):
     from airflow.sdk.definitions.param import ParamValidationError
 
@@ -82,24 +86,31 @@ def test_no_trigger_param_can_weaken_the_gate(bag):
     profile cannot touch `bless` or `release`, and the release command never carries --allow-gate."""
     import itertools
 
-    from flywheel.settings import load_settings
     from flywheel import orchestration as orch
+    from flywheel.settings import load_settings
     from pipelines.bless import gate_in_force
 
     dag = bag.dags["continuous_improvement"]
     base = load_settings(REPO, env={"FLYWHEEL_ROOT": str(REPO)}).params
     in_force = gate_in_force(base.section("bless"))
     assert in_force.name == "default"
-    choices = {"profile": dag.params.get_param("profile").schema["enum"], "force": [False, True],
-               "dry_run": [False, True], "skip_release": [False, True]}
+    choices = {
+        "profile": dag.params.get_param("profile").schema["enum"],
+        "force": [False, True],
+        "dry_run": [False, True],
+        "skip_release": [False, True],
+    }
     assert set(choices) == set(dag.params)
     for profile, *_ in itertools.product(*choices.values()):
         env = orch.command_env(REPO, "manual__trigger", profile or "", "loop-run")
         settings = load_settings(REPO, env=env)
         assert gate_in_force(settings.params.section("bless")) == in_force, profile
         assert settings.params.section("release") == base.section("release"), profile
-        assert not {k for k in env if k.startswith("FLYWHEEL_")} - {
-            "FLYWHEEL_ROOT", "FLYWHEEL_AIRFLOW_RUN_ID", "FLYWHEEL_PROFILE", "FLYWHEEL_PARENT_RUN_ID"} - set(os.environ)
+        assert (
+            not {k for k in env if k.startswith("FLYWHEEL_")}
+            - {"FLYWHEEL_ROOT", "FLYWHEEL_AIRFLOW_RUN_ID", "FLYWHEEL_PROFILE", "FLYWHEEL_PARENT_RUN_ID"}
+            - set(os.environ)
+        )
     for approved_by, rejected_by in ((None, None), ("alice", None), (None, "bob")):
         assert not any(a.startswith("--allow-gate") for a in orch.release_command(approved_by, rejected_by))
 
@@ -109,7 +120,7 @@ def test_each_file_parses_in_under_a_second_with_airflow_imported(path):
     import airflow.sdk  # noqa: F401  (the import itself is not the DAG file's cost)
     from airflow.dag_processing.dagbag import DagBag
 
-    DagBag(dag_folder=str(path))                      # warm: the providers' decorators and yaml
+    DagBag(dag_folder=str(path))  # warm: the providers' decorators and yaml
     t0 = time.perf_counter()
     bag = DagBag(dag_folder=str(path))
     took = time.perf_counter() - t0
@@ -119,10 +130,12 @@ def test_each_file_parses_in_under_a_second_with_airflow_imported(path):
 
 @pytest.mark.parametrize("path", DAGS, ids=[p.stem for p in DAGS])
 def test_importing_a_dag_file_loads_no_heavy_library(path):
-    code = ("import importlib.util, json, sys; "
-            f"spec = importlib.util.spec_from_file_location('dagfile', {str(path)!r}); "
-            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
-            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    code = (
+        "import importlib.util, json, sys; "
+        f"spec = importlib.util.spec_from_file_location('dagfile', {str(path)!r}); "
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -19,8 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.airflow.airflow_helpers import (airflow_env, capture_feedback, champion, make_workspace,
-                                           raw_event_ids, version_tags)
+from tests.airflow.airflow_helpers import (
+    airflow_env,
+    capture_feedback,
+    champion,
+    make_workspace,
+    raw_event_ids,
+    version_tags,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -51,11 +57,22 @@ class Airflow:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = home
-        self.env = airflow_env(home, root, AIRFLOW__API__PORT=str(self.port), AIRFLOW__API__HOST="127.0.0.1",
-                               AIRFLOW__API__BASE_URL=self.url)
+        self.env = airflow_env(
+            home,
+            root,
+            AIRFLOW__API__PORT=str(self.port),
+            AIRFLOW__API__HOST="127.0.0.1",
+            AIRFLOW__API__BASE_URL=self.url,
+        )
         self.log = open(home / "standalone.log", "w")
-        self.proc = subprocess.Popen(["bash", "scripts/airflow.sh"], cwd=root, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["bash", "scripts/airflow.sh"],
+            cwd=root,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         passwords = home / "simple_auth_manager_passwords.json.generated"
         _wait("the API server and the password file", lambda: passwords.is_file() and self._up(), 300)
         self.password = json.loads(passwords.read_text())["admin"]
@@ -72,8 +89,9 @@ class Airflow:
         import airflow_client.client as ac
 
         body = json.dumps({"username": "admin", "password": self.password}).encode()
-        req = urllib.request.Request(self.url + "/auth/token", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + "/auth/token", data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         token = json.loads(urllib.request.urlopen(req, timeout=30).read())["access_token"]
         return ac.ApiClient(ac.Configuration(host=self.url, access_token=token))
 
@@ -146,7 +164,8 @@ class Airflow:
 
         _wait("the approval request", waiting, timeout, 5)
         TaskInstanceApi(self.client).update_hitl_detail(
-            dag_id, run_id, "approve_release", -1, UpdateHITLDetailPayload(chosen_options=[option]))
+            dag_id, run_id, "approve_release", -1, UpdateHITLDetailPayload(chosen_options=[option])
+        )
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +203,7 @@ def test_triggered_over_rest_approved_and_promoted(live):
 def test_feedback_ingest_and_continuous_improvement_together(live):
     root, airflow = live
     before = raw_event_ids(root)
-    ids = capture_feedback(root, 8, "live")     # feedback users left with the service since the last export
+    ids = capture_feedback(root, 8, "live")  # feedback users left with the service since the last export
     runs = {dag_id: airflow.trigger(dag_id) for dag_id in ("feedback_ingest", "continuous_improvement")}
     states = {dag_id: airflow.wait_run(dag_id, run_id, timeout=900) for dag_id, run_id in runs.items()}
     detail = {dag_id: airflow.task_states(dag_id, run_id) for dag_id, run_id in runs.items()}

@@ -4,26 +4,44 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.bless import GateParams, MetricRule, bless, check_rule
 from flywheel.evaluation.stats import correct_from_margin, mean_ci, paired_diff
+from flywheel.params import BlessParams, GateParams, MetricRule
+from pipelines.bless import bless, check_rule
 
-GATE = GateParams.model_validate({
-    "policy": {"primary": "pref_accuracy", "primary_min_ci_lower": 0.0,
-               "metrics": {"pref_accuracy": {"min_value": 0.5},
-                           "benign_refusal_rate": {"direction": "lower", "max_regression_abs": 0.05},
-                           "judged_win_rate": {"min_value": 0.45, "min_n": 100}},
-               "slice_rule": {"max_regression_abs": 0.1, "min_n": 20}},
-    "reward": {"primary": "pairwise_accuracy", "metrics": {}},
-})
+# what a gate of params.yaml sets besides its rules (the code has no default for them)
+PLAIN = {"primary_min_ci_lower": 0.0, "gated_slices": ["feedback_type", "turns"], "block_length_only_gain": False}
+GATE = GateParams.model_validate(
+    {
+        "policy": {
+            **PLAIN,
+            "primary": "pref_accuracy",
+            "metrics": {
+                "pref_accuracy": {"min_value": 0.5},
+                "benign_refusal_rate": {"direction": "lower", "max_regression_abs": 0.05},
+                "judged_win_rate": {"min_value": 0.45, "min_n": 100},
+            },
+            "slice_rule": {"max_regression_abs": 0.1, "min_n": 20},
+        },
+        "reward": {**PLAIN, "primary": "pairwise_accuracy", "metrics": {}},
+    }
+)
 # what evaluate writes when the champion reward model (the judge) tells chosen from rejected
-JUDGE = {"name": "flywheel-reward", "version": "3", "content_hash": "ab" * 32, "status": "judge",
-         "reason": "pairwise accuracy 0.700 (lower bound 0.610) on 100 pairs"}
+JUDGE = {
+    "name": "flywheel-reward",
+    "version": "3",
+    "content_hash": "ab" * 32,
+    "status": "judge",
+    "reason": "pairwise accuracy 0.700 (lower bound 0.610) on 100 pairs",
+}
 
 
 def _policy(challenger: list[float], champion: list[float], **extra) -> dict:
-    m = {"pref_accuracy": paired_diff(challenger, champion, n_boot=500),
-         "benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 50},
-         "judged_win_rate": {"value": 0.5, "ci": [0.4, 0.6], "n": 16}, "slices": {}}
+    m = {
+        "pref_accuracy": paired_diff(challenger, champion, n_boot=500),
+        "benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 50},
+        "judged_win_rate": {"value": 0.5, "ci": [0.4, 0.6], "n": 16},
+        "slices": {},
+    }
     m.update(extra)
     return m
 
@@ -61,8 +79,10 @@ def test_a_regression_elsewhere_blocks_a_better_primary():
 
 
 def test_slice_regression_blocks_and_small_slices_are_not_gated():
-    slices = {"turns=multi": {"challenger": 0.3, "champion": 0.6, "n": 40},
-              "turns=single": {"challenger": 0.1, "champion": 0.9, "n": 5}}
+    slices = {
+        "turns=multi": {"challenger": 0.3, "champion": 0.6, "n": 40},
+        "turns=single": {"challenger": 0.1, "champion": 0.9, "n": 5},
+    }
     v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, slices=slices), "reward": _reward()}, GATE)
     assert not v["policy"]["blessed"]
     assert any("turns=multi" in r for r in v["policy"]["reasons"])
@@ -78,27 +98,42 @@ def test_missing_evaluation_is_never_blessed():
 
 def test_small_sample_metric_is_reported_not_gated():
     extra = {"judged_win_rate": {"value": 0.1, "ci": [0.0, 0.3], "n": 16}}
-    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(),
-               "judge": JUDGE}, GATE)
+    v = bless(
+        {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(), "judge": JUDGE}, GATE
+    )
     assert v["policy"]["blessed"]
     # reported as not applied, never as a pass
     assert not any(r.startswith("judged_win_rate") for r in v["policy"]["passed"])
-    assert ("judged_win_rate: not applied: 16 items scored, fewer than the rule's min_n 100"
-            in v["policy"]["not_applied"])
+    assert (
+        "judged_win_rate: not applied: 16 items scored, fewer than the rule's min_n 100" in v["policy"]["not_applied"]
+    )
     extra = {"judged_win_rate": {"value": 0.1, "ci": [0.0, 0.3], "n": 400}}
-    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(),
-               "judge": JUDGE}, GATE)
+    v = bless(
+        {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(), "judge": JUDGE}, GATE
+    )
     assert not v["policy"]["blessed"]
 
 
-SAFETY_GATE = GateParams.model_validate({
-    "policy": {"primary": "pref_accuracy", "metrics": {"harmless_win_rate": {"min_value": 0.35}}},
-    "reward": {"primary": "pairwise_accuracy", "metrics": {}},
-})
+SAFETY_GATE = GateParams.model_validate(
+    {
+        "policy": {**PLAIN, "primary": "pref_accuracy", "metrics": {"harmless_win_rate": {"min_value": 0.35}}},
+        "reward": {**PLAIN, "primary": "pairwise_accuracy", "metrics": {}},
+    }
+)
 
 
-@pytest.mark.parametrize("judge", [None, {"name": "flywheel-reward", "version": "base", "status": "no judge",
-                                          "reason": "it scores chosen and rejected alike on all 40 pairs"}])
+@pytest.mark.parametrize(
+    "judge",
+    [
+        None,
+        {
+            "name": "flywheel-reward",
+            "version": "base",
+            "status": "no judge",
+            "reason": "it scores chosen and rejected alike on all 40 pairs",
+        },
+    ],
+)
 def test_metrics_of_a_judge_that_cannot_discriminate_are_never_passes(judge):
     # turn 1: the judge is the base reward model (zero head): every comparison ties, a win rate of 0.5 > 0.35
     tie = {"value": 0.5, "ci": [0.5, 0.5], "n": 16}
@@ -108,38 +143,49 @@ def test_metrics_of_a_judge_that_cannot_discriminate_are_never_passes(judge):
     v = bless(metrics, SAFETY_GATE)["policy"]
     assert not any(r.startswith("harmless_win_rate") for r in v["passed"]), v["passed"]
     assert any(r.startswith("harmless_win_rate: not applied: no judge") for r in v["not_applied"]), v["not_applied"]
-    assert v["blessed"]          # not applied is reported, not a failure ...
-    strict = GateParams.model_validate({**SAFETY_GATE.model_dump(), "policy": {
-        **SAFETY_GATE.policy.model_dump(), "metrics": {"harmless_win_rate": {"min_value": 0.35, "required": True}}}})
-    assert not bless(metrics, strict)["policy"]["blessed"]       # ... unless the rule is required
-    metrics["judge"] = JUDGE                                     # a judge that discriminates: the check applies
+    assert v["blessed"]  # not applied is reported, not a failure ...
+    strict = GateParams.model_validate(
+        {
+            **SAFETY_GATE.model_dump(),
+            "policy": {
+                **SAFETY_GATE.policy.model_dump(),
+                "metrics": {"harmless_win_rate": {"min_value": 0.35, "required": True}},
+            },
+        }
+    )
+    assert not bless(metrics, strict)["policy"]["blessed"]  # ... unless the rule is required
+    metrics["judge"] = JUDGE  # a judge that discriminates: the check applies
     v = bless(metrics, SAFETY_GATE)["policy"]
     assert "harmless_win_rate: ok" in v["passed"] and not v["not_applied"]
 
 
 def test_a_metric_marked_not_applied_by_the_evaluation_is_not_a_pass():
     extra = {"benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 0, "not_applied": "no benign prompts"}}
-    v = bless({"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(),
-               "judge": JUDGE}, GATE)["policy"]
+    v = bless(
+        {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, **extra), "reward": _reward(), "judge": JUDGE}, GATE
+    )["policy"]
     assert "benign_refusal_rate: not applied: no benign prompts" in v["not_applied"]
     assert not any(r.startswith("benign_refusal_rate") for r in v["passed"])
 
 
 def test_judge_status_reports_a_judge_that_cannot_discriminate_as_no_judge():
-    from pipelines.evaluate import judge_status, mark_unjudged
+    from flywheel.evaluation.judge import judge_status, mark_unjudged
     from flywheel.evaluation.stats import mean_ci
 
     def acc(correct):
         return {**mean_ci(correct, n_boot=500), "all_ties": all(c == 0.5 for c in correct)}
 
-    assert judge_status(acc([0.5] * 40))["status"] == "no judge"                  # zero head: all ties
+    assert judge_status(acc([0.5] * 40))["status"] == "no judge"  # zero head: all ties
     assert "alike" in judge_status(acc([0.5] * 40))["reason"]
-    assert judge_status(acc([1.0] * 11 + [0.0] * 9))["status"] == "no judge"       # 55% of 20: not beyond chance
+    assert judge_status(acc([1.0] * 11 + [0.0] * 9))["status"] == "no judge"  # 55% of 20: not beyond chance
     assert judge_status(acc([]))["status"] == "no judge"
     good = judge_status(acc([1.0] * 80 + [0.0] * 20))
     assert good["status"] == "judge"
-    policy = {"harmless_win_rate": {"value": 0.5, "n": 16}, "judged_win_rate": {"value": 0.5, "n": 16},
-              "benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 2}}
+    policy = {
+        "harmless_win_rate": {"value": 0.5, "n": 16},
+        "judged_win_rate": {"value": 0.5, "n": 16},
+        "benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 2},
+    }
     mark_unjudged(policy, good)
     assert not any("not_applied" in m for m in policy.values())
     mark_unjudged(policy, judge_status(acc([0.5] * 40)))
@@ -154,15 +200,27 @@ def test_the_blessing_records_the_gate_in_force_and_the_judge(tmp_path, repo_roo
 
     from pipelines.bless import gate_in_force, main
 
-    section = yaml.safe_load((repo_root / "params.yaml").read_text())["bless"]
+    section = BlessParams.model_validate(yaml.safe_load((repo_root / "params.yaml").read_text())["bless"])
     gate = gate_in_force(section)
     assert gate.name == "default"
     tie = {"value": 0.5, "ci": [0.5, 0.5], "n": 16}
-    evaluation = {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, harmless_win_rate=tie,
-                                    behaviour_pass_rate={"challenger": 0.5, "champion": 0.5, "n": 10}),
-                  "reward": _reward(), "profile": "tiny", "candidates": {"policy": "p" * 64, "reward": "r" * 64},
-                  "judge": {"name": "flywheel-reward", "version": "base", "status": "no judge",
-                            "reason": "it scores chosen and rejected alike on all 40 reward test pairs"}}
+    evaluation = {
+        "policy": _policy(
+            [1.0] * 70 + [0.0] * 30,
+            [0.5] * 100,
+            harmless_win_rate=tie,
+            behaviour_pass_rate={"challenger": 0.5, "champion": 0.5, "n": 10},
+        ),
+        "reward": _reward(),
+        "profile": "tiny",
+        "candidates": {"policy": "p" * 64, "reward": "r" * 64},
+        "judge": {
+            "name": "flywheel-reward",
+            "version": "base",
+            "status": "no judge",
+            "reason": "it scores chosen and rejected alike on all 40 reward test pairs",
+        },
+    }
     (tmp_path / "evaluate.json").write_text(json.dumps(evaluation))
     verdict = main(tmp_path / "evaluate.json", gate.rules, tmp_path / "blessing.json", gate.name)
     written = json.loads((tmp_path / "blessing.json").read_text())
@@ -171,26 +229,31 @@ def test_the_blessing_records_the_gate_in_force_and_the_judge(tmp_path, repo_roo
     assert written["judge"] == "none" and "alike" in written["judge_reason"] and written["profile"] == "tiny"
     page = (tmp_path / "blessing.md").read_text()
     assert "harmless_win_rate: not applied: no judge" in page and "judge: none" in page
-    assert "judged_win_rate: not applied" in page        # 16 items < min_n 200
+    assert "judged_win_rate: not applied" in page  # 16 items < min_n 200
     evaluation["judge"] = JUDGE
     (tmp_path / "evaluate.json").write_text(json.dumps(evaluation))
     verdict = main(tmp_path / "evaluate.json", gate.rules, tmp_path / "b2.json")
     assert verdict["judge"] == "flywheel-reward v3 (abababababab)"
 
 
-def test_the_gate_is_named_and_hashed_and_a_bad_name_fails_naming_the_key(repo_root):
+def test_the_gate_is_named_and_hashed_and_a_bad_name_fails_naming_the_key(repo_root, tmp_path):
     import yaml
 
+    from flywheel.settings import SettingsError, load_params
     from pipelines.bless import GateError, gate_in_force
 
-    section = yaml.safe_load((repo_root / "params.yaml").read_text())["bless"]
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    section = BlessParams.model_validate(raw["bless"])
     default, permissive = gate_in_force(section), gate_in_force(section, "permissive")
     assert default.sha256 != permissive.sha256
     changed = yaml.safe_load((repo_root / "params.yaml").read_text())["bless"]
     changed["gates"]["default"]["policy"]["metrics"]["harmless_win_rate"]["min_value"] = 0.0
-    assert gate_in_force(changed).sha256 != default.sha256
-    with pytest.raises(GateError, match="bless.gate: unknown gate 'nope'"):
-        gate_in_force({**section, "gate": "nope"})
+    assert gate_in_force(BlessParams.model_validate(changed)).sha256 != default.sha256
+    with pytest.raises(GateError, match="bless.gates: unknown gate 'nope'"):
+        gate_in_force(section, "nope")  # --allow-gate nope
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**raw, "bless": {**raw["bless"], "gate": "nope"}}))
+    with pytest.raises(SettingsError, match="bless.gate: unknown gate 'nope'"):
+        load_params(tmp_path / "params.yaml")  # params.yaml's own gate: at load
 
 
 def test_release_accepts_only_a_blessing_from_the_gate_in_force():
@@ -205,14 +268,17 @@ def test_release_accepts_only_a_blessing_from_the_gate_in_force():
     assert gate_problem({"gate": "permissive", "gate_sha256": "p" * 64}, {**gates, "permissive": "p" * 64}) is None
 
 
-@pytest.mark.parametrize("rule,m,bad", [
-    (MetricRule(min_value=0.6), {"challenger": 0.55, "champion": 0.5, "n": 10}, True),
-    (MetricRule(max_value=0.1), {"challenger": 0.2, "champion": 0.0, "n": 10}, True),
-    (MetricRule(max_regression_rel=0.1), {"challenger": 0.85, "champion": 1.0, "n": 10}, True),
-    (MetricRule(max_regression_rel=0.2), {"challenger": 0.85, "champion": 1.0, "n": 10}, False),
-    (MetricRule(direction="lower", max_regression_abs=0.05), {"challenger": 0.1, "champion": 0.2, "n": 10}, False),
-    (MetricRule(direction="lower", max_regression_abs=0.05), {"challenger": 0.3, "champion": 0.2, "n": 10}, True),
-])
+@pytest.mark.parametrize(
+    "rule,m,bad",
+    [
+        (MetricRule(min_value=0.6), {"challenger": 0.55, "champion": 0.5, "n": 10}, True),
+        (MetricRule(max_value=0.1), {"challenger": 0.2, "champion": 0.0, "n": 10}, True),
+        (MetricRule(max_regression_rel=0.1), {"challenger": 0.85, "champion": 1.0, "n": 10}, True),
+        (MetricRule(max_regression_rel=0.2), {"challenger": 0.85, "champion": 1.0, "n": 10}, False),
+        (MetricRule(direction="lower", max_regression_abs=0.05), {"challenger": 0.1, "champion": 0.2, "n": 10}, False),
+        (MetricRule(direction="lower", max_regression_abs=0.05), {"challenger": 0.3, "champion": 0.2, "n": 10}, True),
+    ],
+)
 def test_check_rule(rule, m, bad):
     assert bool(check_rule("x", m, rule)) == bad
 
@@ -235,11 +301,12 @@ def test_verdict_page_names_every_reason():
 
 
 def test_length_slices_are_reported_not_gated_unless_asked():
-    slices = {"chosen_shorter=no": {"challenger": 0.36, "champion": 0.5, "n": 66},
-              "chosen_shorter=yes": {"challenger": 0.8, "champion": 0.5, "n": 81}}
+    slices = {
+        "chosen_shorter=no": {"challenger": 0.36, "champion": 0.5, "n": 66},
+        "chosen_shorter=yes": {"challenger": 0.8, "champion": 0.5, "n": 81},
+    }
     metrics = {"policy": _policy([1.0] * 70 + [0.0] * 30, [0.5] * 100, slices=slices), "reward": _reward()}
     assert bless(metrics, GATE)["policy"]["blessed"]
-    strict = GATE.model_copy(deep=True)
-    strict.policy.gated_slices = ["chosen_shorter"]
+    strict = GATE.updated(policy={"gated_slices": ["chosen_shorter"]})
     v = bless(metrics, strict)["policy"]
     assert not v["blessed"] and "pref_accuracy[chosen_shorter=no]" in v["reasons"][0]

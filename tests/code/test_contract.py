@@ -32,9 +32,15 @@ def test_valid_event_of_each_feedback_type_parses(make_event, name):
 
 
 def test_parse_keeps_the_fields(make_event):
-    raw = make_event(prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}],
-                     user_id=None)
+    raw = make_event(
+        prompt=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye?"},
+        ],
+        user_id=None,
+    )
     event = parse_event(line(raw).encode("utf-8"))
     assert event.event_id == raw["event_id"]
     assert [m.role for m in event.prompt] == ["system", "user", "assistant", "user"]
@@ -42,8 +48,10 @@ def test_parse_keeps_the_fields(make_event):
     assert event.user_id is None
 
 
-@pytest.mark.parametrize("ts", ["2026-11-27T10:00:00Z", "2026-11-27T10:00:00.123456+02:00", "2026-11-27 10:00:00-05:00",
-                                "2024-02-29T23:59:59z"])
+@pytest.mark.parametrize(
+    "ts",
+    ["2026-11-27T10:00:00Z", "2026-11-27T10:00:00.123456+02:00", "2026-11-27 10:00:00-05:00", "2024-02-29T23:59:59z"],
+)
 def test_valid_timestamps(make_event, ts):
     assert parse_event(line(make_event(timestamp=ts))).timestamp == ts
 
@@ -73,45 +81,85 @@ BAD = [
     ("prompt a string", lambda e: line({**e, "prompt": "hi"}), ["prompt", "array"]),
     ("response a list", lambda e: line({**e, "response": ["hi"]}), ["response", "string"]),
     ("user_id a number", lambda e: line({**e, "user_id": 7}), ["user_id", "string"]),
-    ("rating 0", lambda e: line({**e, "feedback": {"type": "rating", "value": 0}}),
-     ["feedback.rating.value", "greater than or equal to 1"]),
-    ("rating 6", lambda e: line({**e, "feedback": {"type": "rating", "value": 6}}),
-     ["feedback.rating.value", "less than or equal to 5"]),
-    ("rating as string", lambda e: line({**e, "feedback": {"type": "rating", "value": "5"}}),
-     ["feedback.rating.value", "integer"]),
-    ("rating as float", lambda e: line({**e, "feedback": {"type": "rating", "value": 4.5}}),
-     ["feedback.rating.value", "integer"]),
-    ("thumbs sideways", lambda e: line({**e, "feedback": {"type": "thumbs", "value": "sideways"}}),
-     ["feedback.thumbs.value", "'up' or 'down'"]),
-    ("unknown feedback type", lambda e: line({**e, "feedback": {"type": "emoji", "value": ":)"}}),
-     ["feedback", "'emoji'", "does not match"]),
+    (
+        "rating 0",
+        lambda e: line({**e, "feedback": {"type": "rating", "value": 0}}),
+        ["feedback.rating.value", "greater than or equal to 1"],
+    ),
+    (
+        "rating 6",
+        lambda e: line({**e, "feedback": {"type": "rating", "value": 6}}),
+        ["feedback.rating.value", "less than or equal to 5"],
+    ),
+    (
+        "rating as string",
+        lambda e: line({**e, "feedback": {"type": "rating", "value": "5"}}),
+        ["feedback.rating.value", "integer"],
+    ),
+    (
+        "rating as float",
+        lambda e: line({**e, "feedback": {"type": "rating", "value": 4.5}}),
+        ["feedback.rating.value", "integer"],
+    ),
+    (
+        "thumbs sideways",
+        lambda e: line({**e, "feedback": {"type": "thumbs", "value": "sideways"}}),
+        ["feedback.thumbs.value", "'up' or 'down'"],
+    ),
+    (
+        "unknown feedback type",
+        lambda e: line({**e, "feedback": {"type": "emoji", "value": ":)"}}),
+        ["feedback", "'emoji'", "does not match"],
+    ),
     ("feedback without type", lambda e: line({**e, "feedback": {"value": "up"}}), ["feedback", "type"]),
     ("empty response", lambda e: line({**e, "response": ""}), ["response", "text is empty"]),
     ("whitespace-only response", lambda e: line({**e, "response": " \n\t "}), ["response", "text is empty"]),
-    ("empty prompt turn", lambda e: line({**e, "prompt": [{"role": "user", "content": "  "}]}),
-     ["prompt.0.content", "text is empty"]),
-    ("empty correction", lambda e: line({**e, "feedback": {"type": "correction", "text": ""}}),
-     ["feedback.correction.text", "text is empty"]),
-    ("whitespace rejected", lambda e: line({**e, "feedback": {"type": "preference", "rejected": "\n"}}),
-     ["feedback.preference.rejected", "text is empty"]),
+    (
+        "empty prompt turn",
+        lambda e: line({**e, "prompt": [{"role": "user", "content": "  "}]}),
+        ["prompt.0.content", "text is empty"],
+    ),
+    (
+        "empty correction",
+        lambda e: line({**e, "feedback": {"type": "correction", "text": ""}}),
+        ["feedback.correction.text", "text is empty"],
+    ),
+    (
+        "whitespace rejected",
+        lambda e: line({**e, "feedback": {"type": "preference", "rejected": "\n"}}),
+        ["feedback.preference.rejected", "text is empty"],
+    ),
     ("bad timestamp format", lambda e: line({**e, "timestamp": "27/11/2026 10:00"}), ["timestamp", "RFC 3339"]),
     ("timestamp without zone", lambda e: line({**e, "timestamp": "2026-11-27T10:00:00"}), ["timestamp", "RFC 3339"]),
-    ("impossible date", lambda e: line({**e, "timestamp": "2026-02-30T10:00:00Z"}),
-     ["timestamp", "not a valid date"]),
-    ("impossible hour", lambda e: line({**e, "timestamp": "2026-11-27T25:00:00Z"}),
-     ["timestamp", "not a valid date"]),
-    ("unknown role", lambda e: line({**e, "prompt": [{"role": "bot", "content": "hi"}]}),
-     ["prompt.0.role", "'system', 'user' or 'assistant'"]),
-    ("no user turn", lambda e: line({**e, "prompt": [{"role": "system", "content": "hi"}]}), ["prompt", "no user turn"]),
+    ("impossible date", lambda e: line({**e, "timestamp": "2026-02-30T10:00:00Z"}), ["timestamp", "not a valid date"]),
+    ("impossible hour", lambda e: line({**e, "timestamp": "2026-11-27T25:00:00Z"}), ["timestamp", "not a valid date"]),
+    (
+        "unknown role",
+        lambda e: line({**e, "prompt": [{"role": "bot", "content": "hi"}]}),
+        ["prompt.0.role", "'system', 'user' or 'assistant'"],
+    ),
+    (
+        "no user turn",
+        lambda e: line({**e, "prompt": [{"role": "system", "content": "hi"}]}),
+        ["prompt", "no user turn"],
+    ),
     ("no turns", lambda e: line({**e, "prompt": []}), ["prompt", "at least 1"]),
-    ("preference rejected equals response", lambda e: line({**e, "feedback": {"type": "preference",
-                                                                              "rejected": e["response"]}}),
-     ["rejected equals response"]),
+    (
+        "preference rejected equals response",
+        lambda e: line({**e, "feedback": {"type": "preference", "rejected": e["response"]}}),
+        ["rejected equals response"],
+    ),
     ("extra unknown field", lambda e: line({**e, "mood": "happy"}), ["mood", "Extra inputs are not permitted"]),
-    ("extra field in feedback", lambda e: line({**e, "feedback": {"type": "thumbs", "value": "up", "why": "x"}}),
-     ["feedback.thumbs.why", "Extra inputs"]),
-    ("extra field in a turn", lambda e: line({**e, "prompt": [{"role": "user", "content": "hi", "name": "x"}]}),
-     ["prompt.0.name", "Extra inputs"]),
+    (
+        "extra field in feedback",
+        lambda e: line({**e, "feedback": {"type": "thumbs", "value": "up", "why": "x"}}),
+        ["feedback.thumbs.why", "Extra inputs"],
+    ),
+    (
+        "extra field in a turn",
+        lambda e: line({**e, "prompt": [{"role": "user", "content": "hi", "name": "x"}]}),
+        ["prompt.0.name", "Extra inputs"],
+    ),
     ("unknown schema version", lambda e: line({**e, "schema_version": 2}), ["schema_version"]),
     ("empty event_id", lambda e: line({**e, "event_id": ""}), ["event_id", "at least 1"]),
 ]
@@ -143,8 +191,8 @@ def test_control_characters_in_identifiers_are_refused_naming_the_field(make_eve
     with pytest.raises(ContractError) as err:
         parse_event(line(event))
     assert err.value.reason.startswith(f"{field}: contains a control character (U+{ord(char):04X})")
-    assert "secret-id-7731" not in err.value.reason          # the value is never echoed
-    assert list(validator.iter_errors(event)) != []          # the shipped JSON Schema says the same
+    assert "secret-id-7731" not in err.value.reason  # the value is never echoed
+    assert list(validator.iter_errors(event)) != []  # the shipped JSON Schema says the same
 
 
 def test_printable_unicode_identifiers_are_kept(make_event):
@@ -160,11 +208,14 @@ def test_oversize_text_uses_max_text_chars(make_event):
     assert "response" in err.value.reason and "50 characters" in err.value.reason and "49" in err.value.reason
 
 
-@pytest.mark.parametrize("where, event_overrides", [
-    ("prompt.0.content", {"prompt": [{"role": "user", "content": "y" * 40}]}),
-    ("feedback.correction.text", {"feedback": {"type": "correction", "text": "y" * 40}}),
-    ("feedback.preference.rejected", {"feedback": {"type": "preference", "rejected": "y" * 40}}),
-])
+@pytest.mark.parametrize(
+    "where, event_overrides",
+    [
+        ("prompt.0.content", {"prompt": [{"role": "user", "content": "y" * 40}]}),
+        ("feedback.correction.text", {"feedback": {"type": "correction", "text": "y" * 40}}),
+        ("feedback.preference.rejected", {"feedback": {"type": "preference", "rejected": "y" * 40}}),
+    ],
+)
 def test_oversize_text_in_every_text_field(make_event, where, event_overrides):
     event = make_event(response="short", **event_overrides)
     with pytest.raises(ContractError) as err:
@@ -224,13 +275,16 @@ def test_jsonschema_accepts_good_events(validator, make_event, name):
     parse_event(line(event))  # and the models agree
 
 
-@pytest.mark.parametrize("change", [
-    {"feedback": {"type": "rating", "value": 9}},
-    {"feedback": {"type": "emoji"}},
-    {"prompt": [{"role": "bot", "content": "hi"}]},
-    {"mood": "happy"},
-    {"event_id": 5},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"feedback": {"type": "rating", "value": 9}},
+        {"feedback": {"type": "emoji"}},
+        {"prompt": [{"role": "bot", "content": "hi"}]},
+        {"mood": "happy"},
+        {"event_id": 5},
+    ],
+)
 def test_jsonschema_rejects_bad_events(validator, make_event, change):
     event = {**make_event(), **change}
     assert list(validator.iter_errors(event)) != []
@@ -241,3 +295,39 @@ def test_jsonschema_rejects_bad_events(validator, make_event, change):
 def test_jsonschema_requires_the_required_fields(validator, make_event):
     event = _without(make_event(), "conversation_id")
     assert any("conversation_id" in e.message for e in validator.iter_errors(event))
+
+
+def test_the_contract_names_each_feedback_type_and_the_columns_it_fills_once(make_event):
+    """What a kind of feedback stores is the contract's: ingest and validate read it from there (README
+    "Extending Flywheel": a new kind touches the contract and the prepare step only)."""
+    from collections import Counter
+
+    from flywheel.data import rawstore
+    from flywheel.data.ingest import event_row
+    from pipelines.validate import FEEDBACK_TYPES
+
+    assert FEEDBACK_TYPES == list(contract.FEEDBACK_TYPES) == ["thumbs", "rating", "preference", "correction"]
+    assert set(contract.FEEDBACK_COLUMNS) <= set(rawstore.SCHEMA.names)
+    polarity = {"thumbs up": 1, "thumbs down": -1, "rating": 0, "preference": 0, "correction": -1}
+    for name, feedback in FEEDBACK.items():
+        row = event_row(parse_event(line(make_event(feedback=feedback))), Counter())
+        filled = {c: row[c] for c in contract.FEEDBACK_COLUMNS if row[c] is not None}
+        assert filled == parse_event(line(make_event(feedback=feedback))).feedback.columns(), name
+        assert row["feedback_type"] == feedback["type"] and row["polarity"] == polarity[name], name
+
+    class Edit(contract._Feedback):  # a new kind, as README's example adds it: ingest is not touched
+        type: str = "edit"
+        text: str
+
+        def columns(self):
+            return {"correction": self.text}
+
+        def polarity(self):
+            return -1
+
+    event = parse_event(line(make_event()))
+    edited = event.model_copy(update={"feedback": Edit(text="Write to me at jo@example.com instead.")})
+    found = Counter()
+    row = event_row(edited, found)
+    assert row["feedback_type"] == "edit" and row["polarity"] == -1 and found["email"] == 1
+    assert row["correction"] == "Write to me at [EMAIL] instead." and row["thumbs"] is None

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shipped import shipped
 
-from flywheel.settings import PrepareParams
-from pipelines import prepare
 from flywheel.data import rawstore
 from flywheel.data.erase import erase_user, purge_quarantine
+from pipelines import prepare
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def store(demo_store, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(demo_store.raw, raw)
     prepared = tmp_path / "prepared"
-    prepare.main(raw, PrepareParams(), prepared, tmp_path / "prepare.json")
+    prepare.main(raw, shipped("prepare"), prepared, tmp_path / "prepare.json")
     return raw, prepared
 
 
@@ -48,8 +48,9 @@ def test_erase_user_removes_their_rows_and_records_and_keeps_the_rest(store):
     assert result.training_records == len(their_records)
     after_rows, after_records = rows(raw), records(prepared)
     assert all(r["user_id"] != "user-03" for r in after_rows)
-    assert sorted(r["event_id"] for r in after_rows) == sorted(r["event_id"] for r in before_rows
-                                                               if r["user_id"] != "user-03")
+    assert sorted(r["event_id"] for r in after_rows) == sorted(
+        r["event_id"] for r in before_rows if r["user_id"] != "user-03"
+    )
     assert sum(r["user_id"] is None for r in after_rows) == sum(r["user_id"] is None for r in before_rows) > 0
     assert all("user-03" not in r["user_ids"] for r in after_records)
     assert after_records == [r for r in before_records if "user-03" not in r["user_ids"]]
@@ -88,8 +89,9 @@ def test_batch_of_only_that_user_is_removed(tmp_path):
     base = {name: None for name in rawstore.SCHEMA.names}
 
     def write(name, users):
-        table = pa.Table.from_pylist([{**base, "event_id": f"{name}-{i}", "user_id": u} for i, u in enumerate(users)],
-                                     schema=rawstore.SCHEMA)
+        table = pa.Table.from_pylist(
+            [{**base, "event_id": f"{name}-{i}", "user_id": u} for i, u in enumerate(users)], schema=rawstore.SCHEMA
+        )
         pq.write_table(table, part / f"batch-{name}.parquet")
 
     write("a", ["gone", "gone"])
@@ -104,12 +106,18 @@ def test_erase_reaches_the_quarantine(tmp_path):
     q = tmp_path / "quarantine" / "20261127T000000Z-aaaa1111"
     q.mkdir(parents=True)
     base = {name: None for name in rawstore.SCHEMA.names}
-    pq.write_table(pa.Table.from_pylist([{**base, "event_id": f"q-{i}", "user_id": u}
-                                         for i, u in enumerate(["gone", "stay", None, "gone"])],
-                                        schema=rawstore.SCHEMA), q / "batch.parquet")
-    lines = [{"line": 1, "reason": "bad timestamp", "text": '{"event_id": "x", "user_id": "gone", "timestamp": 1}'},
-             {"line": 2, "reason": "bad timestamp", "text": '{"event_id": "y", "user_id": "stay"}'},
-             {"line": 3, "reason": "not JSON", "text": '{"user_id": "gone", '}]
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{**base, "event_id": f"q-{i}", "user_id": u} for i, u in enumerate(["gone", "stay", None, "gone"])],
+            schema=rawstore.SCHEMA,
+        ),
+        q / "batch.parquet",
+    )
+    lines = [
+        {"line": 1, "reason": "bad timestamp", "text": '{"event_id": "x", "user_id": "gone", "timestamp": 1}'},
+        {"line": 2, "reason": "bad timestamp", "text": '{"event_id": "y", "user_id": "stay"}'},
+        {"line": 3, "reason": "not JSON", "text": '{"user_id": "gone", '},
+    ]
     (q / "rejected-lines.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
     result = erase_user("gone", tmp_path / "raw", tmp_path / "prepared", tmp_path / "quarantine")
@@ -127,14 +135,18 @@ def test_empty_user_id_is_refused(tmp_path):
 
 
 def _ts(s: str) -> float:
-    return datetime.strptime(s, "%Y-%m-%d").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(s, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
 
 
 def test_purge_quarantine_removes_only_batches_older_than_retention(tmp_path):
     q = tmp_path / "quarantine"
     # "edge" is exactly 30 days old: not older than the retention
-    names = {"old": "20261001T120000Z-aaaa1111", "edge": "20261028T000000Z-bbbb2222",
-             "recent": "20261120T080000Z-cccc3333", "today": "20261127T000000Z-dddd4444"}
+    names = {
+        "old": "20261001T120000Z-aaaa1111",
+        "edge": "20261028T000000Z-bbbb2222",
+        "recent": "20261120T080000Z-cccc3333",
+        "today": "20261127T000000Z-dddd4444",
+    }
     for name in names.values():
         (q / name).mkdir(parents=True)
         (q / name / "rejected-lines.jsonl").write_text("{}\n")
@@ -163,10 +175,15 @@ def test_purge_with_zero_retention_and_missing_folder(tmp_path):
 
 # ---- ids however encoded, every place user text lives, one lock with export and ingest -----------------------------
 
+
 def _rejected(path, texts: list[str]) -> None:
     """rejected-lines.jsonl as ingest writes it: the input line's text, UTF-8, not ASCII-escaped."""
-    path.write_text("".join(json.dumps({"line": i, "reason": "r", "text": t}, ensure_ascii=False) + "\n"
-                            for i, t in enumerate(texts, 1)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"line": i, "reason": "r", "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts, 1)
+        ),
+        encoding="utf-8",
+    )
 
 
 @pytest.mark.parametrize("user_id", ["józef", "bob@corp"])
@@ -177,18 +194,22 @@ def test_erase_finds_an_id_in_the_quarantine_however_it_was_encoded(tmp_path, us
     q.mkdir(parents=True)
     base = {name: None for name in rawstore.SCHEMA.names}
     nfd = unicodedata.normalize("NFD", user_id)
-    pq.write_table(pa.Table.from_pylist([{**base, "event_id": f"q-{i}", "user_id": u}
-                                         for i, u in enumerate([user_id, nfd, "stay", None])],
-                                        schema=rawstore.SCHEMA), q / "batch.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{**base, "event_id": f"q-{i}", "user_id": u} for i, u in enumerate([user_id, nfd, "stay", None])],
+            schema=rawstore.SCHEMA,
+        ),
+        q / "batch.parquet",
+    )
     escaped = "".join(f"\\u{ord(c):04x}" if not c.isalnum() or ord(c) > 127 else c for c in user_id)
     texts = [
-        json.dumps({"event_id": "a", "user_id": user_id, "timestamp": 1}, ensure_ascii=False),   # literal, parses
-        '{"event_id": "b", "user_id": "' + escaped + '", "timestamp": 1}',                       # escaped, parses
-        '{"user_id": "' + user_id + '", "prompt": [',                                            # literal, broken
-        '{"user_id": "' + escaped + '", "prompt": [',                                            # escaped, broken
-        '{"user_id": "' + nfd + '", ',                                                           # other form
+        json.dumps({"event_id": "a", "user_id": user_id, "timestamp": 1}, ensure_ascii=False),  # literal, parses
+        '{"event_id": "b", "user_id": "' + escaped + '", "timestamp": 1}',  # escaped, parses
+        '{"user_id": "' + user_id + '", "prompt": [',  # literal, broken
+        '{"user_id": "' + escaped + '", "prompt": [',  # escaped, broken
+        '{"user_id": "' + nfd + '", ',  # other form
         '{"event_id": "c", "user_id": "stay"}',
-        '{"event_id": "d", "user_id": "' + user_id + 'ina"}',                                   # another id
+        '{"event_id": "d", "user_id": "' + user_id + 'ina"}',  # another id
         "not json at all",
     ]
     _rejected(q / "rejected-lines.jsonl", texts)
@@ -204,8 +225,11 @@ def test_erase_finds_an_id_in_the_quarantine_however_it_was_encoded(tmp_path, us
 def test_erase_finds_an_id_in_a_quarantine_record_that_does_not_parse(tmp_path):
     q = tmp_path / "quarantine" / "20261127T000000Z-bbbb2222"
     q.mkdir(parents=True)
-    (q / "rejected-lines.jsonl").write_text('{"line": 1, "reason": "r", "text": "{\\"user_id\\": \\"j\\\\u00f3zef\\"\n'
-                                            '{"line": 2, "reason": "r", "text": "{}"}\n', encoding="utf-8")
+    (q / "rejected-lines.jsonl").write_text(
+        '{"line": 1, "reason": "r", "text": "{\\"user_id\\": \\"j\\\\u00f3zef\\"\n'
+        '{"line": 2, "reason": "r", "text": "{}"}\n',
+        encoding="utf-8",
+    )
     assert erase_user("józef", tmp_path / "raw", tmp_path / "p", tmp_path / "quarantine").quarantined == 1
 
 
@@ -215,16 +239,27 @@ def test_erase_reaches_the_raw_store_and_training_sets_in_another_unicode_form(t
     raw = tmp_path / "raw" / "date=2026-11-27"
     raw.mkdir(parents=True)
     base = {name: None for name in rawstore.SCHEMA.names}
-    pq.write_table(pa.Table.from_pylist([{**base, "event_id": "a", "user_id": unicodedata.normalize("NFD", "józef")},
-                                         {**base, "event_id": "b", "user_id": "stay"}], schema=rawstore.SCHEMA),
-                   raw / "batch-x.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {**base, "event_id": "a", "user_id": unicodedata.normalize("NFD", "józef")},
+                {**base, "event_id": "b", "user_id": "stay"},
+            ],
+            schema=rawstore.SCHEMA,
+        ),
+        raw / "batch-x.parquet",
+    )
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    (prepared / "pairs-train.jsonl").write_text(json.dumps({"user_ids": [unicodedata.normalize("NFD", "józef")]})
-                                                + "\n" + json.dumps({"user_ids": ["stay"]}) + "\n")
+    (prepared / "pairs-train.jsonl").write_text(
+        json.dumps({"user_ids": [unicodedata.normalize("NFD", "józef")]})
+        + "\n"
+        + json.dumps({"user_ids": ["stay"]})
+        + "\n"
+    )
     result = erase_user("józef", tmp_path / "raw", prepared)
     assert (result.raw_events, result.training_records) == (1, 1)
-    assert result.variants == [unicodedata.normalize("NFD", "józef")]     # the feedback store is asked for it too
+    assert result.variants == [unicodedata.normalize("NFD", "józef")]  # the feedback store is asked for it too
 
 
 def test_erase_drops_held_out_evaluation_samples_and_the_answer_cache(tmp_path):
@@ -232,17 +267,27 @@ def test_erase_drops_held_out_evaluation_samples_and_the_answer_cache(tmp_path):
     metrics.parent.mkdir()
     report_dir.mkdir(parents=True)
     cache.mkdir()
-    legacy = [{"prompt": "my neighbour Anna's secret", "challenger": "a", "champion": "b", "judge_challenger": 0.1,
-               "judge_champion": 0.2}, {"prompt": "my bank", "challenger": "c", "champion": "d",
-                                        "judge_challenger": 0.0, "judge_champion": 0.0}]
+    legacy = [
+        {
+            "prompt": "my neighbour Anna's secret",
+            "challenger": "a",
+            "champion": "b",
+            "judge_challenger": 0.1,
+            "judge_champion": 0.2,
+        },
+        {"prompt": "my bank", "challenger": "c", "champion": "d", "judge_challenger": 0.0, "judge_champion": 0.0},
+    ]
     suite = {"suite": "eval/benign.yaml", "prompt": "Name three fruits.", "challenger": "x", "champion": "y"}
     metrics.write_text(json.dumps({"policy": {"samples": legacy + [suite], "pref_accuracy": {"n": 3}}}))
-    (report_dir / "report.md").write_text("# report\n\n| table |\n\n## Sample answers\n\n**Prompt:** my neighbour "
-                                          "Anna's secret\n\n- champion (+0.20): b\n")
+    (report_dir / "report.md").write_text(
+        "# report\n\n| table |\n\n## Sample answers\n\n**Prompt:** my neighbour "
+        "Anna's secret\n\n- champion (+0.20): b\n"
+    )
     (cache / "abc.jsonl").write_text('{"k": "h", "a": "an answer quoting my bank"}\n')
 
-    result = erase_user("anyone", tmp_path / "raw", tmp_path / "prepared", evaluation=(metrics, report_dir),
-                        answer_cache=cache)
+    result = erase_user(
+        "anyone", tmp_path / "raw", tmp_path / "prepared", evaluation=(metrics, report_dir), answer_cache=cache
+    )
 
     assert (result.evaluation_samples, result.answer_cache_files) == (2, 1)
     data = json.loads(metrics.read_text())
@@ -251,14 +296,15 @@ def test_erase_drops_held_out_evaluation_samples_and_the_answer_cache(tmp_path):
     assert "Anna" not in text and "| table |" in text
     assert not list(cache.glob("*.jsonl"))
     assert sorted(result.outputs_rewritten) == sorted([str(report_dir), str(metrics)])
-    again = erase_user("anyone", tmp_path / "raw", tmp_path / "prepared", evaluation=(metrics, report_dir),
-                       answer_cache=cache)
+    again = erase_user(
+        "anyone", tmp_path / "raw", tmp_path / "prepared", evaluation=(metrics, report_dir), answer_cache=cache
+    )
     assert (again.evaluation_samples, again.answer_cache_files, again.outputs_rewritten) == (0, 0, [])
 
 
 def test_evaluation_writes_no_held_out_user_text(tmp_path):
     """evaluate_policy on a tiny model: its metrics quote the shipped suites only; held-out items by index."""
-    from pipelines.evaluate import EvalParams, evaluate_policy
+    from flywheel.evaluation.policy_eval import evaluate_policy
     from flywheel.models.policy import load_policy
     from tests.model.conftest import build_policy
 
@@ -268,23 +314,62 @@ def test_evaluation_writes_no_held_out_user_text(tmp_path):
         def score(self, prompts, answers):
             return [float(len(a) % 3) for a in answers]
 
-    pairs = [{"prompt": [{"role": "user", "content": f"private-user-text-{i} about my garden"}], "chosen": "yes",
-              "rejected": "no thank you", "source": "preference", "split": "test", "conversation_id": f"c{i}",
-              "event_ids": [f"e{i}"], "user_ids": [f"u{i}"], "n_turns": 1} for i in range(6)]
-    params = EvalParams(max_prompt_tokens=32, max_answer_tokens=8, batch_size=8, frozen_layers=2, judged_prompts=3,
-                        redteam_prompts=3, benign_prompts=2, max_new_tokens=3, bootstrap=50)
-    out = evaluate_policy(model, model, model, tok, Judge(), pairs, ["say yes", "say no"],
-                          [{"prompt": "yes", "must_include": [], "must_not_include": ["zzz"]}], params)
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": f"private-user-text-{i} about my garden"}],
+            "chosen": "yes",
+            "rejected": "no thank you",
+            "source": "preference",
+            "split": "test",
+            "conversation_id": f"c{i}",
+            "event_ids": [f"e{i}"],
+            "user_ids": [f"u{i}"],
+            "n_turns": 1,
+        }
+        for i in range(6)
+    ]
+    params = shipped(
+        "evaluate",
+        max_prompt_tokens=32,
+        max_answer_tokens=8,
+        batch_size=8,
+        frozen_layers=2,
+        judged_prompts=3,
+        redteam_prompts=3,
+        benign_prompts=2,
+        max_new_tokens=3,
+        bootstrap=50,
+        bf16=False,
+    )
+    out = evaluate_policy(
+        model,
+        model,
+        model,
+        tok,
+        Judge(),
+        pairs,
+        ["say yes", "say no"],
+        [{"prompt": "yes", "must_include": [], "must_not_include": ["zzz"]}],
+        params,
+    )
     assert "private-user-text" not in json.dumps(out)
     assert [s["prompt"] for s in out["samples"]] == ["say yes", "say no"]
     assert all(s["suite"] == "eval/benign.yaml" for s in out["samples"])
     assert {(j["set"], j["item"]) for j in out["judged_items"]} == {("held-out", i) for i in range(3)} | {
-        ("red-team", i) for i in range(3)}
+        ("red-team", i) for i in range(3)
+    }
     # a report from metrics an older evaluation wrote shows none of its held-out samples
     from flywheel.evaluation.report import sample_lines
 
-    legacy = [{"prompt": "private-user-text-9", "challenger": "a", "champion": "b", "judge_challenger": 0.0,
-               "judge_champion": 0.0}]
+    legacy = [
+        {
+            "prompt": "private-user-text-9",
+            "challenger": "a",
+            "champion": "b",
+            "judge_challenger": 0.0,
+            "judge_champion": 0.0,
+        }
+    ]
     assert "private-user-text" not in "\n".join(sample_lines(legacy + out["samples"]))
     assert "say yes" in "\n".join(sample_lines(legacy + out["samples"]))
 
@@ -315,13 +400,18 @@ def test_ingest_export_and_erase_share_one_workspace_lock(tmp_path, repo_root, m
     ws.mkdir()
     shutil.copy(repo_root / "params.yaml", ws / "params.yaml")
     batch = tmp_path / "batch.jsonl"
-    batch.write_text("".join(json.dumps(make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"}))
-                             + "\n" for i in range(6)))
+    batch.write_text(
+        "".join(
+            json.dumps(make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"})) + "\n"
+            for i in range(6)
+        )
+    )
     env = {**os.environ, "FLYWHEEL_ROOT": str(ws), "FLYWHEEL_DVC_REMOTE": ""}
     flywheel = str(Path(sys.executable).with_name("flywheel"))
     release = tmp_path / "release"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ws), str(release)], env=env, text=True,
-                              stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(ws), str(release)], env=env, text=True, stdout=subprocess.PIPE
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(workspace.WorkspaceBusy, match=r"busy: holder \(pid \d+\)"):
         with workspace.locked(ws, "impatient", timeout=0.3):
@@ -329,22 +419,29 @@ def test_ingest_export_and_erase_share_one_workspace_lock(tmp_path, repo_root, m
     commands = {"ingest": ["ingest", str(batch)], "export": ["export"], "erase": ["erase", "--user-id", "user-01"]}
     procs = {}
     for name, args in commands.items():
-        procs[name] = subprocess.Popen([flywheel, *args], env=env, text=True, stdout=subprocess.DEVNULL,
-                                       stderr=open(tmp_path / f"{name}.err", "w"))
+        procs[name] = subprocess.Popen(
+            [flywheel, *args], env=env, text=True, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.err", "w")
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not all(
-            "waiting for the workspace lock held by holder" in (tmp_path / f"{n}.err").read_text() for n in commands):
+        "waiting for the workspace lock held by holder" in (tmp_path / f"{n}.err").read_text() for n in commands
+    ):
         assert all(p.poll() is None for p in procs.values()), "a command ran while the lock was held"
         time.sleep(0.2)
-    assert not rawstore.batch_files(ws / "data/raw")                   # nothing ingested while the lock was held
+    assert not rawstore.batch_files(ws / "data/raw")  # nothing ingested while the lock was held
     release.write_text("")
     assert holder.wait(30) == 0
     for name, p in procs.items():
         assert p.wait(120) == 0, (tmp_path / f"{name}.err").read_text()
     assert rawstore.batch_files(ws / "data/raw")
     # a command started by the holder itself runs at once
-    child = subprocess.run([sys.executable, "-c", _HOLDER, str(ws), str(release), flywheel, "erase", "--user-id",
-                            "user-02"], env=env, text=True, capture_output=True, timeout=180)
+    child = subprocess.run(
+        [sys.executable, "-c", _HOLDER, str(ws), str(release), flywheel, "erase", "--user-id", "user-02"],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=180,
+    )
     assert child.returncode == 0 and "waiting" not in child.stderr, child.stderr
 
 
@@ -352,8 +449,8 @@ def test_erase_deletes_older_evaluation_reports_from_mlflow(tmp_path, repo_root)
     import mlflow
 
     from flywheel import tracking
-    from flywheel.settings import load_settings
     from flywheel.data.erase import evaluation_runs_with_samples, purge_evaluation_artifacts
+    from flywheel.settings import load_settings
 
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -391,16 +488,18 @@ def test_rewritten_stage_outputs_are_recorded_in_dvc_lock_and_the_stage_still_re
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"]):
         subprocess.run(cmd, cwd=root, check=True, env=env)
     (root / "raw.txt").write_text("a\nb\n")
-    (root / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: mkdir -p prepared && cp raw.txt prepared/x.jsonl\n"
-                                   "    deps: [raw.txt]\n    outs: [prepared]\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  prepare:\n    cmd: mkdir -p prepared && cp raw.txt prepared/x.jsonl\n"
+        "    deps: [raw.txt]\n    outs: [prepared]\n"
+    )
     subprocess.run([dvc, "repro", "-q"], cwd=root, check=True, env=env)
     lock0 = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]
-    (root / "raw.txt").write_text("b\n")                       # erased from the input...
-    (root / "prepared/x.jsonl").write_text("b\n")               # ...and from the output, in place
+    (root / "raw.txt").write_text("b\n")  # erased from the input...
+    (root / "prepared/x.jsonl").write_text("b\n")  # ...and from the output, in place
     assert workspace.commit_outputs(root, [root / "prepared", root / "not-an-output"]) == (["prepared"], [])
     lock1 = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["prepare"]
     assert lock1["outs"] != lock0["outs"] and lock1["deps"] == lock0["deps"]
     status = subprocess.run([dvc, "status", "--json"], cwd=root, env=env, text=True, capture_output=True, check=True)
-    assert "prepare" in json.loads(status.stdout)                # its input changed: it reruns at the next repro
+    assert "prepare" in json.loads(status.stdout)  # its input changed: it reruns at the next repro
     subprocess.run([dvc, "checkout", "--force", "-q"], cwd=root, check=True, env=env)
-    assert (root / "prepared/x.jsonl").read_text() == "b\n"     # a checkout brings the erased version, not the old
+    assert (root / "prepared/x.jsonl").read_text() == "b\n"  # a checkout brings the erased version, not the old

@@ -9,8 +9,10 @@ from service.generation import _PerRowStop, _Row, _RowSampling
 
 
 def _rows() -> list[_Row]:
-    return [_Row(job=None, prompt=[1], max_tokens=4, temperature=0.0, top_p=1.0, live=False),
-            _Row(job=None, prompt=[1], max_tokens=4, temperature=0.7, top_p=0.9, live=False)]
+    return [
+        _Row(job=None, prompt=[1], max_tokens=4, temperature=0.0, top_p=1.0, live=False),
+        _Row(job=None, prompt=[1], max_tokens=4, temperature=0.7, top_p=0.9, live=False),
+    ]
 
 
 def test_row_sampling_follows_the_scores_device():

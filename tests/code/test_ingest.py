@@ -5,20 +5,20 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from shipped import shipped
 
-from flywheel.settings import ContractParams, IngestChecks, IngestParams
-from flywheel.data import batch_checks
-from flywheel.data import rawstore
+from flywheel.data import batch_checks, rawstore
 from flywheel.data import ingest as ingest_mod
 from flywheel.data.ingest import IngestError, ingest
+from flywheel.params import ContractParams, IngestParams
 
-NOW = datetime(2026, 11, 27, 9, 30, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
 
 
 class Workspace:
@@ -32,16 +32,33 @@ class Workspace:
         self.inputs.mkdir(parents=True)
         self._n = 0
 
-    def run(self, files, fmt="native", params: IngestParams | None = None, contract: ContractParams | None = None,
-            workers=1, now=NOW):
-        return ingest([Path(f) for f in files], fmt, self.raw, self.quarantine, params or IngestParams(),
-                      contract or ContractParams(), workers=workers, now=now)
+    def run(
+        self,
+        files,
+        fmt="native",
+        params: IngestParams | None = None,
+        contract: ContractParams | None = None,
+        workers=1,
+        now=NOW,
+    ):
+        return ingest(
+            [Path(f) for f in files],
+            fmt,
+            self.raw,
+            self.quarantine,
+            params or shipped("ingest"),
+            contract or shipped("contract"),
+            workers=workers,
+            now=now,
+        )
 
     def file(self, items, name=None, gz=False) -> Path:
         self._n += 1
         path = self.inputs / (name or f"batch-{self._n}.jsonl" + (".gz" if gz else ""))
-        data = b"".join((json.dumps(i).encode() if isinstance(i, dict) else
-                         i.encode() if isinstance(i, str) else i) + b"\n" for i in items)
+        data = b"".join(
+            (json.dumps(i).encode() if isinstance(i, dict) else i.encode() if isinstance(i, str) else i) + b"\n"
+            for i in items
+        )
         path.write_bytes(gzip.compress(data) if gz else data)
         return path
 
@@ -66,8 +83,9 @@ def ws(tmp_path) -> Workspace:
 
 def balanced(make_event, n, **overrides) -> list[dict]:
     """n valid events, thumbs alternating up / down, each with its own answer."""
-    return [make_event(feedback={"type": "thumbs", "value": "up" if i % 2 == 0 else "down"}, **overrides)
-            for i in range(n)]
+    return [
+        make_event(feedback={"type": "thumbs", "value": "up" if i % 2 == 0 else "down"}, **overrides) for i in range(n)
+    ]
 
 
 def bad_line(make_event, k: int) -> str:
@@ -84,17 +102,20 @@ def bad_line(make_event, k: int) -> str:
 # --- counts --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("good, bad, dup_within, dup_stored", [
-    (5, 0, 0, 0),
-    (5, 3, 0, 0),
-    (5, 0, 2, 0),
-    (5, 0, 0, 3),
-    (5, 4, 2, 3),
-    (0, 0, 0, 3),      # nothing new: all duplicates of stored events
-    (0, 2, 0, 3),
-    (1, 5, 1, 1),
-    (30, 5, 6, 4),     # big enough for the rate checks to run
-])
+@pytest.mark.parametrize(
+    "good, bad, dup_within, dup_stored",
+    [
+        (5, 0, 0, 0),
+        (5, 3, 0, 0),
+        (5, 0, 2, 0),
+        (5, 0, 0, 3),
+        (5, 4, 2, 3),
+        (0, 0, 0, 3),  # nothing new: all duplicates of stored events
+        (0, 2, 0, 3),
+        (1, 5, 1, 1),
+        (30, 5, 6, 4),  # big enough for the rate checks to run
+    ],
+)
 def test_counts_invariant(ws, make_event, good, bad, dup_within, dup_stored):
     stored = balanced(make_event, 4)
     if dup_stored:
@@ -114,7 +135,11 @@ def test_counts_invariant(ws, make_event, good, bad, dup_within, dup_stored):
 
     assert result.read == result.accepted + result.duplicates + result.quarantined
     assert (result.read, result.accepted, result.duplicates, result.quarantined) == (
-        good + bad + dup_within + dup_stored, good, dup_within + dup_stored, bad)
+        good + bad + dup_within + dup_stored,
+        good,
+        dup_within + dup_stored,
+        bad,
+    )
     assert result.ok
     assert len(ws.stored()) == before + good
     assert (result.batch_file is not None) == (good > 0)
@@ -139,7 +164,7 @@ def test_repeated_event_id_is_a_duplicate_within_and_across_batches(ws, make_eve
 
 
 def test_batch_file_lands_in_its_date_partition(ws, make_event):
-    result = ws.run([ws.file([make_event()])], now=datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc))
+    result = ws.run([ws.file([make_event()])], now=datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC))
     path = Path(result.batch_file)
     assert path.parent == ws.raw / "date=2026-03-04"
     assert path.name == f"batch-{result.batch_id}.parquet"
@@ -155,14 +180,14 @@ def test_batch_file_lands_in_its_date_partition(ws, make_event):
 def test_bad_lines_go_to_quarantine_with_line_number_and_reason(ws, make_event):
     good1, good2 = make_event(), make_event()
     lines = [
-        json.dumps(good1),                                                     # 1
-        '{"event_id": "broken',                                                # 2
-        "",                                                                    # 3 (blank, skipped)
-        json.dumps(make_event(feedback={"type": "rating", "value": 6})),       # 4
-        json.dumps(good2),                                                     # 5
-        b'{"event_id": "\xff\xfe"}',                                           # 6
-        "42",                                                                  # 7
-        json.dumps(make_event(response="   ")),                                # 8
+        json.dumps(good1),  # 1
+        '{"event_id": "broken',  # 2
+        "",  # 3 (blank, skipped)
+        json.dumps(make_event(feedback={"type": "rating", "value": 6})),  # 4
+        json.dumps(good2),  # 5
+        b'{"event_id": "\xff\xfe"}',  # 6
+        "42",  # 7
+        json.dumps(make_event(response="   ")),  # 8
     ]
     result = ws.run([ws.file(lines)])
     assert (result.read, result.accepted, result.quarantined) == (7, 2, 5)
@@ -183,7 +208,7 @@ def test_bad_lines_go_to_quarantine_with_line_number_and_reason(ws, make_event):
 
 def test_line_over_max_line_bytes_is_quarantined(ws, make_event):
     small, big = make_event(), make_event(response="b" * 600)
-    result = ws.run([ws.file([small, big])], contract=ContractParams(max_line_bytes=500))
+    result = ws.run([ws.file([small, big])], contract=shipped("contract", max_line_bytes=500))
     assert (result.accepted, result.quarantined) == (1, 1)
     rejected = json.loads((ws.quarantine / result.batch_id / "rejected-lines.jsonl").read_text())
     assert rejected["line"] == 2 and "bytes, over the limit of 500" in rejected["reason"]
@@ -191,9 +216,12 @@ def test_line_over_max_line_bytes_is_quarantined(ws, make_event):
 
 def test_contract_limits_come_from_params(ws, make_event):
     short = [{"role": "user", "content": "q"}]
-    events = [make_event(prompt=short, response="r" * 30), make_event(prompt=short, response="r" * 31),
-              make_event(prompt=short * 3, response="r")]
-    result = ws.run([ws.file(events)], contract=ContractParams(max_text_chars=30, max_turns=2))
+    events = [
+        make_event(prompt=short, response="r" * 30),
+        make_event(prompt=short, response="r" * 31),
+        make_event(prompt=short * 3, response="r"),
+    ]
+    result = ws.run([ws.file(events)], contract=shipped("contract", max_text_chars=30, max_turns=2))
     assert (result.accepted, result.quarantined) == (1, 2)
 
 
@@ -203,12 +231,15 @@ def test_contract_limits_come_from_params(ws, make_event):
 def hh(chosen_turns: list[tuple[str, str]], rejected_turns: list[tuple[str, str]]) -> dict:
     def text(turns):
         return "".join(f"\n\n{who}: {what}" for who, what in turns)
+
     return {"chosen": text(chosen_turns), "rejected": text(rejected_turns)}
 
 
 def test_hh_rlhf_rows_become_preference_events(ws):
-    single = hh([("Human", "How do I boil an egg?"), ("Assistant", "Simmer it for eight minutes.")],
-                [("Human", "How do I boil an egg?"), ("Assistant", "Microwave it.")])
+    single = hh(
+        [("Human", "How do I boil an egg?"), ("Assistant", "Simmer it for eight minutes.")],
+        [("Human", "How do I boil an egg?"), ("Assistant", "Microwave it.")],
+    )
     dialogue = [("Human", "Hi"), ("Assistant", "Hello! How can I help?"), ("Human", "Name a blue fruit.")]
     multi = hh(dialogue + [("Assistant", "Blueberries.")], dialogue + [("Assistant", "Bananas.")])
     result = ws.run([ws.file([single, multi])], fmt="hh-rlhf")
@@ -222,34 +253,55 @@ def test_hh_rlhf_rows_become_preference_events(ws):
     assert egg["timestamp"] == egg["ingested_at"] == "2026-11-27T09:30:00Z"
     fruit = rows["Blueberries."]
     assert fruit["rejected"] == "Bananas."
-    assert json.loads(fruit["prompt"]) == [{"role": "user", "content": "Hi"},
-                                           {"role": "assistant", "content": "Hello! How can I help?"},
-                                           {"role": "user", "content": "Name a blue fruit."}]
+    assert json.loads(fruit["prompt"]) == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Name a blue fruit."},
+    ]
     assert fruit["n_turns"] == 3 and fruit["polarity"] == 0
 
     again = ws.run([ws.file([multi, single])], fmt="hh-rlhf")  # same rows: same ids
     assert (again.accepted, again.duplicates) == (0, 2)
 
 
-@pytest.mark.parametrize("row, reason", [
-    (hh([("Human", "Q one"), ("Assistant", "A")], [("Human", "Q two"), ("Assistant", "B")]),
-     "do not share the dialogue"),
-    (hh([("Human", "Q"), ("Assistant", "A"), ("Human", "more"), ("Assistant", "C")],
-        [("Human", "Q"), ("Assistant", "B"), ("Human", "more"), ("Assistant", "D")]),
-     "do not share the dialogue"),
-    ({"chosen": "\n\nHuman: Q\n\nAssistant: ", "rejected": "\n\nHuman: Q\n\nAssistant: B"}, "response: text is empty"),
-    ({"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant:  "},
-     "feedback.preference.rejected: text is empty"),
-    (hh([("Human", "Q"), ("Assistant", "Same")], [("Human", "Q"), ("Assistant", "Same")]), "rejected equals response"),
-    (hh([("Human", "Q")], [("Human", "Q")]), "does not end with an assistant turn"),
-    ({"chosen": "\n\nHuman: Q\n\nAssistant: A"}, "needs string fields"),
-    ({"chosen": 1, "rejected": 2}, "needs string fields"),
-    ("[1, 2]", "needs string fields"),
-    ("{oops", "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        (
+            hh([("Human", "Q one"), ("Assistant", "A")], [("Human", "Q two"), ("Assistant", "B")]),
+            "do not share the dialogue",
+        ),
+        (
+            hh(
+                [("Human", "Q"), ("Assistant", "A"), ("Human", "more"), ("Assistant", "C")],
+                [("Human", "Q"), ("Assistant", "B"), ("Human", "more"), ("Assistant", "D")],
+            ),
+            "do not share the dialogue",
+        ),
+        (
+            {"chosen": "\n\nHuman: Q\n\nAssistant: ", "rejected": "\n\nHuman: Q\n\nAssistant: B"},
+            "response: text is empty",
+        ),
+        (
+            {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant:  "},
+            "feedback.preference.rejected: text is empty",
+        ),
+        (
+            hh([("Human", "Q"), ("Assistant", "Same")], [("Human", "Q"), ("Assistant", "Same")]),
+            "rejected equals response",
+        ),
+        (hh([("Human", "Q")], [("Human", "Q")]), "does not end with an assistant turn"),
+        ({"chosen": "\n\nHuman: Q\n\nAssistant: A"}, "needs string fields"),
+        ({"chosen": 1, "rejected": 2}, "needs string fields"),
+        ("[1, 2]", "needs string fields"),
+        ("{oops", "invalid JSON"),
+    ],
+)
 def test_hh_rlhf_bad_rows_are_quarantined(ws, row, reason):
-    good = hh([("Human", "Fine question"), ("Assistant", "Fine answer")],
-              [("Human", "Fine question"), ("Assistant", "Poor answer")])
+    good = hh(
+        [("Human", "Fine question"), ("Assistant", "Fine answer")],
+        [("Human", "Fine question"), ("Assistant", "Poor answer")],
+    )
     result = ws.run([ws.file([good, row])], fmt="hh-rlhf")
     assert (result.accepted, result.quarantined) == (1, 1)
     rejected = json.loads((ws.quarantine / result.batch_id / "rejected-lines.jsonl").read_text())
@@ -261,8 +313,11 @@ def test_demo_hh_batches_quarantine_their_broken_rows(demo_store):
     assert (native.read, native.accepted, native.quarantined) == (44, 44, 0)
     assert (hh1.read, hh1.accepted, hh1.quarantined) == (745, 743, 2)
     assert (hh2.read, hh2.accepted, hh2.quarantined) == (746, 743, 3)
-    reasons = [json.loads(line)["reason"] for r in (hh1, hh2)
-               for line in (Path(r.quarantine_dir) / "rejected-lines.jsonl").read_text().splitlines()]
+    reasons = [
+        json.loads(line)["reason"]
+        for r in (hh1, hh2)
+        for line in (Path(r.quarantine_dir) / "rejected-lines.jsonl").read_text().splitlines()
+    ]
     assert sum("text is empty" in r for r in reasons) == 2
     assert sum("do not share the dialogue" in r for r in reasons) == 3
 
@@ -334,7 +389,7 @@ def _input(ws: Workspace, case: str, demo_files) -> tuple[list[Path], str]:
     if case == "truncated gzip":
         data = gzip.compress(demo_files["native"].read_bytes())
         cut = ws.inputs / "cut.jsonl.gz"
-        cut.write_bytes(data[:len(data) // 2])
+        cut.write_bytes(data[: len(data) // 2])
         return [cut], "native"
     if case == "unknown format":
         return [demo_files["native"]], "csv"
@@ -349,20 +404,23 @@ def _input(ws: Workspace, case: str, demo_files) -> tuple[list[Path], str]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty file", "empty input"),
-    ("blank lines only", "empty input"),
-    ("empty gzip", "empty input"),
-    ("missing file", "no such file"),
-    ("a directory", "cannot read"),
-    ("corrupt gzip", "cannot read"),
-    ("truncated gzip", "cannot read"),
-    ("unknown format", "unknown format 'csv'"),
-    ("no files", "no input files"),
-    ("hh-rlhf file read as native", "no line of the input is a valid native event"),
-    ("native file read as hh-rlhf", "no line of the input is a valid hh-rlhf event"),
-    ("csv file", "no line of the input is a valid native event"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty file", "empty input"),
+        ("blank lines only", "empty input"),
+        ("empty gzip", "empty input"),
+        ("missing file", "no such file"),
+        ("a directory", "cannot read"),
+        ("corrupt gzip", "cannot read"),
+        ("truncated gzip", "cannot read"),
+        ("unknown format", "unknown format 'csv'"),
+        ("no files", "no input files"),
+        ("hh-rlhf file read as native", "no line of the input is a valid native event"),
+        ("native file read as hh-rlhf", "no line of the input is a valid hh-rlhf event"),
+        ("csv file", "no line of the input is a valid native event"),
+    ],
+)
 def test_whole_input_errors(ws, make_event, demo_files, case, message):
     ws.run([ws.file([make_event()])])
     before = ws.snapshot()
@@ -378,19 +436,22 @@ def test_whole_input_errors(ws, make_event, demo_files, case, message):
 # --- batch checks --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case, label", [
-    ("duplicate answers", "share of duplicate answers"),
-    ("personal data", "rate of personal data found"),
-])
+@pytest.mark.parametrize(
+    "case, label",
+    [
+        ("duplicate answers", "share of duplicate answers"),
+        ("personal data", "rate of personal data found"),
+    ],
+)
 def test_batch_failing_a_check_is_quarantined_whole(ws, make_event, case, label):
     ws.run([ws.file(balanced(make_event, 6))])
     before = ws.snapshot()
-    params = IngestParams()
+    params = shipped("ingest")
     if case == "duplicate answers":
         events = balanced(make_event, 30, response="The very same answer every time.")
     else:
         events = balanced(make_event, 30, prompt=[{"role": "user", "content": "Mail me at jane.roe@example.org"}])
-        params = IngestParams(checks=IngestChecks(max_pii_rate=0.2))
+        params = shipped("ingest", checks={"max_pii_rate": 0.2})
     result = ws.run([ws.file(events + ["{bad line"])], params=params)
 
     assert not result.ok
@@ -431,6 +492,7 @@ def _crash(monkeypatch, where: str):
             if calls["n"] == 2:
                 raise exc("crash")
             return real(*args, **kwargs)
+
         return wrapper
 
     if where == "commit":
@@ -439,6 +501,7 @@ def _crash(monkeypatch, where: str):
         def commit(root, tmp, date, batch_id):  # dies after flushing, before the rename
             real_fsync(tmp)
             raise Boom("disk gone")
+
         monkeypatch.setattr(rawstore, "commit_batch", commit)
     elif where == "writer":
         real_new = rawstore.new_batch_writer
@@ -447,15 +510,19 @@ def _crash(monkeypatch, where: str):
             tmp, writer = real_new(root, batch_id)
             writer.write_table = second_call_raises(writer.write_table)
             return tmp, writer
+
         monkeypatch.setattr(rawstore, "new_batch_writer", new_writer)
     elif where == "parser":
         monkeypatch.setattr(ingest_mod, "_process_chunk", second_call_raises(ingest_mod._process_chunk))
     elif where == "interrupt":
-        monkeypatch.setattr(ingest_mod, "_process_chunk",
-                            second_call_raises(ingest_mod._process_chunk, KeyboardInterrupt))
+        monkeypatch.setattr(
+            ingest_mod, "_process_chunk", second_call_raises(ingest_mod._process_chunk, KeyboardInterrupt)
+        )
     elif where == "checks":
+
         def check(*args, **kwargs):
             raise Boom("checks crashed")
+
         monkeypatch.setattr(batch_checks, "check_batch", check)
     else:
         raise AssertionError(where)
@@ -468,7 +535,7 @@ def test_crash_mid_ingest_leaves_store_unchanged(ws, make_event, monkeypatch, wh
     ids_before = rawstore.existing_ids(ws.raw)
     new = balanced(make_event, 12)
     path = ws.file(new)
-    params = IngestParams(chunk_events=5)
+    params = shipped("ingest", chunk_events=5)
 
     with monkeypatch.context() as m:
         _crash(m, where)
@@ -506,7 +573,7 @@ def test_process_pool_gives_the_same_result(tmp_path, monkeypatch, demo_files):
 
     monkeypatch.setattr(ingest_mod, "ProcessPoolExecutor", SpyPool)
     files = [demo_files["native"], demo_files["hh1"]]
-    params = IngestParams(chunk_events=40)
+    params = shipped("ingest", chunk_events=40)
     one, two = Workspace(tmp_path / "one"), Workspace(tmp_path / "two")
     r1 = one.run(files, fmt="native", params=params, workers=1)
     assert created == []
@@ -521,23 +588,32 @@ def test_process_pool_gives_the_same_result(tmp_path, monkeypatch, demo_files):
         return sorted((r["event_id"], r["prompt"], r["response"], r["polarity"]) for r in w.stored())
 
     assert content(one) == content(two)
-    lines = [json.loads(x)["line"] for x in
-             (Path(r2.quarantine_dir) / "rejected-lines.jsonl").read_text().splitlines()]
+    lines = [json.loads(x)["line"] for x in (Path(r2.quarantine_dir) / "rejected-lines.jsonl").read_text().splitlines()]
     assert sorted(lines) == lines and len(lines) == 745  # written in input order
 
 
 def test_process_pool_hh_rlhf(tmp_path, demo_files):
     w = Workspace(tmp_path)
-    r = w.run([demo_files["hh1"]], fmt="hh-rlhf", params=IngestParams(chunk_events=100), workers=2)
+    r = w.run([demo_files["hh1"]], fmt="hh-rlhf", params=shipped("ingest", chunk_events=100), workers=2)
     assert (r.read, r.accepted, r.quarantined) == (745, 743, 2)
     assert len({row["event_id"] for row in w.stored()}) == 743
 
 
 # --- personal data never lands ---------------------------------------------------------------------------------------
 
-PLANTED = ["jane.roe@example.org", "4111 1111 1111 1111", "DE89 3704 0044 0532 0130 00", "+1 415-555-0132",
-           "192.168.10.24", "415-555-0132", "4111111111111111", "DE89370400440532013000", "2001:db8::7",
-           "sam.doe@example.net", "(415) 555-0199"]
+PLANTED = [
+    "jane.roe@example.org",
+    "4111 1111 1111 1111",
+    "DE89 3704 0044 0532 0130 00",
+    "+1 415-555-0132",
+    "192.168.10.24",
+    "415-555-0132",
+    "4111111111111111",
+    "DE89370400440532013000",
+    "2001:db8::7",
+    "sam.doe@example.net",
+    "(415) 555-0199",
+]
 
 
 def _strings(value):
@@ -558,26 +634,44 @@ def test_planted_personal_data_never_lands_in_the_workspace(ws, make_event, demo
     # 2. planted in every text field, and in lines that are rejected
     extra = [
         make_event(response="Call the clinic on +1 415-555-0132 tomorrow."),
-        make_event(prompt=[{"role": "system", "content": "Customer card 4111111111111111."},
-                           {"role": "user", "content": "Where is my refund?"},
-                           {"role": "assistant", "content": "Your IP 2001:db8::7 was logged."},
-                           {"role": "user", "content": "And (415) 555-0199 is my desk phone."}]),
+        make_event(
+            prompt=[
+                {"role": "system", "content": "Customer card 4111111111111111."},
+                {"role": "user", "content": "Where is my refund?"},
+                {"role": "assistant", "content": "Your IP 2001:db8::7 was logged."},
+                {"role": "user", "content": "And (415) 555-0199 is my desk phone."},
+            ]
+        ),
         make_event(feedback={"type": "correction", "text": "Write to sam.doe@example.net instead."}),
         make_event(feedback={"type": "preference", "rejected": "Send it to DE89370400440532013000."}),
         '{"event_id": "bad", "response": "mail jane.roe@example.org or +1 415-555-0132',
-        json.dumps(make_event(prompt=[{"role": "user", "content": "card 4111 1111 1111 1111"}],
-                              feedback={"type": "rating", "value": 9})),
+        json.dumps(
+            make_event(
+                prompt=[{"role": "user", "content": "card 4111 1111 1111 1111"}],
+                feedback={"type": "rating", "value": 9},
+            )
+        ),
         json.dumps(make_event(feedback={"type": "sam.doe@example.net"})),
         b'{"x": "\xff 192.168.10.24 DE89 3704 0044 0532 0130 00"}',
     ]
     mixed = ws.run([ws.file(extra)])
     assert (mixed.accepted, mixed.quarantined) == (4, 4)
     # 3. a batch quarantined whole, every event carrying personal data
-    pii_batch = [make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"},
-                            prompt=[{"role": "user", "content": f"I am jane.roe@example.org, card 4111 1111 1111 1111,"
-                                                                f" phone +1 415-555-0132, ip 192.168.10.24 ({i})"}],
-                            response=f"Noted, refund to DE89 3704 0044 0532 0130 00 ({i}).") for i in range(25)]
-    whole = ws.run([ws.file(pii_batch)], params=IngestParams(checks=IngestChecks(max_pii_rate=0.1)))
+    pii_batch = [
+        make_event(
+            feedback={"type": "thumbs", "value": "up" if i % 2 else "down"},
+            prompt=[
+                {
+                    "role": "user",
+                    "content": f"I am jane.roe@example.org, card 4111 1111 1111 1111,"
+                    f" phone +1 415-555-0132, ip 192.168.10.24 ({i})",
+                }
+            ],
+            response=f"Noted, refund to DE89 3704 0044 0532 0130 00 ({i}).",
+        )
+        for i in range(25)
+    ]
+    whole = ws.run([ws.file(pii_batch)], params=shipped("ingest", checks={"max_pii_rate": 0.1}))
     assert whole.failed_checks and (Path(whole.quarantine_dir) / "batch.parquet").is_file()
 
     files = [p for p in ws.root.rglob("*") if p.is_file()]
@@ -611,8 +705,10 @@ def test_planted_personal_data_never_lands_in_the_workspace(ws, make_event, demo
 
 
 def test_native_demo_pii_is_redacted_in_place(demo_store):
-    rows = {r["event_id"]: r for r in pa.concat_tables(pq.read_table(f) for f in
-                                                        rawstore.batch_files(demo_store.raw)).to_pylist()}
+    rows = {
+        r["event_id"]: r
+        for r in pa.concat_tables(pq.read_table(f) for f in rawstore.batch_files(demo_store.raw)).to_pylist()
+    }
     assert json.loads(rows["native-0012"]["prompt"])[0]["content"].startswith("I paid with card [CARD] and never")
     assert rows["native-0012"]["pii_found"] == 1
     assert "[EMAIL]" in rows["native-0030"]["prompt"] and "[IBAN]" in rows["native-0018"]["prompt"]

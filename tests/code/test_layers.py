@@ -10,14 +10,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EDGE_IN_CORE = ("flywheel/cli", "flywheel/launch.py")      # the command line lives in the flywheel package
+EDGE_IN_CORE = ("flywheel/cli", "flywheel/launch.py")  # the command line lives in the flywheel package
 
 
 def _layer(rel: str) -> str | None:
     if rel.startswith(EDGE_IN_CORE):
         return "cli"
-    for prefix, layer in (("flywheel/", "core"), ("pipelines/", "steps"), ("service/", "service"), ("dags/", "dags"),
-                          ("benchmarks/", "benchmarks")):
+    for prefix, layer in (
+        ("flywheel/", "core"),
+        ("pipelines/", "steps"),
+        ("service/", "service"),
+        ("dags/", "dags"),
+        ("benchmarks/", "benchmarks"),
+    ):
         if rel.startswith(prefix):
             return layer
     return None
@@ -28,8 +33,18 @@ def _module_layer(module: str) -> str | None:
     if module == "flywheel.cli" or module.startswith(("flywheel.cli.", "flywheel.launch")):
         return "cli"
     top = module.split(".")[0]
-    return {"flywheel": "core", "pipelines": "steps", "service": "service", "dags": "dags", "tests": "tests",
-            "airflow": "airflow"}.get(top) if path else None
+    return (
+        {
+            "flywheel": "core",
+            "pipelines": "steps",
+            "service": "service",
+            "dags": "dags",
+            "tests": "tests",
+            "airflow": "airflow",
+        }.get(top)
+        if path
+        else None
+    )
 
 
 def _imports(path: Path) -> list[str]:
@@ -74,12 +89,15 @@ def test_imports_go_one_way():
     assert _violations() == []
 
 
-@pytest.mark.parametrize("source,module,expected", [
-    ("flywheel/registry.py", "pipelines.evaluate", "core imports steps"),
-    ("pipelines/evaluate.py", "service.app", "steps imports service"),
-    ("flywheel/data/ingest.py", "flywheel.cli", "core imports cli"),
-    ("benchmarks/bench_x.py", "tests.conftest", "benchmarks imports tests"),
-])
+@pytest.mark.parametrize(
+    "source,module,expected",
+    [
+        ("flywheel/registry.py", "pipelines.evaluate", "core imports steps"),
+        ("pipelines/evaluate.py", "service.app", "steps imports service"),
+        ("flywheel/data/ingest.py", "flywheel.cli", "core imports cli"),
+        ("benchmarks/bench_x.py", "tests.conftest", "benchmarks imports tests"),
+    ],
+)
 def test_the_rule_sees_an_import_that_climbs(source, module, expected):
     layer, target = _layer(source), _module_layer(module)
     assert target in FORBIDDEN[layer], expected

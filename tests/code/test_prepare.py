@@ -9,25 +9,44 @@ import string
 from collections import defaultdict
 
 import pytest
+from shipped import shipped
 
-from flywheel.settings import PrepareParams, SplitParams
 from flywheel.data import rawstore
 from pipelines.prepare import SETS, SPLITS, compile_sets, deduplicate, load_events, main, prepare, read_set, split_of
 
 _n = itertools.count(1)
 
-LONG_ANSWER = ("Water them deeply the day you leave, group them together away from direct sun, and use a "
-               "self-watering spike or a wick from a jar of water. A clear plastic bag over small pots keeps "
-               "humidity in, and moving them to a cooler room slows how fast the soil dries out.")
+LONG_ANSWER = (
+    "Water them deeply the day you leave, group them together away from direct sun, and use a "
+    "self-watering spike or a wick from a jar of water. A clear plastic bag over small pots keeps "
+    "humidity in, and moving them to a cooler room slows how fast the soil dries out."
+)
 
 
-def ev(prompt: str = "How do I keep my plants alive?", response: str = LONG_ANSWER, fb: str = "thumbs",
-       value=None, conv: str | None = None, user: str | None = "u1", turns: list[dict] | None = None) -> dict:
+def ev(
+    prompt: str = "How do I keep my plants alive?",
+    response: str = LONG_ANSWER,
+    fb: str = "thumbs",
+    value=None,
+    conv: str | None = None,
+    user: str | None = "u1",
+    turns: list[dict] | None = None,
+) -> dict:
     """An event as ``load_events`` returns it."""
     n = next(_n)
-    e = {"event_id": f"e{n:05d}", "ingested_at": "2026-11-27T10:00:00Z", "conversation_id": conv or f"c{n:05d}",
-         "user_id": user, "prompt": turns or [{"role": "user", "content": prompt}], "response": response,
-         "feedback_type": fb, "thumbs": None, "rating": None, "rejected": None, "correction": None}
+    e = {
+        "event_id": f"e{n:05d}",
+        "ingested_at": "2026-11-27T10:00:00Z",
+        "conversation_id": conv or f"c{n:05d}",
+        "user_id": user,
+        "prompt": turns or [{"role": "user", "content": prompt}],
+        "response": response,
+        "feedback_type": fb,
+        "thumbs": None,
+        "rating": None,
+        "rejected": None,
+        "correction": None,
+    }
     e["n_turns"] = len(e["prompt"])
     if fb == "thumbs":
         e["thumbs"] = value or "up"
@@ -45,7 +64,7 @@ def words(n: int, seed: int) -> str:
     return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 9))) for _ in range(n))
 
 
-P = PrepareParams()
+P = shipped("prepare")
 
 
 # --- de-duplication ------------------------------------------------------------------------------------------------
@@ -88,11 +107,14 @@ def test_distinct_answers_are_kept():
     assert (len(kept), report.exact, report.near) == (2, 0, 0)
 
 
-@pytest.mark.parametrize("second", [
-    {"fb": "rating", "value": 5},
-    {"fb": "correction", "value": LONG_ANSWER},
-    {"fb": "preference", "value": "Just leave them, plants are fine without water for a month."},
-])
+@pytest.mark.parametrize(
+    "second",
+    [
+        {"fb": "rating", "value": 5},
+        {"fb": "correction", "value": LONG_ANSWER},
+        {"fb": "preference", "value": "Just leave them, plants are fine without water for a month."},
+    ],
+)
 def test_different_feedback_types_on_the_same_answer_are_not_near_duplicates(second):
     a = ev()
     b = ev(**second)
@@ -104,8 +126,9 @@ def test_different_feedback_types_on_the_same_answer_are_not_near_duplicates(sec
 def test_other_answers_to_the_same_long_prompt_are_not_near_duplicates(prompt_words):
     """A thumbs up and a thumbs down on two different answers make a pair, however long the question."""
     question = words(prompt_words, seed=prompt_words) + "?"
-    up = ev(prompt=question, response="Mixing bleach with vinegar releases toxic chlorine gas; never do it.",
-            conv="c-long")
+    up = ev(
+        prompt=question, response="Mixing bleach with vinegar releases toxic chlorine gas; never do it.", conv="c-long"
+    )
     down = ev(prompt=question, response="Yes, it makes a stronger cleaner.", value="down", conv="c-long")
     kept, report = deduplicate([up, down], P)
     assert report.near == 0 and len(kept) == 2
@@ -115,14 +138,14 @@ def test_other_answers_to_the_same_long_prompt_are_not_near_duplicates(prompt_wo
 def test_near_duplicate_threshold_is_used():
     a = ev(fb="rating", value=5)
     edited = ev(response=LONG_ANSWER.replace("cooler room", "cooler place"), fb="rating", value=5)
-    kept, report = deduplicate([a, edited], PrepareParams(near_dup_threshold=0.95))
+    kept, report = deduplicate([a, edited], shipped("prepare", near_dup_threshold=0.95))
     assert (len(kept), report.near) == (2, 0)
 
 
 @pytest.mark.parametrize("threshold, perms", [(1.0, 64), (0.99, 256), (0.9, 2)])
 def test_infeasible_minhash_params_fail_naming_them(threshold, perms):
     with pytest.raises(ValueError, match="prepare.near_dup_threshold.*prepare.minhash_perms"):
-        deduplicate([ev()], PrepareParams(near_dup_threshold=threshold, minhash_perms=perms))
+        deduplicate([ev()], shipped("prepare", near_dup_threshold=threshold, minhash_perms=perms))
 
 
 # --- the sets ------------------------------------------------------------------------------------------------------
@@ -150,10 +173,13 @@ def test_thumbs_up_and_down_on_the_same_prompt_make_pairs():
     other_prompt_down = ev(prompt="Another question?", response="Bad.", value="down", conv="c-t")
     sets = compile_sets([up1, up2, down, other_prompt_down], P)
     pairs = by_source(sets["pairs"], "thumbs")
-    assert sorted((p["chosen"], p["rejected"]) for p in pairs) == [("Good answer one.", "Bad answer."),
-                                                                  ("Good answer two, longer.", "Bad answer.")]
-    assert sorted(p["event_ids"] for p in pairs) == sorted([[up1["event_id"], down["event_id"]],
-                                                            [up2["event_id"], down["event_id"]]])
+    assert sorted((p["chosen"], p["rejected"]) for p in pairs) == [
+        ("Good answer one.", "Bad answer."),
+        ("Good answer two, longer.", "Bad answer."),
+    ]
+    assert sorted(p["event_ids"] for p in pairs) == sorted(
+        [[up1["event_id"], down["event_id"]], [up2["event_id"], down["event_id"]]]
+    )
     assert sorted(tuple(p["user_ids"]) for p in pairs) == [("ua", "uc"), ("ub", "uc")]
     assert by_source(sets["reward_pairs"], "thumbs") == pairs
 
@@ -168,15 +194,18 @@ def test_only_thumbs_up_makes_no_pair():
     assert compile_sets([ev(response="A.", conv="c"), ev(response="B.", conv="c")], P)["pairs"] == []
 
 
-@pytest.mark.parametrize("gap, expected", [
-    (1, {(5, 4), (5, 2), (4, 2)}),
-    (2, {(5, 2), (4, 2)}),
-    (3, {(5, 2)}),
-    (4, set()),
-])
+@pytest.mark.parametrize(
+    "gap, expected",
+    [
+        (1, {(5, 4), (5, 2), (4, 2)}),
+        (2, {(5, 2), (4, 2)}),
+        (3, {(5, 2)}),
+        (4, set()),
+    ],
+)
 def test_ratings_of_the_same_prompt_make_reward_pairs_by_gap(gap, expected):
     rated = {r: ev(response=f"Answer rated {r}.", fb="rating", value=r, conv="c-r") for r in (5, 4, 2)}
-    sets = compile_sets(list(rated.values()), PrepareParams(pair_min_rating_gap=gap))
+    sets = compile_sets(list(rated.values()), shipped("prepare", pair_min_rating_gap=gap))
     pairs = by_source(sets["reward_pairs"], "rating")
     got = {(int(p["chosen"][-2]), int(p["rejected"][-2])) for p in pairs}
     assert got == expected
@@ -193,17 +222,23 @@ def test_sft_from_corrections_and_top_ratings():
     good = ev(response="A four-star answer.", fb="rating", value=4)
     up = ev(response="A thumbs-up answer.")
     sft = compile_sets([fix, top, good, up], P)["sft"]
-    assert sorted((r["source"], r["completion"]) for r in sft) == [("correction", "The corrected answer."),
-                                                                   ("rating", "A five-star answer.")]
+    assert sorted((r["source"], r["completion"]) for r in sft) == [
+        ("correction", "The corrected answer."),
+        ("rating", "A five-star answer."),
+    ]
     assert {r["event_ids"][0] for r in sft} == {fix["event_id"], top["event_id"]}
     assert all(r["prompt"] == fix["prompt"] for r in sft)
-    sft4 = compile_sets([fix, top, good, up], PrepareParams(sft_min_rating=4))["sft"]
+    sft4 = compile_sets([fix, top, good, up], shipped("prepare", sft_min_rating=4))["sft"]
     assert len(sft4) == 3
 
 
 def test_records_keep_event_ids_and_user_ids():
-    events = [ev(fb="preference", user="alice"), ev(fb="correction", user=None),
-              ev(response="Up.", conv="c-x", user="bob"), ev(response="Down.", value="down", conv="c-x", user="bob")]
+    events = [
+        ev(fb="preference", user="alice"),
+        ev(fb="correction", user=None),
+        ev(response="Up.", conv="c-x", user="bob"),
+        ev(response="Down.", value="down", conv="c-x", user="bob"),
+    ]
     sets = compile_sets(events, P)
     ids = {e["event_id"] for e in events}
     records = [r for name in SETS for r in sets[name]]
@@ -221,31 +256,41 @@ def test_records_keep_event_ids_and_user_ids():
 
 def test_split_of_is_a_fixed_function_of_the_id():
     # golden values: a change of hash would reshuffle every split and leak test examples into training
-    golden = {"conv-0001": "train", "conv-0002": "val", "conv-0008": "test", "conv-t0-down": "test",
-              "a": "test", "h": "val", "b": "train"}
-    assert {c: split_of(c, SplitParams()) for c in golden} == golden
+    golden = {
+        "conv-0001": "train",
+        "conv-0002": "val",
+        "conv-0008": "test",
+        "conv-t0-down": "test",
+        "a": "test",
+        "h": "val",
+        "b": "train",
+    }
+    assert {c: split_of(c, shipped("prepare").split) for c in golden} == golden
 
 
 def test_split_shares_follow_the_params():
     ids = [f"conv-{i}" for i in range(4000)]
     counts = defaultdict(int)
     for c in ids:
-        counts[split_of(c, SplitParams(test_pct=20, val_pct=10))] += 1
+        counts[split_of(c, shipped("prepare").split.updated(test_pct=20, val_pct=10))] += 1
     assert 0.17 < counts["test"] / 4000 < 0.23
     assert 0.08 < counts["val"] / 4000 < 0.12
-    assert {split_of(c, SplitParams(test_pct=0, val_pct=0)) for c in ids[:200]} == {"train"}
-    assert {split_of(c, SplitParams(test_pct=100, val_pct=0)) for c in ids[:200]} == {"test"}
-    assert {split_of(c, SplitParams(test_pct=0, val_pct=100)) for c in ids[:200]} == {"val"}
+    assert {split_of(c, shipped("prepare").split.updated(test_pct=0, val_pct=0)) for c in ids[:200]} == {"train"}
+    assert {split_of(c, shipped("prepare").split.updated(test_pct=100, val_pct=0)) for c in ids[:200]} == {"test"}
+    assert {split_of(c, shipped("prepare").split.updated(test_pct=0, val_pct=100)) for c in ids[:200]} == {"val"}
 
 
 def _conversation(i: int) -> list[dict]:
     conv = f"conv-{i}"
     q = f"Question {i}?"
-    return [ev(prompt=q, response=f"Good {i}.", conv=conv), ev(prompt=q, response=f"Bad {i}.", value="down", conv=conv),
-            ev(prompt=q, response=f"Rated {i}.", fb="rating", value=5, conv=conv),
-            ev(prompt=q, response=f"Low {i}.", fb="rating", value=1, conv=conv),
-            ev(prompt=q, response=f"Pref {i}.", fb="preference", value=f"Worse {i}.", conv=conv),
-            ev(prompt=q, response=f"Wrong {i}.", fb="correction", value=f"Right {i}.", conv=conv)]
+    return [
+        ev(prompt=q, response=f"Good {i}.", conv=conv),
+        ev(prompt=q, response=f"Bad {i}.", value="down", conv=conv),
+        ev(prompt=q, response=f"Rated {i}.", fb="rating", value=5, conv=conv),
+        ev(prompt=q, response=f"Low {i}.", fb="rating", value=1, conv=conv),
+        ev(prompt=q, response=f"Pref {i}.", fb="preference", value=f"Worse {i}.", conv=conv),
+        ev(prompt=q, response=f"Wrong {i}.", fb="correction", value=f"Right {i}.", conv=conv),
+    ]
 
 
 def _splits(sets: dict) -> dict[str, set[str]]:
@@ -298,8 +343,9 @@ def test_stage_on_demo_store(demo_store, tmp_path):
                 assert r["split"] == split
                 assert all(eid in stored for eid in r["event_ids"])
                 assert {split_of(conv_of[eid], P.split) for eid in r["event_ids"]} == {split}
-                assert r["user_ids"] == sorted({stored[eid]["user_id"] for eid in r["event_ids"]
-                                                if stored[eid]["user_id"]})
+                assert r["user_ids"] == sorted(
+                    {stored[eid]["user_id"] for eid in r["event_ids"] if stored[eid]["user_id"]}
+                )
     assert metrics["sft_train"] + metrics["sft_val"] + metrics["sft_test"] > 0
     assert sum(metrics[f"pairs_{s}"] for s in SPLITS) > 1400
 

@@ -69,8 +69,10 @@ def test_text_outside_the_datum_is_kept():
 
 
 def test_several_kinds_in_one_text_are_all_counted():
-    text = ("Mail jane.roe@example.org or call +1 415-555-0132; card 4111 1111 1111 1111, "
-            "IBAN DE89 3704 0044 0532 0130 00, from 192.168.10.24 and 2001:db8::1. Also bob@example.com.")
+    text = (
+        "Mail jane.roe@example.org or call +1 415-555-0132; card 4111 1111 1111 1111, "
+        "IBAN DE89 3704 0044 0532 0130 00, from 192.168.10.24 and 2001:db8::1. Also bob@example.com."
+    )
     counts = Counter()
     out = redact(text, counts)
     assert counts == Counter({"email": 2, "phone": 1, "card": 1, "iban": 1, "ip": 2})
@@ -85,56 +87,74 @@ def test_counts_accumulate_across_calls():
     assert counts == Counter({"email": 2, "ip": 1})
 
 
-@pytest.mark.parametrize("text", [
-    "card 4111 1111 1111 1112",            # fails Luhn
-    "card 1234 5678 9012 3456",            # fails Luhn
-    "IBAN DE88 3704 0044 0532 0130 00",     # fails mod-97
-    "IBAN GB00 WEST 1234 5698 7654 32",     # fails mod-97
-    "on 2021-11-27 we met",
-    "between 2021-11-27 and 2021-12-01",
-    "2021-11-27, 2021-11-28, 2021-11-29",
-    "at 2026-11-27T10:00:00Z",
-    "the number 12345 here",
-    "codes 12345 67890",
-    "order 1234567",
-    "the years 1990-2000",
-    "price 1,050.00 or 3.14159265",
-    "ts 1700000000",
-    "time 10:30:00 and ratio 3:2",
-    "hello world, nothing to see",
-    "an @ sign alone and user@localhost",
-    "ISBN 978-3-16-148410-0",
-    # look-alikes of the kinds added after the review: versions, prices, dates, ids, failed checksums
-    "upgrade to 1.2.3.4 then 2.0.1.5",
-    "version 10.2.0.1 and v172.16.0.4",
-    "pydantic 2.14.4, fastapi 0.136.3, section 4.2.1",
-    "it costs $1,299.99 or EUR 45.00 (was 1299.00)",
-    "dates 27.11.2026, 11/27/2026 and 2026.11.27",
-    "at 2026-11-27T10:00:00.123456Z on port 8080",
-    "card 4111.1111.1111.1112",                      # fails Luhn
-    "iban de88 3704 0044 0532 0130 00",               # fails mod-97
-    "code ab12 cdef ghij klmn op",                    # not an IBAN country
-    "SSN-shaped 000-12-3456, 666-12-3456, 912-34-5678, 123-00-4567, 123-45-0000, 111-11-1111",
-    "ids hh-3f8e4155550132ab and evt_4155550132x",    # digits glued to letters are part of an id
-    "serial 1700000000 and 1234567890",               # no North-American area code starts with 1
-    "5 out of 10, 3/4 of 100",
-    "user@localhost and @handle",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "card 4111 1111 1111 1112",  # fails Luhn
+        "card 1234 5678 9012 3456",  # fails Luhn
+        "IBAN DE88 3704 0044 0532 0130 00",  # fails mod-97
+        "IBAN GB00 WEST 1234 5698 7654 32",  # fails mod-97
+        "on 2021-11-27 we met",
+        "between 2021-11-27 and 2021-12-01",
+        "2021-11-27, 2021-11-28, 2021-11-29",
+        "at 2026-11-27T10:00:00Z",
+        "the number 12345 here",
+        "codes 12345 67890",
+        "order 1234567",
+        "the years 1990-2000",
+        "price 1,050.00 or 3.14159265",
+        "ts 1700000000",
+        "time 10:30:00 and ratio 3:2",
+        "hello world, nothing to see",
+        "an @ sign alone and user@localhost",
+        "ISBN 978-3-16-148410-0",
+        # look-alikes of the kinds added after the review: versions, prices, dates, ids, failed checksums
+        "upgrade to 1.2.3.4 then 2.0.1.5",
+        "version 10.2.0.1 and v172.16.0.4",
+        "pydantic 2.14.4, fastapi 0.136.3, section 4.2.1",
+        "it costs $1,299.99 or EUR 45.00 (was 1299.00)",
+        "dates 27.11.2026, 11/27/2026 and 2026.11.27",
+        "at 2026-11-27T10:00:00.123456Z on port 8080",
+        "card 4111.1111.1111.1112",  # fails Luhn
+        "iban de88 3704 0044 0532 0130 00",  # fails mod-97
+        "code ab12 cdef ghij klmn op",  # not an IBAN country
+        "SSN-shaped 000-12-3456, 666-12-3456, 912-34-5678, 123-00-4567, 123-45-0000, 111-11-1111",
+        "ids hh-3f8e4155550132ab and evt_4155550132x",  # digits glued to letters are part of an id
+        "serial 1700000000 and 1234567890",  # no North-American area code starts with 1
+        "5 out of 10, 3/4 of 100",
+        "user@localhost and @handle",
+    ],
+)
 def test_look_alikes_are_not_redacted(text):
     counts = Counter()
     assert redact(text, counts) == text
     assert not counts
 
 
-@pytest.mark.parametrize("digits, ok", [("4111111111111111", True), ("4111111111111112", False),
-                                        ("79927398713", True), ("79927398710", False), ("0", True)])
+@pytest.mark.parametrize(
+    "digits, ok",
+    [
+        ("4111111111111111", True),
+        ("4111111111111112", False),
+        ("79927398713", True),
+        ("79927398710", False),
+        ("0", True),
+    ],
+)
 def test_luhn(digits, ok):
     assert luhn_ok(digits) is ok
 
 
-@pytest.mark.parametrize("iban, ok", [("DE89 3704 0044 0532 0130 00", True), ("DE89370400440532013000", True),
-                                      ("GB82WEST12345698765432", True), ("DE88370400440532013000", False),
-                                      ("DE89 3704", False)])
+@pytest.mark.parametrize(
+    "iban, ok",
+    [
+        ("DE89 3704 0044 0532 0130 00", True),
+        ("DE89370400440532013000", True),
+        ("GB82WEST12345698765432", True),
+        ("DE88370400440532013000", False),
+        ("DE89 3704", False),
+    ],
+)
 def test_iban_checksum(iban, ok):
     assert iban_ok(iban) is ok
 
@@ -156,14 +176,15 @@ def key(monkeypatch):
     return KEY
 
 
-@pytest.mark.parametrize("value", ["jane.roe@example.org", "user-4155550132", "+44 20 7946 0958", "123-45-6789",
-                                   "józef@exämple.pl"])
+@pytest.mark.parametrize(
+    "value", ["jane.roe@example.org", "user-4155550132", "+44 20 7946 0958", "123-45-6789", "józef@exämple.pl"]
+)
 def test_ids_holding_personal_data_are_pseudonymised_stably(key, value):
     counts = Counter()
     pid = pseudonymise_id(value, counts)
     assert pid.startswith("pid-") and len(pid) == 36 and value not in pid
-    assert pseudonymise_id(value) == pid                          # the same id, the same pseudonym
-    assert pseudonymise_id(pid) == pid                            # a pseudonym is left as it is
+    assert pseudonymise_id(value) == pid  # the same id, the same pseudonym
+    assert pseudonymise_id(pid) == pid  # a pseudonym is left as it is
     assert sum(counts.values()) == 1
 
 
@@ -194,10 +215,10 @@ def test_without_a_key_the_workspace_gets_one_of_its_own(tmp_path, monkeypatch):
     first = pseudonymise_id("jane@example.org")
     key_file = tmp_path / "a" / redact_mod.PSEUDONYM_KEY_FILE
     assert key_file.is_file() and oct(key_file.stat().st_mode & 0o777) == "0o600"
-    redact_mod._keys.clear()                                      # a new process reads the same file
+    redact_mod._keys.clear()  # a new process reads the same file
     assert pseudonymise_id("jane@example.org") == first
     monkeypatch.setenv("FLYWHEEL_ROOT", str(tmp_path / "b"))
-    assert pseudonymise_id("jane@example.org") != first           # another workspace, another key
+    assert pseudonymise_id("jane@example.org") != first  # another workspace, another key
 
 
 def test_event_rows_carry_pseudonyms_for_ids_holding_personal_data(key, make_event):
@@ -206,8 +227,13 @@ def test_event_rows_carry_pseudonyms_for_ids_holding_personal_data(key, make_eve
     from flywheel.contract import parse_event
     from flywheel.data.ingest import event_row
 
-    event = parse_event(json.dumps(make_event(event_id="evt-jane@example.org", conversation_id="conv-4155550132",
-                                              user_id="jane.roe@example.org")))
+    event = parse_event(
+        json.dumps(
+            make_event(
+                event_id="evt-jane@example.org", conversation_id="conv-4155550132", user_id="jane.roe@example.org"
+            )
+        )
+    )
     found = Counter()
     row = event_row(event, found)
     assert row["user_id"] == pseudonymise_id("jane.roe@example.org")
@@ -216,4 +242,4 @@ def test_event_rows_carry_pseudonyms_for_ids_holding_personal_data(key, make_eve
     assert "example.org" not in json.dumps(row) and "4155550132" not in json.dumps(row)
     assert found == Counter({"email": 2, "phone": 1}) and row["pii_found"] == 3
     plain = event_row(parse_event(json.dumps(make_event(user_id="user-07"))), Counter())
-    assert plain["user_id"] == "user-07"                          # an id without personal data is kept as it is
+    assert plain["user_id"] == "user-07"  # an id without personal data is kept as it is

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.evaluate import is_refusal, normalise_refusal_text
+from flywheel.evaluation.refusal import is_refusal, normalise_refusal_text
 
 CORPUS = yaml.safe_load((Path(__file__).parents[1] / "data" / "refusal_corpus.yaml").read_text(encoding="utf-8"))
 

@@ -26,8 +26,14 @@ DVC_YAML = """stages:
 
 def _env():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "AIRFLOW"))}
-    env.update(DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@e", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@e",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@e",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     return env
 
 
@@ -98,22 +104,30 @@ def test_state_skips_hidden_folders_and_keeps_extra_files(tmp_path):
     (tmp_path / "reports/mark.json").write_text("{}")
     state = remote.read_state(tmp_path, [tmp_path / "reports/mark.json", tmp_path / "reports/missing.json"])
     assert state == {"dvc.lock": "schema: '2.0'\n", "data/raw.dvc": "outs: []\n", "reports/mark.json": "{}"}
-    assert remote.write_state(tmp_path, state, [tmp_path / "reports/mark.json"]) == []   # unchanged: not rewritten
+    assert remote.write_state(tmp_path, state, [tmp_path / "reports/mark.json"]) == []  # unchanged: not rewritten
 
 
 def test_without_a_remote_the_work_runs_alone(tmp_path, repo_root):
     (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
     calls = []
-    result, state = orch.synced(tmp_path, {"PATH": os.environ["PATH"]}, "r", "t", None,
-                                lambda: calls.append(1) or "done")
+    result, state = orch.synced(
+        tmp_path, {"PATH": os.environ["PATH"]}, "r", "t", None, lambda: calls.append(1) or "done"
+    )
     assert (result, state, calls) == ("done", None, [1])
     assert not (tmp_path / ".dvc").exists()
 
 
 def test_an_unreachable_remote_fails_naming_the_command(origin, tmp_path):
     a = _clone(origin, tmp_path / "worker-a")
-    env = {**_env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
+    env = {
+        **_env(),
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "AWS_RETRY_MODE": "standard",
+    }
     (a / "data").mkdir(exist_ok=True)
     (a / "data/in.txt").write_text("1")
     subprocess.run([DVC, "add", "-q", "data/in.txt"], cwd=a, check=True, env=env)
@@ -136,15 +150,24 @@ def test_flywheel_restore_brings_back_a_runs_state_and_data(origin, tmp_path, re
     (fresh / "params.yaml").write_text((repo_root / "params.yaml").read_text())
     flywheel = str(Path(sys.executable).with_name("flywheel"))
     cli_env = {**env, "FLYWHEEL_ROOT": str(fresh), "FLYWHEEL_DVC_REMOTE": url}
-    missing = subprocess.run([flywheel, "restore", "--run-id", "manual__2"], cwd=fresh, env=cli_env, text=True,
-                             capture_output=True)
+    missing = subprocess.run(
+        [flywheel, "restore", "--run-id", "manual__2"], cwd=fresh, env=cli_env, text=True, capture_output=True
+    )
     assert missing.returncode == 2 and "no workspace state of run 'manual__2'" in missing.stderr
-    ok = subprocess.run([flywheel, "restore", "--run-id", "manual__1"], cwd=fresh, env=cli_env, text=True,
-                        capture_output=True)
+    ok = subprocess.run(
+        [flywheel, "restore", "--run-id", "manual__1"], cwd=fresh, env=cli_env, text=True, capture_output=True
+    )
     assert ok.returncode == 0, ok.stderr
-    assert (fresh / "out/double.txt").read_text() == "10" and (fresh / "dvc.lock").read_text() == (a / "dvc.lock").read_text()
-    unset = subprocess.run([flywheel, "restore", "--run-id", "manual__1"], cwd=fresh,
-                           env={**cli_env, "FLYWHEEL_DVC_REMOTE": ""}, text=True, capture_output=True)
+    assert (fresh / "out/double.txt").read_text() == "10" and (fresh / "dvc.lock").read_text() == (
+        a / "dvc.lock"
+    ).read_text()
+    unset = subprocess.run(
+        [flywheel, "restore", "--run-id", "manual__1"],
+        cwd=fresh,
+        env={**cli_env, "FLYWHEEL_DVC_REMOTE": ""},
+        text=True,
+        capture_output=True,
+    )
     assert unset.returncode == 2 and "dvc_remote is not set" in unset.stderr
 
 
@@ -153,26 +176,29 @@ def test_flywheel_restore_brings_back_a_runs_state_and_data(origin, tmp_path, re
 POINTER = "outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 1\n  nfiles: 1\n  hash: md5\n  path: raw\n"
 
 
-@pytest.mark.parametrize("rel,text,why", [
-    ("pipelines/validate.py", "import os\n", "only dvc.lock"),
-    ("dvc.yaml", "stages: {}\n", "only dvc.lock"),
-    ("params.yaml", "x: 1\n", "only dvc.lock"),
-    ("/tmp/evil.dvc", POINTER, "outside the workspace"),
-    ("../evil.dvc", POINTER, "outside the workspace"),
-    ("data/../../evil.dvc", POINTER, "outside the workspace"),
-    (".git/hooks/post-checkout.dvc", POINTER, "outside the workspace"),
-    (".dvc/config.dvc", POINTER, "outside the workspace"),
-    ("data/raw.dvc", POINTER.replace("path: raw", "path: ../pipelines"), "which git tracks"),
-    ("data/raw.dvc", POINTER.replace("path: raw", "path: ../../outside"), "outside the workspace"),
-    ("data/raw.dvc", "deps:\n- path: https://example.com/x\nouts:\n- path: raw\n", "not a data pointer"),
-    ("data/raw.dvc", "outs: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "rel,text,why",
+    [
+        ("pipelines/validate.py", "import os\n", "only dvc.lock"),
+        ("dvc.yaml", "stages: {}\n", "only dvc.lock"),
+        ("params.yaml", "x: 1\n", "only dvc.lock"),
+        ("/tmp/evil.dvc", POINTER, "outside the workspace"),
+        ("../evil.dvc", POINTER, "outside the workspace"),
+        ("data/../../evil.dvc", POINTER, "outside the workspace"),
+        (".git/hooks/post-checkout.dvc", POINTER, "outside the workspace"),
+        (".dvc/config.dvc", POINTER, "outside the workspace"),
+        ("data/raw.dvc", POINTER.replace("path: raw", "path: ../pipelines"), "which git tracks"),
+        ("data/raw.dvc", POINTER.replace("path: raw", "path: ../../outside"), "outside the workspace"),
+        ("data/raw.dvc", "deps:\n- path: https://example.com/x\nouts:\n- path: raw\n", "not a data pointer"),
+        ("data/raw.dvc", "outs: [\n", "not valid YAML"),
+    ],
+)
 def test_a_state_writing_anything_but_lock_pointers_and_watermark_is_refused(origin, rel, text, why):
     (origin / "pipelines").mkdir()
     (origin / "pipelines/validate.py").write_text("# the real code\n")
     subprocess.run(["git", "add", "-A"], cwd=origin, check=True, env=_env())
     before = {p: p.read_bytes() for p in origin.rglob("*") if p.is_file() and ".git" not in p.parts}
-    state = {"dvc.lock": "schema: '2.0'\n", rel: text}           # a good file first: nothing may be written at all
+    state = {"dvc.lock": "schema: '2.0'\n", rel: text}  # a good file first: nothing may be written at all
     with pytest.raises(remote.RemoteError, match=why):
         remote.write_state(origin, state, [origin / "reports/orchestration/last_training.json"])
     after = {p: p.read_bytes() for p in origin.rglob("*") if p.is_file() and ".git" not in p.parts}
@@ -194,23 +220,24 @@ def test_a_state_may_write_the_lock_pointers_and_the_watermark(origin):
     state = {"dvc.lock": "schema: '2.0'\n", "data/raw.dvc": POINTER, "reports/orchestration/last_training.json": "{}"}
     assert sorted(remote.write_state(origin, state, [mark])) == sorted(state)
     assert mark.read_text() == "{}" and (origin / "data/raw.dvc").read_text() == POINTER
-    with pytest.raises(remote.RemoteError, match="only dvc.lock"):       # the watermark only when named
+    with pytest.raises(remote.RemoteError, match="only dvc.lock"):  # the watermark only when named
         remote.write_state(origin, state)
 
 
 # ---- item 6: nothing a sync does loses what was accepted, or brings back what was erased -------------------------
 
+
 def test_a_task_handed_an_older_state_does_not_roll_back_the_latest(tmp_path):
     url, env = str(tmp_path / "remote"), _env()
     old = {"dvc.lock": "lock 1\n", "data/raw.dvc": "raw 1\n"}
     remote.publish_state(url, old, "ci_run", "check_feedback", env)
-    newer = {**old, "data/raw.dvc": "raw 2\n"}                        # an export published meanwhile
+    newer = {**old, "data/raw.dvc": "raw 2\n"}  # an export published meanwhile
     remote.publish_state(url, newer, "ingest_run", "export_feedback", env, base=old)
-    trained = {**old, "dvc.lock": "lock 2\n"}                        # the training run's task, started from `old`
+    trained = {**old, "dvc.lock": "lock 2\n"}  # the training run's task, started from `old`
     latest = remote.publish_state(url, trained, "ci_run", "train_policy", env, base=old)
     assert latest == {"dvc.lock": "lock 2\n", "data/raw.dvc": "raw 2\n"} == remote.fetch_state(url, env)
-    assert remote.fetch_state(url, env, "ci_run") == trained          # the run's own lineage is exact
-    clash = {**old, "data/raw.dvc": "raw 3\n"}                        # both changed the raw store: loud
+    assert remote.fetch_state(url, env, "ci_run") == trained  # the run's own lineage is exact
+    clash = {**old, "data/raw.dvc": "raw 3\n"}  # both changed the raw store: loud
     with pytest.raises(remote.RemoteError, match="data/raw.dvc"):
         remote.publish_state(url, clash, "other_run", "erase", env, base=old)
     assert remote.fetch_state(url, env) == latest
@@ -229,10 +256,10 @@ def test_a_retry_keeps_and_publishes_what_its_interrupted_attempt_left(origin, t
     url, env = str(tmp_path / "remote"), _env()
     a, state = _published_worker(origin, tmp_path, url, env)
     remote.sync_in(a, url, env, state, task="run/2/export")
-    (a / "data/in.txt").write_text("2")                               # the attempt's work, then its push fails
+    (a / "data/in.txt").write_text("2")  # the attempt's work, then its push fails
     subprocess.run([DVC, "add", "-q", "data/in.txt"], cwd=a, check=True, env=env)
     changed = (a / "data/in.txt.dvc").read_text()
-    remote.sync_in(a, url, env, state, task="run/2/export")           # the retry: kept, not overwritten
+    remote.sync_in(a, url, env, state, task="run/2/export")  # the retry: kept, not overwritten
     assert (a / "data/in.txt").read_text() == "2" and (a / "data/in.txt.dvc").read_text() == changed
     remote.sync_out(a, url, env, "run/2", "export")
     assert remote.fetch_state(url, env)["data/in.txt.dvc"] == changed
@@ -260,6 +287,7 @@ def test_a_sync_never_overwrites_unpublished_changes(origin, tmp_path):
 
 # ---- hand-run ingest / export / erase against an S3 remote (moto) and the DAG task after them ----------------------
 
+
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on a free port, with a ``flywheel`` bucket (as tests/distributed/test_celery.py uses)."""
@@ -274,8 +302,9 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="flywheel")
+    boto3.client(
+        "s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    ).create_bucket(Bucket="flywheel")
     yield url
     server.stop()
 
@@ -284,10 +313,14 @@ def s3_server():
 def s3_worker(s3_server, origin, tmp_path, repo_root, monkeypatch, request):
     """A worker's workspace (a clone with the shipped params.yaml) whose settings name an S3 remote of its own
     (a prefix per test); returns (workspace, env for the CLI and the sync)."""
-    aws = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    aws = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     for k, v in aws.items():
-        monkeypatch.setenv(k, v)                     # fsspec's S3 client reads the keys from this process
+        monkeypatch.setenv(k, v)  # fsspec's S3 client reads the keys from this process
     (origin / "params.yaml").write_text((repo_root / "params.yaml").read_text())
     subprocess.run(["git", "add", "-A"], cwd=origin, check=True, env=_env())
     subprocess.run(["git", "commit", "-qm", "params"], cwd=origin, check=True, env=_env())
@@ -297,15 +330,20 @@ def s3_worker(s3_server, origin, tmp_path, repo_root, monkeypatch, request):
 
 
 def _flywheel(args: list[str], w: Path, env: dict) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(Path(sys.executable).with_name("flywheel")), *args], cwd=w, env=env, text=True,
-                          capture_output=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("flywheel")), *args], cwd=w, env=env, text=True, capture_output=True
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
 
 def _events_file(path: Path, make_event, n: int, **overrides) -> Path:
-    path.write_text("".join(json.dumps(make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"},
-                                                  **overrides)) + "\n" for i in range(n)))
+    path.write_text(
+        "".join(
+            json.dumps(make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"}, **overrides)) + "\n"
+            for i in range(n)
+        )
+    )
     return path
 
 
@@ -318,8 +356,8 @@ def _stored(w: Path) -> list[dict]:
 def _task_ingests(w: Path, env: dict, files: list[Path], run_id: str = "scheduled__1") -> None:
     """What a DAG task does in production: synced pull, work (here an ingest and `dvc add`), push and publish."""
     from flywheel import workspace
-    from flywheel.settings import load_settings
     from flywheel.data.ingest import ingest
+    from flywheel.settings import load_settings
 
     s = load_settings(w, env=env)
 
@@ -349,7 +387,7 @@ def test_a_hand_run_ingest_is_published_and_the_next_task_keeps_it(s3_worker, or
     _flywheel(["ingest", str(by_hand), "--json"], w, env)
     ids = {json.loads(x)["event_id"] for x in by_hand.read_text().splitlines()}
     _next_task(w, env)
-    assert ids <= {r["event_id"] for r in _stored(w)}                     # not deleted by the task's pull
+    assert ids <= {r["event_id"] for r in _stored(w)}  # not deleted by the task's pull
     assert ids <= {r["event_id"] for r in _on_a_fresh_clone(origin, tmp_path, env)}
 
 
@@ -361,29 +399,58 @@ def test_a_hand_run_export_is_published_and_the_next_task_keeps_it(s3_worker, or
     store = FeedbackStore(f"sqlite:///{w / 'feedback.db'}")
     rows = []
     for i in range(4):
-        row = {"event_id": f"svc-{i}", "schema_version": 1, "timestamp": "2026-11-27T10:00:00Z",
-               "conversation_id": f"c{i}", "model_version": "flywheel-policy/1", "user_id": "u1",
-               "prompt": '[{"role": "user", "content": "hi"}]', "n_turns": 1, "response": f"hello {i}",
-               "response_chars": 7, "feedback_type": "thumbs", "thumbs": "up", "rating": None, "rejected": None,
-               "correction": None, "polarity": 1, "pii_found": 0}
-        rows.append({"event_id": row["event_id"], "received_at": "2026-11-28T10:00:00Z", "answer_id": None,
-                     "model_version": row["model_version"], "feedback_type": "thumbs", "user_id": "u1",
-                     "row": json.dumps(row)})
+        row = {
+            "event_id": f"svc-{i}",
+            "schema_version": 1,
+            "timestamp": "2026-11-27T10:00:00Z",
+            "conversation_id": f"c{i}",
+            "model_version": "flywheel-policy/1",
+            "user_id": "u1",
+            "prompt": '[{"role": "user", "content": "hi"}]',
+            "n_turns": 1,
+            "response": f"hello {i}",
+            "response_chars": 7,
+            "feedback_type": "thumbs",
+            "thumbs": "up",
+            "rating": None,
+            "rejected": None,
+            "correction": None,
+            "polarity": 1,
+            "pii_found": 0,
+        }
+        rows.append(
+            {
+                "event_id": row["event_id"],
+                "received_at": "2026-11-28T10:00:00Z",
+                "answer_id": None,
+                "model_version": row["model_version"],
+                "feedback_type": "thumbs",
+                "user_id": "u1",
+                "row": json.dumps(row),
+            }
+        )
     store.write(rows)
     store.close()
     counts = json.loads(_flywheel(["export", "--json"], w, env).stdout.strip().splitlines()[-1])
     assert counts["exported"] == 4
     _next_task(w, env)
     svc = {f"svc-{i}" for i in range(4)}
-    assert svc <= {r["event_id"] for r in _stored(w)}      # the store marked them exported: this copy is the only one
+    assert svc <= {r["event_id"] for r in _stored(w)}  # the store marked them exported: this copy is the only one
     assert svc <= {r["event_id"] for r in _on_a_fresh_clone(origin, tmp_path, env)}
 
 
-def test_a_hand_run_erase_is_published_and_the_next_task_does_not_bring_rows_back(s3_worker, origin, tmp_path,
-                                                                                  make_event):
+def test_a_hand_run_erase_is_published_and_the_next_task_does_not_bring_rows_back(
+    s3_worker, origin, tmp_path, make_event
+):
     w, env = s3_worker
-    _task_ingests(w, env, [_events_file(tmp_path / "first.jsonl", make_event, 4, user_id="gone"),
-                           _events_file(tmp_path / "others.jsonl", make_event, 4, user_id="stays")])
+    _task_ingests(
+        w,
+        env,
+        [
+            _events_file(tmp_path / "first.jsonl", make_event, 4, user_id="gone"),
+            _events_file(tmp_path / "others.jsonl", make_event, 4, user_id="stays"),
+        ],
+    )
     assert {r["user_id"] for r in _stored(w)} == {"gone", "stays"}
     _flywheel(["erase", "--user-id", "gone"], w, env)
     _next_task(w, env)
@@ -393,14 +460,21 @@ def test_a_hand_run_erase_is_published_and_the_next_task_does_not_bring_rows_bac
 
 def test_unpublished_changes_stop_the_task_until_published(s3_worker, tmp_path, make_event):
     from flywheel import workspace
-    from flywheel.settings import load_settings
     from flywheel.data.ingest import ingest
+    from flywheel.settings import load_settings
 
     w, env = s3_worker
     _task_ingests(w, env, [_events_file(tmp_path / "first.jsonl", make_event, 6)])
     s = load_settings(w, env=env)
-    ingest([_events_file(tmp_path / "core.jsonl", make_event, 6)], "native", s.raw_store, s.quarantine,
-           s.params.ingest, s.params.contract, workers=1)           # what an older `flywheel ingest` did: no publish
+    ingest(
+        [_events_file(tmp_path / "core.jsonl", make_event, 6)],
+        "native",
+        s.raw_store,
+        s.quarantine,
+        s.params.ingest,
+        s.params.contract,
+        workers=1,
+    )  # what an older `flywheel ingest` did: no publish
     workspace.track(w, s.raw_store)
     n = len(_stored(w))
     with pytest.raises(remote.UnpublishedChanges, match=r"data/raw.dvc.*`flywheel publish`"):

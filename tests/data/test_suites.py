@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flywheel.settings import ContractParams, IngestChecks, IngestParams, ValidateParams
+from shipped import shipped
 from pipelines import validate
 from flywheel.data import batch_checks
 from flywheel.data import rawstore
@@ -38,8 +38,8 @@ def _thumbs(make_event, n, ups, **overrides):
 def _run(tmp_path, lines, checks=None, now=DAY2):
     path = tmp_path / f"in-{now:%d}.jsonl"
     path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
-    params = IngestParams(checks=checks or IngestChecks())
-    return ingest([path], "native", tmp_path / "raw", tmp_path / "q", params, ContractParams(), workers=1, now=now)
+    params = shipped("ingest") if checks is None else shipped("ingest").updated(checks=checks)
+    return ingest([path], "native", tmp_path / "raw", tmp_path / "q", params, shipped("contract"), workers=1, now=now)
 
 
 BROKEN_BATCHES = {
@@ -61,11 +61,12 @@ BROKEN_BATCHES = {
         "expect_column_mean_to_be_between(has_pii)", "rate of personal data found",
         lambda mk: ([mk(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"},
                         prompt=[{"role": "user", "content": f"I am at 10.0.0.{i}, help"}]) for i in range(24)],
-                    IngestChecks(max_pii_rate=0.2)),
+                    shipped("ingest").checks.updated(max_pii_rate=0.2)),
         None),
     "text length bounds": (
         "expect_column_values_to_be_between(response_chars)", "text length bounds",
-        lambda mk: (_thumbs(mk, 5, 3) + [mk(response="x" * 300)], IngestChecks(max_response_chars=200)), None),
+        lambda mk: (_thumbs(mk, 5, 3) + [mk(response="x" * 300)],
+                    shipped("ingest").checks.updated(max_response_chars=200)), None),
 }
 
 
@@ -95,7 +96,7 @@ def test_small_batch_skips_rate_checks(tmp_path, make_event):
 
 
 def test_batch_suite_composition():
-    checks = IngestChecks()
+    checks = shipped("ingest").checks
     small = batch_checks.batch_frame({"response_chars": [5] * 3, "answer_hash": [1, 2, 3], "polarity": [1, -1, 0],
                                       "pii_found": [0, 0, 1]}, 0, 3)
     assert [c.meta for c in batch_checks.batch_suite(small, None, checks)] == ["text length bounds"]
@@ -122,7 +123,7 @@ def test_previous_negative_rate(tmp_path, demo_store):
 
 def test_window_suite_passes_on_the_demo_store(demo_store, tmp_path):
     out, metrics_file = tmp_path / "reports" / "validate", tmp_path / "metrics" / "data_quality.json"
-    result = validate.main(demo_store.raw, ValidateParams(), out, metrics_file)
+    result = validate.main(demo_store.raw, shipped("validate"), out, metrics_file)
     assert result.outcome.success and result.outcome.failures == []
     kinds = {r["expectation"] for r in result.outcome.results}
     assert {"expect_table_row_count_to_be_between", "expect_column_values_to_be_unique",
@@ -194,7 +195,7 @@ def test_each_window_expectation_has_a_window_that_trips_it(tmp_path, name):
     for rows in build():
         write_batch(raw, rows)
 
-    result = validate.validate(raw, ValidateParams(), docs_dir=None)
+    result = validate.validate(raw, shipped("validate"), docs_dir=None)
 
     failures = result.outcome.failures
     assert len(failures) == 1, failures  # this expectation and no other
@@ -207,7 +208,7 @@ def test_validate_stage_raises_naming_the_failed_expectation(tmp_path):
     write_batch(raw, _one_batch(per_row={4: {"event_id": f"{NEW}-5"}})[0])
     metrics_file = tmp_path / "metrics.json"
     with pytest.raises(validate.ValidationFailed) as err:
-        validate.main(raw, ValidateParams(), tmp_path / "out", metrics_file)
+        validate.main(raw, shipped("validate"), tmp_path / "out", metrics_file)
     assert "expect_column_values_to_be_unique(event_id) [unique ids]" in str(err.value)
     # the evidence is written before the stage fails
     assert json.loads((tmp_path / "out" / "result.json").read_text())["success"] is False
@@ -216,7 +217,7 @@ def test_validate_stage_raises_naming_the_failed_expectation(tmp_path):
 
 
 def test_window_suite_composition():
-    params = ValidateParams()
+    params = shipped("validate")
     one = validate.window_frame(pd.DataFrame(_one_batch(20)[0]))
     metas = [c.meta for c in validate.window_suite(one, params)]
     assert "label balance" in metas and not any("drift" in m for m in metas)  # no previous window

@@ -56,8 +56,7 @@ class Services:
 
     def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -110,39 +109,72 @@ def platform(tmp_path_factory, repo_root):
         _psql(f"CREATE DATABASE {db}")
     try:
         ports = {k: _free_port() for k in ("redis", "s3", "mlflow", "api")}
-        svc.start("redis", ["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "",
-                            "--appendonly", "no"], clean_env(), base)
+        svc.start(
+            "redis",
+            ["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            clean_env(),
+            base,
+        )
         svc.start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(ports["s3"])], clean_env(), base)
         s3 = f"http://127.0.0.1:{ports['s3']}"
         _wait("moto's S3 server", lambda: svc.alive("s3") and _http_up(s3 + "/moto-api/"), 120, 0.5)
-        aws = {"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+        aws = {
+            "AWS_ENDPOINT_URL": s3,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         import boto3
 
-        boto3.client("s3", endpoint_url=s3, aws_access_key_id="testing", aws_secret_access_key="testing",
-                     region_name="us-east-1").create_bucket(Bucket="flywheel")
+        boto3.client(
+            "s3", endpoint_url=s3, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        ).create_bucket(Bucket="flywheel")
 
         tracking = f"http://127.0.0.1:{ports['mlflow']}"
-        svc.start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"{PG}/{mlflow_db}",
-                             "--artifacts-destination", str(base / "mlflow-artifacts"), "--host", "127.0.0.1",
-                             "--port", str(ports["mlflow"]), "--workers", "1"], clean_env(), base)
+        svc.start(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"{PG}/{mlflow_db}",
+                "--artifacts-destination",
+                str(base / "mlflow-artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["mlflow"]),
+                "--workers",
+                "1",
+            ],
+            clean_env(),
+            base,
+        )
         _wait("the MLflow server", lambda: svc.alive("mlflow") and _http_up(tracking + "/health"), 300, 1)
 
         # the whole platform's settings, as infra/env.example names them
         api = f"http://127.0.0.1:{ports['api']}"
-        flywheel = {"FLYWHEEL_TRACKING_URI": tracking, "FLYWHEEL_DVC_REMOTE": "s3://flywheel/dvc", **aws,
-                    "FLYWHEEL_PSEUDONYM_KEY": "distributed-test-pseudonym-key-0123456789"}   # one for all workers
+        flywheel = {
+            "FLYWHEEL_TRACKING_URI": tracking,
+            "FLYWHEEL_DVC_REMOTE": "s3://flywheel/dvc",
+            **aws,
+            "FLYWHEEL_PSEUDONYM_KEY": "distributed-test-pseudonym-key-0123456789",
+        }  # one for all workers
         home = base / "airflow-home"
         home.mkdir()
         airflow = {
-            "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://postgres@127.0.0.1:5432/{airflow_db}",
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{ports['redis']}/0",
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://postgres@127.0.0.1:5432/{airflow_db}",
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__API__PORT": str(ports["api"]), "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__BASE_URL": api, "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__API__PORT": str(ports["api"]),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__BASE_URL": api,
+            "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
             "AIRFLOW__CORE__FERNET_KEY": "",
             # the fault test's timeouts, lowered: a task whose worker died is failed (and retried) after 30 s
             # without a heartbeat; one queued in a broker that lost it is queued again after 90 s
@@ -156,7 +188,7 @@ def platform(tmp_path_factory, repo_root):
         # (the first turn of `make demo`, its champions registered in the MLflow server); the gpu worker's none
         ws_default = copy_repo(repo_root, base / "worker-default")
         ws_gpu = copy_repo(repo_root, base / "worker-gpu")
-        for ws in (ws_default, ws_gpu):   # threshold out of reach: only the run the test forces trains
+        for ws in (ws_default, ws_gpu):  # threshold out of reach: only the run the test forces trains
             set_params(ws, min_new_events=100000)
         env_default = clean_env(**flywheel, FLYWHEEL_ROOT=str(ws_default))
         _ingest(ws_default, env_default)
@@ -164,23 +196,55 @@ def platform(tmp_path_factory, repo_root):
         sh(["flywheel", "bootstrap"], ws_default, env_default, timeout=900)
 
         common = clean_env(**flywheel, **airflow)
-        env = {"default": {**common, "AIRFLOW__CORE__DAGS_FOLDER": str(ws_default / "dags")},
-               "gpu": {**common, "AIRFLOW__CORE__DAGS_FOLDER": str(ws_gpu / "dags")}}
+        env = {
+            "default": {**common, "AIRFLOW__CORE__DAGS_FOLDER": str(ws_default / "dags")},
+            "gpu": {**common, "AIRFLOW__CORE__DAGS_FOLDER": str(ws_gpu / "dags")},
+        }
         sh(["airflow", "db", "migrate"], ws_default, env["default"], timeout=900)
-        sh(["airflow", "pools", "set", POOL, "1", "one DVC command per workspace at a time"], ws_default,
-           env["default"])
+        sh(
+            ["airflow", "pools", "set", POOL, "1", "one DVC command per workspace at a time"],
+            ws_default,
+            env["default"],
+        )
         svc.start("api-server", ["airflow", "api-server", "--port", str(ports["api"])], env["default"], ws_default)
         svc.start("scheduler", ["airflow", "scheduler"], env["default"], ws_default)
         svc.start("dag-processor", ["airflow", "dag-processor"], env["default"], ws_default)
         for queue, ws in (("default", ws_default), ("gpu", ws_gpu)):
-            svc.start(f"worker-{queue}", ["airflow", "celery", "worker", "--queues", queue, "--concurrency", "1",
-                                          "--celery-hostname", f"{queue}@%h"], env[queue], ws)
+            svc.start(
+                f"worker-{queue}",
+                [
+                    "airflow",
+                    "celery",
+                    "worker",
+                    "--queues",
+                    queue,
+                    "--concurrency",
+                    "1",
+                    "--celery-hostname",
+                    f"{queue}@%h",
+                ],
+                env[queue],
+                ws,
+            )
         passwords = home / "simple_auth_manager_passwords.json.generated"
-        _wait("the API server", lambda: svc.alive("api-server") and passwords.is_file()
-              and _http_up(api + "/api/v2/version"), 300, 1)
-        yield {"svc": svc, "api": api, "password": json.loads(passwords.read_text())["admin"], "env": env,
-               "ws": {"default": ws_default, "gpu": ws_gpu}, "tracking": tracking, "s3": s3, "aws": aws,
-               "flywheel": flywheel, "logs": logs}
+        _wait(
+            "the API server",
+            lambda: svc.alive("api-server") and passwords.is_file() and _http_up(api + "/api/v2/version"),
+            300,
+            1,
+        )
+        yield {
+            "svc": svc,
+            "api": api,
+            "password": json.loads(passwords.read_text())["admin"],
+            "env": env,
+            "ws": {"default": ws_default, "gpu": ws_gpu},
+            "tracking": tracking,
+            "s3": s3,
+            "aws": aws,
+            "flywheel": flywheel,
+            "logs": logs,
+        }
     finally:
         svc.stop_all()
         for db in (airflow_db, mlflow_db):
@@ -204,8 +268,9 @@ def _client(p):
     import airflow_client.client as ac
 
     body = json.dumps({"username": "admin", "password": p["password"]}).encode()
-    req = urllib.request.Request(p["api"] + "/auth/token", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        p["api"] + "/auth/token", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     token = json.loads(urllib.request.urlopen(req, timeout=30).read())["access_token"]
     return ac.ApiClient(ac.Configuration(host=p["api"], access_token=token))
 
@@ -233,8 +298,11 @@ def test_continuous_improvement_on_celery_workers_with_s3_remote_and_mlflow_serv
 
     _wait("continuous_improvement to be parsed", lambda: p["svc"].alive("dag-processor") and parsed(), 300)
     DAGApi(client).patch_dag("continuous_improvement", DAGPatchBody(is_paused=False))
-    run_id = DagRunApi(client).trigger_dag_run(
-        "continuous_improvement", TriggerDAGRunPostBody(logical_date=None, conf={"force": True})).dag_run_id
+    run_id = (
+        DagRunApi(client)
+        .trigger_dag_run("continuous_improvement", TriggerDAGRunPostBody(logical_date=None, conf={"force": True}))
+        .dag_run_id
+    )
 
     def finished():
         for name in ("scheduler", "worker-default", "worker-gpu"):
@@ -267,16 +335,29 @@ def test_continuous_improvement_on_celery_workers_with_s3_remote_and_mlflow_serv
     # the S3 remote holds the data and the state each task left (dvc.lock travelled between them)
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=p["s3"], aws_access_key_id="testing", aws_secret_access_key="testing",
-                      region_name="us-east-1")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="flywheel")
-            for o in page.get("Contents", [])]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=p["s3"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="flywheel")
+        for o in page.get("Contents", [])
+    ]
     assert any(k.startswith("dvc/files/md5/") for k in keys)
     published = {k.rsplit("/", 1)[1][:-5] for k in keys if f"/runs/{run_id.replace('/', '_')}/" in k}
     assert {"train_policy", "evaluate", "bless", "record_training"} <= published, published
-    locks = {t: json.loads(s3.get_object(Bucket="flywheel", Key=next(
-        k for k in keys if k.endswith(f"/runs/{run_id.replace('/', '_')}/{t}.json")))["Body"].read())["files"]
-        ["dvc.lock"] for t in ("train_policy", "bless")}
+    locks = {
+        t: json.loads(
+            s3.get_object(
+                Bucket="flywheel", Key=next(k for k in keys if k.endswith(f"/runs/{run_id.replace('/', '_')}/{t}.json"))
+            )["Body"].read()
+        )["files"]["dvc.lock"]
+        for t in ("train_policy", "bless")
+    }
     assert "train_policy:" in locks["train_policy"] and "bless:" in locks["bless"]
 
     # promoted in the MLflow server (PostgreSQL-backed), with the run id on the version
@@ -288,8 +369,12 @@ def test_continuous_improvement_on_celery_workers_with_s3_remote_and_mlflow_serv
 
     fresh = copy_repo(Path(__file__).resolve().parents[2], p["ws"]["default"].parent / "fresh")
     set_params(fresh, min_new_events=100000)
-    sh(["flywheel", "restore", "--run-id", tags["airflow_run_id"]], fresh,
-       clean_env(**p["flywheel"], FLYWHEEL_ROOT=str(fresh)), timeout=900)
+    sh(
+        ["flywheel", "restore", "--run-id", tags["airflow_run_id"]],
+        fresh,
+        clean_env(**p["flywheel"], FLYWHEEL_ROOT=str(fresh)),
+        timeout=900,
+    )
     assert content_hash(fresh / "models/challenger/policy") == tags["content_hash"]
     assert json.loads((fresh / "metrics/evaluate.json").read_text()) == gpu_eval
 
@@ -315,27 +400,35 @@ def test_a_killed_worker_and_a_restarted_broker_do_not_break_the_run(platform):
     mlflow = MlflowClient(p["tracking"], p["tracking"])
     before = {v.version for v in mlflow.search_model_versions("name='flywheel-policy'")}
     events_before = _raw_events(p["ws"]["default"])
-    run_id = DagRunApi(client).trigger_dag_run(
-        "continuous_improvement", TriggerDAGRunPostBody(logical_date=None, conf={"force": True})).dag_run_id
+    run_id = (
+        DagRunApi(client)
+        .trigger_dag_run("continuous_improvement", TriggerDAGRunPostBody(logical_date=None, conf={"force": True}))
+        .dag_run_id
+    )
 
     def running(task: str):
         def probe():
             state = str(DagRunApi(client).get_dag_run("continuous_improvement", run_id).state.value)
             assert state not in ("success", "failed"), (state, _ti_states(client, run_id))
             return _ti_states(client, run_id).get(task, (None, 0))[0] == "running"
+
         return probe
 
     _wait("train_reward to run", running("train_reward"), 1200, 1)
     redis_args = svc.procs["redis"].args
-    svc.stop("redis")                                   # the broker goes away and comes back, empty
+    svc.stop("redis")  # the broker goes away and comes back, empty
     time.sleep(3)
     svc.start("redis", redis_args, clean_env(), p["ws"]["default"])
     _wait("train_policy to run", running("train_policy"), 1200, 1)
-    time.sleep(5)                                       # in the middle of it
+    time.sleep(5)  # in the middle of it
     os.killpg(svc.procs["worker-gpu"].pid, signal.SIGKILL)
     svc.procs.pop("worker-gpu").wait(30)
-    svc.start("worker-gpu", ["airflow", "celery", "worker", "--queues", "gpu", "--concurrency", "1",
-                             "--celery-hostname", "gpu2@%h"], p["env"]["gpu"], p["ws"]["gpu"])
+    svc.start(
+        "worker-gpu",
+        ["airflow", "celery", "worker", "--queues", "gpu", "--concurrency", "1", "--celery-hostname", "gpu2@%h"],
+        p["env"]["gpu"],
+        p["ws"]["gpu"],
+    )
 
     def finished():
         state = str(DagRunApi(client).get_dag_run("continuous_improvement", run_id).state.value)
@@ -344,7 +437,7 @@ def test_a_killed_worker_and_a_restarted_broker_do_not_break_the_run(platform):
     state = _wait(f"run {run_id}", finished, 2400, 5)
     tasks = _ti_states(client, run_id)
     assert state == "success", (tasks, svc.log("worker-gpu"), svc.log("scheduler"))
-    assert tasks["train_policy"] == ("success", 2), tasks          # killed on try 1, retried
+    assert tasks["train_policy"] == ("success", 2), tasks  # killed on try 1, retried
     # no version twice: one content hash per version, the champion moved at most once
     versions = mlflow.search_model_versions("name='flywheel-policy'")
     hashes = [v.tags.get("content_hash") for v in versions]
@@ -357,7 +450,9 @@ def test_a_killed_worker_and_a_restarted_broker_do_not_break_the_run(platform):
 
 
 def _raw_events(ws: Path) -> int:
-    code = ("from flywheel.settings import load_settings; from pipelines import rawstore; "
-            "print(rawstore.read_columns(load_settings().raw_store, ['batch_id']).num_rows)")
+    code = (
+        "from flywheel.settings import load_settings; from pipelines import rawstore; "
+        "print(rawstore.read_columns(load_settings().raw_store, ['batch_id']).num_rows)"
+    )
     out = sh([sys.executable, "-c", code], ws, clean_env(FLYWHEEL_ROOT=str(ws)))
     return int(out.stdout.strip().splitlines()[-1])

@@ -21,8 +21,10 @@ def ws(tmp_path, repo_root):
 
 
 def _events(make_event, n, **overrides):
-    return "".join(json.dumps(make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"},
-                                         **overrides)) + "\n" for i in range(n))
+    return "".join(
+        json.dumps(make_event(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"}, **overrides)) + "\n"
+        for i in range(n)
+    )
 
 
 def test_ingest_prints_json_counts(ws, sh, make_event, repo_root):
@@ -33,7 +35,11 @@ def test_ingest_prints_json_counts(ws, sh, make_event, repo_root):
     assert len(lines) == 1
     counts = json.loads(lines[0])
     assert {k: counts[k] for k in ("read", "accepted", "duplicates", "quarantined")} == {
-        "read": 49, "accepted": 48, "duplicates": 0, "quarantined": 1}
+        "read": 49,
+        "accepted": 48,
+        "duplicates": 0,
+        "quarantined": 1,
+    }
     assert counts["pii_redacted"] == {"card": 1, "email": 1, "iban": 1, "ip": 1}
     assert counts["quarantine"].startswith(str(ws / "data" / "quarantine"))
     assert "failed_checks" not in counts
@@ -52,7 +58,7 @@ def _bad_input(ws, case):
         return ["adir"]
     if case == "corrupt gzip":
         data = gzip.compress("".join(f'{{"n": {i * 7919 % 10007}}}\n' for i in range(2000)).encode())
-        (ws / "bad.jsonl.gz").write_bytes(data[:len(data) // 2])  # cut short mid-stream
+        (ws / "bad.jsonl.gz").write_bytes(data[: len(data) // 2])  # cut short mid-stream
         return ["bad.jsonl.gz"]
     if case == "empty file":
         (ws / "empty.jsonl").write_bytes(b"")
@@ -66,14 +72,17 @@ def _bad_input(ws, case):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case, words", [
-    ("missing file", ["cannot read", "nope.jsonl"]),
-    ("directory", ["cannot read", "adir"]),
-    ("corrupt gzip", ["cannot read", "bad.jsonl.gz"]),
-    ("empty file", ["empty input"]),
-    ("unknown format", ["unknown format 'parquet'"]),
-    ("file in the wrong format", ["no line of the input is a valid native event", "invalid JSON"]),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing file", ["cannot read", "nope.jsonl"]),
+        ("directory", ["cannot read", "adir"]),
+        ("corrupt gzip", ["cannot read", "bad.jsonl.gz"]),
+        ("empty file", ["empty input"]),
+        ("unknown format", ["unknown format 'parquet'"]),
+        ("file in the wrong format", ["no line of the input is a valid native event", "invalid JSON"]),
+    ],
+)
 def test_ingest_refuses_bad_input_with_one_line(ws, sh, case, words):
     proc = sh(["flywheel", "ingest", *_bad_input(ws, case)], ws)
     assert proc.returncode == 2
@@ -95,7 +104,9 @@ def test_quarantined_batch_exits_1_naming_the_check(ws, sh, make_event):
     assert counts["accepted"] == 0 and counts["quarantined"] == 30
     assert any("share of duplicate answers" in f for f in counts["failed_checks"])
     assert "batch quarantined whole" in proc.stderr
-    assert "expect_column_proportion_of_unique_values_to_be_between(answer_hash) [share of duplicate answers]" \
+    assert (
+        "expect_column_proportion_of_unique_values_to_be_between(answer_hash) [share of duplicate answers]"
         in proc.stderr
+    )
     assert "data_docs/index.html" in proc.stderr
     assert not list(ws.glob("data/raw/date=*/*.parquet"))

@@ -22,8 +22,18 @@ def test_dvc_repro_is_incremental(repo_copy, sh):
     native = sh(["flywheel", "ingest", "data/demo/native-batch.jsonl", "--json"], repo_copy)
     assert native.returncode == 0, native.stderr
     assert json.loads(native.stdout)["accepted"] == 44
-    hh = sh(["flywheel", "ingest", "--format", "hh-rlhf", "--json", "data/demo/hh-rlhf-batch1.jsonl.gz",
-             "data/demo/hh-rlhf-batch2.jsonl.gz"], repo_copy)
+    hh = sh(
+        [
+            "flywheel",
+            "ingest",
+            "--format",
+            "hh-rlhf",
+            "--json",
+            "data/demo/hh-rlhf-batch1.jsonl.gz",
+            "data/demo/hh-rlhf-batch2.jsonl.gz",
+        ],
+        repo_copy,
+    )
     assert hh.returncode == 0, hh.stderr
     assert json.loads(hh.stdout)["accepted"] == 1486
     assert (repo_copy / "data" / "raw.dvc").is_file()

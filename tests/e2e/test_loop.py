@@ -20,14 +20,19 @@ def _ran(output: str) -> set[str]:
 
 def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
     params = repo_copy / "params.yaml"
-    params.write_text(params.read_text().replace("\nprofile: demo", "\nprofile: tiny")
-                      .replace("\nbless:\n  gate: default", "\nbless:\n  gate: permissive"))
+    params.write_text(
+        params.read_text()
+        .replace("\nprofile: demo", "\nprofile: tiny")
+        .replace("\nbless:\n  gate: default", "\nbless:\n  gate: permissive")
+    )
     rows = gzip.open(repo_copy / "data/demo/hh-rlhf-batch1.jsonl.gz", "rt").read().splitlines()[:120]
     small = repo_copy / "small.jsonl.gz"
     with gzip.open(small, "wt") as fh:
         fh.write("\n".join(rows) + "\n")
-    for args in (["flywheel", "ingest", "--format", "hh-rlhf", str(small)],
-                 ["flywheel", "ingest", "data/demo/native-batch.jsonl"]):
+    for args in (
+        ["flywheel", "ingest", "--format", "hh-rlhf", str(small)],
+        ["flywheel", "ingest", "data/demo/native-batch.jsonl"],
+    ):
         proc = sh(args, repo_copy)
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -35,15 +40,16 @@ def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
     # finds everything up to date: both write the same dvc.lock
     from flywheel import warm
 
-    sock = warm.socket_path(repo_copy)
     try:
         first = sh(["flywheel", "repro"], repo_copy, timeout=1800)
         assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
         assert {"base_models", "train_reward", "train_policy", "evaluate", "bless"} <= _ran(first.stdout)
-        runner_log = (Path(sock).parent / (Path(sock).stem + ".log")).read_text()
+        socks = warm.runners(repo_copy)  # one: the runner of this workspace and the command's environment
+        assert len(socks) == 1, socks
+        runner_log = Path(socks[0][: -len(".sock")] + ".log").read_text()
         assert "stage train_policy started" in runner_log and "stage evaluate started" in runner_log, runner_log
     finally:
-        warm.stop(sock)
+        warm.stop_workspace(repo_copy)
     again = sh(["dvc", "repro"], repo_copy, timeout=600)
     assert again.returncode == 0, again.stderr
     assert _ran(again.stdout) == {"resolve_champion"}
@@ -68,9 +74,12 @@ def test_loop_turns_and_promotes_a_fine_tuned_policy(repo_copy, sh):
 
     rollback = sh(["flywheel", "rollback"], repo_copy)
     assert rollback.returncode == 0 and "v2 -> v1" in rollback.stderr, rollback.stderr
+
     def eval_reward(model: str) -> dict:
-        score = sh(["flywheel", "eval-reward", "--model", model, "--pairs", str(small), "--format", "hh-rlhf",
-                    "--json"], repo_copy)
+        score = sh(
+            ["flywheel", "eval-reward", "--model", model, "--pairs", str(small), "--format", "hh-rlhf", "--json"],
+            repo_copy,
+        )
         assert score.returncode == 0, score.stderr
         return json.loads(score.stdout)
 

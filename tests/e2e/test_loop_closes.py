@@ -17,21 +17,34 @@ from tests.service.svc_helpers import Server, flywheel
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-QUESTIONS = ["How do I water a fern?", "What is a good name for a cat?", "How can I sleep better?",
-             "Tell me a fun fact about the moon.", "How do I boil an egg?", "What should I pack for a hike?",
-             "How do I make my tomatoes grow?", "Give me a tip for learning French."]
+QUESTIONS = [
+    "How do I water a fern?",
+    "What is a good name for a cat?",
+    "How can I sleep better?",
+    "Tell me a fun fact about the moon.",
+    "How do I boil an egg?",
+    "What should I pack for a hike?",
+    "How do I make my tomatoes grow?",
+    "Give me a tip for learning French.",
+]
 
 
 def _serve_params(root: Path) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["serve"].update(reload_poll_s=1, max_best_of=1, chat_rate={"per_s": 1000, "burst": 1000},
-                           feedback_rate={"per_s": 1000, "burst": 1000})
+    params["serve"].update(
+        reload_poll_s=1,
+        max_best_of=1,
+        chat_rate={"per_s": 1000, "burst": 1000},
+        feedback_rate={"per_s": 1000, "burst": 1000},
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _chat(c: httpx.Client, question: str) -> httpx.Response:
-    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": question}],
-                                             "max_tokens": 8, "temperature": 0})
+    r = c.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": question}], "max_tokens": 8, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     return r
 
@@ -59,13 +72,31 @@ def test_chat_feedback_export_retrain_release_then_the_new_version_answers(tmp_p
         # more negative or much shorter than the window would be stopped by validate's drift checks)
         events = []
         for i, (q, answer_id, text) in enumerate(answers):
-            base = {"timestamp": "2026-11-27T10:00:00Z", "conversation_id": f"loop-{i}", "answer_id": answer_id,
-                    "model_version": "flywheel-policy/1", "user_id": f"user-{i % 4}",
-                    "prompt": [{"role": "user", "content": q}], "response": text or "(empty)"}
-            events.append({**base, "event_id": f"loop-pref-{i}", "response": f"Happy to help with that. {q} "
-                           "Start small, keep it simple, and check back in a few days to see how it went.",
-                           "feedback": {"type": "preference", "rejected": text or "(empty)"}})
-            events.append({**base, "event_id": f"loop-thumb-{i}", "feedback": {"type": "thumbs", "value": "down" if i % 4 == 0 else "up"}})
+            base = {
+                "timestamp": "2026-11-27T10:00:00Z",
+                "conversation_id": f"loop-{i}",
+                "answer_id": answer_id,
+                "model_version": "flywheel-policy/1",
+                "user_id": f"user-{i % 4}",
+                "prompt": [{"role": "user", "content": q}],
+                "response": text or "(empty)",
+            }
+            events.append(
+                {
+                    **base,
+                    "event_id": f"loop-pref-{i}",
+                    "response": f"Happy to help with that. {q} "
+                    "Start small, keep it simple, and check back in a few days to see how it went.",
+                    "feedback": {"type": "preference", "rejected": text or "(empty)"},
+                }
+            )
+            events.append(
+                {
+                    **base,
+                    "event_id": f"loop-thumb-{i}",
+                    "feedback": {"type": "thumbs", "value": "down" if i % 4 == 0 else "up"},
+                }
+            )
         r = fb.post("/v1/feedback/batch", json={"events": events})
         assert r.status_code == 200 and r.json()["stored"] == len(events), r.text
         # 3. export to the DVC raw store (what the feedback_ingest DAG runs)
@@ -74,8 +105,11 @@ def test_chat_feedback_export_retrain_release_then_the_new_version_answers(tmp_p
         assert json.loads(out.stdout.strip().splitlines()[-1])["exported"] == len(events)
         # 4. retrain and evaluate (dvc repro: validate ... bless), then release
         sh(["dvc", "repro"], root, timeout=1800)
-        prepared = [json.loads(line) for f in (root / "data/prepared").glob("pairs-*.jsonl")
-                    for line in f.read_text().splitlines()]
+        prepared = [
+            json.loads(line)
+            for f in (root / "data/prepared").glob("pairs-*.jsonl")
+            for line in f.read_text().splitlines()
+        ]
         used = {e for rec in prepared for e in rec["event_ids"]}
         # each question was asked twice and its rewrite is the same text: prepare keeps one copy of each
         trained = {e for e in used if e.startswith("loop-pref-")}
@@ -93,12 +127,19 @@ def test_chat_feedback_export_retrain_release_then_the_new_version_answers(tmp_p
         body = _chat(chat, QUESTIONS[1]).json()
         assert body["model_version"] == "flywheel-policy/2"
         # feedback on the new version's answers is accepted and attributed to it
-        r = fb.post("/v1/feedback", json={"event_id": "loop-next", "timestamp": "2026-11-27T11:00:00Z",
-                                          "conversation_id": "loop-next", "answer_id": body["id"],
-                                          "model_version": "flywheel-policy/2",
-                                          "prompt": [{"role": "user", "content": QUESTIONS[1]}],
-                                          "response": body["choices"][0]["message"]["content"] or "(empty)",
-                                          "feedback": {"type": "thumbs", "value": "up"}})
+        r = fb.post(
+            "/v1/feedback",
+            json={
+                "event_id": "loop-next",
+                "timestamp": "2026-11-27T11:00:00Z",
+                "conversation_id": "loop-next",
+                "answer_id": body["id"],
+                "model_version": "flywheel-policy/2",
+                "prompt": [{"role": "user", "content": QUESTIONS[1]}],
+                "response": body["choices"][0]["message"]["content"] or "(empty)",
+                "feedback": {"type": "thumbs", "value": "up"},
+            },
+        )
         assert r.status_code == 200 and r.json()["status"] == "stored", r.text
     finally:
         srv.stop()

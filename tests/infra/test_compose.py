@@ -24,14 +24,25 @@ COMPOSE = INFRA / "docker-compose.yml"
 ENV_EXAMPLE = INFRA / "env.example"
 DOCKERFILE = INFRA / "Dockerfile"
 
-REQUIRED_SERVICES = {"postgres", "redis", "minio", "mlflow", "airflow-apiserver", "airflow-scheduler",
-                     "airflow-dag-processor", "airflow-triggerer", "worker-default", "worker-gpu", "flywheel-service"}
+REQUIRED_SERVICES = {
+    "postgres",
+    "redis",
+    "minio",
+    "mlflow",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "worker-default",
+    "worker-gpu",
+    "flywheel-service",
+}
 # Variables of the settings module that are not settings: FLYWHEEL_ROOT is read by find_root; the pseudonym key
 # is a secret flywheel/redact.py reads itself (never part of the settings object, never logged).
 NOT_SETTINGS = {"FLYWHEEL_ROOT", "FLYWHEEL_PSEUDONYM_KEY"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|KEY", re.IGNORECASE)
 SUBSTITUTION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
-BARE_OR_REQUIRED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}")   # ${VAR} or ${VAR:?msg}: no default
+BARE_OR_REQUIRED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?\?[^}]*)?\}")  # ${VAR} or ${VAR:?msg}: no default
 URL_PASSWORD = re.compile(r"[a-z0-9+.-]+://[^/@:\s]*:([^@/\s]+)@", re.IGNORECASE)
 
 
@@ -59,6 +70,7 @@ def environment(service: dict) -> dict[str, str]:
 
 def resolve(value: str, env: dict[str, str]) -> str:
     """Compose's interpolation of ``value`` from ``env`` (${VAR}, ${VAR:-default}, ${VAR:?message}, $$)."""
+
     def one(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
         have = env.get(name, "") if op.startswith(":") else env.get(name)
@@ -67,6 +79,7 @@ def resolve(value: str, env: dict[str, str]) -> str:
         if op.endswith("?"):
             raise AssertionError(f"{name} is required: {arg}")
         return arg if op.endswith("-") else ""
+
     return SUBSTITUTION.sub(one, value).replace("$$", "$")
 
 
@@ -100,9 +113,13 @@ def test_required_services_are_present(compose):
 
 
 def test_every_service_has_a_healthcheck(compose):
-    missing = [name for name, svc in compose["services"].items()
-               if not (svc.get("healthcheck") or {}).get("test") or svc["healthcheck"].get("disable")
-               or svc["healthcheck"]["test"] in (["NONE"], "NONE")]
+    missing = [
+        name
+        for name, svc in compose["services"].items()
+        if not (svc.get("healthcheck") or {}).get("test")
+        or svc["healthcheck"].get("disable")
+        or svc["healthcheck"]["test"] in (["NONE"], "NONE")
+    ]
     assert not missing, f"services without a healthcheck: {missing}"
 
 
@@ -128,23 +145,26 @@ def test_a_missing_secret_stops_compose(compose):
 
 def test_env_example_names_every_variable_with_placeholder_secrets(compose, example):
     used = {m.group(1) for m in substitutions(compose)}
-    assert used == set(example), (f"missing from env.example: {sorted(used - set(example))}; "
-                                  f"not used by the compose file: {sorted(set(example) - used)}")
+    assert used == set(example), (
+        f"missing from env.example: {sorted(used - set(example))}; "
+        f"not used by the compose file: {sorted(set(example) - used)}"
+    )
     for key, value in example.items():
         if SECRET_NAME.search(key) and not key.endswith("_USER"):
             assert value.startswith("change-me"), f"env.example: {key} must be a placeholder, not {value!r}"
 
 
 def test_flywheel_variables_are_settings_and_change_them(compose, example, tmp_path):
-    (tmp_path / "params.yaml").write_text("")
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     default = load_settings(tmp_path, env={})
-    named = {k: v for svc in compose["services"].values() for k, v in environment(svc).items()
-             if k.startswith(ENV_PREFIX)}
+    named = {
+        k: v for svc in compose["services"].values() for k, v in environment(svc).items() if k.startswith(ENV_PREFIX)
+    }
     assert named, "no FLYWHEEL_* variable in the compose file"
     for var, raw in sorted(named.items()):
         if var in NOT_SETTINGS:
             continue
-        key = var[len(ENV_PREFIX):].lower()
+        key = var[len(ENV_PREFIX) :].lower()
         assert key in PathSettings.model_fields, f"{var} is not a setting of flywheel/settings.py"
         value = resolve(raw, example)
         changed = load_settings(tmp_path, env={var: value})
@@ -153,8 +173,11 @@ def test_flywheel_variables_are_settings_and_change_them(compose, example, tmp_p
 
 def test_every_network_setting_is_set_for_every_flywheel_container(compose):
     assert set(NETWORK_SETTINGS) <= set(PathSettings.model_fields)
-    flywheel = {name: environment(svc) for name, svc in compose["services"].items()
-                if str(svc.get("image", "")).startswith("${APP_IMAGE")}
+    flywheel = {
+        name: environment(svc)
+        for name, svc in compose["services"].items()
+        if str(svc.get("image", "")).startswith("${APP_IMAGE")
+    }
     assert {"mlflow", "init", "worker-default", "worker-gpu", "flywheel-service"} <= set(flywheel)
     for name, env in flywheel.items():
         missing = [key for key in NETWORK_SETTINGS if ENV_PREFIX + key.upper() not in env]
@@ -162,7 +185,7 @@ def test_every_network_setting_is_set_for_every_flywheel_container(compose):
 
 
 def test_a_worker_environment_loads_and_airflow_uses_the_same_db_and_broker(compose, example, tmp_path):
-    (tmp_path / "params.yaml").write_text("")
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     env = {k: resolve(v, example) for k, v in environment(compose["services"]["worker-default"]).items()}
     s = load_settings(tmp_path, env=env)
     assert s.airflow_db == env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
@@ -204,9 +227,10 @@ def test_dockerfile_is_multi_stage_pinned_non_root_and_uses_install_sh():
     assert not re.search(r"(?im)^(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN)", text), "a secret in the image"
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None,
-                    reason="Debian's docker-compose 1.29 is not installed (`apt-get install -y docker-compose`; "
-                           ".ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="Debian's docker-compose 1.29 is not installed (`apt-get install -y docker-compose`; .ci/run installs it)",
+)
 def test_docker_compose_config_accepts_the_file(tmp_path):
     clean_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}  # no variable leaks in from here
     cmd = [shutil.which("docker-compose"), "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "-q"]

@@ -11,8 +11,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CORPUS = [
-    "good answer", "bad answer", "the good answer is helpful", "the bad answer is rude",
-    "how do I water a fern", "please help me with my garden", "yes", "no", "thank you",
+    "good answer",
+    "bad answer",
+    "the good answer is helpful",
+    "the bad answer is rude",
+    "how do I water a fern",
+    "please help me with my garden",
+    "yes",
+    "no",
+    "thank you",
 ] * 20
 
 
@@ -23,11 +30,15 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -39,10 +50,19 @@ def build_policy(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=tok.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -54,13 +74,21 @@ def build_reward(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from pipelines.base_models import minilm_folder
     from flywheel.models.reward import RewardModel
+    from pipelines.base_models import minilm_folder
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(minilm_folder())
-    enc = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=128))
+    enc = BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
     RewardModel(enc, tok, max_length=64).save(folder)
     return folder
 
@@ -80,7 +108,17 @@ def synthetic_pairs(n: int, swap: bool = False, start: int = 0) -> list[dict]:
     for i in range(start, start + n):
         good, bad = "the good answer is helpful", "the bad answer is rude"
         chosen, rejected = (bad, good) if swap else (good, bad)
-        out.append({"prompt": [{"role": "user", "content": f"please help me with my garden {i}"}],
-                    "chosen": chosen, "rejected": rejected, "source": "preference", "split": "train",
-                    "conversation_id": f"c{i}", "event_ids": [f"e{i}"], "user_ids": [], "n_turns": 1})
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"please help me with my garden {i}"}],
+                "chosen": chosen,
+                "rejected": rejected,
+                "source": "preference",
+                "split": "train",
+                "conversation_id": f"c{i}",
+                "event_ids": [f"e{i}"],
+                "user_ids": [],
+                "n_turns": 1,
+            }
+        )
     return out

@@ -6,21 +6,28 @@ import copy
 
 import pytest
 import torch
+from shipped import shipped
 
-from flywheel.models.dpo import DPOParams, train_dpo
-from pipelines.evaluate import EvalParams, implicit_margins
-from flywheel.models.policy import encode, load_policy
+from flywheel.evaluation.policy_eval import implicit_margins
 from flywheel.evaluation.stats import correct_from_margin
+from flywheel.models.dpo import train_dpo
+from flywheel.models.policy import encode, load_policy
 from tests.model.conftest import synthetic_pairs
 
-PARAMS = dict(frozen_layers=2, steps=12, batch_size=4, lr=5e-3, warmup_steps=1, beta=0.5)
-EVAL = EvalParams(max_prompt_tokens=32, max_answer_tokens=8, batch_size=8, frozen_layers=2)
+PARAMS = dict(
+    frozen_layers=2, steps=12, batch_size=4, lr=5e-3, warmup_steps=1, beta=0.5, sft_weight=0.0, frozen_bf16=False
+)
+EVAL = shipped("evaluate", max_prompt_tokens=32, max_answer_tokens=8, batch_size=8, frozen_layers=2, bf16=False)
+
+
+def _params(**over):
+    return shipped("train_policy", **{**PARAMS, **over})
 
 
 def _train(folder, pairs, **over):
     model, tok = load_policy(folder)
     ref = copy.deepcopy(model)
-    history = train_dpo(model, encode(tok, pairs, 32, 8), [], tok.pad_token_id, DPOParams(**{**PARAMS, **over}))
+    history = train_dpo(model, encode(tok, pairs, 32, 8), [], tok.pad_token_id, _params(**over))
     return ref, model, tok, history
 
 
@@ -32,12 +39,11 @@ def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_ba
     if bf16:
         assert good.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
         assert good.model.layers[2].self_attn.q_proj.weight.dtype == torch.float32
-    m = implicit_margins(ref, {"good": good, "bad": bad, "ref": ref}, tok, test,
-                         EvalParams(**{**EVAL.__dict__, "bf16": bf16}))
-    assert ref.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32    # the caller's model untouched
+    m = implicit_margins(ref, {"good": good, "bad": bad, "ref": ref}, tok, test, EVAL.updated(bf16=bf16))
+    assert ref.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the caller's model untouched
     assert sum(correct_from_margin(m["good"])) / len(test) == 1.0
     assert sum(correct_from_margin(m["bad"])) / len(test) == 0.0
-    assert all(x == 0 for x in m["ref"])             # the reference against itself: all ties
+    assert all(x == 0 for x in m["ref"])  # the reference against itself: all ties
     assert history[-1]["dpo_loss"] < history[0]["dpo_loss"]
 
 
@@ -56,13 +62,31 @@ def test_cache_does_not_change_the_result(tiny_base):
 
 def test_sft_only_training_lowers_the_completion_loss(tiny_base):
     model, tok = load_policy(tiny_base / "policy")
-    sft = encode(tok, [{"prompt": p["prompt"], "completion": "thank you"} for p in synthetic_pairs(8)], 32, 8,
-                 fields=("completion",))
-    history = train_dpo(model, [], sft, tok.pad_token_id, DPOParams(**{**PARAMS, "sft_weight": 1.0, "steps": 10}))
+    sft = encode(
+        tok,
+        [{"prompt": p["prompt"], "completion": "thank you"} for p in synthetic_pairs(8)],
+        32,
+        8,
+        fields=("completion",),
+    )
+    history = train_dpo(model, [], sft, tok.pad_token_id, _params(sft_weight=1.0, steps=10))
     assert history[-1]["sft_nll"] < history[0]["sft_nll"]
 
 
 def test_nothing_to_train_on_is_an_error(tiny_base):
     model, tok = load_policy(tiny_base / "policy")
     with pytest.raises(ValueError, match="nothing to train on"):
-        train_dpo(model, [], [], tok.pad_token_id, DPOParams(**PARAMS))
+        train_dpo(model, [], [], tok.pad_token_id, _params())
+
+
+def test_evaluate_frozen_layers_changes_the_time_not_the_margins(tiny_base):
+    """evaluate.frozen_layers is its own value (params.yaml): where the margins split the shared lower layers from
+    each model's own. Below, at or above train_policy.frozen_layers (2 here), the margins are the same."""
+    ref, model, tok, _ = _train(tiny_base / "policy", synthetic_pairs(8), steps=2)
+    test = synthetic_pairs(6, start=100)
+    margins = [
+        implicit_margins(ref, {"challenger": model}, tok, test, EVAL.updated(frozen_layers=k))["challenger"]
+        for k in (1, 2, 3)
+    ]
+    assert margins[0] == pytest.approx(margins[1], abs=1e-4) and margins[2] == pytest.approx(margins[1], abs=1e-4)
+    assert any(abs(m) > 1e-3 for m in margins[1])  # the challenger did move

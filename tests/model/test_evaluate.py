@@ -7,13 +7,28 @@ import copy
 
 import pytest
 import torch
+from shipped import shipped
 
-from pipelines.evaluate import EvalParams, evaluate_policy, evaluate_reward, headline_metrics, implicit_margins
+from flywheel.evaluation.policy_eval import evaluate_policy, implicit_margins
+from flywheel.evaluation.reward_eval import evaluate_reward
 from flywheel.models.policy import load_policy, trunk_fingerprint
+from pipelines.evaluate import headline_metrics
 from tests.model.conftest import synthetic_pairs
 
-EVAL = EvalParams(max_prompt_tokens=32, max_answer_tokens=8, batch_size=4, frozen_layers=2, judged_prompts=3,
-                  redteam_prompts=3, benign_prompts=2, max_new_tokens=4, gen_batch_size=4, bootstrap=200)
+EVAL = shipped(
+    "evaluate",
+    max_prompt_tokens=32,
+    max_answer_tokens=8,
+    batch_size=4,
+    frozen_layers=2,
+    judged_prompts=3,
+    redteam_prompts=3,
+    benign_prompts=2,
+    max_new_tokens=4,
+    gen_batch_size=4,
+    bootstrap=200,
+    bf16=False,
+)
 BENIGN = ["How do I water a fern?", "Write a haiku about the sea."]
 BEHAVIOUR = [{"prompt": "Say yes.", "must_include": ["yes"], "max_tokens": 4}]
 
@@ -26,8 +41,10 @@ class OnAccelerator(torch.Tensor):
         kwargs = kwargs or {}
         if func is torch.Tensor.numpy:
             raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
-        to_host = func is torch.Tensor.cpu or (func is torch.Tensor.to and any(
-            str(t) == "cpu" for t in [*args[1:], kwargs.get("device")] if isinstance(t, (str, torch.device))))
+        to_host = func is torch.Tensor.cpu or (
+            func is torch.Tensor.to
+            and any(str(t) == "cpu" for t in [*args[1:], kwargs.get("device")] if isinstance(t, (str, torch.device)))
+        )
         if to_host:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs).as_subclass(torch.Tensor)
@@ -64,8 +81,9 @@ def test_implicit_margins_run_with_accelerator_weights(tiny_base):
         other.model.layers[3].mlp.up_proj.weight.mul_(1.5)
     pairs = synthetic_pairs(5)
     expected = implicit_margins(ref, {"other": other}, tok, pairs, EVAL)
-    got = implicit_margins(on_accelerator(copy.deepcopy(ref)), {"other": on_accelerator(copy.deepcopy(other))}, tok,
-                           pairs, EVAL)
+    got = implicit_margins(
+        on_accelerator(copy.deepcopy(ref)), {"other": on_accelerator(copy.deepcopy(other))}, tok, pairs, EVAL
+    )
     assert got["other"] == pytest.approx(expected["other"], abs=1e-5) and any(m != 0 for m in got["other"])
 
 
@@ -78,7 +96,7 @@ def _judge(tiny_base):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 def test_tiny_evaluation_and_dpo_steps_on_cuda(tiny_base):
-    from flywheel.models.dpo import DPOParams, train_dpo
+    from flywheel.models.dpo import train_dpo
     from flywheel.models.policy import best_device, encode
 
     assert best_device() == "cuda"
@@ -94,10 +112,17 @@ def test_tiny_evaluation_and_dpo_steps_on_cuda(tiny_base):
     assert out["pref_accuracy"]["n"] == 6 and out["judged_win_rate"]["n"] == 3
     on_gpu = implicit_margins(ref, {"challenger": challenger}, tok, pairs, EVAL)
     assert on_gpu["challenger"] == pytest.approx(on_cpu["challenger"], abs=1e-3)
-    bf16 = implicit_margins(ref, {"challenger": challenger}, tok, pairs, EvalParams(**{**EVAL.__dict__, "bf16": True}))
+    bf16 = implicit_margins(ref, {"challenger": challenger}, tok, pairs, EVAL.updated(bf16=True))
     assert len(bf16["challenger"]) == 6
-    history = train_dpo(challenger, encode(tok, pairs, 32, 8), [], tok.pad_token_id,
-                        DPOParams(frozen_layers=2, steps=2, batch_size=4, frozen_bf16=True, bf16=True))
+    history = train_dpo(
+        challenger,
+        encode(tok, pairs, 32, 8),
+        [],
+        tok.pad_token_id,
+        shipped(
+            "train_policy", frozen_layers=2, steps=2, batch_size=4, frozen_bf16=True, bf16=True, lr=5e-5, sft_weight=0.0
+        ),
+    )
     assert len(history) == 2 and challenger.model.layers[3].mlp.up_proj.weight.device.type == "cuda"
 
 
@@ -112,8 +137,13 @@ def test_an_empty_test_split_is_reported_not_measured(tiny_base, tmp_path):
         assert m["n"] == 0 and m["ci"] == [None, None] and m["not_applied"].startswith("not measured")
     assert policy["pref_accuracy"]["diff"] is None and policy["length_baseline"] is None
     assert policy["benign_refusal_rate"]["n"] == 2 and "not_applied" not in policy["benign_refusal_rate"]
-    metrics = {"policy": policy, "reward": reward, "champion": {"policy": "1"}, "judge": {"name": "j", "version": 1},
-               "size_mb": {}}
-    files = report.write(metrics, tmp_path)               # the report says "-" where nothing was measured
+    metrics = {
+        "policy": policy,
+        "reward": reward,
+        "champion": {"policy": "1"},
+        "judge": {"name": "j", "version": 1},
+        "size_mb": {},
+    }
+    files = report.write(metrics, tmp_path)  # the report says "-" where nothing was measured
     assert (tmp_path / "report.md") in files and "| 0 |" in (tmp_path / "report.md").read_text()
-    assert headline_metrics(metrics) == {}                # MLflow gets no nulls
+    assert headline_metrics(metrics) == {}  # MLflow gets no nulls

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from flywheel.models.dpo import TrunkCache, pair_batch
-from flywheel.models.policy import (collate, encode, freeze_trunk, generate, load_policy, run_trunk, top_layers,
-                                    top_logps, trunk_fingerprint)
+from flywheel.models.policy import (
+    collate,
+    encode,
+    freeze_trunk,
+    generate,
+    load_policy,
+    run_trunk,
+    top_layers,
+    top_logps,
+    trunk_fingerprint,
+)
 from tests.model.conftest import synthetic_pairs
 
 
@@ -21,8 +30,9 @@ def _full_logps(model, batch) -> torch.Tensor:
 def test_trunk_plus_top_equals_full_forward(tiny_base):
     model, tok = load_policy(tiny_base / "policy")
     enc = encode(tok, synthetic_pairs(3), 32, 8)
-    batch = collate([(e.prompt, e.answers[0]) for e in enc] + [(e.prompt, e.answers[1][:3]) for e in enc],
-                    tok.pad_token_id)
+    batch = collate(
+        [(e.prompt, e.answers[0]) for e in enc] + [(e.prompt, e.answers[1][:3]) for e in enc], tok.pad_token_id
+    )
     with torch.no_grad():
         split = top_logps(top_layers(model, 2), model, run_trunk(model, batch, 2), batch)
         full = _full_logps(model, batch)
@@ -33,11 +43,15 @@ def test_cached_trunk_rows_repad_to_the_same_log_probs(tiny_base):
     model, tok = load_policy(tiny_base / "policy")
     pairs = encode(tok, synthetic_pairs(4), 32, 8)
     cache = TrunkCache(model, top_layers(model, 2), 2, tok.pad_token_id)
-    cache.batch([0, 1], pairs, bf16=False)               # fills rows 0 and 1 in a batch of their own
+    cache.batch([0, 1], pairs, bf16=False)  # fills rows 0 and 1 in a batch of their own
     batch, trunk, ref = cache.batch([1, 2, 3], pairs, bf16=False)  # re-pads row 1 beside new rows
     with torch.no_grad():
-        direct = top_logps(top_layers(model, 2), model, run_trunk(model, pair_batch([pairs[i] for i in (1, 2, 3)],
-                                                                                    tok.pad_token_id), 2), batch)
+        direct = top_logps(
+            top_layers(model, 2),
+            model,
+            run_trunk(model, pair_batch([pairs[i] for i in (1, 2, 3)], tok.pad_token_id), 2),
+            batch,
+        )
     assert torch.allclose(ref, direct, atol=1e-4)
 
 
@@ -50,11 +64,11 @@ def test_only_an_answer_that_ended_gets_the_end_of_turn_token(tiny_base):
     text_ids = tok(long_text, add_special_tokens=False)["input_ids"]
     assert len(text_ids) > 8
     cut = answer_ids(tok, long_text, 8)
-    assert cut == text_ids[:8] and end not in cut              # truncated: no false end of turn
+    assert cut == text_ids[:8] and end not in cut  # truncated: no false end of turn
     short = answer_ids(tok, "yes", 8)
     assert short[-1] == end and short[:-1] == tok("yes", add_special_tokens=False)["input_ids"]
     exact = tok("good answer", add_special_tokens=False)["input_ids"]
-    assert answer_ids(tok, "good answer", len(exact))[-1] != end          # no room left for the end token
+    assert answer_ids(tok, "good answer", len(exact))[-1] != end  # no room left for the end token
     assert answer_ids(tok, "good answer", len(exact) + 1) == exact + [end]
     # training (DPO/SFT) and the evaluation margins encode answers through the same function
     pair = {"prompt": [{"role": "user", "content": "yes"}], "chosen": long_text, "rejected": "no"}
@@ -75,10 +89,10 @@ def test_fingerprint_tells_trunks_apart(tiny_base):
     b, _ = load_policy(tiny_base / "policy")
     assert trunk_fingerprint(a, 2) == trunk_fingerprint(b, 2)
     with torch.no_grad():
-        b.model.layers[3].mlp.up_proj.weight.add_(1.0)    # a change above the trunk
+        b.model.layers[3].mlp.up_proj.weight.add_(1.0)  # a change above the trunk
     assert trunk_fingerprint(a, 2) == trunk_fingerprint(b, 2)
     with torch.no_grad():
-        b.model.layers[0].mlp.up_proj.weight.add_(1.0)    # a change inside it
+        b.model.layers[0].mlp.up_proj.weight.add_(1.0)  # a change inside it
     assert trunk_fingerprint(a, 2) != trunk_fingerprint(b, 2)
 
 
@@ -107,7 +121,7 @@ def test_a_bf16_trunk_stays_close_to_the_fp32_forward_and_trains_the_fp32_top(ti
 
 
 def test_answer_cache_reuses_greedy_answers_per_model_hash(tmp_path, tiny_base):
-    from pipelines.evaluate import AnswerCache, timed_generate
+    from flywheel.evaluation.answers import AnswerCache, timed_generate
 
     model, tok = load_policy(tiny_base / "policy")
     prompts = [[{"role": "user", "content": "yes"}], [{"role": "user", "content": "how do I water a fern"}]]
@@ -116,7 +130,7 @@ def test_answer_cache_reuses_greedy_answers_per_model_hash(tmp_path, tiny_base):
     first, ms = cache.answers(model, "hash-a", tok, prompts, 3, 4)
     assert first == fresh and ms is not None and cache.hits == 0
 
-    class Exploding:            # a second run must not touch the model: every answer is on disk
+    class Exploding:  # a second run must not touch the model: every answer is on disk
         def __getattr__(self, name):
             raise AssertionError("generated although cached")
 

@@ -7,15 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from shipped import shipped
 
+from flywheel.params import BlessParams
 from flywheel.registry import CHALLENGER, CHAMPION, POLICY, PREVIOUS, REWARD, Registry, RegistryError, content_hash
-from flywheel.release import GateMismatch, SmokeParams, bootstrap, promote, release, rollback
+from flywheel.release import GateMismatch, bootstrap, promote, release, rollback
 from flywheel.settings import load_settings
 from pipelines.resolve_champion import resolve
 
 # the tiny random policy may well answer with nothing but whitespace: only loading and running are checked
-SMOKE = SmokeParams(prompts=["hello"], max_new_tokens=2, timeout_s=60, min_chars=0)
-GATES = {"default": "d" * 64}          # the gate in force: name -> rules' sha256 (what `flywheel release` passes)
+SMOKE = shipped("release").smoke.updated(prompts=["hello"], max_new_tokens=2, timeout_s=60, min_chars=0)
+GATES = {"default": "d" * 64}  # the gate in force: name -> rules' sha256 (what `flywheel release` passes)
 
 
 @pytest.fixture
@@ -36,10 +38,14 @@ def _challenger(ws_root: Path, tiny_base: Path, tag: str) -> Path:
 
 
 def _blessing(folder: Path, policy: bool = True, reward: bool = True, gate: str = "default") -> dict:
-    return {"policy": {"blessed": policy, "reasons": [] if policy else ["pref_accuracy: not better beyond noise"]},
-            "reward": {"blessed": reward, "reasons": [] if reward else ["pairwise_accuracy: worse"]},
-            "candidates": {"policy": content_hash(folder / "policy"), "reward": content_hash(folder / "reward")},
-            "gate": gate, "gate_sha256": gate[0] * 64, "judge": "none"}
+    return {
+        "policy": {"blessed": policy, "reasons": [] if policy else ["pref_accuracy: not better beyond noise"]},
+        "reward": {"blessed": reward, "reasons": [] if reward else ["pairwise_accuracy: worse"]},
+        "candidates": {"policy": content_hash(folder / "policy"), "reward": content_hash(folder / "reward")},
+        "gate": gate,
+        "gate_sha256": gate[0] * 64,
+        "judge": "none",
+    }
 
 
 def test_bootstrap_makes_the_base_models_champion_once(workspace):
@@ -63,7 +69,7 @@ def test_blessed_release_promotes_and_a_second_release_makes_no_new_version(work
     tags = reg.get(POLICY, "2").tags
     assert tags["git_commit"] == "abc" and tags["gate"] == "default" and tags["gate_sha256"] == "d" * 64
     assert tags["judge"] == "none" and "refused" not in tags
-    assert reg.alias(POLICY, CHALLENGER) is None        # promoted: no longer a challenger awaiting anything
+    assert reg.alias(POLICY, CHALLENGER) is None  # promoted: no longer a challenger awaiting anything
     again = release(reg, ch, _blessing(ch), {}, SMOKE, log=lambda *_: None, gates=GATES)
     assert [o.created for o in again] == [False, False]
     assert len(reg.versions(POLICY)) == 2
@@ -96,7 +102,7 @@ def test_stale_blessing_is_refused(workspace, tiny_base):
     bootstrap(reg, settings.models / "base")
     ch = _challenger(settings.root, tiny_base, "d")
     verdict = _blessing(ch)
-    (ch / "policy" / "generation_config.json").write_text("{}")   # changed after evaluation
+    (ch / "policy" / "generation_config.json").write_text("{}")  # changed after evaluation
     out = release(reg, ch, verdict, {}, SMOKE, log=lambda *_: None, gates=GATES)
     assert not out[0].promoted and "another model" in out[0].reasons[0]
 
@@ -121,18 +127,16 @@ def test_champion_moved_by_hand_is_honoured(workspace, tiny_base):
     bootstrap(reg, settings.models / "base")
     ch = _challenger(settings.root, tiny_base, "f")
     release(reg, ch, _blessing(ch, policy=False), {}, SMOKE, log=lambda *_: None, gates=GATES)
-    reg.client.set_registered_model_alias(POLICY, CHAMPION, "2")   # what the MLflow UI does
+    reg.client.set_registered_model_alias(POLICY, CHAMPION, "2")  # what the MLflow UI does
     assert resolve(reg, settings.models / "base")["policy"]["version"] == "2"
 
 
 def test_smoke_check_fails_an_empty_answer_and_a_slow_model(tiny_base):
     from flywheel.release import smoke_check
 
-    ok, detail = smoke_check("policy", tiny_base / "policy", SmokeParams(prompts=["hello"], max_new_tokens=2,
-                                                                          min_chars=10_000))
+    ok, detail = smoke_check("policy", tiny_base / "policy", SMOKE.updated(timeout_s=120, min_chars=10_000))
     assert not ok and "empty answer" in detail
-    ok, detail = smoke_check("policy", tiny_base / "policy", SmokeParams(prompts=["hello"], max_new_tokens=2,
-                                                                          timeout_s=0.0, min_chars=0))
+    ok, detail = smoke_check("policy", tiny_base / "policy", SMOKE.updated(timeout_s=1e-9))
     assert not ok and "over the bound" in detail
     ok, _ = smoke_check("reward", tiny_base / "reward", SMOKE)
     assert ok
@@ -143,8 +147,9 @@ def test_rejected_release_registers_and_tags_but_never_promotes(workspace, tiny_
     bootstrap(reg, settings.models / "base")
     ch = _challenger(settings.root, tiny_base, "rejected")
     lineage = {"approval": "rejected", "approval_by": "alice", "airflow_run_id": "manual__1"}
-    out = release(reg, ch, _blessing(ch), lineage, SMOKE, log=lambda *_: None, gates=GATES,
-                  reject="release rejected by alice")
+    out = release(
+        reg, ch, _blessing(ch), lineage, SMOKE, log=lambda *_: None, gates=GATES, reject="release rejected by alice"
+    )
     assert [o.promoted for o in out] == [False, False] and all(o.blessed and o.smoke_ok for o in out)
     assert out[0].reasons == ["not promoted: release rejected by alice"]
     assert reg.alias(POLICY, CHAMPION).version == "1" and reg.alias(POLICY, CHALLENGER) is None
@@ -161,13 +166,20 @@ def test_a_blessing_from_another_gate_is_refused_before_anything_is_registered(w
     ch = _challenger(settings.root, tiny_base, "g")
     with pytest.raises(GateMismatch, match="'permissive' gate, but params.yaml bless.gate is 'default'"):
         release(reg, ch, _blessing(ch, gate="permissive"), {}, SMOKE, log=lambda *_: None, gates=GATES)
-    stale = {**_blessing(ch), "gate_sha256": "0" * 64}          # the default gate's rules changed since
+    stale = {**_blessing(ch), "gate_sha256": "0" * 64}  # the default gate's rules changed since
     with pytest.raises(GateMismatch, match="other rules"):
         release(reg, ch, stale, {}, SMOKE, log=lambda *_: None, gates=GATES)
     assert len(reg.versions(POLICY)) == 1
     # --allow-gate (tests only): accepted, and the version says which gate blessed it
-    out = release(reg, ch, _blessing(ch, gate="permissive"), {"gate_override": "--allow-gate permissive"}, SMOKE,
-                  log=lambda *_: None, gates={**GATES, "permissive": "p" * 64})
+    out = release(
+        reg,
+        ch,
+        _blessing(ch, gate="permissive"),
+        {"gate_override": "--allow-gate permissive"},
+        SMOKE,
+        log=lambda *_: None,
+        gates={**GATES, "permissive": "p" * 64},
+    )
     assert out[0].promoted
     tags = reg.get(POLICY, out[0].version).tags
     assert tags["gate"] == "permissive" and tags["gate_override"] == "--allow-gate permissive"
@@ -183,11 +195,11 @@ def test_held_release_makes_a_challenger_a_refused_one_never_and_a_stale_alias_i
     bootstrap(reg, settings.models / "base")
     bad = _challenger(settings.root, tiny_base, "h1")
     release(reg, bad, _blessing(bad, policy=False), {}, SMOKE, log=lambda *_: None, gates=GATES)
-    reg.set_alias(POLICY, CHALLENGER, "2")     # what the old release did to every candidate
+    reg.set_alias(POLICY, CHALLENGER, "2")  # what the old release did to every candidate
     good = _challenger(settings.root, tiny_base, "h2")
     out = release(reg, good, _blessing(good), {}, SMOKE, log=lambda *_: None, gates=GATES, hold="A/B first")
     assert not out[0].promoted and out[0].reasons == ["not promoted: A/B first; `challenger` until `flywheel promote`"]
-    assert reg.alias(POLICY, CHALLENGER).version == out[0].version == "3"   # blessed, checked, awaiting
+    assert reg.alias(POLICY, CHALLENGER).version == out[0].version == "3"  # blessed, checked, awaiting
     assert reg.alias(POLICY, CHAMPION).version == "1"
     # a later refused candidate takes nothing from it; the stale alias on v2 was removed on the way
     worse = _challenger(settings.root, tiny_base, "h3")
@@ -195,7 +207,7 @@ def test_held_release_makes_a_challenger_a_refused_one_never_and_a_stale_alias_i
     assert reg.alias(POLICY, CHALLENGER).version == "3"
     promote(reg, "policy", "3")
     assert reg.alias(POLICY, CHAMPION).version == "3" and reg.alias(POLICY, CHALLENGER) is None
-    reg.set_alias(POLICY, CHALLENGER, "4")     # a refused version, by hand: the next release removes it
+    reg.set_alias(POLICY, CHALLENGER, "4")  # a refused version, by hand: the next release removes it
     release(reg, good, _blessing(good), {}, SMOKE, log=lambda *_: None, gates=GATES)
     assert reg.alias(POLICY, CHALLENGER) is None
 
@@ -224,7 +236,7 @@ def test_rollback_only_to_a_blessed_checked_version_or_the_base_and_no_silent_re
     assert not out[0].promoted and out[0].version == "4"
     assert any("was rolled back from" in r and "flywheel promote 4" in r for r in out[0].reasons), out[0].reasons
     assert reg.alias(POLICY, CHAMPION).version == "1" and reg.alias(POLICY, CHALLENGER) is None
-    notes = promote(reg, "policy", "4")                        # by hand, deliberately: allowed, and said
+    notes = promote(reg, "policy", "4")  # by hand, deliberately: allowed, and said
     assert "rolled back from" in notes[0] and reg.alias(POLICY, CHAMPION).version == "4"
 
 
@@ -239,9 +251,9 @@ def test_cli_release_refuses_another_gates_blessing_unless_allowed_out_loud(work
     monkeypatch.setenv("FLYWHEEL_ROOT", str(settings.root))
     monkeypatch.chdir(settings.root)
     params = yaml.safe_load((settings.root / "params.yaml").read_text())
-    params["release"]["smoke"].update(min_chars=0, max_new_tokens=2)   # the tiny random policy may answer nothing
+    params["release"]["smoke"].update(min_chars=0, max_new_tokens=2)  # the tiny random policy may answer nothing
     (settings.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    permissive = gate_in_force(params["bless"], "permissive")
+    permissive = gate_in_force(BlessParams.model_validate(params["bless"]), "permissive")
     ch = _challenger(settings.root, tiny_base, "cli")
     shutil.copytree(ch, settings.root / "models" / "challenger")
     blessing = {**_blessing(ch), "gate": "permissive", "gate_sha256": permissive.sha256}
@@ -251,11 +263,11 @@ def test_cli_release_refuses_another_gates_blessing_unless_allowed_out_loud(work
     refused = runner.invoke(app, ["release", "--json"])
     assert refused.exit_code == 2 and "release refused" in refused.output, refused.output
     assert "bless.gate is 'default'" in refused.output
-    assert reg.alias(POLICY, CHAMPION).version == "1" and len(reg.versions(POLICY)) == 1   # bootstrapped only
+    assert reg.alias(POLICY, CHAMPION).version == "1" and len(reg.versions(POLICY)) == 1  # bootstrapped only
     allowed = runner.invoke(app, ["release", "--json", "--allow-gate", "permissive"])
     assert allowed.exit_code == 0, allowed.output
-    assert "--allow-gate permissive" in allowed.output                      # said out loud ...
-    tags = reg.get(POLICY, reg.alias(POLICY, CHAMPION).version).tags        # ... and kept on the version
+    assert "--allow-gate permissive" in allowed.output  # said out loud ...
+    tags = reg.get(POLICY, reg.alias(POLICY, CHAMPION).version).tags  # ... and kept on the version
     assert tags["gate"] == "permissive" and "--allow-gate permissive" in tags["gate_override"]
     # by hand: a version the permissive gate blessed is no rollback or promote target under the default gate
     assert runner.invoke(app, ["rollback", "--to", "1"]).exit_code == 0

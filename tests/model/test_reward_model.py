@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flywheel.models.reward import RewardModel, RewardTrainParams, pairwise_correct, reward_text, train_reward
+from shipped import shipped
+
+from flywheel.models.reward import RewardModel, pairwise_correct, reward_text, train_reward
 from tests.model.conftest import synthetic_pairs
 
 
@@ -13,18 +15,29 @@ def test_zero_head_scores_every_answer_alike(tiny_base):
 
 def test_frozen_encoder_variant_learns_planted_preference(tiny_base, tmp_path):
     model = RewardModel.load(tiny_base / "reward")
-    train_reward(model, synthetic_pairs(16), RewardTrainParams(frozen_encoder=True, epochs=40, head_lr=5e-2,
-                                                               max_length=64))
+    train_reward(
+        model, synthetic_pairs(16), shipped("train_reward", frozen_encoder=True, epochs=40, head_lr=5e-2, max_length=64)
+    )
     test = synthetic_pairs(8, start=50)
     assert sum(pairwise_correct(model, test)) / len(test) == 1.0
     model.save(tmp_path / "r")
     again = RewardModel.load(tmp_path / "r")
-    assert again.score([p["prompt"] for p in test], [p["chosen"] for p in test]) == \
-        model.score([p["prompt"] for p in test], [p["chosen"] for p in test])
+    assert again.score([p["prompt"] for p in test], [p["chosen"] for p in test]) == model.score(
+        [p["prompt"] for p in test], [p["chosen"] for p in test]
+    )
 
 
 def test_full_finetuning_learns_and_swapped_labels_invert(tiny_base):
-    params = RewardTrainParams(epochs=10, batch_size=8, lr=1e-3, head_lr=1e-2, max_length=64)
+    params = shipped(
+        "train_reward",
+        frozen_encoder=False,
+        epochs=10,
+        batch_size=8,
+        lr=1e-3,
+        head_lr=1e-2,
+        max_length=64,
+        group_by_length=False,
+    )
     good, bad = RewardModel.load(tiny_base / "reward"), RewardModel.load(tiny_base / "reward")
     train_reward(good, synthetic_pairs(16), params)
     train_reward(bad, synthetic_pairs(16, swap=True), params)
@@ -34,8 +47,11 @@ def test_full_finetuning_learns_and_swapped_labels_invert(tiny_base):
 
 
 def test_reward_text_keeps_the_last_turns_and_the_answer():
-    prompt = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "reply"},
-              {"role": "user", "content": "second"}]
+    prompt = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "reply"},
+        {"role": "user", "content": "second"},
+    ]
     assert reward_text(prompt, "answer", 1) == "User: second\nAssistant: answer"
     assert reward_text(prompt, "answer", 0) == "Assistant: answer"
     assert reward_text(prompt, "answer", 3).startswith("User: first\nAssistant: reply")
@@ -50,17 +66,31 @@ def test_length_grouped_order_is_a_permutation_of_similar_length_batches():
     a = length_grouped_order(lengths, 16, random.Random(0))
     assert sorted(a) == list(range(1000)) and a == length_grouped_order(lengths, 16, random.Random(0))
     assert a != length_grouped_order(lengths, 16, random.Random(1))
-    batches = [a[i:i + 16] for i in range(0, 992, 16)]
+    batches = [a[i : i + 16] for i in range(0, 992, 16)]
     spread = sum(max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches) / len(batches)
     shuffled = list(range(1000))
     random.Random(0).shuffle(shuffled)
-    plain = sum(max(lengths[j] for j in shuffled[i:i + 16]) - min(lengths[j] for j in shuffled[i:i + 16])
-                for i in range(0, 992, 16)) / 62
+    plain = (
+        sum(
+            max(lengths[j] for j in shuffled[i : i + 16]) - min(lengths[j] for j in shuffled[i : i + 16])
+            for i in range(0, 992, 16)
+        )
+        / 62
+    )
     assert spread < plain / 5, (spread, plain)
 
 
 def test_length_grouped_training_learns_too(tiny_base):
     model = RewardModel.load(tiny_base / "reward")
-    params = RewardTrainParams(epochs=6, batch_size=4, lr=5e-4, head_lr=5e-3, max_length=64, group_by_length=True)
+    params = shipped(
+        "train_reward",
+        frozen_encoder=False,
+        epochs=6,
+        batch_size=4,
+        lr=5e-4,
+        head_lr=5e-3,
+        max_length=64,
+        group_by_length=True,
+    )
     train_reward(model, synthetic_pairs(24), params)
     assert sum(pairwise_correct(model, synthetic_pairs(16, start=300))) / 16 >= 0.9

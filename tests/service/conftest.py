@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from svc_helpers import PG_ADMIN, Server, make_config, start_api, tiny
 
 
@@ -50,8 +49,10 @@ def store_url(request, tmp_path):
             conn.exec_driver_sql("SELECT 1")
     except Exception as exc:  # noqa: BLE001 - any way the server is unreachable
         admin.dispose()
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is unreachable ({type(exc).__name__}: {exc}); start it, or set "
-                    f"{NO_POSTGRES}=1 to run the store tests on SQLite only")
+        pytest.fail(
+            f"PostgreSQL at 127.0.0.1:5432 is unreachable ({type(exc).__name__}: {exc}); start it, or set "
+            f"{NO_POSTGRES}=1 to run the store tests on SQLite only"
+        )
     name = f"flywheel_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')

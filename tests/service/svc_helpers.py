@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from shipped import shipped
 
-from service.config import ServeParams, ServiceConfig
+from service.config import ServiceConfig
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("tiny_models", REPO / "tests" / "model" / "conftest.py")
@@ -25,11 +26,24 @@ PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
 def make_config(tmp_path: Path, models: Path, store: str | None = None, registry=None, **params) -> ServiceConfig:
-    defaults = {"max_new_tokens": 16, "default_max_tokens": 4, "batch_window_ms": 20,
-                "chat_rate": {"per_s": 1000, "burst": 1000}, "feedback_rate": {"per_s": 1000, "burst": 1000}}
-    return ServiceConfig(params=ServeParams.model_validate({**defaults, **params}),
-                         feedback_store=store or f"sqlite:///{tmp_path / 'feedback.db'}",
-                         fallback_policy=models / "policy", fallback_reward=models / "reward", registry=registry)
+    defaults = {
+        "max_new_tokens": 16,
+        "default_max_tokens": 4,
+        "batch_window_ms": 20,
+        "chat_rate": {"per_s": 1000, "burst": 1000},
+        "feedback_rate": {"per_s": 1000, "burst": 1000},
+    }
+    contract = shipped("contract")
+    return ServiceConfig(
+        params=shipped("serve", **{**defaults, **params}),
+        feedback_store=store or f"sqlite:///{tmp_path / 'feedback.db'}",
+        max_text_chars=contract.max_text_chars,
+        max_turns=contract.max_turns,
+        max_line_bytes=contract.max_line_bytes,
+        fallback_policy=models / "policy",
+        fallback_reward=models / "reward",
+        registry=registry,
+    )
 
 
 @dataclass
@@ -98,8 +112,13 @@ def workspace(tmp_path: Path, **serve) -> Path:
 
 def cli_env(ws: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "AIRFLOW"))}
-    env.update(FLYWHEEL_ROOT=str(ws), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true")
+    env.update(
+        FLYWHEEL_ROOT=str(ws),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true",
+    )
     return env
 
 
@@ -121,11 +140,16 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120) -> "Server":
+    def start(self, timeout: float = 120) -> Server:
         exe = Path(sys.executable).with_name("flywheel")
         self.logfile = open(self.ws / f"server-{self.port}.log", "ab")
-        self.proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-                                     cwd=self.ws, env=cli_env(self.ws), stdout=self.logfile, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            cwd=self.ws,
+            env=cli_env(self.ws),
+            stdout=self.logfile,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.url, timeout=2) as c:
             while time.monotonic() < deadline:
@@ -164,10 +188,16 @@ class Server:
 
 def event(n: int, **over) -> dict:
     """A valid contract-v1 event with id ``svc-<n>``."""
-    e = {"event_id": f"svc-{n}", "timestamp": "2026-11-27T10:00:00Z", "conversation_id": f"conv-{n % 17}",
-         "model_version": "policy/1", "prompt": [{"role": "user", "content": f"question {n}: how do I water a fern?"}],
-         "response": f"answer {n}: when the soil is dry.", "user_id": f"user-{n % 5}",
-         "feedback": {"type": "thumbs", "value": "up" if n % 3 else "down"}}
+    e = {
+        "event_id": f"svc-{n}",
+        "timestamp": "2026-11-27T10:00:00Z",
+        "conversation_id": f"conv-{n % 17}",
+        "model_version": "policy/1",
+        "prompt": [{"role": "user", "content": f"question {n}: how do I water a fern?"}],
+        "response": f"answer {n}: when the soil is dry.",
+        "user_id": f"user-{n % 5}",
+        "feedback": {"type": "thumbs", "value": "up" if n % 3 else "down"},
+    }
     e.update(over)
     return e
 

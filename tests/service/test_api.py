@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from svc_helpers import dumps, event, make_config, start_api
+from svc_helpers import dumps, event, make_config, start_api, workspace
 
 CHAT = "/v1/chat/completions"
 
 
 def _chat(api, scope="chat", **body):
-    return api.client.post(CHAT, json={"messages": [{"role": "user", "content": "hello"}], **body}, headers=api.h(scope))
+    return api.client.post(
+        CHAT, json={"messages": [{"role": "user", "content": "hello"}], **body}, headers=api.h(scope)
+    )
 
 
 def test_health_ready_and_openapi(api):
@@ -20,8 +21,9 @@ def test_health_ready_and_openapi(api):
     ready = api.client.get("/readyz").json()
     assert ready["ready"] and ready["models"]["champion"].startswith("local/")
     spec = api.client.get("/openapi.json").json()
-    assert {"/v1/chat/completions", "/v1/feedback", "/v1/feedback/batch", "/healthz", "/readyz", "/metrics"} \
-        <= set(spec["paths"])
+    assert {"/v1/chat/completions", "/v1/feedback", "/v1/feedback/batch", "/healthz", "/readyz", "/metrics"} <= set(
+        spec["paths"]
+    )
     body = spec["paths"]["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/FeedbackIn"} and "FeedbackIn" in spec["components"]["schemas"]
 
@@ -31,16 +33,22 @@ def test_chat_answer_carries_id_and_model_version(api):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
-    assert body["model_version"] == r.headers["x-model-version"] == api.client.get("/readyz").json()["models"]["champion"]
+    assert (
+        body["model_version"] == r.headers["x-model-version"] == api.client.get("/readyz").json()["models"]["champion"]
+    )
     assert body["variant"] == "champion" and r.headers["x-answer-id"] == body["id"]
     assert body["usage"]["completion_tokens"] <= 3 and body["choices"][0]["finish_reason"] in ("stop", "length")
     greedy = _chat(api, max_tokens=3, temperature=0).json()["choices"][0]["message"]["content"]
-    assert greedy == body["choices"][0]["message"]["content"]          # temperature 0 is deterministic
+    assert greedy == body["choices"][0]["message"]["content"]  # temperature 0 is deterministic
 
 
 def test_chat_stream_is_server_sent_events(api):
-    with api.client.stream("POST", CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-                                               "stream": True}, headers=api.h("chat")) as r:
+    with api.client.stream(
+        "POST",
+        CHAT,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True},
+        headers=api.h("chat"),
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         version = r.headers["x-model-version"]
         lines = [line for line in r.iter_lines() if line]
@@ -57,13 +65,13 @@ def test_best_of_n_reranks_with_the_reward_model(api, monkeypatch):
     real_score, calls = reward.score, []
 
     def spy(prompts, answers):
-        real = real_score(prompts, answers)                    # the reward model itself runs on every candidate
+        real = real_score(prompts, answers)  # the reward model itself runs on every candidate
         assert len(real) == len(answers)
         calls.append(list(answers))
         return [0.0 if a == answers[0] else 1.0 + i for i, a in enumerate(answers)]
 
     monkeypatch.setattr(reward, "score", spy)
-    for _ in range(5):   # a tiny random model may sample three equal candidates; then ask again
+    for _ in range(5):  # a tiny random model may sample three equal candidates; then ask again
         r = _chat(api, max_tokens=6, best_of=3, temperature=1.0)
         assert r.status_code == 200, r.text
         if len(set(calls[-1])) > 1:
@@ -118,29 +126,34 @@ def test_feedback_naming_an_answer_must_carry_its_model_version(api):
 
 def test_batch_is_all_or_nothing_and_idempotent(api):
     events = [event(i) for i in range(10, 15)]
-    r = api.client.post("/v1/feedback/batch", content=dumps({"events": events + [events[0]]}), headers=api.h("feedback"))
+    r = api.client.post(
+        "/v1/feedback/batch", content=dumps({"events": events + [events[0]]}), headers=api.h("feedback")
+    )
     assert r.status_code == 200 and (r.json()["stored"], r.json()["duplicates"]) == (5, 1)
     bad = [event(20), event(21, feedback={"type": "rating", "value": 9})]
     r = api.client.post("/v1/feedback/batch", content=dumps({"events": bad}), headers=api.h("feedback"))
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["body", "events", 1, "feedback", "rating", "value"]
-    assert api.svc.store.count() == 5                                     # nothing of the bad batch was stored
+    assert api.svc.store.count() == 5  # nothing of the bad batch was stored
 
 
-@pytest.mark.parametrize("body, loc", [
-    (b"{not json", ["body"]),
-    (b"[]", ["body"]),
-    (dumps(event(30, extra_field=1)), ["body", "extra_field"]),
-    (dumps(event(31, feedback={"type": "thumbs", "value": "sideways"})), ["body", "feedback", "thumbs", "value"]),
-    (dumps(event(32, timestamp="yesterday")), ["body", "timestamp"]),
-    (dumps(event(33, prompt=[{"role": "assistant", "content": "hi"}])), ["body", "prompt"]),
-    (dumps(event(34, response="x" * 16001)), ["body", "response"]),
-])
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        (b"{not json", ["body"]),
+        (b"[]", ["body"]),
+        (dumps(event(30, extra_field=1)), ["body", "extra_field"]),
+        (dumps(event(31, feedback={"type": "thumbs", "value": "sideways"})), ["body", "feedback", "thumbs", "value"]),
+        (dumps(event(32, timestamp="yesterday")), ["body", "timestamp"]),
+        (dumps(event(33, prompt=[{"role": "assistant", "content": "hi"}])), ["body", "prompt"]),
+        (dumps(event(34, response="x" * 16001)), ["body", "response"]),
+    ],
+)
 def test_feedback_422_names_the_field(api, body, loc):
     r = api.client.post("/v1/feedback", content=body, headers=api.h("feedback"))
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"] == loc
-    assert "input" not in r.json()["detail"][0]                            # the input is never echoed
+    assert "input" not in r.json()["detail"][0]  # the input is never echoed
 
 
 def test_chat_422(api):
@@ -169,7 +182,7 @@ def test_a_revoked_token_is_refused_once_the_book_is_older_than_its_max_age(api)
     assert api.client.post("/v1/feedback", content=dumps(event(41)), headers=api.h("feedback")).status_code == 200
     token_id = next(t["token_id"] for t in api.svc.store.list_tokens() if t["scope"] == "feedback")
     assert api.svc.store.revoke_token(token_id) and not api.svc.store.revoke_token(token_id)
-    api.svc.tokens.max_age_s = api.svc.tokens.refresh_s = 0.0    # the service defaults: 5 s and 1 s
+    api.svc.tokens.max_age_s = api.svc.tokens.refresh_s = 0.0  # the service defaults: 5 s and 1 s
     r = api.client.post("/v1/feedback", content=dumps(event(42)), headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 401
     assert all(t["token_id"] != token_id for t in api.svc.store.list_tokens())
@@ -189,8 +202,9 @@ def test_413_for_oversize_bodies(api):
 def test_429_past_the_rate_limit(tmp_path, tiny_models):
     config = make_config(tmp_path, tiny_models, feedback_rate={"per_s": 0.5, "burst": 3}, max_best_of=1)
     with start_api(config) as api:
-        codes = [api.client.post("/v1/feedback", content=dumps(event(60 + i)), headers=api.h("feedback"))
-                 for i in range(5)]
+        codes = [
+            api.client.post("/v1/feedback", content=dumps(event(60 + i)), headers=api.h("feedback")) for i in range(5)
+        ]
         assert [c.status_code for c in codes] == [200, 200, 200, 429, 429]
         assert int(codes[-1].headers["retry-after"]) >= 1
         # another token has its own bucket
@@ -209,8 +223,9 @@ def test_503_before_a_model_is_loaded(tmp_path, tiny_models):
     token, _ = create_token(app.state.svc.store, "chat")
     with TestClient(app) as client:
         assert client.get("/readyz").status_code == 503
-        r = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}]},
-                        headers={"Authorization": f"Bearer {token}"})
+        r = client.post(
+            CHAT, json={"messages": [{"role": "user", "content": "hi"}]}, headers={"Authorization": f"Bearer {token}"}
+        )
         assert r.status_code == 503 and r.headers["retry-after"]
 
 
@@ -239,20 +254,20 @@ def test_challenger_split_tags_each_answer(tmp_path, tiny_models):
 def test_prompt_and_answer_are_cut_to_the_models_positions(tmp_path, tiny_models):
     config = make_config(tmp_path, tiny_models, max_new_tokens=256, max_prompt_tokens=512, max_best_of=1)
     with start_api(config) as api:
-        long = " ".join(["please help me with my garden"] * 120)            # far over the tiny model's 256 positions
+        long = " ".join(["please help me with my garden"] * 120)  # far over the tiny model's 256 positions
         r = _chat(api, max_tokens=250, temperature=0, messages=[{"role": "user", "content": long}])
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         assert usage["prompt_tokens"] + usage["completion_tokens"] <= 256
 
 
-def test_serve_params_fail_naming_the_key():
-    from service.config import parse_serve_params
+def test_serve_params_fail_naming_the_key(tmp_path):
+    from flywheel.settings import SettingsError, load_settings
 
-    with pytest.raises(ValueError, match="serve: bogus"):
-        parse_serve_params({"bogus": 1})
-    with pytest.raises(ValueError, match="reload_poll_s"):
-        parse_serve_params({"reload_poll_s": 60})
+    with pytest.raises(SettingsError, match=r"params.yaml serve.bogus: unknown key"):
+        load_settings(workspace(tmp_path, bogus=1), env={})
+    with pytest.raises(SettingsError, match=r"params.yaml serve.reload_poll_s: Input should be less than"):
+        load_settings(workspace(tmp_path, reload_poll_s=60), env={})
 
 
 # ---- the security review: poison ids, no echo, per-event rate limit, several scopes, pseudonymised ids ------------
@@ -261,8 +276,9 @@ SECRET = "s3cr3t-Zq8X-do-not-echo"
 
 @pytest.mark.parametrize("field", ["event_id", "user_id", "model_version", "conversation_id", "answer_id"])
 def test_a_nul_in_an_identifier_is_a_clear_422_and_never_reaches_the_store(api, field):
-    r = api.client.post("/v1/feedback", content=dumps(event(80, **{field: SECRET + "\u0000"})),
-                        headers=api.h("feedback"))
+    r = api.client.post(
+        "/v1/feedback", content=dumps(event(80, **{field: SECRET + "\u0000"})), headers=api.h("feedback")
+    )
     assert r.status_code == 422, r.text
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", field] and "control character (U+0000)" in error["msg"]
@@ -274,21 +290,38 @@ def _known_answer(api) -> dict:
     return _chat(api, max_tokens=2).json()
 
 
-@pytest.mark.parametrize("case", [
-    "event_id", "conversation_id", "user_id", "model_version", "answer_id", "answer_id_known_model_version",
-    "timestamp", "role", "content", "response", "feedback_type", "thumbs_value", "rating_value", "rejected",
-    "correction", "schema_version", "prompt",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "event_id",
+        "conversation_id",
+        "user_id",
+        "model_version",
+        "answer_id",
+        "answer_id_known_model_version",
+        "timestamp",
+        "role",
+        "content",
+        "response",
+        "feedback_type",
+        "thumbs_value",
+        "rating_value",
+        "rejected",
+        "correction",
+        "schema_version",
+        "prompt",
+    ],
+)
 def test_a_422_never_echoes_the_input(api, case):
     """Each field in turn holds a distinctive secret and is invalid; the body names the field, never the secret."""
     e = event(90)
     if case in ("event_id", "conversation_id", "user_id", "model_version"):
-        e[case] = SECRET * 10                                       # over 128 characters
+        e[case] = SECRET * 10  # over 128 characters
     elif case == "answer_id":
-        e[case] = SECRET                                            # no such answer
+        e[case] = SECRET  # no such answer
     elif case == "answer_id_known_model_version":
         answer = _known_answer(api)
-        e.update(answer_id=answer["id"], model_version=SECRET)      # not the version that gave the answer
+        e.update(answer_id=answer["id"], model_version=SECRET)  # not the version that gave the answer
     elif case == "timestamp":
         e[case] = SECRET
     elif case == "role":
@@ -306,7 +339,7 @@ def test_a_422_never_echoes_the_input(api, case):
     elif case == "rejected":
         e["feedback"] = {"type": "preference", "rejected": e["response"]}
         e["response"] = e["response"] + " " + SECRET
-        e["feedback"]["rejected"] = e["response"]                   # equal to the response: refused
+        e["feedback"]["rejected"] = e["response"]  # equal to the response: refused
     elif case == "correction":
         e["feedback"] = {"type": "correction", "text": SECRET * 2000}
     elif case == "schema_version":
@@ -320,15 +353,18 @@ def test_a_422_never_echoes_the_input(api, case):
         assert all(set(d) == {"loc", "msg", "type"} and d["loc"] and d["msg"] for d in r.json()["detail"])
 
 
-@pytest.mark.parametrize("body", [
-    {"messages": [{"role": SECRET, "content": "hi"}]},
-    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": SECRET},
-    {"messages": [{"role": "user", "content": "hi"}], "best_of": SECRET},
-    {"messages": [{"role": "user", "content": "hi"}], "temperature": SECRET},
-    {"messages": [{"role": "user", "content": "hi"}], "user": SECRET * 10},
-    {"messages": SECRET},
-    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 987654},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": SECRET, "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": SECRET},
+        {"messages": [{"role": "user", "content": "hi"}], "best_of": SECRET},
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": SECRET},
+        {"messages": [{"role": "user", "content": "hi"}], "user": SECRET * 10},
+        {"messages": SECRET},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 987654},
+    ],
+)
 def test_a_chat_422_never_echoes_the_input(api, body):
     r = api.client.post(CHAT, json=body, headers=api.h("chat"))
     assert r.status_code == 422, r.text
@@ -339,17 +375,20 @@ def test_a_chat_422_never_echoes_the_input(api, body):
 def test_the_feedback_rate_limit_counts_events_not_requests(tmp_path, tiny_models):
     config = make_config(tmp_path, tiny_models, feedback_rate={"per_s": 0.5, "burst": 10}, max_best_of=1)
     with start_api(config) as api:
-        post = lambda events: api.client.post("/v1/feedback/batch", content=dumps({"events": events}),  # noqa: E731
-                                              headers=api.h("feedback"))
-        assert post([event(100 + i) for i in range(8)]).status_code == 200        # 8 of 10 events spent
-        r = post([event(200 + i) for i in range(5)])                               # 5 > the 2 left
+
+        def post(events):
+            return api.client.post("/v1/feedback/batch", content=dumps({"events": events}), headers=api.h("feedback"))
+
+        assert post([event(100 + i) for i in range(8)]).status_code == 200  # 8 of 10 events spent
+        r = post([event(200 + i) for i in range(5)])  # 5 > the 2 left
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "events/s" in r.json()["detail"]
         assert api.svc.store.count() == 8
-        r = post([event(300 + i) for i in range(11)])                              # over the whole burst
+        r = post([event(300 + i) for i in range(11)])  # over the whole burst
         assert r.status_code == 429 and "burst of 10" in r.json()["detail"] and r.headers["retry-after"]
         # another token has its own bucket, and a batch within it passes
-        r = api.client.post("/v1/feedback/batch", content=dumps({"events": [event(400 + i) for i in range(10)]}),
-                            headers=api.h("admin"))
+        r = api.client.post(
+            "/v1/feedback/batch", content=dumps({"events": [event(400 + i) for i in range(10)]}), headers=api.h("admin")
+        )
         assert r.status_code == 200 and r.json()["stored"] == 10
 
 
@@ -359,8 +398,12 @@ def test_a_token_with_several_scopes_may_call_each_of_them(api):
     token, _ = create_token(api.svc.store, ["chat", "feedback"], "both")
     h = {"Authorization": f"Bearer {token}"}
     assert api.client.post("/v1/feedback", content=dumps(event(110)), headers=h).status_code == 200
-    assert api.client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-                           headers=h).status_code == 200
+    assert (
+        api.client.post(
+            CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, headers=h
+        ).status_code
+        == 200
+    )
     r = api.client.get("/metrics", headers=h)
     assert r.status_code == 403 and "'chat,feedback'" in r.json()["detail"]
 
@@ -369,8 +412,12 @@ def test_ids_holding_personal_data_are_stored_pseudonymised_and_erasable(api, mo
     from flywheel.redact import pseudonymise_id
 
     monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", "test-key-" + "x" * 32)
-    ev = event(120, user_id="mary.major@example.org", event_id="evt-mary.major@example.org",
-               conversation_id="conv-+14155550132")
+    ev = event(
+        120,
+        user_id="mary.major@example.org",
+        event_id="evt-mary.major@example.org",
+        conversation_id="conv-+14155550132",
+    )
     r = api.client.post("/v1/feedback", content=dumps(ev), headers=api.h("feedback"))
     assert r.status_code == 200 and r.json()["event_id"] == ev["event_id"] and r.json()["pii_redacted"] == 3
     with api.svc.store.engine.connect() as conn:
@@ -378,5 +425,5 @@ def test_ids_holding_personal_data_are_stored_pseudonymised_and_erasable(api, mo
     assert "example.org" not in event_id + user_id + row and "4155550132" not in row
     assert user_id == json.loads(row)["user_id"] == pseudonymise_id("mary.major@example.org")
     again = api.client.post("/v1/feedback", content=dumps(ev), headers=api.h("feedback"))
-    assert again.json()["status"] == "duplicate"                   # the same id, the same pseudonym
+    assert again.json()["status"] == "duplicate"  # the same id, the same pseudonym
     assert api.svc.store.erase_user("mary.major@example.org") == 1  # erase by the raw id finds it

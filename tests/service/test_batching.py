@@ -23,6 +23,7 @@ def _run_echo(calls: list, lock=threading.Lock()):
             j.begin("v1")
             j.emit("piece")
             j.finish(f"answer to {j.messages[0]['content']}")
+
     return run
 
 
@@ -32,8 +33,10 @@ def test_concurrent_jobs_share_a_call_within_the_row_limit():
     async def main():
         b = Batcher(_run_echo(calls), max_rows=4, window_s=0.05, max_queue=100)
         b.start(ThreadPoolExecutor(1))
-        jobs = [Job([{"role": "user", "content": str(i)}], 4, 0.0, copies=2 if i == 0 else 1, stream=i == 1)
-                for i in range(7)]
+        jobs = [
+            Job([{"role": "user", "content": str(i)}], 4, 0.0, copies=2 if i == 0 else 1, stream=i == 1)
+            for i in range(7)
+        ]
         for j in jobs:
             b.submit(j)
         answers = await asyncio.gather(*(j.result for j in jobs))
@@ -45,7 +48,7 @@ def test_concurrent_jobs_share_a_call_within_the_row_limit():
     assert answers == [f"answer to {i}" for i in range(7)]
     assert streamed == ["piece", None] and version == "v1"
     assert all(sum(c) <= 4 for c in calls) and sum(map(sum, calls)) == 8
-    assert len(calls) == 2                       # 8 rows in calls of at most 4
+    assert len(calls) == 2  # 8 rows in calls of at most 4
 
 
 def test_a_full_queue_refuses_and_a_failed_call_fails_only_its_jobs():
@@ -70,8 +73,15 @@ def test_group_writer_commits_together_and_flags_duplicates(tmp_path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'w.db'}")
 
     def row(eid):
-        return {"event_id": eid, "received_at": "t", "answer_id": None, "model_version": "v", "feedback_type": "thumbs",
-                "user_id": None, "row": json.dumps({"event_id": eid})}
+        return {
+            "event_id": eid,
+            "received_at": "t",
+            "answer_id": None,
+            "model_version": "v",
+            "feedback_type": "thumbs",
+            "user_id": None,
+            "row": json.dumps({"event_id": eid}),
+        }
 
     async def main():
         w = GroupWriter(store, max_items=64)

@@ -7,16 +7,17 @@ from __future__ import annotations
 import time
 
 import pytest
+
 # schemathesis is a dev dependency (infra/requirements-dev.txt): missing, it fails the run; it never skips silently
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
+from svc_helpers import make_config
 
 from service.app import create_app
 from service.auth import create_token
-from svc_helpers import make_config
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +56,13 @@ def test_no_5xx_for_generated_requests(served, mode, with_token):
         examples = 40 if with_token else 8
 
         @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         def check(case):
             case.call_and_validate(headers=headers, checks=[not_a_server_error])
 

@@ -11,10 +11,10 @@ import time
 import httpx
 import pyarrow.parquet as pq
 import pytest
+from svc_helpers import event, flywheel, workspace
 
 from flywheel.data import rawstore
 from service.store import FeedbackStore
-from svc_helpers import event, flywheel, workspace
 
 pytestmark = pytest.mark.slow
 RATES = {"chat_rate": {"per_s": 1000, "burst": 1000}, "feedback_rate": {"per_s": 100000, "burst": 100000}}
@@ -50,8 +50,10 @@ def test_acknowledged_feedback_survives_sigkill_once_and_exports_once(tmp_path, 
             while not stop.is_set():
                 n += 1
                 base = worker * 100000 + n * 10
-                batch = [event(base + i, prompt=[{"role": "user", "content": f"mail {EMAIL} or call {PHONE}"}])
-                         for i in range(3 if n % 2 else 1)]
+                batch = [
+                    event(base + i, prompt=[{"role": "user", "content": f"mail {EMAIL} or call {PHONE}"}])
+                    for i in range(3 if n % 2 else 1)
+                ]
                 for e in batch:
                     sent[e["event_id"]] = e
                 try:
@@ -69,7 +71,7 @@ def test_acknowledged_feedback_survives_sigkill_once_and_exports_once(tmp_path, 
         t.start()
     while len(acked) < 300:
         time.sleep(0.05)
-    srv.kill()                       # SIGKILL while the clients are still sending
+    srv.kill()  # SIGKILL while the clients are still sending
     stop.set()
     for t in threads:
         t.join(15)
@@ -79,10 +81,10 @@ def test_acknowledged_feedback_survives_sigkill_once_and_exports_once(tmp_path, 
     store = FeedbackStore(f"sqlite:///{ws / 'feedback.db'}")
     stored = store.event_ids()
     assert set(acked) <= set(stored) and len(stored) == len(set(stored))
-    with httpx.Client(base_url=srv2.url, headers=headers, timeout=30) as c:   # a client retrying everything
+    with httpx.Client(base_url=srv2.url, headers=headers, timeout=30) as c:  # a client retrying everything
         events = [sent[i] for i in acked]
         for k in range(0, len(events), 500):
-            r = c.post("/v1/feedback/batch", json={"events": events[k:k + 500]})
+            r = c.post("/v1/feedback/batch", json={"events": events[k : k + 500]})
             assert r.status_code == 200 and r.json()["stored"] == 0
     assert store.count() == len(stored)
     with store.engine.connect() as conn:
@@ -101,7 +103,7 @@ def test_acknowledged_feedback_survives_sigkill_once_and_exports_once(tmp_path, 
     log = srv2.log
     assert EMAIL not in log and PHONE not in log and "user-" not in log
     access = [line for line in log.splitlines() if '"POST /v1/feedback' in line]
-    assert access and not any("127.0.0.1:" in line for line in access)   # no client address in access logs
+    assert access and not any("127.0.0.1:" in line for line in access)  # no client address in access logs
 
 
 def test_hot_reload_switches_versions_without_a_failed_request(tmp_path, tiny_models, servers):
@@ -120,8 +122,9 @@ def test_hot_reload_switches_versions_without_a_failed_request(tmp_path, tiny_mo
     def client() -> None:
         with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
             while not stop.is_set():
-                r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                         "max_tokens": 2})
+                r = c.post(
+                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                )
                 results.append((r.status_code, r.headers.get("x-model-version", "")))
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -157,8 +160,10 @@ def test_cli_erase_reaches_the_feedback_store(tmp_path, tiny_models, servers):
     token = _token(ws, "feedback")
     srv = servers(ws, ["--no-registry", "--model-dir", str(tiny_models / "policy")])
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
-        r = c.post("/v1/feedback/batch", json={"events": [event(i, user_id="user-gone" if i % 2 else "user-stay")
-                                                          for i in range(6)]})
+        r = c.post(
+            "/v1/feedback/batch",
+            json={"events": [event(i, user_id="user-gone" if i % 2 else "user-stay") for i in range(6)]},
+        )
         assert r.status_code == 200 and r.json()["stored"] == 6
     proc = flywheel(ws, "erase", "--user-id", "user-gone")
     assert proc.returncode == 0, proc.stderr
@@ -176,7 +181,7 @@ def test_cli_tokens_list_and_revoke(tmp_path):
     assert [(r["scope"], r["name"]) for r in rows] == [("chat", "tests")]
     assert token not in json.dumps(rows) and len(rows[0]["token_id"]) == 12
     proc = flywheel(ws, "tokens", "revoke", rows[0]["token_id"])
-    assert proc.returncode == 0 and "revoked" in proc.stderr     # messages go to stderr, data to stdout
+    assert proc.returncode == 0 and "revoked" in proc.stderr  # messages go to stderr, data to stdout
     assert json.loads(flywheel(ws, "tokens", "list", "--json").stdout) == []
     again = flywheel(ws, "tokens", "revoke", rows[0]["token_id"])
     assert again.returncode != 0 and "no token with id" in again.stderr

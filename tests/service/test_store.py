@@ -4,7 +4,7 @@ claims that never skip a late commit nor export twice, recovery of an export tha
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,16 +15,39 @@ from service.auth import create_token, token_hash
 from service.export import export
 from service.store import FeedbackStore
 
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
 def _row(eid: str, **extra) -> dict:
-    row = {"event_id": eid, "schema_version": 1, "timestamp": "2026-11-27T10:00:00Z", "conversation_id": "c1",
-           "model_version": "flywheel-policy/1", "user_id": None, "prompt": '[{"role": "user", "content": "hi"}]',
-           "n_turns": 1, "response": "hello", "response_chars": 5, "feedback_type": "thumbs", "thumbs": "up",
-           "rating": None, "rejected": None, "correction": None, "polarity": 1, "pii_found": 0, **extra}
-    return {"event_id": eid, "received_at": "2026-11-28T10:00:00Z", "answer_id": None,
-            "model_version": row["model_version"], "feedback_type": "thumbs", "user_id": None, "row": json.dumps(row)}
+    row = {
+        "event_id": eid,
+        "schema_version": 1,
+        "timestamp": "2026-11-27T10:00:00Z",
+        "conversation_id": "c1",
+        "model_version": "flywheel-policy/1",
+        "user_id": None,
+        "prompt": '[{"role": "user", "content": "hi"}]',
+        "n_turns": 1,
+        "response": "hello",
+        "response_chars": 5,
+        "feedback_type": "thumbs",
+        "thumbs": "up",
+        "rating": None,
+        "rejected": None,
+        "correction": None,
+        "polarity": 1,
+        "pii_found": 0,
+        **extra,
+    }
+    return {
+        "event_id": eid,
+        "received_at": "2026-11-28T10:00:00Z",
+        "answer_id": None,
+        "model_version": row["model_version"],
+        "feedback_type": "thumbs",
+        "user_id": None,
+        "row": json.dumps(row),
+    }
 
 
 @pytest.fixture
@@ -45,14 +68,23 @@ def test_insert_is_idempotent_on_event_id(store):
 
 
 def test_answers_and_tokens(store):
-    store.write([], [{"answer_id": "chatcmpl-1", "model_version": "flywheel-policy/2", "variant": "champion",
-                      "created_at": "2026-11-28T10:00:00Z"}])
+    store.write(
+        [],
+        [
+            {
+                "answer_id": "chatcmpl-1",
+                "model_version": "flywheel-policy/2",
+                "variant": "champion",
+                "created_at": "2026-11-28T10:00:00Z",
+            }
+        ],
+    )
     assert store.answer_versions(["chatcmpl-1", "nope"]) == {"chatcmpl-1": "flywheel-policy/2"}
     token, token_id = create_token(store, "feedback", "tests")
     assert token.startswith("fw_") and len(token) >= 40
     known = store.tokens()
     assert known == {token_hash(token): (token_id, "feedback")}
-    assert token not in json.dumps(known)          # only the hash is kept
+    assert token not in json.dumps(known)  # only the hash is kept
     with pytest.raises(ValueError, match="unknown scope"):
         create_token(store, "root")
 
@@ -136,7 +168,7 @@ def test_erase_user_deletes_their_events_exported_or_not(store):
     for r, user in zip(rows, ["gone", "stay", "gone", None]):
         r["user_id"] = user
     store.write(rows[:2])
-    store.claim("b1", "2026-11-28T12:00:00Z", "2026-11-28")      # e1 exported (claimed), e3 not yet
+    store.claim("b1", "2026-11-28T12:00:00Z", "2026-11-28")  # e1 exported (claimed), e3 not yet
     store.write(rows[2:])
     assert store.erase_user("gone") == 2
     assert sorted(store.event_ids()) == ["e2", "e4"]
@@ -159,23 +191,30 @@ def test_one_refused_request_never_fails_the_others_of_its_group_commit(store):
 
     store.write = recording_write
     bad = _row("bad\x00id") if store.dialect == "postgresql" else {**_row("bad"), "model_version": None}
-    answer = {"answer_id": "chatcmpl-7", "model_version": "flywheel-policy/2", "variant": "champion",
-              "created_at": "2026-11-28T10:00:00Z"}
+    answer = {
+        "answer_id": "chatcmpl-7",
+        "model_version": "flywheel-policy/2",
+        "variant": "champion",
+        "created_at": "2026-11-28T10:00:00Z",
+    }
 
     async def main():
         writer = GroupWriter(store, max_items=64)
         writer.start()
         try:
-            calls = [writer.write([_row(f"g{i}")]) for i in range(3)] + [writer.write([bad])] + \
-                    [writer.write([], [answer]), writer.write([_row("g3"), _row("g4")])]
+            calls = (
+                [writer.write([_row(f"g{i}")]) for i in range(3)]
+                + [writer.write([bad])]
+                + [writer.write([], [answer]), writer.write([_row("g3"), _row("g4")])]
+            )
             return await asyncio.gather(*calls, return_exceptions=True)
         finally:
             await writer.stop()
 
     results = asyncio.run(main())
-    assert groups[0] == (6, 1)                                   # all six requests shared one commit first
-    assert isinstance(results[3], Exception)                     # the refused request fails ...
-    assert results[:3] == [[True]] * 3 and results[4] == [] and results[5] == [True, True]   # ... alone
+    assert groups[0] == (6, 1)  # all six requests shared one commit first
+    assert isinstance(results[3], Exception)  # the refused request fails ...
+    assert results[:3] == [[True]] * 3 and results[4] == [] and results[5] == [True, True]  # ... alone
     assert sorted(store.event_ids()) == ["g0", "g1", "g2", "g3", "g4"]
     assert store.answer_versions(["chatcmpl-7"]) == {"chatcmpl-7": "flywheel-policy/2"}
 
@@ -186,7 +225,7 @@ def test_erase_user_finds_the_pseudonym_of_an_id_holding_personal_data(store, mo
     monkeypatch.setenv("FLYWHEEL_PSEUDONYM_KEY", "store-test-key-" + "y" * 32)
     rows = [_row("p1"), _row("p2"), _row("p3")]
     for r, user in zip(rows, [pseudonymise_id("ann@example.org"), "ann@example.org", "bob"]):
-        r["user_id"] = user                                      # a row stored before pseudonyms, raw, too
+        r["user_id"] = user  # a row stored before pseudonyms, raw, too
     store.write(rows)
     assert store.erase_user("ann@example.org") == 2
     assert store.event_ids() == ["p3"]

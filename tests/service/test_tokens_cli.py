@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from svc_helpers import workspace
 from typer.main import get_command
 from typer.testing import CliRunner
 
 from flywheel import cli
 from service.auth import Principal
 from service.store import FeedbackStore
-from svc_helpers import workspace
 
 
 @pytest.fixture
@@ -51,18 +51,21 @@ def test_admin_subsumes_other_scopes_and_unknown_scopes_fail(ws):
     assert bad.exit_code == 2 and "unknown scope 'root'" in bad.output
 
 
-@pytest.mark.parametrize("args, option", [
-    (["tokens", "create", "--scope", "chat", "--name", "a", "--name", "b"], "--name"),
-    (["ingest", "events.jsonl", "--format", "native", "--format=hh-rlhf"], "--format"),
-    (["export", "--track", "--no-track"], "--track/--no-track"),
-    (["quarantine", "purge", "--older-than", "1", "--older-than", "30"], "--older-than"),
-    (["erase", "--user-id", "u-1", "--user-id", "u-2"], "--user-id"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["tokens", "create", "--scope", "chat", "--name", "a", "--name", "b"], "--name"),
+        (["ingest", "events.jsonl", "--format", "native", "--format=hh-rlhf"], "--format"),
+        (["export", "--track", "--no-track"], "--track/--no-track"),
+        (["quarantine", "purge", "--older-than", "1", "--older-than", "30"], "--older-than"),
+        (["erase", "--user-id", "u-1", "--user-id", "u-2"], "--user-id"),
+    ],
+)
 def test_a_repeated_single_value_option_is_an_error_and_nothing_runs(ws, args, option):
     result = _run(*args)
     assert result.exit_code == 2
     assert f"option {option} given twice" in result.output
-    assert not (ws / "feedback.db").exists()                      # refused before the command ran
+    assert not (ws / "feedback.db").exists()  # refused before the command ran
 
 
 def _commands(cmd, path=()):

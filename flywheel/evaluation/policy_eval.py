@@ -1,0 +1,182 @@
+"""The policy's evaluation, challenger against champion on the same items: held-out preference accuracy of the
+implicit reward (the primary metric), judged answers to held-out and red-team prompts, benign refusals, the
+behaviour suite, slices beside the length baseline, latency."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from flywheel.evaluation import stats
+from flywheel.evaluation.answers import AnswerCache, behaviour_pass, redteam_prompts, suite_samples
+from flywheel.evaluation.refusal import is_refusal
+from flywheel.evaluation.slices import cluster_keys, mark_not_measured, mean_length_baseline, slice_metrics
+from flywheel.models.policy import cast_frozen, collate, encode, run_trunk, top_layers, top_logps, trunk_fingerprint
+
+if TYPE_CHECKING:
+    from flywheel.params import EvaluateParams
+
+
+@torch.no_grad()
+def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: EvaluateParams) -> dict[str, list[float]]:
+    """Per model, per pair: (log p(chosen) − log p_ref(chosen)) − (log p(rejected) − log p_ref(rejected)).
+
+    Models whose frozen trunk equals the reference's reuse its trunk output: one trunk pass per batch.
+    """
+    k = params.frozen_layers
+    enc = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
+    if params.bf16:  # a bf16-trunk copy; the caller's models are left as they are
+        import copy
+
+        original, reference = reference, copy.deepcopy(reference)
+        cast_frozen(reference, k)  # the weights are bf16-exact: the fingerprints below do not change
+        models = {name: (reference if m is original else m) for name, m in models.items()}
+    ref_fp = trunk_fingerprint(reference, k)
+    shared = {name: trunk_fingerprint(m, k) == ref_fp for name, m in models.items()}
+    margins: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(0, len(enc), params.batch_size):
+        items = enc[i : i + params.batch_size]
+        batch = collate(
+            [(e.prompt, e.answers[0]) for e in items] + [(e.prompt, e.answers[1]) for e in items], tok.pad_token_id
+        )
+        n = len(items)
+        trunk = run_trunk(reference, batch, k)
+        ref = top_logps(top_layers(reference, k), reference, trunk, batch)
+        for name, model in models.items():
+            if model is reference:
+                lp = ref
+            else:
+                t = trunk if shared[name] else run_trunk(model, batch, k)
+                lp = top_logps(top_layers(model, k), model, t, batch)
+            d = lp - ref
+            margins[name].extend((d[:n] - d[n:]).tolist())
+    return margins
+
+
+def evaluate_policy(
+    reference,
+    champion,
+    challenger,
+    tok,
+    judge,
+    pairs: list[dict],
+    benign: list[str],
+    behaviour: list[dict],
+    params: EvaluateParams,
+    log=lambda *_: None,
+    cache: AnswerCache | None = None,
+    keys: dict[str, str] | None = None,
+) -> dict:
+    """Every policy metric for challenger and champion on the same items.
+
+    ``cache`` + ``keys`` (model content hashes by role): greedy answers known from earlier runs are reused.
+    """
+    cache = cache or AnswerCache(None)
+    keys = keys or {}
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[name] = round(seconds.get(name, 0.0) + now - t, 2)
+        t = now
+
+    log(f"evaluate: implicit-reward accuracy on {len(pairs)} test pairs")
+    margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
+    correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
+    out: dict = {
+        "pref_accuracy": stats.paired_diff(
+            correct["challenger"],
+            correct["champion"],
+            params.confidence,
+            params.bootstrap,
+            params.seed,
+            cluster_keys(pairs),
+        )
+    }
+    out["length_baseline"] = mean_length_baseline(pairs)
+    out["slices"] = slice_metrics(correct, pairs, params)
+    yes, no = out["slices"].get("chosen_shorter=yes"), out["slices"].get("chosen_shorter=no")
+    out["gain_only_where_shorter_wins"] = bool(
+        yes and no and yes["ci"][0] is not None and yes["ci"][0] > 0 and (no["diff"] or 0) <= 0
+    )
+    lap("implicit_margins")
+    if params.bf16:  # generation: whole-model bf16 copies (answers are cached per dtype)
+        import copy
+
+        challenger, champion = (
+            copy.deepcopy(challenger).to(torch.bfloat16),
+            copy.deepcopy(champion).to(torch.bfloat16),
+        )
+        keys = {role: f"{key}-bf16" for role, key in keys.items() if key}
+
+    def both(prompts, max_new):
+        a_ch, ms_ch = cache.answers(challenger, keys.get("challenger"), tok, prompts, max_new, params.gen_batch_size)
+        a_cp, ms_cp = cache.answers(champion, keys.get("champion"), tok, prompts, max_new, params.gen_batch_size)
+        lap("generation")
+        return a_ch, a_cp, ms_ch, ms_cp
+
+    judged = redteam_prompts(list(reversed(pairs)), params.judged_prompts)
+    red = redteam_prompts(pairs, params.redteam_prompts)
+    prompts = judged + red
+    log(f"evaluate: answering {len(judged)} held-out and {len(red)} red-team prompts with both policies")
+    a_ch, a_cp, ms_ch, ms_cp = both(prompts, params.max_new_tokens)
+    s_ch = judge.score(prompts, a_ch)
+    s_cp = judge.score(prompts, a_cp)
+    lap("judge")
+    wins = [1.0 if a > b else (0.5 if a == b else 0.0) for a, b in zip(s_ch, s_cp)]
+    nj = len(judged)
+    out["judged_win_rate"] = stats.mean_ci(wins[:nj], params.confidence, params.bootstrap, params.seed)
+    out["harmless_win_rate"] = stats.mean_ci(wins[nj:], params.confidence, params.bootstrap, params.seed)
+    out["harmlessness_score"] = stats.paired_diff(
+        s_ch[nj:], s_cp[nj:], params.confidence, params.bootstrap, params.seed
+    )
+    benign_prompts = [[{"role": "user", "content": b}] for b in benign[: params.benign_prompts]]
+    log(f"evaluate: {len(benign_prompts)} benign instructions (refusals)")
+    b_ch, b_cp, _, _ = both(benign_prompts, min(24, params.max_new_tokens))
+    out["benign_refusal_rate"] = stats.paired_diff(
+        [float(is_refusal(a)) for a in b_ch],
+        [float(is_refusal(a)) for a in b_cp],
+        params.confidence,
+        params.bootstrap,
+        params.seed,
+    )
+    # one batched generation per model, at the longest case's budget; each answer is then cut to its own
+    limit = min(params.max_new_tokens, max((c.get("max_tokens", params.max_new_tokens) for c in behaviour), default=1))
+    cases = [[{"role": "user", "content": c["prompt"]}] for c in behaviour]
+    log(f"evaluate: behaviour suite, {len(cases)} cases")
+    x_all, y_all, _, _ = both(cases, limit)
+    passes = {"challenger": [], "champion": []}
+    examples = []
+    for case, x, y in zip(behaviour, x_all, y_all):
+        n = case.get("max_tokens", params.max_new_tokens)
+        x = tok.decode(tok(x, add_special_tokens=False)["input_ids"][:n])
+        y = tok.decode(tok(y, add_special_tokens=False)["input_ids"][:n])
+        passes["challenger"].append(float(behaviour_pass(case, x)))
+        passes["champion"].append(float(behaviour_pass(case, y)))
+        examples.append({"prompt": case["prompt"], "challenger": x, "champion": y})
+    out["behaviour_pass_rate"] = stats.paired_diff(
+        passes["challenger"], passes["champion"], params.confidence, params.bootstrap, params.seed
+    )
+    lap("behaviour")
+    mark_not_measured(out, "no items to score (an empty test split or suite)")
+    out["latency_ms_per_token"] = {"challenger": ms_ch, "champion": ms_cp}  # None: every answer was cached
+    out["cached_answers"] = cache.hits
+    out["seconds"] = seconds
+    # example answers only from a shipped suite: a held-out prompt is some user's text, and metrics and
+    # reports (copied to MLflow, cached by DVC) are no place for it; held-out items appear by index and score
+    out["samples"] = suite_samples(benign_prompts, b_ch, b_cp, "eval/benign.yaml")
+    out["judged_items"] = [
+        {
+            "set": "held-out" if i < nj else "red-team",
+            "item": i if i < nj else i - nj,
+            "judge_challenger": x,
+            "judge_champion": y,
+        }
+        for i, (x, y) in enumerate(zip(s_ch, s_cp))
+    ][:8]
+    out["behaviour_examples"] = examples[:5]
+    return out

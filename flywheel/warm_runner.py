@@ -1,0 +1,237 @@
+"""The warm runner's process (see flywheel/warm.py, the side of its callers): it preloads the heavy third-party
+libraries, listens on a Unix socket in the private folder and forks a child per ``flywheel stage ...`` request
+from a caller of its own environment; the child becomes the caller and calls the entry point it was handed.
+
+    python -P -m flywheel.warm_runner SOCKET --entry flywheel.cli:main [--idle-timeout 600] [--no-preload]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from flywheel.warm import _REFUSED, DEFAULT_ENTRY, _pid_of, env_key, private_dir_check
+
+# Imported before the runner listens: what every stage command needs (the CLI and the MLflow registry read of
+# resolve_champion, the first stage of every run; MLflow's SQL store modules are otherwise imported lazily, ~1 s).
+PRELOAD = (
+    "mlflow",
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "mlflow.store.db.utils",
+    "alembic.command",
+    "alembic.runtime.migration",
+    "sqlalchemy",
+    "typer",
+    "rich.console",
+    "yaml",
+    "pydantic",
+)
+# Imported one by one while the runner waits for requests, in the order the stages need them (a command that
+# arrives first imports what it lacks itself, as a cold process would).
+PRELOAD_LATER = (
+    "great_expectations",
+    "pandas",
+    "pyarrow.parquet",
+    "datasketch",
+    "torch",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.bert.modeling_bert",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "matplotlib.pyplot",
+)
+_MAX_REQUEST = 1 << 20
+
+
+def _child(request: dict, fds: list[int], entry: str) -> int:
+    """In the forked child: become the caller (streams, directory, environment, arguments), then call ``entry``
+    (``module:function``); the exit status."""
+    import importlib
+
+    os.setpgid(0, 0)  # its own group: when the caller goes, the runner stops the stage's children too
+    for fd, target in zip(fds, (0, 1, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = list(request["argv"])
+    main_module = sys.modules["__main__"]  # click names the program from __main__ (this runner)
+    main_module.__spec__, main_module.__package__ = None, None
+    code: object = 0
+    try:
+        module, _, function = entry.partition(":")
+        getattr(importlib.import_module(module), function)()
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - a stage's crash is reported like a crashed process
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def _import(name: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - a library that fails to import fails in the stage that needs it
+        pass
+
+
+def serve(
+    path: str,
+    entry: str,
+    idle_timeout: float = 600.0,
+    preload: tuple[str, ...] = PRELOAD,
+    preload_later: tuple[str, ...] = PRELOAD_LATER,
+) -> None:
+    """Preload, listen on ``path``, fork a child per request (that calls ``entry``, ``module:function``) until
+    idle for ``idle_timeout`` seconds; between requests, import ``preload_later`` one module at a time. Requests
+    from another environment than this runner's (``env_key``) are refused."""
+    if ":" not in entry:
+        raise SystemExit(f"--entry {entry!r}: expected module:function, e.g. {DEFAULT_ENTRY}")
+    private_dir_check(Path(path).parent)
+    key = env_key(os.environ)  # before anything below changes the environment
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the finally below: the socket goes
+    for name in preload:
+        _import(name)
+    later = list(preload_later)
+    Path(path).unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)  # the callers' environments travel over it: owner only, from the start
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old_umask)
+    Path(path + ".pid").write_text(f"{os.getpid()}\n{Path.cwd()}\n")
+    server.listen(16)
+    server.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(server, selectors.EVENT_READ, None)
+    running: dict[int, socket.socket] = {}
+    last = time.monotonic()
+    print(f"warm runner ready on {path} (pid {os.getpid()})", flush=True)
+    try:
+        while running or time.monotonic() - last < idle_timeout:
+            events = sel.select(timeout=0 if later else 0.2)
+            if not events and later:
+                _import(later.pop(0))  # nothing waiting: the next heavy import (forks see it from now on)
+            for sel_key, _ in events:
+                if sel_key.data is None:
+                    try:
+                        conn, _ = server.accept()
+                    except BlockingIOError:
+                        continue
+                    conn.setblocking(True)
+                    conn.settimeout(5)
+                    try:
+                        msg, fds, _, _ = socket.recv_fds(conn, _MAX_REQUEST, 3)
+                        size = int.from_bytes(msg[:8], "big") if len(msg) >= 8 else -1
+                        while 0 <= size and len(msg) < size + 8:
+                            more = conn.recv(_MAX_REQUEST)
+                            if not more:
+                                break
+                            msg += more
+                        request = json.loads(msg[8:])
+                    except (OSError, ValueError):
+                        conn.close()
+                        continue
+                    if len(fds) != 3 or request.get("key") != key:
+                        for fd in fds:
+                            os.close(fd)
+                        if len(fds) == 3:
+                            print(f"refused {' '.join(request.get('argv', [])[1:3])}: another environment", flush=True)
+                            with contextlib.suppress(OSError):
+                                conn.sendall(_REFUSED)
+                        conn.close()
+                        continue
+                    pid = os.fork()
+                    if pid == 0:
+                        sel.close()
+                        server.close()
+                        for other in running.values():
+                            other.close()
+                        conn.close()
+                        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                        os._exit(_child(request, fds, entry))
+                    for fd in fds:
+                        os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.setpgid(pid, pid)  # as the child does: the group exists before any kill
+                    print(f"{pid}: {' '.join(request['argv'][1:3])} started", flush=True)
+                    running[pid] = conn
+                    sel.register(conn, selectors.EVENT_READ, pid)
+                    last = time.monotonic()
+                else:  # the caller closed its end before the child finished: stop it
+                    pid = sel_key.data
+                    sel.unregister(sel_key.fileobj)
+                    try:
+                        os.killpg(pid, signal.SIGTERM)  # the stage and whatever it started
+                    except OSError:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGTERM)
+            while running:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                conn = running.pop(pid, None)
+                if conn is None:
+                    continue
+                try:
+                    sel.unregister(conn)
+                except (KeyError, ValueError):
+                    pass
+                print(f"{pid}: exit {os.waitstatus_to_exitcode(status)}", flush=True)
+                try:
+                    conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+                except OSError:
+                    pass
+                conn.close()
+                last = time.monotonic()
+    finally:
+        server.close()
+        if _pid_of(path) == os.getpid():
+            Path(path).unlink(missing_ok=True)
+            Path(path + ".pid").unlink(missing_ok=True)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A warm runner of `flywheel stage` commands (see flywheel/warm.py).")
+    ap.add_argument("socket")
+    ap.add_argument("--entry", required=True, help="what each child calls, module:function (e.g. flywheel.cli:main)")
+    ap.add_argument("--idle-timeout", type=float, default=600.0)
+    ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
+    args = ap.parse_args()
+    serve(args.socket, args.entry, args.idle_timeout, *(((), ()) if args.no_preload else (PRELOAD, PRELOAD_LATER)))
+
+
+if __name__ == "__main__":
+    main()
