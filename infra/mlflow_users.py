@@ -42,8 +42,12 @@ def _ensure_user(client, username: str, password: str) -> str:
     try:
         client.get_user(username)
     except MlflowException:
-        client.create_user(username, password)
-        return f"created {username}"
+        try:
+            client.create_user(username, password)
+            return f"created {username}"
+        except MlflowException as exc:  # a create the client retried after a slow first answer
+            if "already exists" not in str(exc).lower():
+                raise
     client.update_user_password(username, password)
     return f"{username} exists; password set"
 
@@ -64,8 +68,14 @@ def grant() -> list[str]:
     client = _client()
     service = os.environ.get("MLFLOW_SERVICE_USER") or "flywheel-service"
     done = []
+    from mlflow.exceptions import MlflowException
+
     for name in MODEL_NAMES:
-        client.grant_user_permission(service, "registered_model", name, "READ")
+        try:
+            client.grant_user_permission(service, "registered_model", name, "READ")
+        except MlflowException as exc:  # granted before (a rerun of init, or a retried call): already in force
+            if "already exists" not in str(exc).lower():
+                raise
         done.append(f"{service} may read {name}")
     return done
 

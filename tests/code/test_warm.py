@@ -251,7 +251,7 @@ def _plain_env(**extra):
     return {**env, **extra}
 
 
-def _gone(path, wait=30):
+def _gone(path, wait=180):  # a loaded machine: the runner may be mid-import of torch when signalled
     deadline = time.monotonic() + wait
     while Path(path).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
