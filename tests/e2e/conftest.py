@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -10,25 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.workspaces import clean_env
+
 VENV_BIN = Path(sys.executable).parent
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without any Flywheel or Airflow setting of the outer shell, the venv's bin first."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "AIRFLOW"))}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.com",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.com",
-        COLUMNS="200",
-        PYTHONUNBUFFERED="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    return env
 
 
 @pytest.fixture
