@@ -242,8 +242,17 @@ def _workspace(tmp_path, repo_root, name="ws", **orchestration):
 
 
 def _runner_pids(path):
+    """The runners listening on ``path``: processes of that command line whose parent is not one of them (a stage
+    child forked by the runner has the same command line until it exits, later on a loaded machine)."""
     out = subprocess.run(["pgrep", "-f", f"flywheel.warm_runner {path}"], text=True, capture_output=True).stdout
-    return sorted(int(x) for x in out.split())
+    found = {int(x) for x in out.split()}
+    parents = {}
+    for pid in found:
+        try:
+            parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return sorted(pid for pid, ppid in parents.items() if ppid not in found)
 
 
 def _plain_env(**extra):
