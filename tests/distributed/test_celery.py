@@ -451,7 +451,7 @@ def test_a_killed_worker_and_a_restarted_broker_do_not_break_the_run(platform):
 
 def _raw_events(ws: Path) -> int:
     code = (
-        "from flywheel.settings import load_settings; from pipelines import rawstore; "
+        "from flywheel.settings import load_settings; from flywheel.data import rawstore; "
         "print(rawstore.read_columns(load_settings().raw_store, ['batch_id']).num_rows)"
     )
     out = sh([sys.executable, "-c", code], ws, clean_env(FLYWHEEL_ROOT=str(ws)))
