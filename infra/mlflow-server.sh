@@ -25,4 +25,6 @@ admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$conf_dir/basic_auth.ini"
+# a route the auth app has no rule for is refused, not let through (MLflow's default is to let it through)
+export MLFLOW_BASIC_AUTH_FAIL_CLOSED=true
 exec mlflow server --app-name basic-auth --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" "$@"

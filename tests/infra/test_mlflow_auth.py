@@ -22,6 +22,15 @@ ADMIN_PW, PIPELINE_PW, SERVICE_PW = "admin-pw-0123456", "pipeline-pw-0123", "ser
 pytestmark = pytest.mark.timeout(600)
 
 
+def _base_env() -> dict[str, str]:
+    """A clean environment: the venv first on PATH, a home, a locale; no variable of the test process."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,9 +50,9 @@ def _status(url: str) -> int:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-auth")
     port = _free_port()
+    # the environment a container gets: only what is set here (nothing leaks in from the test process)
     env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        _base_env(),
         MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PW,
         MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret",
         MLFLOW_AUTH_DATABASE_URI=f"sqlite:///{tmp}/auth.db",
@@ -52,8 +61,6 @@ def server(tmp_path_factory):
         MLFLOW_HOST="127.0.0.1",
         MLFLOW_PORT=str(port),
     )
-    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
-        env.pop(var, None)
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         ["bash", str(REPO_ROOT / "infra/mlflow-server.sh"), "--workers", "1"],
@@ -80,7 +87,7 @@ def server(tmp_path_factory):
 
 def _as(url: str, user: str, password: str, code: str, tmp: Path) -> subprocess.CompletedProcess:
     """``code`` in a fresh Python process authenticated as ``user`` (the way workers and the service are)."""
-    env = dict(os.environ, MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    env = dict(_base_env(), MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     prelude = "import mlflow\nfrom mlflow import MlflowClient\nc = MlflowClient()\n"
     return subprocess.run(
         [sys.executable, "-c", prelude + code], cwd=tmp, env=env, capture_output=True, text=True, timeout=180
