@@ -167,6 +167,23 @@ def delegate(path: str, argv: list[str], connect_timeout: float = 1.0) -> int | 
     return int(reply)
 
 
+def runner_command(path: str, entry: str, idle_timeout: float, preload: bool = True) -> list[str]:
+    """The command line of a runner listening on ``path`` and calling ``entry`` (``module:function``) per request;
+    ``-P``: no working directory on sys.path, so a child imports the project as the console script does."""
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "flywheel.warm_runner",
+        path,
+        "--entry",
+        entry,
+        "--idle-timeout",
+        str(idle_timeout),
+    ]
+    return cmd if preload else [*cmd, "--no-preload"]
+
+
 def _answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -209,19 +226,8 @@ def ensure(
         if _answers(path):
             return path
         with open(path[: -len(".sock")] + ".log", "ab") as out:
-            # -P: no working directory on sys.path, so a child imports the project as the console script does
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-P",
-                    "-m",
-                    "flywheel.warm_runner",
-                    path,
-                    "--entry",
-                    entry,
-                    "--idle-timeout",
-                    str(idle_timeout),
-                ],
+                runner_command(path, entry, idle_timeout),
                 cwd=root,
                 env=env,
                 stdin=subprocess.DEVNULL,

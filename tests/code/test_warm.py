@@ -36,18 +36,7 @@ def private(monkeypatch):
 
 def _start(path: str, env: dict[str, str], entry: str = CLI) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-P",
-            "-m",
-            "flywheel.warm_runner",
-            path,
-            "--entry",
-            entry,
-            "--idle-timeout",
-            "60",
-            "--no-preload",
-        ],
+        warm.runner_command(path, entry, 60, preload=False),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
