@@ -13,7 +13,15 @@ from flywheel.evaluation import stats
 from flywheel.evaluation.answers import AnswerCache, behaviour_pass, redteam_prompts, suite_samples
 from flywheel.evaluation.refusal import is_refusal
 from flywheel.evaluation.slices import cluster_keys, mark_not_measured, mean_length_baseline, slice_metrics
-from flywheel.models.policy import cast_frozen, collate, encode, run_trunk, top_layers, top_logps, trunk_fingerprint
+from flywheel.models.policy import (
+    cast_frozen,
+    collate,
+    decoder_layers,
+    encode,
+    run_trunk,
+    top_logps,
+    trunk_fingerprint,
+)
 
 if TYPE_CHECKING:
     from flywheel.params import EvaluateParams
@@ -25,7 +33,8 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
 
     Models whose frozen trunk equals the reference's reuse its trunk output: one trunk pass per batch.
     """
-    k = params.frozen_layers
+    # the margins do not depend on the split (only the time does): one below the model's depth at most
+    k = min(params.frozen_layers, len(decoder_layers(reference)[1]) - 1)
     enc = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
     if params.bf16:  # a bf16-trunk copy; the caller's models are left as they are
         import copy
@@ -43,13 +52,13 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
         )
         n = len(items)
         trunk = run_trunk(reference, batch, k)
-        ref = top_logps(top_layers(reference, k), reference, trunk, batch)
+        ref = top_logps(reference, trunk, batch, k)
         for name, model in models.items():
             if model is reference:
                 lp = ref
             else:
                 t = trunk if shared[name] else run_trunk(model, batch, k)
-                lp = top_logps(top_layers(model, k), model, t, batch)
+                lp = top_logps(model, t, batch, k)
             d = lp - ref
             margins[name].extend((d[:n] - d[n:]).tolist())
     return margins

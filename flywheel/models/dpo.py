@@ -1,14 +1,15 @@
 """DPO (and SFT on corrections) for the policy's top layers, with the frozen trunk shared.
 
-Per batch the trunk runs once, under ``no_grad`` and bf16 autocast; the reference's log-probabilities
-come from a frozen copy of the starting model's top layers on the same trunk output (what TRL's
-``precompute_ref_log_probs`` buys, without a second pass over the trunk). Loss: the sigmoid DPO
-loss, plus ``sft_weight`` times the mean token NLL of a batch of SFT completions when there are any.
+What trains: the top layers' weights (``adapter: none``) or a LoRA adapter on them (``adapter: lora``, PEFT).
+Before the first step the batch schedule is drawn and, for every pair it visits, the trunk runs once (under
+``no_grad``) and the reference log-probabilities are computed from the starting model (TRL's
+``precompute_ref_log_probs``): no second copy of the model is kept, and for a new LoRA adapter (zero at the
+start) the reference is the base. Loss: the sigmoid DPO loss, plus ``sft_weight`` times the mean token NLL of a
+batch of SFT completions when there are any.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from contextlib import nullcontext
@@ -17,8 +18,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from flywheel.models.policy import (Batch, Encoded, TrunkOut, cast_frozen, collate, freeze_trunk, run_trunk, top_layers, top_logps,
-                                    device_of, trunk_context)
+from flywheel.models.policy import (
+    Batch,
+    Encoded,
+    cast_frozen,
+    check_frozen_layers,
+    collate,
+    device_of,
+    freeze_trunk,
+    run_trunk,
+    top_logps,
+)
 from flywheel.params import TrainPolicyParams
 
 
@@ -39,99 +49,136 @@ def dpo_loss(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.T
 
 
 class TrunkCache:
-    """Trunk outputs and reference log-probabilities per pair, computed once and reused every epoch.
+    """Reference log-probabilities per pair, and (``keep_hidden``) the trunk's output rows, computed once.
 
-    With right padding and causal attention a sequence's hidden states do not depend on the batch it
-    was computed in, so cached rows can be re-padded into any later batch.
+    With right padding and causal attention a sequence's hidden states do not depend on the batch it was
+    computed in, so cached rows can be re-padded into any later batch.
     """
 
-    def __init__(self, model, reference: nn.ModuleList, k: int, pad_id: int, enabled: bool = True):
-        self.model, self.reference, self.k, self.pad_id, self.enabled = model, reference, k, pad_id, enabled
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
+    def __init__(self, model, k: int, pad_id: int, keep_hidden: bool = True):
+        self.model, self.k, self.pad_id, self.keep_hidden = model, k, pad_id, keep_hidden
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ref: dict[int, tuple[float, float]] = {}
 
     @torch.no_grad()
-    def _fill(self, idx: list[int], items: list[Encoded], bf16: bool) -> None:
-        batch = pair_batch(items, self.pad_id)
-        with _autocast(bf16, device_of(self.model).type):
-            trunk = run_trunk(self.model, batch, self.k)
-            ref = top_logps(self.reference, self.model, trunk, batch).float()
-        n = len(items)
-        for j, (i, e) in enumerate(zip(idx, items)):
-            lc, lr = len(e.prompt) + len(e.answers[0]), len(e.prompt) + len(e.answers[1])
-            self.rows[i] = (trunk.hidden[j, :lc].float().clone(), trunk.hidden[n + j, :lr].float().clone(),
-                            ref[j].item(), ref[n + j].item())
+    def fill(self, idx: list[int], pairs: list[Encoded], bf16: bool, chunk: int = 8) -> None:
+        """Trunk rows and reference log-probs of the pairs ``idx`` not seen yet, from the model as it is now."""
+        todo = [i for i in dict.fromkeys(idx) if i not in self.ref]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for at in range(0, len(todo), chunk):
+                part = todo[at : at + chunk]
+                items = [pairs[i] for i in part]
+                batch = pair_batch(items, self.pad_id)
+                with _autocast(bf16, device_of(self.model).type):
+                    hidden = run_trunk(self.model, batch, self.k)
+                    ref = top_logps(self.model, hidden, batch, self.k).float()
+                n = len(items)
+                for j, (i, e) in enumerate(zip(part, items)):
+                    self.ref[i] = (ref[j].item(), ref[n + j].item())
+                    if self.keep_hidden:
+                        lc, lr = len(e.prompt) + len(e.answers[0]), len(e.prompt) + len(e.answers[1])
+                        self.rows[i] = (hidden[j, :lc].float().clone(), hidden[n + j, :lr].float().clone())
+        finally:
+            self.model.train(was_training)
 
-    def batch(self, idx: list[int], pairs: list[Encoded], bf16: bool) -> tuple[Batch, TrunkOut, torch.Tensor]:
+    def batch(self, idx: list[int], pairs: list[Encoded], bf16: bool) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         """(batch, trunk output, reference log-probs) for the pairs ``idx``, chosen first then rejected."""
-        items = [pairs[i] for i in idx]
-        if not self.enabled:
-            self.rows.clear()
-        missing = [i for i in idx if i not in self.rows]
-        if missing:
-            self._fill(missing, [pairs[i] for i in missing], bf16)
-        batch = pair_batch(items, self.pad_id)
-        trunk = trunk_context(self.model, batch)
-        hidden = torch.zeros((*batch.ids.shape, self.model.config.hidden_size), device=device_of(self.model))
-        rows = [self.rows[i] for i in idx]
+        self.fill(idx, pairs, bf16)
+        batch = pair_batch([pairs[i] for i in idx], self.pad_id)
         n = len(idx)
-        for j, (hc, hr, _, _) in enumerate(rows):
-            hidden[j, : hc.shape[0]] = hc
-            hidden[n + j, : hr.shape[0]] = hr
-        trunk.hidden = hidden
-        ref = torch.tensor([r[2] for r in rows] + [r[3] for r in rows], device=hidden.device)
-        return batch, trunk, ref
+        if self.keep_hidden:
+            hidden = torch.zeros((*batch.ids.shape, self.rows[idx[0]][0].shape[-1]), device=device_of(self.model))
+            for j, i in enumerate(idx):
+                hc, hr = self.rows[i]
+                hidden[j, : hc.shape[0]] = hc
+                hidden[n + j, : hr.shape[0]] = hr
+        else:
+            with torch.no_grad(), _autocast(bf16, device_of(self.model).type):
+                hidden = run_trunk(self.model, batch, self.k).float()
+        ref = torch.tensor([self.ref[i][0] for i in idx] + [self.ref[i][1] for i in idx], device=hidden.device)
+        return batch, hidden, ref
 
 
-def train_dpo(model, pairs: list[Encoded], sft: list[Encoded], pad_id: int, params: TrainPolicyParams,
-              on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Train ``model``'s top layers in place from its current weights (also the reference)."""
+def schedule(n: int, batch_size: int, steps: int, rng: random.Random) -> list[list[int]]:
+    """Each step's indices: shuffled passes over ``range(n)``, cut into batches (empty lists when ``n`` is 0)."""
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        if n and len(order) < batch_size:
+            more = list(range(n))
+            rng.shuffle(more)
+            order += more
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+def trainable_parameters(model, k: int) -> list[nn.Parameter]:
+    """A PEFT model trains its adapter (PEFT froze the rest); a plain model its layers above ``k``."""
+    if hasattr(model, "peft_config"):
+        return [p for p in model.parameters() if p.requires_grad]
+    return freeze_trunk(model, k)
+
+
+def train_dpo(
+    model,
+    pairs: list[Encoded],
+    sft: list[Encoded],
+    pad_id: int,
+    params: TrainPolicyParams,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """Train ``model`` in place from its current weights (also the reference): its top layers, or its LoRA
+    adapter when it is a PEFT model."""
     if not pairs and not sft:
         raise ValueError("nothing to train on: no preference pairs and no SFT examples")
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
     k = params.frozen_layers
-    reference = copy.deepcopy(top_layers(model, k)).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    trainable = freeze_trunk(model, k)
+    check_frozen_layers(model, k)
+    trainable = trainable_parameters(model, k)
+    if not trainable:
+        raise ValueError("the policy has no trainable parameters (train_policy.frozen_layers, train_policy.adapter)")
     if params.frozen_bf16:
         cast_frozen(model, k)
-    cache = TrunkCache(model, reference, k, pad_id, params.cache_trunk)
+    plan = schedule(len(pairs), params.batch_size, params.steps, rng)
+    cache = TrunkCache(model, k, pad_id, params.cache_trunk)
+    cache.fill([i for idx in plan for i in idx], pairs, params.bf16)  # the reference: the starting model
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     warm = max(1, params.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (params.steps - s) / max(1, params.steps - warm)))
-    order: list[int] = []
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (params.steps - s) / max(1, params.steps - warm))
+    )
     sft_order: list[int] = []
     history = []
     model.train()
     for step in range(params.steps):
         loss = torch.zeros((), device=device_of(model))
         row: dict = {"step": step}
-        if pairs:
-            if len(order) < params.batch_size:
-                more = list(range(len(pairs)))
-                rng.shuffle(more)
-                order += more
-            idx, order = order[:params.batch_size], order[params.batch_size:]
-            batch, trunk, ref = cache.batch(idx, pairs, params.bf16)
+        if plan[step]:
+            batch, hidden, ref = cache.batch(plan[step], pairs, params.bf16)
             with _autocast(params.bf16, device_of(model).type):
-                pol = top_logps(top_layers(model, k), model, trunk, batch)
+                pol = top_logps(model, hidden, batch, k)
             dloss, margin = dpo_loss(pol.float(), ref.float(), params.beta)
             loss = loss + dloss
-            row.update(dpo_loss=dloss.item(), reward_accuracy=(margin > 0).float().mean().item(),
-                       reward_margin=params.beta * margin.mean().item())
+            row.update(
+                dpo_loss=dloss.item(),
+                reward_accuracy=(margin > 0).float().mean().item(),
+                reward_margin=params.beta * margin.mean().item(),
+            )
         if sft and params.sft_weight > 0:
             if len(sft_order) < params.sft_batch_size:
                 more = list(range(len(sft)))
                 rng.shuffle(more)
                 sft_order += more
-            idx, sft_order = sft_order[:params.sft_batch_size], sft_order[params.sft_batch_size:]
+            idx, sft_order = sft_order[: params.sft_batch_size], sft_order[params.sft_batch_size :]
             batch = collate([(sft[i].prompt, sft[i].answers[0]) for i in idx], pad_id)
             with _autocast(params.bf16, device_of(model).type):
                 with torch.no_grad():
-                    trunk = run_trunk(model, batch, k)
-                lp = top_logps(top_layers(model, k), model, trunk, batch)
+                    hidden = run_trunk(model, batch, k)
+                lp = top_logps(model, hidden, batch, k)
             nll = -lp.float().sum() / max(1, batch.targets.numel())
             loss = loss + params.sft_weight * nll
             row["sft_nll"] = nll.item()

@@ -1,4 +1,5 @@
-"""The policy (a causal LM such as SmolLM2) split into a frozen trunk and a trainable top.
+"""The policy (any causal LM with a chat template: SmolLM2, Qwen, Llama, Gemma, Phi-3, ...) split into a frozen
+trunk and a trainable top.
 
 Every policy Flywheel trains keeps the lower ``frozen_layers`` layers (and the embeddings) of the
 base model. So the trunk's output for a sequence is the same for the reference, the champion and
@@ -9,6 +10,8 @@ scoring affordable on a CPU. Log-probabilities are computed only at answer posit
 from __future__ import annotations
 
 import hashlib
+import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,29 +19,123 @@ import torch
 from torch import nn
 
 
+class UnsupportedModel(ValueError):
+    """A policy model Flywheel cannot split into a frozen trunk and a trained top (or has no chat template)."""
+
+
 def best_device() -> str:
     """``cuda`` when a GPU is present, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_policy(folder: Path | str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) from a saved folder, on ``device``."""
+ADAPTER_INFO = "flywheel_adapter.json"  # in an adapter version: the base model it was trained on
+
+
+def is_adapter(folder: Path | str) -> bool:
+    """Whether a policy folder holds a PEFT adapter (adapter-only weights on a base model) rather than a model."""
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def adapter_base(folder: Path | str, base: Path | str | None) -> Path:
+    """The base model folder an adapter version loads on: ``base`` (the workspace's ``models/base/policy``),
+    checked against the base content hash the adapter records; a clear error when it is missing or another."""
+    info_file = Path(folder) / ADAPTER_INFO
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if base is None:
+        raise UnsupportedModel(
+            f"{folder} is a LoRA adapter: it loads on its base model ({info.get('base_source', 'unknown')}); "
+            "pass the base folder (models/base/policy)"
+        )
+    base = Path(base)
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"the adapter {folder} needs its base model, and {base} does not exist (dvc repro base_models)"
+        )
+    want = info.get("base_hash")
+    if want and base_hash(base) != want:
+        raise UnsupportedModel(
+            f"the adapter {folder} was trained on base {info.get('base_source')} (sha256 {want[:12]}), but {base} "
+            f"holds another model (sha256 {base_hash(base)[:12]}): set models.policy.source back, or retrain"
+        )
+    return base
+
+
+def base_hash(folder: Path) -> str:
+    """The content hash of a base model folder, read from ``<folder>.sha256`` (written by base_models beside the
+    folder) when present, else computed."""
+    from flywheel.registry import content_hash
+
+    stamp = Path(folder).with_name(Path(folder).name + ".sha256")
+    if stamp.is_file():
+        return stamp.read_text().strip()
+    return content_hash(folder)
+
+
+def load_policy(
+    folder: Path | str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    base: Path | str | None = None,
+    trainable_adapter: bool = False,
+):
+    """(model, tokenizer) from a saved folder, on ``device``. An adapter version loads on ``base``: merged into it
+    (a plain model, as a full version loads), or, with ``trainable_adapter``, as a PEFT model whose adapter
+    training continues."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    if not getattr(tok, "chat_template", None):
+        raise UnsupportedModel(
+            f"the tokenizer of {folder} has no chat template: set models.policy.chat_template in params.yaml"
+        )
+    if is_adapter(folder):
+        from peft import PeftModel
+
+        root = adapter_base(folder, base)
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable_adapter)
+        if not trainable_adapter:
+            model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.to(device)
     model.eval()
     return model, tok
 
 
 def end_token(tok) -> int:
-    """The token that closes an assistant turn in the chat template (``<|im_end|>`` for SmolLM2)."""
-    ids = tok.convert_tokens_to_ids(["<|im_end|>"])
-    if ids and ids[0] is not None and ids[0] != tok.unk_token_id:
-        return ids[0]
-    return tok.eos_token_id
+    """The token that closes an assistant turn, read off the chat template: the first special token the template
+    puts after an assistant message's text (``<|im_end|>`` for SmolLM2, ``<end_of_turn>`` for Gemma, ``<|end|>``
+    for Phi-3, ``<|eot_id|>`` for Llama 3); the tokenizer's end-of-sequence token when the template puts none."""
+    cached = getattr(tok, "_flywheel_end_token", None)
+    if cached is not None:
+        return cached
+    found = tok.eos_token_id
+    marker = "Zq7 marker answer"
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # a template that cannot render an assistant turn: fall back to end-of-sequence
+        text = ""
+    at = text.rfind(marker)
+    if at >= 0:
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        for i in tok(text[at + len(marker) :], add_special_tokens=False)["input_ids"]:
+            if i in special:
+                found = i
+                break
+    if found is None:
+        raise UnsupportedModel(
+            "the policy tokenizer has neither an end-of-turn token in its chat template nor an eos token"
+        )
+    try:
+        tok._flywheel_end_token = found
+    except AttributeError:
+        pass
+    return found
 
 
 def prompt_ids(tok, messages: list[dict], max_tokens: int) -> list[int]:
@@ -65,16 +162,18 @@ class Encoded:
 
 
 def encode(tok, records: list[dict], max_prompt: int, max_answer: int, fields=("chosen", "rejected")) -> list[Encoded]:
-    return [Encoded(prompt_ids(tok, r["prompt"], max_prompt), [answer_ids(tok, r[f], max_answer) for f in fields])
-            for r in records]
+    return [
+        Encoded(prompt_ids(tok, r["prompt"], max_prompt), [answer_ids(tok, r[f], max_answer) for f in fields])
+        for r in records
+    ]
 
 
 @dataclass
 class Batch:
-    ids: torch.Tensor          # (B, T) right-padded
-    attention: torch.Tensor    # (B, T)
-    target_pos: torch.Tensor   # (N,) flat positions (b * T + t) whose next token is an answer token
-    targets: torch.Tensor      # (N,) the answer tokens
+    ids: torch.Tensor  # (B, T) right-padded
+    attention: torch.Tensor  # (B, T)
+    target_pos: torch.Tensor  # (N,) flat positions (b * T + t) whose next token is an answer token
+    targets: torch.Tensor  # (N,) the answer tokens
     seq_of_target: torch.Tensor  # (N,) which sequence each target belongs to
 
 
@@ -95,35 +194,148 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     return Batch(ids, att, torch.tensor(pos), torch.tensor(tgt), torch.tensor(which))
 
 
-@dataclass
-class TrunkOut:
-    hidden: torch.Tensor
-    mask: object
-    position_ids: torch.Tensor
-    position_embeddings: tuple
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the trunk's output is known."""
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a trunk layer while the top layers run on a cached trunk output: returns its input."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.attention_type = getattr(layer, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
 
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def trunk_context(model, batch: Batch, dtype: torch.dtype = torch.float32) -> TrunkOut:
-    """Mask, positions and rotary embeddings of a batch (no layer run; ``hidden`` left empty)."""
-    from transformers.masking_utils import create_causal_mask
-
-    base = model.model
-    dev = device_of(model)
-    shape = (*batch.ids.shape, base.config.hidden_size)
-    probe = torch.zeros(1, 1, shape[-1], dtype=dtype, device=dev).expand(shape)
-    position_ids = torch.arange(batch.ids.shape[1], device=dev).unsqueeze(0)
-    mask = create_causal_mask(config=base.config, inputs_embeds=probe, attention_mask=batch.attention.to(dev),
-                              cache=None, position_ids=position_ids)
-    pe = base.rotary_emb(probe, position_ids=position_ids)
-    return TrunkOut(None, mask, position_ids, pe)
-
-
 def param_dtype(module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+def causal_lm(model):
+    """The transformers model under a PEFT wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model) -> tuple[nn.Module, nn.ModuleList]:
+    """(the decoder stack, its list of layers): found the same way for Llama, Qwen2/3, Mistral, Gemma, Phi-3,
+    GPT-NeoX and the other decoders transformers builds alike; a clear error for one it does not."""
+    lm = causal_lm(model)
+    kind = getattr(lm.config, "model_type", type(lm).__name__)
+    try:
+        decoder = lm.get_decoder()
+    except Exception as exc:  # transformers raises several types for a model without a decoder rule
+        raise UnsupportedModel(f"policy architecture {kind!r}: no decoder stack found ({exc})") from exc
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise UnsupportedModel(
+            f"policy architecture {kind!r}: its decoder has no `layers` list, so Flywheel cannot split it into a "
+            "frozen trunk and trained top layers (supported: Llama, Qwen2/3, Mistral, Gemma, Phi-3, GPT-NeoX and "
+            "decoders built like them)"
+        )
+    return decoder, layers
+
+
+def check_frozen_layers(model, k: int, setting: str = "train_policy.frozen_layers") -> None:
+    """``k`` must leave at least one layer to train."""
+    n = len(decoder_layers(model)[1])
+    if not 0 <= k < n:
+        raise ValueError(f"{setting} is {k}, but the policy has {n} layers: set it to 0..{n - 1}")
+
+
+@contextmanager
+def _skipping(layers: nn.ModuleList, k: int):
+    """Layers ``[0, k)`` replaced by pass-throughs for the duration (the top runs on a cached trunk output)."""
+    saved = [layers[i] for i in range(k)]
+    try:
+        for i in range(k):
+            layers[i] = _PassThrough(saved[i])
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def run_trunk(model, batch: Batch, k: int) -> torch.Tensor:
+    """The hidden states after the embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they
+    are frozen), by the model's own forward stopped after layer ``k``: masks, positions and rotary embeddings are
+    the model's. It runs in the trunk's dtype; the output comes back in the dtype of the layers above it."""
+    decoder, layers = decoder_layers(model)
+    dev = device_of(model)
+    top_dt = param_dtype(layers[k]) if k < len(layers) else param_dtype(decoder)
+    ids, att = batch.ids.to(dev), batch.attention.to(dev)
+    if k == 0:
+        return decoder.get_input_embeddings()(ids).to(top_dt)
+    got: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        got.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    handle = layers[k - 1].register_forward_hook(grab)
+    try:
+        decoder(input_ids=ids, attention_mask=att, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got[0].to(top_dt)
+
+
+def top_logps(model, hidden: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
+    """Sum of answer-token log-probabilities per sequence: the layers above ``k`` (and the final norm, the output
+    head) run by the model's own forward on the trunk output ``hidden``; logits only at answer positions."""
+    decoder, layers = decoder_layers(model)
+    lm = causal_lm(model)
+    dev = hidden.device
+    with _skipping(layers, k):
+        h = decoder(inputs_embeds=hidden, attention_mask=batch.attention.to(dev), use_cache=False).last_hidden_state
+    flat = h.reshape(-1, h.shape[-1])[batch.target_pos.to(dev)]
+    head = lm.get_output_embeddings()
+    logits = head(flat.to(param_dtype(head))).float()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.to(dev).unsqueeze(1)).squeeze(1)
+    out = torch.zeros(batch.ids.shape[0], dtype=lp.dtype, device=dev)
+    return out.index_add(0, batch.seq_of_target.to(dev), lp)
+
+
+@torch.no_grad()
+def full_logps(model, batch: Batch) -> torch.Tensor:
+    """The same sums from the model's whole forward pass (the reference the split is checked against)."""
+    dev = device_of(model)
+    logits = model(input_ids=batch.ids.to(dev), attention_mask=batch.attention.to(dev)).logits.float()
+    lp = torch.log_softmax(logits, -1).reshape(-1, logits.shape[-1])[batch.target_pos.to(dev)]
+    lp = lp.gather(1, batch.targets.to(dev).unsqueeze(1)).squeeze(1)
+    return torch.zeros(batch.ids.shape[0], device=dev).index_add(0, batch.seq_of_target.to(dev), lp)
+
+
+@torch.no_grad()
+def check_split(model, tok, k: int, atol: float = 1e-3) -> None:
+    """Check on a probe dialogue that trunk + top computes what the whole model computes: an architecture whose
+    forward does something the split does not reproduce is refused, never trained or scored wrongly."""
+    probe = [{"role": "user", "content": "Hello, how are you?"}]
+    batch = collate([(prompt_ids(tok, probe, 64), answer_ids(tok, "I am well, thank you.", 16))], tok.pad_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        split = top_logps(model, run_trunk(model, batch, k), batch, k)
+        whole = full_logps(model, batch)
+    finally:
+        model.train(was_training)
+    diff = float((split - whole).abs().max())
+    if not diff <= atol * max(1.0, float(whole.abs().max())):
+        kind = getattr(causal_lm(model).config, "model_type", "?")
+        raise UnsupportedModel(
+            f"policy architecture {kind!r}: running its top layers on a cached trunk output does not reproduce the "
+            f"model's own log-probabilities (off by {diff:.3g}); Flywheel cannot train or score it"
+        )
 
 
 def cast_frozen(model, k: int, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -131,54 +343,23 @@ def cast_frozen(model, k: int, dtype: torch.dtype = torch.bfloat16) -> None:
     AVX512-BF16 run bf16 matrix products several times faster than fp32; the trunk's weights come from bf16
     files, so only its activations lose precision. The output head keeps its dtype (bf16 logits would blur
     log-probabilities by ~0.1): a head tied to the embeddings gets its own copy first."""
-    if model.lm_head.weight is model.model.embed_tokens.weight:
-        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(),
-                                            requires_grad=model.lm_head.weight.requires_grad)
-    model.model.embed_tokens.to(dtype)
-    for layer in model.model.layers[:k]:
-        layer.to(dtype)
-
-
-def run_trunk(model, batch: Batch, k: int) -> TrunkOut:
-    """Embeddings and the lower ``k`` layers (call under ``torch.no_grad`` when they are frozen). The trunk
-    runs in its own dtype; its output comes back in the dtype of the layers above it."""
-    layers = model.model.layers
-    trunk_dt = param_dtype(layers[0]) if k else param_dtype(model.model.embed_tokens)
-    top_dt = param_dtype(layers[k]) if k < len(layers) else param_dtype(model.model.norm)
-    ctx = trunk_context(model, batch, top_dt)
-    inner = ctx if trunk_dt == top_dt else trunk_context(model, batch, trunk_dt)
-    h = model.model.embed_tokens(batch.ids.to(device_of(model))).to(trunk_dt)
+    lm = causal_lm(model)
+    decoder, layers = decoder_layers(model)
+    embed, head = decoder.get_input_embeddings(), lm.get_output_embeddings()
+    if head is not None and head.weight is embed.weight:
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    embed.to(dtype)
     for layer in layers[:k]:
-        h = layer(h, attention_mask=inner.mask, position_embeddings=inner.position_embeddings,
-                  position_ids=inner.position_ids)
-    ctx.hidden = h.to(top_dt)
-    return ctx
-
-
-def top_logps(layers: nn.ModuleList, model, trunk: TrunkOut, batch: Batch) -> torch.Tensor:
-    """Sum of answer-token log-probabilities per sequence, running ``layers`` on top of the trunk."""
-    h = trunk.hidden
-    for layer in layers:
-        h = layer(h, attention_mask=trunk.mask, position_embeddings=trunk.position_embeddings,
-                  position_ids=trunk.position_ids)
-    dev = h.device
-    flat = h.reshape(-1, h.shape[-1])[batch.target_pos.to(dev)]
-    logits = model.lm_head(model.model.norm(flat).to(param_dtype(model.lm_head))).float()
-    lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.to(dev).unsqueeze(1)).squeeze(1)
-    out = torch.zeros(batch.ids.shape[0], dtype=lp.dtype, device=dev)
-    return out.index_add(0, batch.seq_of_target.to(dev), lp)
-
-
-def top_layers(model, k: int) -> nn.ModuleList:
-    return model.model.layers[k:]
+        layer.to(dtype)
 
 
 def trunk_fingerprint(model, k: int) -> str:
     """A hash of the frozen part (embeddings and lower ``k`` layers): equal fingerprints share a trunk."""
+    decoder, layers = decoder_layers(model)
     h = hashlib.sha256()
-    params = [model.model.embed_tokens.weight] + [p for layer in model.model.layers[:k] for p in layer.parameters()]
+    params = [decoder.get_input_embeddings().weight] + [p for layer in layers[:k] for p in layer.parameters()]
     for p in params:
-        head = p.detach().reshape(-1)[:1024].to(torch.float32)     # the first 4 KiB; NumPy needs host memory
+        head = p.detach().reshape(-1)[:1024].to(torch.float32)  # the first 4 KiB; NumPy needs host memory
         h.update(head.cpu().numpy().tobytes())
         h.update(str(float(p.detach().float().sum())).encode())
     return h.hexdigest()[:16]
@@ -188,30 +369,37 @@ def freeze_trunk(model, k: int) -> list[nn.Parameter]:
     """Freeze everything but the top layers; returns the trainable parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
-    trainable = [p for layer in model.model.layers[k:] for p in layer.parameters()]
+    trainable = [p for layer in decoder_layers(model)[1][k:] for p in layer.parameters()]
     for p in trainable:
         p.requires_grad_(True)
     return trainable
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
-             max_prompt: int = 256) -> list[str]:
+def generate(
+    model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16, max_prompt: int = 256
+) -> list[str]:
     """Greedy answers to chat prompts, batched with left padding."""
     tok.padding_side = "left"
     out: list[str] = []
     stop = end_token(tok)
     for i in range(0, len(prompts), batch_size):
-        chunk = [prompt_ids(tok, p, max_prompt) for p in prompts[i:i + batch_size]]
+        chunk = [prompt_ids(tok, p, max_prompt) for p in prompts[i : i + batch_size]]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
         att = torch.zeros_like(ids)
         for b, c in enumerate(chunk):
-            ids[b, width - len(c):] = torch.tensor(c)
-            att[b, width - len(c):] = 1
+            ids[b, width - len(c) :] = torch.tensor(c)
+            att[b, width - len(c) :] = 1
         dev = device_of(model)
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=[stop, tok.eos_token_id], pad_token_id=tok.pad_token_id)
-        for row in gen[:, width:].cpu():        # one copy to host memory per batch, not one per answer
+        gen = model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=att.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[stop, tok.eos_token_id],
+            pad_token_id=tok.pad_token_id,
+        )
+        for row in gen[:, width:].cpu():  # one copy to host memory per batch, not one per answer
             out.append(tok.decode(row, skip_special_tokens=True).strip())
     return out

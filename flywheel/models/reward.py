@@ -62,8 +62,9 @@ class RewardModel(nn.Module):
         self.encoder.save_pretrained(folder / "encoder")
         self.tokenizer.save_pretrained(folder / "encoder")
         torch.save(self.head.state_dict(), folder / "head.pt")
-        (folder / CONFIG).write_text(json.dumps({"kind": "flywheel-reward", "max_length": self.max_length,
-                                                 "context_turns": self.context_turns}))
+        (folder / CONFIG).write_text(
+            json.dumps({"kind": "flywheel-reward", "max_length": self.max_length, "context_turns": self.context_turns})
+        )
         return folder
 
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -83,7 +84,7 @@ class RewardModel(nn.Module):
         texts = [reward_text(p, a, self.context_turns) for p, a in zip(prompts, answers)]
         out: list[float] = []
         for i in range(0, len(texts), batch_size):
-            out.extend(self(texts[i:i + batch_size]).tolist())
+            out.extend(self(texts[i : i + batch_size]).tolist())
         return out
 
 
@@ -95,17 +96,19 @@ def length_grouped_order(lengths: list[int], batch_size: int, rng: random.Random
     window = batch_size * group
     batches = []
     for i in range(0, len(idx), window):
-        chunk = sorted(idx[i:i + window], key=lambda j: lengths[j], reverse=True)
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    short = [b for b in batches if len(b) < batch_size]      # kept last: the rest stay aligned to batches
+        chunk = sorted(idx[i : i + window], key=lambda j: lengths[j], reverse=True)
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    short = [b for b in batches if len(b) < batch_size]  # kept last: the rest stay aligned to batches
     batches = [b for b in batches if len(b) == batch_size]
     rng.shuffle(batches)
     return [j for b in batches + short for j in b]
 
 
 def _sides(pairs: list[dict], ctx: int) -> tuple[list[str], list[str]]:
-    return ([reward_text(p["prompt"], p["chosen"], ctx) for p in pairs],
-            [reward_text(p["prompt"], p["rejected"], ctx) for p in pairs])
+    return (
+        [reward_text(p["prompt"], p["chosen"], ctx) for p in pairs],
+        [reward_text(p["prompt"], p["rejected"], ctx) for p in pairs],
+    )
 
 
 def pairwise_correct(model: RewardModel, pairs: list[dict], batch_size: int = 32) -> list[float]:
@@ -115,8 +118,12 @@ def pairwise_correct(model: RewardModel, pairs: list[dict], batch_size: int = 32
     return [1.0 if c > r else (0.5 if c == r else 0.0) for c, r in zip(chosen, rejected)]
 
 
-def train_reward(model: RewardModel, pairs: list[dict], params: TrainRewardParams,
-                 on_step: Callable[[int, float], None] | None = None) -> list[float]:
+def train_reward(
+    model: RewardModel,
+    pairs: list[dict],
+    params: TrainRewardParams,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
     """Bradley-Terry training in place; returns the loss per step."""
     if not pairs:
         raise ValueError("no reward pairs to train on")
@@ -129,8 +136,8 @@ def train_reward(model: RewardModel, pairs: list[dict], params: TrainRewardParam
     if params.frozen_encoder:
         model.encoder.eval()
         with torch.no_grad():
-            ec = torch.cat([model.embed(chosen[i:i + 64]) for i in range(0, len(chosen), 64)])
-            er = torch.cat([model.embed(rejected[i:i + 64]) for i in range(0, len(rejected), 64)])
+            ec = torch.cat([model.embed(chosen[i : i + 64]) for i in range(0, len(chosen), 64)])
+            er = torch.cat([model.embed(rejected[i : i + 64]) for i in range(0, len(rejected), 64)])
         opt = torch.optim.AdamW(model.head.parameters(), lr=params.head_lr, weight_decay=params.weight_decay)
         for step in range(steps):
             idx = torch.tensor(rng.sample(range(len(pairs)), min(params.batch_size, len(pairs))))
@@ -143,17 +150,23 @@ def train_reward(model: RewardModel, pairs: list[dict], params: TrainRewardParam
                 on_step(step, losses[-1])
         return losses
     model.train()
-    opt = torch.optim.AdamW([
-        {"params": model.encoder.parameters(), "lr": params.lr},
-        {"params": model.head.parameters(), "lr": params.head_lr},
-    ], weight_decay=params.weight_decay)
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": params.lr},
+            {"params": model.head.parameters(), "lr": params.head_lr},
+        ],
+        weight_decay=params.weight_decay,
+    )
     warm = max(1, int(steps * params.warmup_ratio))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(1, steps - warm)) if s >= warm
-        else (s + 1) / warm)
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(1, steps - warm)) if s >= warm else (s + 1) / warm
+        ),
+    )
     order: list[int] = []
     lengths = []
-    if params.group_by_length:        # a pair's batch row is as long as the longer of its two sides
+    if params.group_by_length:  # a pair's batch row is as long as the longer of its two sides
         tok = model.tokenizer
         lengths = [max(len(a), len(b)) for a, b in zip(tok(chosen)["input_ids"], tok(rejected)["input_ids"])]
     for step in range(steps):
@@ -164,7 +177,7 @@ def train_reward(model: RewardModel, pairs: list[dict], params: TrainRewardParam
                 more = list(range(len(pairs)))
                 rng.shuffle(more)
             order += more
-        idx, order = order[:params.batch_size], order[params.batch_size:]
+        idx, order = order[: params.batch_size], order[params.batch_size :]
         scores = model([chosen[i] for i in idx] + [rejected[i] for i in idx])
         n = len(idx)
         loss = -nn.functional.logsigmoid(scores[:n] - scores[n:]).mean()

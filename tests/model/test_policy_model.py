@@ -13,7 +13,6 @@ from flywheel.models.policy import (
     generate,
     load_policy,
     run_trunk,
-    top_layers,
     top_logps,
     trunk_fingerprint,
 )
@@ -34,7 +33,7 @@ def test_trunk_plus_top_equals_full_forward(tiny_base):
         [(e.prompt, e.answers[0]) for e in enc] + [(e.prompt, e.answers[1][:3]) for e in enc], tok.pad_token_id
     )
     with torch.no_grad():
-        split = top_logps(top_layers(model, 2), model, run_trunk(model, batch, 2), batch)
+        split = top_logps(model, run_trunk(model, batch, 2), batch, 2)
         full = _full_logps(model, batch)
     assert torch.allclose(split, full, atol=1e-4), (split, full)
 
@@ -42,17 +41,16 @@ def test_trunk_plus_top_equals_full_forward(tiny_base):
 def test_cached_trunk_rows_repad_to_the_same_log_probs(tiny_base):
     model, tok = load_policy(tiny_base / "policy")
     pairs = encode(tok, synthetic_pairs(4), 32, 8)
-    cache = TrunkCache(model, top_layers(model, 2), 2, tok.pad_token_id)
+    cache = TrunkCache(model, 2, tok.pad_token_id)
     cache.batch([0, 1], pairs, bf16=False)  # fills rows 0 and 1 in a batch of their own
-    batch, trunk, ref = cache.batch([1, 2, 3], pairs, bf16=False)  # re-pads row 1 beside new rows
+    batch, hidden, ref = cache.batch([1, 2, 3], pairs, bf16=False)  # re-pads row 1 beside new rows
     with torch.no_grad():
         direct = top_logps(
-            top_layers(model, 2),
-            model,
-            run_trunk(model, pair_batch([pairs[i] for i in (1, 2, 3)], tok.pad_token_id), 2),
-            batch,
+            model, run_trunk(model, pair_batch([pairs[i] for i in (1, 2, 3)], tok.pad_token_id), 2), batch, 2
         )
+        from_rows = top_logps(model, hidden, batch, 2)
     assert torch.allclose(ref, direct, atol=1e-4)
+    assert torch.allclose(from_rows, direct, atol=1e-4)
 
 
 def test_only_an_answer_that_ended_gets_the_end_of_turn_token(tiny_base):
@@ -113,8 +111,8 @@ def test_a_bf16_trunk_stays_close_to_the_fp32_forward_and_trains_the_fp32_top(ti
         full = _full_logps(model, batch)
     cast_frozen(model, 2)
     trunk = run_trunk(model, batch, 2)
-    assert trunk.hidden.dtype == torch.float32
-    split = top_logps(top_layers(model, 2), model, trunk, batch)
+    assert trunk.dtype == torch.float32
+    split = top_logps(model, trunk, batch, 2)
     assert torch.allclose(split.detach(), full, rtol=0.02, atol=0.05), (split, full)
     split.sum().backward()
     assert model.model.layers[3].mlp.up_proj.weight.grad is not None
