@@ -107,6 +107,28 @@ class PrepareParams(Section):
 # ---- training and evaluation ---------------------------------------------------------------------------------
 
 
+class ModelSource(Section):
+    # a folder | a Hugging Face hub id (with `revision`; only where the hub is reachable) | models:/NAME/VERSION
+    # (or models:/NAME@ALIAS) | shipped:smollm2 (policy) | shipped:minilm (reward)
+    source: str = Field(min_length=1)
+    revision: str  # a hub id's branch, tag or commit ("" : its default branch)
+    dtype: Literal["bfloat16", "float16", "float32"]  # how the base model is stored and loaded
+    trust_remote_code: bool  # run the model folder's own Python code (only for a source you trust)
+    chat_template: str  # a Jinja chat template replacing the tokenizer's ("" : keep the tokenizer's)
+
+
+class ModelsParams(Section):
+    policy: ModelSource
+    reward: ModelSource
+
+
+class LoraParams(Section):
+    r: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: str | list[str] = Field(min_length=1)  # module names, or "all-linear" (PEFT)
+
+
 class TrainRewardParams(Section):
     frozen_encoder: bool  # true: train the head alone on frozen encoder embeddings
     epochs: float = Field(gt=0)
@@ -134,7 +156,9 @@ class TrainPolicyParams(Section):
     max_prompt_tokens: int = Field(ge=1)
     max_answer_tokens: int = Field(ge=1)
     bf16: bool
-    cache_trunk: bool  # trunk outputs and reference log-probs computed once per pair
+    cache_trunk: bool  # trunk outputs computed once per pair (reference log-probs always are)
+    adapter: Literal["none", "lora"]  # none: train the top layers' weights; lora: a LoRA adapter on them (PEFT)
+    lora: LoraParams
     frozen_bf16: bool  # the frozen lower layers run in bf16 (AMX / AVX512-BF16 CPUs, GPUs)
     threads: int = Field(ge=0)  # 0: torch's default
     seed: int
@@ -289,6 +313,7 @@ class Params(Section):
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")  # `validate` would shadow a pydantic method
     prepare: PrepareParams
+    models: ModelsParams
     profile: str  # the profile in force ("" for none)
     train_reward: TrainRewardParams
     train_policy: TrainPolicyParams

@@ -45,14 +45,15 @@ def bootstrap(registry: Registry, base: Path) -> list[str]:
     return done
 
 
-def smoke_check(kind: str, folder: Path, params: SmokeParams) -> tuple[bool, str]:
-    """Load the model as the service does and make it answer (score) within the time bound."""
+def smoke_check(kind: str, folder: Path, params: SmokeParams, base: Path | None = None) -> tuple[bool, str]:
+    """Load the model as the service does (an adapter on ``base``'s policy) and make it answer (score) within the
+    time bound."""
     t0 = time.perf_counter()
     try:
         if kind == "policy":
             from flywheel.models.policy import generate, load_policy
 
-            model, tok = load_policy(folder)
+            model, tok = load_policy(folder, base=base / "policy" if base else None)
             answers = generate(
                 model, tok, [[{"role": "user", "content": p}] for p in params.prompts], params.max_new_tokens
             )
@@ -157,6 +158,7 @@ def release(
     gates: dict[str, str],
     reject: str | None = None,
     hold: str | None = None,
+    base: Path | None = None,
 ) -> list[Outcome]:
     """Register each challenger, check it, and promote it when the gate in force blessed it and the check passed.
 
@@ -203,7 +205,7 @@ def release(
         out.version = version.version
         registry.set_tags(name, version.version, tags)
         out.blessed = bool(verdict["blessed"])
-        out.smoke_ok, detail = smoke_check(kind, registry.local_dir(version), smoke)
+        out.smoke_ok, detail = smoke_check(kind, registry.local_dir(version), smoke, base)
         registry.set_tags(
             name, version.version, {"smoke_check": "passed" if out.smoke_ok else "failed", "smoke_detail": detail}
         )

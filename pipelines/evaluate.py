@@ -77,9 +77,11 @@ def main(
     reference, tok = load_policy(base / "policy", device=device)
     champ_path = Path(champion_info["policy"]["path"])
     champion = (
-        reference if champ_path.resolve() == (base / "policy").resolve() else load_policy(champ_path, device=device)[0]
+        reference
+        if champ_path.resolve() == (base / "policy").resolve()
+        else load_policy(champ_path, device=device, base=base / "policy")[0]
     )
-    challenger_policy, _ = load_policy(challenger / "policy", device=device)
+    challenger_policy, _ = load_policy(challenger / "policy", device=device, base=base / "policy")
     judge = RewardModel.load(champion_info["reward"]["path"])
     challenger_reward = RewardModel.load(challenger / "reward")
     keys = {"challenger": content_hash(challenger / "policy"), "champion": content_hash(champ_path)}

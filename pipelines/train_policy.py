@@ -8,19 +8,34 @@ from pathlib import Path
 
 import torch
 
-from flywheel.models.dpo import train_dpo
-from flywheel.models.policy import best_device, encode, load_policy
+from flywheel.models.dpo import attach_lora, train_dpo
+from flywheel.models.policy import ADAPTER_INFO, base_hash, best_device, check_split, encode, is_adapter, load_policy
 from flywheel.params import TrainPolicyParams
 from flywheel.settings import Settings
 from pipelines.prepare import read_set
 from pipelines.resolve_champion import load
 
 
-def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyParams, log=print):
-    """Load the champion, train its top layers; returns (model, tokenizer, history, seconds)."""
+def on_base(champion: Path, base: Path) -> bool:
+    """Whether the champion's weights are the base model's: the base itself, a registered copy of it, or an
+    adapter on it. Only then is a LoRA challenger saved adapter-only (an adapter records one base)."""
+    if is_adapter(champion) or champion.resolve() == base.resolve():
+        return True
+    from flywheel.registry import content_hash
+
+    return content_hash(champion) == base_hash(base)
+
+
+def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyParams, base: Path, log=print):
+    """Load the champion, train its top layers (or a LoRA adapter on them, continuing the champion's adapter
+    when it has one); returns (model, tokenizer, history, seconds)."""
     if params.threads:
         torch.set_num_threads(params.threads)
-    model, tok = load_policy(champion, device=best_device())
+    lora = params.adapter == "lora"
+    model, tok = load_policy(champion, device=best_device(), base=base, trainable_adapter=lora)
+    if lora and not hasattr(model, "peft_config"):
+        model = attach_lora(model, params)
+    check_split(model, tok, params.frozen_layers)
     enc_pairs = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
     enc_sft = encode(tok, sft, params.max_prompt_tokens, params.max_answer_tokens, fields=("completion",))
     t0 = time.perf_counter()
@@ -36,10 +51,22 @@ def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyP
     return model, tok, history, time.perf_counter() - t0
 
 
-def save(model, tok, out: Path) -> None:
+def save(model, tok, out: Path, base: Path | None = None, adapter_only: bool = False) -> str:
+    """The challenger: adapter-only (with the base it needs: source and content hash) when it is a LoRA adapter on
+    the base, else full bf16 weights (a LoRA on other weights is merged first). Returns what was saved."""
     out.mkdir(parents=True, exist_ok=True)
-    model.to("cpu", torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
+    if hasattr(model, "peft_config") and adapter_only and base is not None:
+        model.to("cpu").save_pretrained(out)
+        readme = base.parent / "README.json"
+        source = json.loads(readme.read_text()).get(base.name, "unknown") if readme.is_file() else "unknown"
+        info = {"base_source": source, "base_hash": base_hash(base), "base_path": base.name}
+        (out / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
+        return "adapter"
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    model.to("cpu", torch.bfloat16).save_pretrained(out)
+    return "full"
 
 
 def main(
@@ -50,6 +77,7 @@ def main(
     prepared: Path,
     out: Path,
     metrics_file: Path,
+    base: Path,
 ) -> dict:
     import mlflow
 
@@ -66,15 +94,17 @@ def main(
                 "policy.sft_examples": len(sft),
             }
         )
-        model, tok, history, seconds = fit(champion, pairs, sft, params)
+        model, tok, history, seconds = fit(champion, pairs, sft, params, base)
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         plot = tracking.log_curve(
             [r["loss"] for r in history], "policy: DPO loss", "loss", out.parent / "policy_loss.png"
         )
         mlflow.log_artifact(str(plot))
-        save(model, tok, out)
+        saved = save(model, tok, out, base, adapter_only=on_base(champion, base))
+        mlflow.log_params({"policy.saved": saved})
         summary = {
+            "saved": saved,
             "train_pairs": len(pairs),
             "sft_examples": len(sft),
             "steps": len(history),
@@ -91,9 +121,19 @@ def main(
 
 
 def stage(
-    settings: Settings, params: TrainPolicyParams, *, champion: Path, prepared: Path, out: Path, metrics: Path
+    settings: Settings,
+    params: TrainPolicyParams,
+    *,
+    champion: Path,
+    base: Path,
+    prepared: Path,
+    out: Path,
+    metrics: Path,
 ) -> str:
-    """Fine-tune the champion policy named in ``champion`` (champion.json) on the prepared pairs."""
+    """Fine-tune the champion policy named in ``champion`` (champion.json) on the prepared pairs (``base``: the base
+    models' folder, which adapter versions load on)."""
     info = load(champion, settings)
-    summary = main(settings, params, Path(info["policy"]["path"]), info["policy"], prepared, out, metrics)
+    summary = main(
+        settings, params, Path(info["policy"]["path"]), info["policy"], prepared, out, metrics, base / "policy"
+    )
     return f"train_policy: {summary}"

@@ -1,4 +1,4 @@
-"""The ``train_reward`` stage: a reward model trained from the base encoder on the reward pairs."""
+"""The ``train_reward`` stage: a reward model trained from the base reward model on the reward pairs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pipelines.prepare import read_set
 def fit(
     base: Path, train: list[dict], val: list[dict], params: TrainRewardParams, log=print
 ) -> tuple[RewardModel, dict]:
-    """Train from the base reward model's encoder; returns the model and its figures."""
-    model = RewardModel.from_encoder(base / "encoder", params.max_length, params.context_turns)
+    """Train from the base reward model (its encoder and a new head, or the whole sequence-classification model);
+    returns the model and its figures."""
+    model = RewardModel.from_base(base, params.max_length, params.context_turns)
     t0 = time.perf_counter()
     every = max(1, int(len(train) * params.epochs / params.batch_size) // 10)
 
@@ -67,5 +68,5 @@ def main(settings, params: TrainRewardParams, base: Path, prepared: Path, out: P
 def stage(
     settings: Settings, params: TrainRewardParams, *, base: Path, prepared: Path, out: Path, metrics: Path
 ) -> str:
-    """Train the reward model from the base encoder (``base``) on the prepared reward pairs."""
+    """Train the reward model from the base reward model (``base``) on the prepared reward pairs."""
     return f"train_reward: {main(settings, params, base, prepared, out, metrics)}"

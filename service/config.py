@@ -29,3 +29,4 @@ class ServiceConfig:
     fallback_policy: Path | None = None
     fallback_reward: Path | None = None
     registry: object | None = None
+    base_policy: Path | None = None  # the base model adapter versions load on (models/base/policy)

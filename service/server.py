@@ -31,6 +31,7 @@ def config_from_settings(settings, model_dir: Path | None = None, use_registry: 
         fallback_policy=policy.resolve(),
         fallback_reward=(settings.root / params.fallback_reward).resolve(),
         registry=registry,
+        base_policy=(Path(settings.models) / "base" / "policy").resolve(),
     )
 
 

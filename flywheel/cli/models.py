@@ -110,6 +110,7 @@ def release(
             lineage,
             s.params.release.smoke,
             log=console.print,
+            base=s.root / base,
             gates=gates,
             reject=reject,
             hold=hold,

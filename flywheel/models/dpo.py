@@ -24,6 +24,7 @@ from flywheel.models.policy import (
     cast_frozen,
     check_frozen_layers,
     collate,
+    decoder_layers,
     device_of,
     freeze_trunk,
     run_trunk,
@@ -113,6 +114,41 @@ def schedule(n: int, batch_size: int, steps: int, rng: random.Random) -> list[li
         out.append(order[:batch_size])
         order = order[batch_size:]
     return out
+
+
+def attach_lora(model, params: TrainPolicyParams):
+    """A new LoRA adapter (PEFT) on the layers above ``frozen_layers`` of ``model``: the trunk stays the base's, so
+    its output is still computed once and shared. Zero at the start (LoRA's B is zero): the model is unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = decoder_layers(model)[1]
+    n = len(layers)
+    check_frozen_layers(model, params.frozen_layers)
+    lora = params.lora
+    targets = lora.target_modules
+    if targets == "all-linear":  # PEFT's shorthand refuses a layer list: the linear layers of a trained layer, by name
+        targets = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in layers[params.frozen_layers].named_modules()
+                if isinstance(m, nn.Linear)
+            }
+        )
+    elif isinstance(targets, str):
+        targets = [targets]
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=list(range(params.frozen_layers, n)),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # PEFT names the target modules it could not find
+        raise ValueError(f"train_policy.lora.target_modules: {exc}") from None
 
 
 def trainable_parameters(model, k: int) -> list[nn.Parameter]:

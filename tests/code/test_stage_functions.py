@@ -161,12 +161,13 @@ def test_train_policy_starts_from_the_policy_champion_json_names(monkeypatch, tm
         SimpleNamespace(root=tmp_path),
         None,
         champion=tmp_path / "champion.json",
+        base=tmp_path / "base",
         prepared=tmp_path / "prepared",
         out=tmp_path / "out",
         metrics=tmp_path / "m.json",
     )
     assert seen["champion"] == tmp_path / "policy" and seen["info"]["version"] == "4"  # relative to the workspace
-    assert seen["rest"] == (tmp_path / "prepared", tmp_path / "out", tmp_path / "m.json")
+    assert seen["rest"] == (tmp_path / "prepared", tmp_path / "out", tmp_path / "m.json", tmp_path / "base" / "policy")
     assert line == "train_policy: {'steps': 1}"
 
 
