@@ -8,13 +8,13 @@ version it already has.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 POLICY = "flywheel-policy"
 REWARD = "flywheel-reward"
 MODELS = {"policy": POLICY, "reward": REWARD}
+KIND_OF = {v: k for k, v in MODELS.items()}
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 
 
@@ -105,25 +105,51 @@ class Registry:
         return None
 
     def register(
-        self, name: str, folder: Path, tags: dict | None = None, digest: str | None = None, run_id: str | None = None
+        self,
+        name: str,
+        folder: Path,
+        tags: dict | None = None,
+        digest: str | None = None,
+        run_id: str | None = None,
+        base: Path | None = None,
     ) -> tuple[Version, bool]:
-        """(version, created): the folder's version, registering it only if its content is new."""
+        """(version, created): the folder's version, registering it only if its content is new. The version is an
+        MLflow Model (flywheel/models/logged.py); an adapter version records the base it loads on (``base``: the
+        workspace's base policy folder)."""
         import mlflow
+
+        from flywheel.models import logged
+        from flywheel.models.policy import is_adapter
 
         digest = digest or content_hash(folder)
         existing = self.find_by_hash(name, digest)
         if existing is not None:
             return existing, False
         self._ensure(name)
+        kind = KIND_OF[name]
+        all_tags = {"content_hash": digest, **{k: str(v)[:5000] for k, v in (tags or {}).items()}}
+        if kind == "policy" and is_adapter(folder):
+            if base is None:
+                raise RegistryError(f"{folder} is a LoRA adapter: registering it needs the base models' folder")
+            all_tags.update(weights="lora adapter", **logged.base_record(base / "policy"))
+        elif kind == "policy":
+            all_tags["weights"] = "full"
+        if run_id:  # the training run: a tag (a tracking server requires the version's run to
+            all_tags["training_run_id"] = run_id  # be the one holding its files, the register run)
+        meta = {"flywheel_content_hash": digest, "flywheel_kind": kind}
         with mlflow.start_run(
             experiment_id=self.experiment_id, run_name=f"register-{name}", tags={"flywheel.stage": "register"}
         ) as run:
-            mlflow.log_artifacts(str(folder), artifact_path="model")
-            source = f"{run.info.artifact_uri}/model"
-        all_tags = {"content_hash": digest, **{k: str(v)[:5000] for k, v in (tags or {}).items()}}
-        if run_id:  # the training run: a tag (a tracking server requires the version's run to
-            all_tags["training_run_id"] = run_id  # be the one holding its files, the register run)
-        mv = self.client.create_model_version(name, source=source, run_id=run.info.run_id, tags=all_tags)
+            try:
+                info = logged.log_version(kind, Path(folder), base / "policy" if base else None, meta)
+                source, model_id = info.model_uri, info.model_id
+            except Exception as exc:  # a folder that does not load: kept as files, so the refusal is on record
+                mlflow.log_artifacts(str(folder), artifact_path="model")
+                source, model_id = f"{run.info.artifact_uri}/model", None
+                all_tags["mlflow_model"] = f"not an MLflow Model: it failed to load ({type(exc).__name__}: {exc})"[:500]
+        mv = self.client.create_model_version(
+            name, source=source, run_id=run.info.run_id, tags=all_tags, model_id=model_id
+        )
         return _v(mv), True
 
     def set_tags(self, name: str, version: str, tags: dict) -> None:
@@ -171,14 +197,15 @@ class Registry:
         return self.get(name, target.version), current
 
     def local_dir(self, version: Version) -> Path:
-        """A local folder holding the version's files: the artifact store's own folder when it is local, else
-        a download kept under ``<models>/registry/<name>/<version>`` (one place per version, so every
-        worker names it alike and a second call downloads nothing)."""
-        import shutil
-        import tempfile
+        """A local Flywheel model folder of the version: ``<models>/registry/<name>/<version>``, rebuilt once from
+        the MLflow Model (one place per version, so every worker names it alike and a second call downloads
+        nothing). A version registered before MLflow Models (a folder of files) is its artifact store's own folder
+        when that is local."""
         from urllib.parse import urlparse
 
         import mlflow
+
+        from flywheel.models.logged import materialize
 
         scheme = urlparse(version.source).scheme
         if scheme in ("", "file") or (len(scheme) == 1 and version.source[1:3] == ":\\"):
@@ -191,17 +218,6 @@ class Registry:
         done = dest.with_name(dest.name + ".complete")  # beside it: inside, it would change the content hash
         if done.is_file() and dest.is_dir():
             return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}-", dir=dest.parent))
-        try:
-            got = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.settings.tracking_uri
-                )
-            )
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(got, dest)
-            done.write_text(version.source)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        materialize(version.source, dest, self.settings.tracking_uri)
+        done.write_text(version.source)
         return dest

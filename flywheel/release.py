@@ -200,7 +200,7 @@ def release(
             **{k: v for k, v in lineage.items() if v},
         }
         version, out.created = registry.register(
-            name, folder, tags=tags, digest=digest, run_id=lineage.get(f"{kind}_mlflow_run_id")
+            name, folder, tags=tags, digest=digest, run_id=lineage.get(f"{kind}_mlflow_run_id"), base=base
         )
         out.version = version.version
         registry.set_tags(name, version.version, tags)

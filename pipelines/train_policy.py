@@ -16,14 +16,12 @@ from pipelines.prepare import read_set
 from pipelines.resolve_champion import load
 
 
-def on_base(champion: Path, base: Path) -> bool:
-    """Whether the champion's weights are the base model's: the base itself, a registered copy of it, or an
-    adapter on it. Only then is a LoRA challenger saved adapter-only (an adapter records one base)."""
-    if is_adapter(champion) or champion.resolve() == base.resolve():
+def on_base(champion: Path, info: dict, base: Path) -> bool:
+    """Whether the champion's weights are the base model's: the base itself, its registered copy (the same content
+    hash), or an adapter on it. Only then is a LoRA challenger saved adapter-only (an adapter records one base)."""
+    if is_adapter(champion) or info.get("version") == "base" or champion.resolve() == base.resolve():
         return True
-    from flywheel.registry import content_hash
-
-    return content_hash(champion) == base_hash(base)
+    return info.get("content_hash") == base_hash(base)
 
 
 def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyParams, base: Path, log=print):
@@ -101,7 +99,7 @@ def main(
             [r["loss"] for r in history], "policy: DPO loss", "loss", out.parent / "policy_loss.png"
         )
         mlflow.log_artifact(str(plot))
-        saved = save(model, tok, out, base, adapter_only=on_base(champion, base))
+        saved = save(model, tok, out, base, adapter_only=on_base(champion, champion_info, base))
         mlflow.log_params({"policy.saved": saved})
         summary = {
             "saved": saved,

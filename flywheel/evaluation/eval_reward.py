@@ -40,13 +40,14 @@ def load_pairs(path: Path, fmt: str, max_text_chars: int, max_turns: int) -> tup
 def resolve_model(settings, uri: str) -> Path:
     """A local folder for a folder path or a ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` URI."""
     if uri.startswith("models:/"):
+        import tempfile
+
         from flywheel import tracking
+        from flywheel.models.logged import materialize
 
         tracking.configure_from(settings)
-        import mlflow
-
         try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            return materialize(uri, Path(tempfile.mkdtemp(prefix="flywheel-eval-reward-")) / "reward")
         except Exception as exc:  # MLflow raises several types for a missing model or alias
             raise EvalRewardError(f"cannot resolve {uri}: {exc}") from None
     folder = Path(uri)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -76,20 +76,20 @@ class RewardModel(nn.Module):
             )
 
     @classmethod
-    def from_encoder(cls, folder: Path | str, max_length: int = 256, context_turns: int = 1) -> "RewardModel":
+    def from_encoder(cls, folder: Path | str, max_length: int = 256, context_turns: int = 1) -> RewardModel:
         from transformers import AutoModel, AutoTokenizer
 
         return cls(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), max_length, context_turns)
 
     @classmethod
-    def from_seqcls(cls, folder: Path | str, max_length: int = 256, context_turns: int = 1, **load) -> "RewardModel":
+    def from_seqcls(cls, folder: Path | str, max_length: int = 256, context_turns: int = 1, **load) -> RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model = AutoModelForSequenceClassification.from_pretrained(folder, **load)
         return cls(model, AutoTokenizer.from_pretrained(folder), max_length, context_turns, form="seqcls")
 
     @classmethod
-    def load(cls, folder: Path | str) -> "RewardModel":
+    def load(cls, folder: Path | str) -> RewardModel:
         folder = Path(folder)
         cfg = json.loads((folder / CONFIG).read_text())
         if cfg.get("kind") == "seqcls":
@@ -101,7 +101,7 @@ class RewardModel(nn.Module):
         return model
 
     @classmethod
-    def from_base(cls, folder: Path | str, max_length: int, context_turns: int) -> "RewardModel":
+    def from_base(cls, folder: Path | str, max_length: int, context_turns: int) -> RewardModel:
         """The starting point of training: the base reward model's encoder with a new zero head (encoder form), or
         the base sequence-classification model as it is."""
         folder = Path(folder)

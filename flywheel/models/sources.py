@@ -40,20 +40,18 @@ def _offline() -> bool:
 
 
 def _from_registry(kind: str, uri: str, settings) -> Path:
-    import mlflow
+    import tempfile
 
+    from flywheel.models.logged import materialize
+
+    dest = Path(tempfile.mkdtemp(prefix="flywheel-source-")) / kind
     try:
-        got = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, tracking_uri=settings.tracking_uri if settings else None
-            )
-        )
+        folder = materialize(uri, dest, settings.tracking_uri if settings else None)
     except Exception as exc:  # MLflow raises several types for a missing model, version or alias
         raise ModelSourceError(f"models.{kind}.source: cannot fetch {uri} from the registry: {exc}") from None
-    for folder in (got, *sorted(p.parent for p in got.rglob("config.json"))):
-        if (folder / "config.json").is_file() or (folder / "flywheel_reward.json").is_file():
-            return folder
-    raise ModelSourceError(f"models.{kind}.source: {uri} holds no model folder (no config.json)")
+    if not (folder / "config.json").is_file() and not (folder / "flywheel_reward.json").is_file():
+        raise ModelSourceError(f"models.{kind}.source: {uri} holds no model folder (no config.json)")
+    return folder
 
 
 def _from_hub(kind: str, spec: ModelSource) -> Path:

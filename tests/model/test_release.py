@@ -108,15 +108,15 @@ def test_stale_blessing_is_refused(workspace, tiny_base):
 
 
 def test_rollback_resolves_champion_uri_to_the_previous_version(workspace, tiny_base):
-    import mlflow
-
     settings, reg = workspace
     bootstrap(reg, settings.models / "base")
     ch = _challenger(settings.root, tiny_base, "e")
     release(reg, ch, _blessing(ch), {}, SMOKE, log=lambda *_: None, gates=GATES)
     new, old = reg.rollback(POLICY)
     assert (new.version, old.version) == ("1", "2")
-    local = Path(mlflow.artifacts.download_artifacts("models:/flywheel-policy@champion"))
+    from flywheel.models.logged import materialize
+
+    local = materialize("models:/flywheel-policy@champion", settings.root / "rolled-back")
     assert content_hash(local) == content_hash(settings.models / "base" / "policy")
     with pytest.raises(RegistryError):
         reg.rollback(POLICY, "1")
