@@ -106,6 +106,8 @@ def run_batch(jobs: list[Job], policy, reward, max_prompt: int, best_of_temperat
     """Answer ``jobs`` with one generate call of ``policy`` (a loaded model slot); each job is finished
     (or failed) through its own futures. ``reward`` (a slot or None) reranks best-of candidates."""
     model, tok, version = policy.model, policy.tok, policy.version
+    if policy.adapter:  # a LoRA version on the shared base: its adapter answers this batch
+        model.set_adapter(policy.adapter)
     positions = getattr(model.config, "max_position_embeddings", None) or 10**9
     rows: list[_Row] = []
     for job in jobs:

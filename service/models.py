@@ -1,6 +1,11 @@
 """Which models serve, and hot reload: the registry's aliases are polled and a moved alias is loaded in the
 background, then swapped in whole. A batch holds the slot it started with, so no request fails in a switch.
 
+LoRA versions share one copy of the base model: the first loads it (a PEFT model), each later one only adds its
+adapter (megabytes, read in milliseconds), and a batch activates its slot's adapter before generating (batches run
+one at a time, on one thread). An adapter no slot uses is dropped a minute later (a batch that still holds it has
+finished by then). Full-weight versions load as before.
+
 Slots: ``champion`` (the policy that answers), ``challenger`` (a share of traffic, when a split is set) and
 ``reward`` (the champion reward model, for best-of reranking).
 """
@@ -25,6 +30,7 @@ class Slot:
     version: str  # e.g. flywheel-policy/3, or local/<content hash> for a fallback folder
     model: object
     tok: object = None
+    adapter: str | None = None  # the named adapter of the shared base model this slot answers with
 
 
 def _local_version(folder: Path) -> str:
@@ -48,6 +54,8 @@ class ModelManager:
         self.errors = 0
         self._local: dict[Path, str] = {}
         self._lock = threading.Lock()
+        self._shared = None  # the base model adapter versions share (a PEFT model), once one is loaded
+        self._unused_since: dict[str, float] = {}
 
     def _resolve(self, kind: str) -> tuple[str, Path] | None:
         """(version, folder) the slot should hold now, or None when there is nothing to serve."""
@@ -74,16 +82,55 @@ class ModelManager:
             self._local[folder] = _local_version(folder)
         return self._local[folder], folder
 
-    @staticmethod
-    def _load(kind: str, version: str, folder: Path) -> Slot:
+    def _load(self, kind: str, version: str, folder: Path) -> Slot:
         if kind == "reward":
             from flywheel.models.reward import RewardModel
 
             return Slot(version, RewardModel.load(folder))
-        from flywheel.models.policy import load_policy
+        from flywheel.models.policy import is_adapter, load_policy
 
-        model, tok = load_policy(folder)
+        if is_adapter(folder) and self.config.base_policy is not None:
+            return self._load_adapter(version, folder)
+        model, tok = load_policy(folder, base=self.config.base_policy)
         return Slot(version, model, tok)
+
+    def _load_adapter(self, version: str, folder: Path) -> Slot:
+        """The adapter ``folder`` on the shared base model (loaded the first time only)."""
+        import re
+
+        from transformers import AutoTokenizer
+
+        from flywheel.models.policy import adapter_base
+
+        base = adapter_base(folder, self.config.base_policy)  # the base it was trained on, by content hash
+        name = "v_" + re.sub(r"\W", "_", version)
+        tok = AutoTokenizer.from_pretrained(folder)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if self._shared is None:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            t0 = time.perf_counter()
+            base_model = AutoModelForCausalLM.from_pretrained(base)
+            self._shared = PeftModel.from_pretrained(base_model, str(folder), adapter_name=name).eval()
+            log.info("base model %s loaded once for the adapter versions (%.2f s)", base, time.perf_counter() - t0)
+        elif name not in self._shared.peft_config:
+            t0 = time.perf_counter()
+            self._shared.load_adapter(str(folder), adapter_name=name)
+            log.info("adapter of %s added to the shared base model (%.3f s)", version, time.perf_counter() - t0)
+        self._drop_unused_adapters(keep=name)
+        return Slot(version, self._shared, tok, adapter=name)
+
+    def _drop_unused_adapters(self, keep: str, grace_s: float = 60.0) -> None:
+        in_use = {s.adapter for s in self.slots.values() if s is not None} | {keep}
+        now = time.monotonic()
+        for name in list(self._shared.peft_config):
+            if name in in_use:
+                self._unused_since.pop(name, None)
+            elif now - self._unused_since.setdefault(name, now) >= grace_s:
+                self._shared.delete_adapter(name)
+                self._unused_since.pop(name)
 
     def refresh(self) -> list[str]:
         """Load whatever moved (blocking; runs on a worker thread); returns what was switched."""
