@@ -4,7 +4,11 @@ trained; same loss, data, tokenisation, batches, steps and learning rate), in th
 Prints seconds per step and held-out preference accuracy of the implicit reward (vs the base model) on
 the frozen test split of the shipped HH-RLHF dev file.
 
-A third, short arm times TRL's own DPOTrainer on the same pairs, with the same lower layers frozen and
+A LoRA arm (``--lora-lr``; 0 skips it) trains a LoRA adapter (params.yaml ``train_policy.lora``) on the same top
+layers with the same trunk cache, the way ``train_policy.adapter: lora`` does: the measurement behind the demo's
+default ``adapter`` (README "Use your own model").
+
+A short arm times TRL's own DPOTrainer on the same pairs, with the same lower layers frozen and
 ``precompute_ref_log_probs=True`` (TRL's option for a frozen reference), so the choice of our training
 loop over TRL's stays checked against the installed TRL (seconds per step only; ``--trl-steps 0`` skips it).
 
@@ -34,12 +38,14 @@ def main() -> None:
         help="the base policy folder (built by `dvc repro base_models` when missing)",
     )
     ap.add_argument("--trl-steps", type=int, default=4, help="steps of the TRL DPOTrainer arm (0: skip it)")
+    ap.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA arm (0: skip it)")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-parameter arm")
     args = ap.parse_args()
     import torch
 
     from flywheel.evaluation.policy_eval import implicit_margins
     from flywheel.evaluation.stats import correct_from_margin, mean_ci, paired_diff
-    from flywheel.models.dpo import train_dpo
+    from flywheel.models.dpo import attach_lora, train_dpo
     from flywheel.models.policy import encode, load_policy
     from pipelines.base_models import build_policy
     from pipelines.prepare import read_set
@@ -58,13 +64,26 @@ def main() -> None:
     pairs = encode(tok, train, default.max_prompt_tokens, default.max_answer_tokens)
     print(f"pairs: {len(train)} train, {len(test)} test; {default.steps} steps of {default.batch_size} pairs")
     results, correct = {}, {}
-    for label, recipe in (("default recipe (24 frozen, cached trunk)", default), ("full-parameter DPO", full)):
+    arms = [("default recipe (24 frozen, cached trunk)", default)]
+    if not args.no_full:
+        arms.append(("full-parameter DPO", full))
+    lora = default.updated(adapter="lora", lr=args.lora_lr)
+    if args.lora_lr:
+        arms.append((f"LoRA r={lora.lora.r} on the top layers (lr {args.lora_lr:g})", lora))
+    for label, recipe in arms:
         model = copy.deepcopy(reference)
+        if recipe.adapter == "lora":
+            model = attach_lora(model, recipe)
         stamps = []
         t0 = time.perf_counter()
         train_dpo(model, pairs, [], tok.pad_token_id, recipe, on_step=lambda s, r: stamps.append(time.perf_counter()))
         per_step = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-        trainable = sum(p.numel() for layer in model.model.layers[recipe.frozen_layers :] for p in layer.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) or sum(
+            p.numel() for layer in model.model.layers[recipe.frozen_layers :] for p in layer.parameters()
+        )
+        if recipe.adapter == "lora":
+            trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+            model = model.merge_and_unload()
         margins = implicit_margins(reference, {"m": model}, tok, test, evalp)["m"]
         correct[label] = correct_from_margin(margins)
         acc = mean_ci(correct[label])
@@ -82,7 +101,7 @@ def main() -> None:
             flush=True,
         )
         del model
-    a, b = list(results.values())[:2]
+    a, b = results[arms[0][0]], results[arms[-1][0]]
     if args.trl_steps:
         results["TRL DPOTrainer"] = trl_arm(args.base, train, default, args.trl_steps)
         print(
@@ -92,11 +111,11 @@ def main() -> None:
             flush=True,
         )
     speed = b["seconds_per_step_mean"] / a["seconds_per_step_mean"]
-    diff = paired_diff(*correct.values())
-    print(f"speed-up of the default recipe per step: {speed:.2f}x (target >= 2x)")
+    diff = paired_diff(correct[arms[0][0]], correct[arms[-1][0]])
+    print(f"s/step, {arms[-1][0]} / default recipe: {speed:.2f}x")
     print(
-        f"accuracy, default - full: {diff['diff']:+.4f} (paired 95% [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}]); "
-        "target: within 1 point"
+        f"accuracy, default - {arms[-1][0]}: {diff['diff']:+.4f} "
+        f"(paired 95% [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}])"
     )
     print(json.dumps({"results": results, "speedup": speed, "accuracy_diff": diff}))
 

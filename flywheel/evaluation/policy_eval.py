@@ -15,6 +15,7 @@ from flywheel.evaluation.refusal import is_refusal
 from flywheel.evaluation.slices import cluster_keys, mark_not_measured, mean_length_baseline, slice_metrics
 from flywheel.models.policy import (
     cast_frozen,
+    check_split,
     collate,
     decoder_layers,
     encode,
@@ -35,6 +36,7 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
     """
     # the margins do not depend on the split (only the time does): one below the model's depth at most
     k = min(params.frozen_layers, len(decoder_layers(reference)[1]) - 1)
+    check_split(reference, tok, k)  # an architecture the split does not reproduce is refused, never scored wrongly
     enc = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
     if params.bf16:  # a bf16-trunk copy; the caller's models are left as they are
         import copy
