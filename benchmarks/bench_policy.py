@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--trl-steps", type=int, default=4, help="steps of the TRL DPOTrainer arm (0: skip it)")
     ap.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA arm (0: skip it)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-parameter arm")
+    ap.add_argument("--no-default", action="store_true", help="skip the default-recipe arm")
     args = ap.parse_args()
     import torch
 
@@ -64,7 +65,7 @@ def main() -> None:
     pairs = encode(tok, train, default.max_prompt_tokens, default.max_answer_tokens)
     print(f"pairs: {len(train)} train, {len(test)} test; {default.steps} steps of {default.batch_size} pairs")
     results, correct = {}, {}
-    arms = [("default recipe (24 frozen, cached trunk)", default)]
+    arms = [] if args.no_default else [("default recipe (24 frozen, cached trunk)", default)]
     if not args.no_full:
         arms.append(("full-parameter DPO", full))
     lora = default.updated(adapter="lora", lr=args.lora_lr)
@@ -74,15 +75,16 @@ def main() -> None:
         model = copy.deepcopy(reference)
         if recipe.adapter == "lora":
             model = attach_lora(model, recipe)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        else:
+            trainable = sum(
+                p.numel() for layer in model.model.layers[recipe.frozen_layers :] for p in layer.parameters()
+            )
         stamps = []
         t0 = time.perf_counter()
         train_dpo(model, pairs, [], tok.pad_token_id, recipe, on_step=lambda s, r: stamps.append(time.perf_counter()))
         per_step = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) or sum(
-            p.numel() for layer in model.model.layers[recipe.frozen_layers :] for p in layer.parameters()
-        )
         if recipe.adapter == "lora":
-            trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
             model = model.merge_and_unload()
         margins = implicit_margins(reference, {"m": model}, tok, test, evalp)["m"]
         correct[label] = correct_from_margin(margins)
