@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -95,6 +95,20 @@ class SplitParams(Section):
     val_pct: int = Field(ge=0, le=100)
 
 
+class KtoLabels(Section):
+    desirable_min_rating: int = Field(ge=1, le=5)  # a rated answer at or above this is desirable (KTO) ...
+    undesirable_max_rating: int = Field(ge=1, le=5)  # ... at or below this undesirable; between: not used
+
+    @model_validator(mode="after")
+    def _undesirable_below_desirable(self) -> Self:
+        if self.undesirable_max_rating >= self.desirable_min_rating:
+            raise ValueError(
+                f"undesirable_max_rating ({self.undesirable_max_rating}) must be below desirable_min_rating "
+                f"({self.desirable_min_rating})"
+            )
+        return self
+
+
 class PrepareParams(Section):
     near_dup_threshold: float = Field(gt=0, le=1)
     minhash_perms: int = Field(gt=0)
@@ -102,6 +116,7 @@ class PrepareParams(Section):
     split: SplitParams
     sft_min_rating: int = Field(ge=1, le=5)
     pair_min_rating_gap: int = Field(ge=1, le=4)
+    kto: KtoLabels
 
 
 # ---- training and evaluation ---------------------------------------------------------------------------------
@@ -143,6 +158,11 @@ class TrainRewardParams(Section):
     seed: int
 
 
+class KtoParams(Section):
+    desirable_weight: float = Field(gt=0)  # KTO's lambda_D and lambda_U: raise the rarer side's weight so that
+    undesirable_weight: float = Field(gt=0)  # weight x count is about equal (the KTO paper's advice)
+
+
 class TrainPolicyParams(Section):
     frozen_layers: int = Field(ge=0)  # lower layers shared with the base model, never trained (the one home)
     beta: float = Field(gt=0)
@@ -159,6 +179,13 @@ class TrainPolicyParams(Section):
     cache_trunk: bool  # trunk outputs computed once per pair (reference log-probs always are)
     adapter: Literal["none", "lora"]  # none: train the top layers' weights; lora: a LoRA adapter on them (PEFT)
     lora: LoraParams
+    method: Literal["dpo", "kto"]  # dpo: preference pairs; kto: unpaired desirable / undesirable answers
+    kto: KtoParams
+
+    @property
+    def kto_weights(self) -> tuple[float, float]:
+        return self.kto.desirable_weight, self.kto.undesirable_weight
+
     frozen_bf16: bool  # the frozen lower layers run in bf16 (AMX / AVX512-BF16 CPUs, GPUs)
     threads: int = Field(ge=0)  # 0: torch's default
     seed: int
@@ -202,6 +229,9 @@ class MetricRule(Section):
 class ModelGate(Section):
     primary: str
     primary_min_ci_lower: float
+    # the primary metric when ``primary`` was not measured (no test pairs: unpaired_accuracy), held to the same
+    # lower bound; left out: no fallback (an unmeasured primary is never blessed)
+    fallback_primary: str | None = None
     metrics: dict[str, MetricRule]
     slice_rule: MetricRule | None = None  # left out: slices are reported, not gated
     # slice families the slice rule gates; the others (e.g. chosen_shorter, where a model leaning either way

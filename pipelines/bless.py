@@ -74,6 +74,15 @@ def judge_model(metrics: dict, gate: ModelGate) -> dict:
     "primary": {"metric", "diff", "ci", "n", "beyond_noise"} or None when not measured}``."""
     reasons, passed, not_applied = [], [], []
     primary, summary = _lookup(metrics, gate.primary), None
+    measured = primary is not None and primary.get("ci", [None])[0] is not None
+    if not measured and gate.fallback_primary:  # e.g. no test pairs: the unpaired (KTO) examples decide, as strictly
+        fallback = _lookup(metrics, gate.fallback_primary)
+        if fallback is not None and fallback.get("ci", [None])[0] is not None:
+            not_applied.append(
+                f"{gate.primary}: not measured; the gate's fallback_primary {gate.fallback_primary} decides"
+            )
+            gate = gate.model_copy(update={"primary": gate.fallback_primary})
+            primary = fallback
     if primary is None or primary.get("ci", [None])[0] is None:
         reasons.append(f"{gate.primary}: not measured")
     else:

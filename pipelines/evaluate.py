@@ -70,6 +70,7 @@ def main(
 
     torch.manual_seed(params.seed)
     pairs = read_set(prepared, "pairs", "test")
+    unpaired = read_set(prepared, "kto", "test") if (prepared / "kto-test.jsonl").is_file() else []
     reward_pairs = read_set(prepared, "reward_pairs", "test")
     benign = yaml.safe_load((suites / "benign.yaml").read_text())["instructions"]
     behaviour = yaml.safe_load((suites / "behaviour.yaml").read_text())["cases"]
@@ -100,6 +101,7 @@ def main(
             log=lambda m: print(m, flush=True),
             cache=cache,
             keys=keys,
+            unpaired=unpaired,
         )
         print(f"evaluate: {cache.hits} answers read from the answer cache; seconds: {policy['seconds']}", flush=True)
         print(f"evaluate: reward models on {len(reward_pairs)} test pairs", flush=True)

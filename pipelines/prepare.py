@@ -5,7 +5,10 @@ conversation never straddles two splits, and an example's split never changes as
 - ``pairs``: preference pairs (prompt, chosen, rejected) for DPO, from preference events and from
   thumbs up / down on the same prompt;
 - ``sft``: (prompt, completion) from corrections and top-rated answers;
-- ``reward_pairs``: the preference pairs plus pairs from ratings of the same prompt.
+- ``reward_pairs``: the preference pairs plus pairs from ratings of the same prompt;
+- ``kto``: unpaired (prompt, answer, desirable) examples for KTO, from every thumb, every rating at or above /
+  at or below the thresholds of ``prepare.kto``, and both halves of preference events: most feedback is a thumb
+  on one answer, which forms no pair.
 Every record keeps the ``event_ids`` and ``user_ids`` it came from, so erasure can find it.
 """
 
@@ -23,7 +26,7 @@ from flywheel.data import rawstore
 from flywheel.params import PrepareParams, SplitParams
 from flywheel.settings import Settings
 
-SETS = ("pairs", "sft", "reward_pairs")
+SETS = ("pairs", "sft", "reward_pairs", "kto")
 SPLITS = ("train", "val", "test")
 
 
@@ -130,8 +133,20 @@ def _record(kind: str, events: list[dict], split: str, **fields) -> dict:
     }
 
 
+def _kto_label(e: dict, params: PrepareParams) -> bool | None:
+    """Whether a thumbs or rating event's answer is desirable (True), undesirable (False) or neither (None)."""
+    if e["feedback_type"] == "thumbs":
+        return {"up": True, "down": False}.get(e.get("thumbs"))
+    if e["feedback_type"] == "rating" and e.get("rating") is not None:
+        if e["rating"] >= params.kto.desirable_min_rating:
+            return True
+        if e["rating"] <= params.kto.undesirable_max_rating:
+            return False
+    return None
+
+
 def compile_sets(events: list[dict], params: PrepareParams) -> dict[str, list[dict]]:
-    """Preference pairs, SFT examples and reward pairs from de-duplicated events."""
+    """Preference pairs, SFT examples, reward pairs and KTO examples from de-duplicated events."""
     sets: dict[str, list[dict]] = {s: [] for s in SETS}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for e in events:
@@ -141,10 +156,15 @@ def compile_sets(events: list[dict], params: PrepareParams) -> dict[str, list[di
             rec = _record("preference", [e], split, prompt=e["prompt"], chosen=e["response"], rejected=e["rejected"])
             sets["pairs"].append(rec)
             sets["reward_pairs"].append(rec)
+            for answer, good in ((e["response"], True), (e["rejected"], False)):
+                sets["kto"].append(_record("preference", [e], split, prompt=e["prompt"], answer=answer, desirable=good))
         elif fb == "correction":
             sets["sft"].append(_record("correction", [e], split, prompt=e["prompt"], completion=e["correction"]))
         elif fb == "rating" and e["rating"] >= params.sft_min_rating:
             sets["sft"].append(_record("rating", [e], split, prompt=e["prompt"], completion=e["response"]))
+        label = _kto_label(e, params)
+        if label is not None:
+            sets["kto"].append(_record(fb, [e], split, prompt=e["prompt"], answer=e["response"], desirable=label))
         if fb in ("thumbs", "rating"):
             groups[(split, json.dumps(e["prompt"], sort_keys=True))].append(e)
     for (split, _), group in groups.items():

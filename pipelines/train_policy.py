@@ -1,4 +1,5 @@
-"""The ``train_policy`` stage: DPO on preference pairs (+ SFT on corrections) from the current champion."""
+"""The ``train_policy`` stage: DPO on preference pairs, or KTO on unpaired examples (+ SFT on corrections), from the
+current champion."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from flywheel.models.dpo import attach_lora, train_dpo
+from flywheel.models.dpo import attach_lora, train_dpo, train_kto
 from flywheel.models.policy import ADAPTER_INFO, base_hash, best_device, check_split, encode, is_adapter, load_policy
 from flywheel.params import TrainPolicyParams
 from flywheel.settings import Settings
@@ -26,7 +27,8 @@ def on_base(champion: Path, info: dict, base: Path) -> bool:
 
 def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyParams, base: Path, log=print):
     """Load the champion, train its top layers (or a LoRA adapter on them, continuing the champion's adapter
-    when it has one); returns (model, tokenizer, history, seconds)."""
+    when it has one) by DPO on ``pairs`` or, with ``train_policy.method: kto``, by KTO on ``pairs`` = unpaired
+    examples (prompt, answer, desirable); returns (model, tokenizer, history, seconds)."""
     if params.threads:
         torch.set_num_threads(params.threads)
     lora = params.adapter == "lora"
@@ -34,7 +36,8 @@ def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyP
     if lora and not hasattr(model, "peft_config"):
         model = attach_lora(model, params)
     check_split(model, tok, params.frozen_layers)
-    enc_pairs = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
+    fields = ("answer",) if params.method == "kto" else ("chosen", "rejected")
+    enc_pairs = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens, fields=fields)
     enc_sft = encode(tok, sft, params.max_prompt_tokens, params.max_answer_tokens, fields=("completion",))
     t0 = time.perf_counter()
 
@@ -45,7 +48,11 @@ def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyP
             f"acc {row.get('reward_accuracy', float('nan')):.2f} ({took / (step + 1):.1f} s/step)"
         )
 
-    history = train_dpo(model, enc_pairs, enc_sft, tok.pad_token_id, params, on_step)
+    if params.method == "kto":
+        flags = [bool(r["desirable"]) for r in pairs]
+        history = train_kto(model, enc_pairs, flags, enc_sft, tok.pad_token_id, params, on_step)
+    else:
+        history = train_dpo(model, enc_pairs, enc_sft, tok.pad_token_id, params, on_step)
     return model, tok, history, time.perf_counter() - t0
 
 
@@ -81,7 +88,7 @@ def main(
 
     from flywheel import tracking
 
-    pairs = read_set(prepared, "pairs", "train")
+    pairs = read_set(prepared, "kto" if params.method == "kto" else "pairs", "train")
     sft = read_set(prepared, "sft", "train")
     with tracking.stage_run(settings, "train_policy") as run:
         mlflow.log_params({f"policy.{k}": v for k, v in params.model_dump().items()})
@@ -103,7 +110,8 @@ def main(
         mlflow.log_params({"policy.saved": saved})
         summary = {
             "saved": saved,
-            "train_pairs": len(pairs),
+            "method": params.method,
+            "train_pairs": len(pairs),  # KTO: unpaired examples
             "sft_examples": len(sft),
             "steps": len(history),
             "final_loss": history[-1]["loss"],

@@ -29,15 +29,17 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: EvaluateParams) -> dict[str, list[float]]:
-    """Per model, per pair: (log p(chosen) − log p_ref(chosen)) − (log p(rejected) − log p_ref(rejected)).
+def log_ratios(
+    reference, models: dict, tok, records: list[dict], params: EvaluateParams, fields=("chosen", "rejected")
+) -> dict[str, list[list[float]]]:
+    """Per model, per record, per answer field: log p(answer) − log p_ref(answer), the implicit reward.
 
     Models whose frozen trunk equals the reference's reuse its trunk output: one trunk pass per batch.
     """
-    # the margins do not depend on the split (only the time does): one below the model's depth at most
+    # the ratios do not depend on the split (only the time does): one below the model's depth at most
     k = min(params.frozen_layers, len(decoder_layers(reference)[1]) - 1)
     check_split(reference, tok, k)  # an architecture the split does not reproduce is refused, never scored wrongly
-    enc = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens)
+    enc = encode(tok, records, params.max_prompt_tokens, params.max_answer_tokens, fields=fields)
     if params.bf16:  # a bf16-trunk copy; the caller's models are left as they are
         import copy
 
@@ -46,12 +48,11 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
         models = {name: (reference if m is original else m) for name, m in models.items()}
     ref_fp = trunk_fingerprint(reference, k)
     shared = {name: trunk_fingerprint(m, k) == ref_fp for name, m in models.items()}
-    margins: dict[str, list[float]] = {name: [] for name in models}
+    out: dict[str, list[list[float]]] = {name: [] for name in models}
+    width = len(fields)
     for i in range(0, len(enc), params.batch_size):
         items = enc[i : i + params.batch_size]
-        batch = collate(
-            [(e.prompt, e.answers[0]) for e in items] + [(e.prompt, e.answers[1]) for e in items], tok.pad_token_id
-        )
+        batch = collate([(e.prompt, e.answers[w]) for w in range(width) for e in items], tok.pad_token_id)
         n = len(items)
         trunk = run_trunk(reference, batch, k)
         ref = top_logps(reference, trunk, batch, k)
@@ -61,9 +62,46 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
             else:
                 t = trunk if shared[name] else run_trunk(model, batch, k)
                 lp = top_logps(model, t, batch, k)
-            d = lp - ref
-            margins[name].extend((d[:n] - d[n:]).tolist())
-    return margins
+            d = (lp - ref).tolist()
+            out[name].extend([d[w * n + j] for w in range(width)] for j in range(n))
+    return out
+
+
+def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: EvaluateParams) -> dict[str, list[float]]:
+    """Per model, per pair: (log p(chosen) − log p_ref(chosen)) − (log p(rejected) − log p_ref(rejected))."""
+    ratios = log_ratios(reference, models, tok, pairs, params)
+    return {name: [c - r for c, r in rows] for name, rows in ratios.items()}
+
+
+def unpaired_scores(ratios: list[float], desirable: list[bool]) -> list[float]:
+    """Per desirable example: the share of undesirable examples whose implicit reward it beats (a tie counts a half).
+    Their mean is the probability that a desirable answer scores above an undesirable one (the AUC)."""
+    bad = sorted(r for r, good in zip(ratios, desirable) if not good)
+    if not bad:
+        return []
+    import bisect
+
+    out = []
+    for r, good in zip(ratios, desirable):
+        if good:
+            below, upto = bisect.bisect_left(bad, r), bisect.bisect_right(bad, r)
+            out.append((below + 0.5 * (upto - below)) / len(bad))
+    return out
+
+
+def unpaired_accuracy(reference, champion, challenger, tok, examples: list[dict], params: EvaluateParams) -> dict:
+    """Held-out accuracy of the implicit reward on unpaired (KTO) examples: how often a desirable answer scores above
+    an undesirable one, challenger against champion on the same examples (paired bootstrap over the desirable
+    ones)."""
+    flags = [bool(e["desirable"]) for e in examples]
+    ratios = log_ratios(reference, {"champion": champion, "challenger": challenger}, tok, examples, params, ("answer",))
+    scores = {name: unpaired_scores([r[0] for r in rows], flags) for name, rows in ratios.items()}
+    keys = [e["conversation_id"] for e, good in zip(examples, flags) if good] if scores["challenger"] else None
+    out = stats.paired_diff(
+        scores["challenger"], scores["champion"], params.confidence, params.bootstrap, params.seed, keys
+    )
+    out["desirable"], out["undesirable"] = sum(flags), len(flags) - sum(flags)
+    return out
 
 
 def evaluate_policy(
@@ -79,8 +117,9 @@ def evaluate_policy(
     log=lambda *_: None,
     cache: AnswerCache | None = None,
     keys: dict[str, str] | None = None,
+    unpaired: list[dict] | None = None,
 ) -> dict:
-    """Every policy metric for challenger and champion on the same items.
+    """Every policy metric for challenger and champion on the same items (``unpaired``: the held-out KTO examples).
 
     ``cache`` + ``keys`` (model content hashes by role): greedy answers known from earlier runs are reused.
     """
@@ -108,6 +147,9 @@ def evaluate_policy(
             cluster_keys(pairs),
         )
     }
+    if unpaired:
+        log(f"evaluate: implicit-reward accuracy on {len(unpaired)} unpaired test examples")
+        out["unpaired_accuracy"] = unpaired_accuracy(reference, champion, challenger, tok, unpaired, params)
     out["length_baseline"] = mean_length_baseline(pairs)
     out["slices"] = slice_metrics(correct, pairs, params)
     yes, no = out["slices"].get("chosen_shorter=yes"), out["slices"].get("chosen_shorter=no")

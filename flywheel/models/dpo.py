@@ -37,9 +37,27 @@ def _autocast(enabled: bool, device: str = "cpu"):
     return torch.autocast(device, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-def pair_batch(items: list[Encoded], pad_id: int) -> Batch:
-    """Chosen sequences first, then rejected ones, in one batch."""
-    return collate([(e.prompt, e.answers[0]) for e in items] + [(e.prompt, e.answers[1]) for e in items], pad_id)
+def answers_batch(items: list[Encoded], pad_id: int) -> Batch:
+    """Every item's first answer, then every item's second (chosen sequences first, then rejected), in one batch."""
+    width = len(items[0].answers)
+    return collate([(e.prompt, e.answers[w]) for w in range(width) for e in items], pad_id)
+
+
+pair_batch = answers_batch
+
+
+def kto_loss(
+    pol: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, beta: float, w_desirable: float, w_undesirable: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al., 2024) on single answers: a desirable answer's log-ratio pushed above the reference
+    point z, an undesirable one's below it. z, the KL term, is the batch's mean log-ratio (detached, at least 0):
+    one pass over the batch's own answers instead of TRL's second pass over mismatched (prompt, answer) pairs.
+    Returns (loss, log-ratios, z)."""
+    ratio = pol - ref
+    z = ratio.detach().mean().clamp(min=0)
+    up = w_desirable * (1 - torch.sigmoid(beta * (ratio - z)))
+    down = w_undesirable * (1 - torch.sigmoid(beta * (z - ratio)))
+    return torch.where(desirable, up, down).mean(), ratio.detach(), z
 
 
 def dpo_loss(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +68,9 @@ def dpo_loss(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.T
 
 
 class TrunkCache:
-    """Reference log-probabilities per pair, and (``keep_hidden``) the trunk's output rows, computed once.
+    """Reference log-probabilities per item, and (``keep_hidden``) the trunk's output rows, computed once. An item
+    is a pair (chosen, rejected: DPO) or a single answer (KTO); a batch holds every item's first answer, then every
+    item's second.
 
     With right padding and causal attention a sequence's hidden states do not depend on the batch it was
     computed in, so cached rows can be re-padded into any later batch.
@@ -58,47 +78,48 @@ class TrunkCache:
 
     def __init__(self, model, k: int, pad_id: int, keep_hidden: bool = True):
         self.model, self.k, self.pad_id, self.keep_hidden = model, k, pad_id, keep_hidden
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.ref: dict[int, tuple[float, float]] = {}
+        self.rows: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.ref: dict[int, tuple[float, ...]] = {}
 
     @torch.no_grad()
-    def fill(self, idx: list[int], pairs: list[Encoded], bf16: bool, chunk: int = 8) -> None:
-        """Trunk rows and reference log-probs of the pairs ``idx`` not seen yet, from the model as it is now."""
+    def fill(self, idx: list[int], items: list[Encoded], bf16: bool, chunk: int = 8) -> None:
+        """Trunk rows and reference log-probs of the items ``idx`` not seen yet, from the model as it is now."""
         todo = [i for i in dict.fromkeys(idx) if i not in self.ref]
         was_training = self.model.training
         self.model.eval()
         try:
             for at in range(0, len(todo), chunk):
                 part = todo[at : at + chunk]
-                items = [pairs[i] for i in part]
-                batch = pair_batch(items, self.pad_id)
+                chosen = [items[i] for i in part]
+                batch = answers_batch(chosen, self.pad_id)
                 with _autocast(bf16, device_of(self.model).type):
                     hidden = run_trunk(self.model, batch, self.k)
                     ref = top_logps(self.model, hidden, batch, self.k).float()
-                n = len(items)
-                for j, (i, e) in enumerate(zip(part, items)):
-                    self.ref[i] = (ref[j].item(), ref[n + j].item())
+                n = len(chosen)
+                for j, (i, e) in enumerate(zip(part, chosen)):
+                    width = range(len(e.answers))
+                    self.ref[i] = tuple(ref[w * n + j].item() for w in width)
                     if self.keep_hidden:
-                        lc, lr = len(e.prompt) + len(e.answers[0]), len(e.prompt) + len(e.answers[1])
-                        self.rows[i] = (hidden[j, :lc].float().clone(), hidden[n + j, :lr].float().clone())
+                        self.rows[i] = tuple(
+                            hidden[w * n + j, : len(e.prompt) + len(e.answers[w])].float().clone() for w in width
+                        )
         finally:
             self.model.train(was_training)
 
-    def batch(self, idx: list[int], pairs: list[Encoded], bf16: bool) -> tuple[Batch, torch.Tensor, torch.Tensor]:
-        """(batch, trunk output, reference log-probs) for the pairs ``idx``, chosen first then rejected."""
-        self.fill(idx, pairs, bf16)
-        batch = pair_batch([pairs[i] for i in idx], self.pad_id)
-        n = len(idx)
+    def batch(self, idx: list[int], items: list[Encoded], bf16: bool) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+        """(batch, trunk output, reference log-probs) for the items ``idx``, first answers first."""
+        self.fill(idx, items, bf16)
+        batch = answers_batch([items[i] for i in idx], self.pad_id)
+        n, width = len(idx), len(items[idx[0]].answers)
         if self.keep_hidden:
             hidden = torch.zeros((*batch.ids.shape, self.rows[idx[0]][0].shape[-1]), device=device_of(self.model))
             for j, i in enumerate(idx):
-                hc, hr = self.rows[i]
-                hidden[j, : hc.shape[0]] = hc
-                hidden[n + j, : hr.shape[0]] = hr
+                for w, row in enumerate(self.rows[i]):
+                    hidden[w * n + j, : row.shape[0]] = row
         else:
             with torch.no_grad(), _autocast(bf16, device_of(self.model).type):
                 hidden = run_trunk(self.model, batch, self.k).float()
-        ref = torch.tensor([self.ref[i][0] for i in idx] + [self.ref[i][1] for i in idx], device=hidden.device)
+        ref = torch.tensor([self.ref[i][w] for w in range(width) for i in idx], device=hidden.device)
         return batch, hidden, ref
 
 
@@ -158,6 +179,21 @@ def trainable_parameters(model, k: int) -> list[nn.Parameter]:
     return freeze_trunk(model, k)
 
 
+def train_kto(
+    model,
+    examples: list[Encoded],
+    desirable: list[bool],
+    sft: list[Encoded],
+    pad_id: int,
+    params: TrainPolicyParams,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """KTO on unpaired examples (one answer each, desirable or not), as ``train_dpo`` trains on pairs."""
+    if len(examples) != len(desirable):
+        raise ValueError("one desirable flag per KTO example")
+    return train_dpo(model, examples, sft, pad_id, params, on_step, desirable=desirable)
+
+
 def train_dpo(
     model,
     pairs: list[Encoded],
@@ -165,11 +201,13 @@ def train_dpo(
     pad_id: int,
     params: TrainPolicyParams,
     on_step: Callable[[int, dict], None] | None = None,
+    desirable: list[bool] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place from its current weights (also the reference): its top layers, or its LoRA
-    adapter when it is a PEFT model."""
+    adapter when it is a PEFT model. DPO on ``pairs``, or, with ``desirable`` (one flag per item), KTO on single
+    answers (``train_kto``)."""
     if not pairs and not sft:
-        raise ValueError("nothing to train on: no preference pairs and no SFT examples")
+        raise ValueError("nothing to train on: no preference data and no SFT examples")
     torch.manual_seed(params.seed)
     rng = random.Random(params.seed)
     k = params.frozen_layers
@@ -197,8 +235,18 @@ def train_dpo(
             batch, hidden, ref = cache.batch(plan[step], pairs, params.bf16)
             with _autocast(params.bf16, device_of(model).type):
                 pol = top_logps(model, hidden, batch, k)
-            dloss, margin = dpo_loss(pol.float(), ref.float(), params.beta)
-            loss = loss + dloss
+            if desirable is not None:
+                flags = torch.tensor([desirable[i] for i in plan[step]], device=pol.device)
+                kloss, ratio, z = kto_loss(pol.float(), ref.float(), flags, params.beta, *params.kto_weights)
+                loss = loss + kloss
+                row.update(kto_loss=kloss.item(), kl=z.item(),
+                           reward_accuracy=((ratio > z) == flags).float().mean().item(),
+                           reward_margin=params.beta * (ratio[flags].mean() - ratio[~flags].mean()).nan_to_num().item())
+                dloss = None
+            else:
+                dloss, margin = dpo_loss(pol.float(), ref.float(), params.beta)
+                loss = loss + dloss
+        if plan[step] and dloss is not None:
             row.update(
                 dpo_loss=dloss.item(),
                 reward_accuracy=(margin > 0).float().mean().item(),

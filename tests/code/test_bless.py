@@ -310,3 +310,25 @@ def test_length_slices_are_reported_not_gated_unless_asked():
     strict = GATE.updated(policy={"gated_slices": ["chosen_shorter"]})
     v = bless(metrics, strict)["policy"]
     assert not v["blessed"] and "pref_accuracy[chosen_shorter=no]" in v["reasons"][0]
+
+
+def test_with_no_test_pairs_the_fallback_primary_decides_as_strictly():
+    """A thumbs-only run has no test pairs: the default gate's fallback_primary (the unpaired, KTO accuracy) is held
+    to the same lower bound; a gate without a fallback never blesses an unmeasured primary."""
+    from shipped import shipped
+
+    from pipelines.bless import judge_model
+
+    gates = shipped("bless").gates
+    no_pairs = {"pref_accuracy": {"challenger": None, "champion": None, "diff": None, "ci": [None, None], "n": 0}}
+    better = {"challenger": 0.7, "champion": 0.5, "diff": 0.2, "ci": [0.1, 0.3], "n": 300}
+    noise = {**better, "ci": [-0.05, 0.3]}
+    gate = gates["default"].policy.model_copy(update={"metrics": {}, "slice_rule": None})
+    verdict = judge_model({**no_pairs, "unpaired_accuracy": better}, gate)
+    assert verdict["blessed"] and verdict["primary"]["metric"] == "unpaired_accuracy"
+    assert any("fallback_primary unpaired_accuracy decides" in x for x in verdict["not_applied"])
+    refused = judge_model({**no_pairs, "unpaired_accuracy": noise}, gate)
+    assert not refused["blessed"] and "not better beyond noise" in refused["reasons"][0]
+    assert not judge_model(no_pairs, gate)["blessed"]
+    without = gate.model_copy(update={"fallback_primary": None})
+    assert judge_model({**no_pairs, "unpaired_accuracy": better}, without)["reasons"] == ["pref_accuracy: not measured"]

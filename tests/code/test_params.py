@@ -168,7 +168,10 @@ def _models(cls: type[BaseModel], seen: dict[type[BaseModel], None] | None = Non
 
 
 # the keys a params.yaml may leave out by design: the checks a gate's rule does not apply, a gate's slice rule
-LEFT_OUT_BY_DESIGN = {(MetricRule, f) for f in MetricRule.model_fields} | {(ModelGate, "slice_rule")}
+LEFT_OUT_BY_DESIGN = {(MetricRule, f) for f in MetricRule.model_fields} | {
+    (ModelGate, "slice_rule"),
+    (ModelGate, "fallback_primary"),  # left out: no fallback (an unmeasured primary is never blessed)
+}
 
 
 def test_only_keys_left_out_by_design_have_a_default():

@@ -364,3 +364,44 @@ def test_prepare_reports_counts():
     result = prepare(events, P)
     assert result.metrics["events"] == 3 and result.metrics["exact_duplicates"] == 1
     assert sum(result.metrics[f"pairs_{s}"] for s in SPLITS) == 1
+
+
+# --- unpaired examples for KTO ------------------------------------------------------------------------------------
+
+
+def test_thumbs_that_form_no_pair_still_make_kto_examples():
+    """Most feedback is one thumb on one answer: no pair forms, but every thumb is a KTO example."""
+    up = ev(prompt="How do I boil an egg?", response="Simmer it for nine minutes.")
+    down = ev(prompt="What is a good cat name?", response="No.", value="down")
+    sets = compile_sets([up, down], P)
+    assert sets["pairs"] == []
+    kto = {r["answer"]: r for r in sets["kto"]}
+    assert kto["Simmer it for nine minutes."]["desirable"] is True
+    assert kto["No."]["desirable"] is False
+    assert kto["No."]["event_ids"] == [down["event_id"]] and kto["No."]["source"] == "thumbs"
+    assert kto["No."]["split"] == split_of(down["conversation_id"], P.split)
+
+
+def test_ratings_are_kto_examples_by_the_thresholds_and_pairs_give_both_halves():
+    rated = {r: ev(response=f"Answer rated {r}.", fb="rating", value=r) for r in (1, 2, 3, 4, 5)}
+    pref = ev(response="The chosen answer.", fb="preference", value="The rejected answer.")
+    kto = compile_sets([*rated.values(), pref], P)["kto"]
+    got = {r["answer"]: r["desirable"] for r in kto}
+    assert got == {
+        "Answer rated 1.": False,
+        "Answer rated 2.": False,
+        "Answer rated 4.": True,
+        "Answer rated 5.": True,
+        "The chosen answer.": True,
+        "The rejected answer.": False,
+    }
+    strict = shipped("prepare", kto={"desirable_min_rating": 5, "undesirable_max_rating": 1})
+    assert {r["answer"] for r in compile_sets(list(rated.values()), strict)["kto"]} == {
+        "Answer rated 1.",
+        "Answer rated 5.",
+    }
+
+
+def test_kto_thresholds_that_overlap_are_refused():
+    with pytest.raises(ValueError, match=r"undesirable_max_rating \(4\) must be below desirable_min_rating \(4\)"):
+        shipped("prepare", kto={"desirable_min_rating": 4, "undesirable_max_rating": 4})

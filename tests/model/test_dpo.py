@@ -90,3 +90,42 @@ def test_evaluate_frozen_layers_changes_the_time_not_the_margins(tiny_base):
     ]
     assert margins[0] == pytest.approx(margins[1], abs=1e-4) and margins[2] == pytest.approx(margins[1], abs=1e-4)
     assert any(abs(m) > 1e-3 for m in margins[1])  # the challenger did move
+
+
+def _unpaired(n: int, swap: bool = False, start: int = 0) -> list[dict]:
+    """Thumbs on single answers to distinct prompts: no two share a prompt, so no pair can form."""
+    out = []
+    for i in range(start, start + n):
+        good = i % 2 == 0
+        answer = "the good answer is helpful" if good else "the bad answer is rude"
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"please help me with my garden {i}"}],
+                "answer": answer,
+                "desirable": good != swap,
+            }
+        )
+    return out
+
+
+def test_kto_learns_from_thumbs_that_form_no_pair_and_swapped_labels_unlearn(tiny_base):
+    from flywheel.models.dpo import train_kto
+
+    test = synthetic_pairs(8, start=100)
+    margins = {}
+    for name, swap in (("good", False), ("bad", True)):
+        model, tok = load_policy(tiny_base / "policy")
+        ref = copy.deepcopy(model)
+        rows = _unpaired(16, swap=swap)
+        enc = encode(tok, rows, 32, 8, fields=("answer",))
+        history = train_kto(model, enc, [r["desirable"] for r in rows], [], tok.pad_token_id, _params(method="kto"))
+        assert {"kto_loss", "kl"} <= set(history[0]) and history[-1]["kto_loss"] < history[0]["kto_loss"]
+        margins[name] = implicit_margins(ref, {"m": model}, tok, test, EVAL)["m"]
+        if name == "good":  # the evaluation's unpaired metric: desirable answers above undesirable ones
+            from flywheel.evaluation.policy_eval import unpaired_accuracy
+
+            held_out = [{**r, "conversation_id": f"k{i}"} for i, r in enumerate(_unpaired(8, start=200))]
+            acc = unpaired_accuracy(ref, ref, model, tok, held_out, EVAL)
+            assert acc["champion"] == 0.5 and acc["challenger"] == 1.0 and acc["desirable"] == 4
+    assert sum(correct_from_margin(margins["good"])) / len(test) == 1.0
+    assert sum(correct_from_margin(margins["bad"])) / len(test) == 0.0
