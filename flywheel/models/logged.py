@@ -14,8 +14,11 @@ MLflow Models, a plain folder of files, need nothing: they still load as they ar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from flywheel.models.policy import ADAPTER_INFO, base_hash, is_adapter
@@ -84,8 +87,26 @@ def log_reward(folder: Path, metadata: dict):
     )
 
 
+@contextmanager
+def _quiet():
+    """MLflow's advice while logging (no model card or licence on a hub for a local folder, no input example, the
+    pickled scorer) says nothing about the user's model: kept out of the release's and the demo's log."""
+    loggers = [logging.getLogger(n) for n in ("mlflow.pyfunc", "mlflow.transformers", "mlflow.models")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def log_version(kind: str, folder: Path, base: Path | None, metadata: dict):
-    return log_policy(folder, base, metadata) if kind == "policy" else log_reward(folder, metadata)
+    with _quiet():
+        return log_policy(folder, base, metadata) if kind == "policy" else log_reward(folder, metadata)
 
 
 def _move_children(src: Path, dest: Path) -> None:
