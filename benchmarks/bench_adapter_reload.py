@@ -1,7 +1,8 @@
 """The service's hot reload of a LoRA version against a full-weight one, on the same base policy (the shipped
 SmolLM2-135M unless ``--base``), in one process: seconds and resident memory added by
 
-- loading a full-weight version (``from_pretrained`` of a whole folder: what a full version's reload costs), and
+- loading a full-weight version (``from_pretrained`` of a whole folder in fp32, as the service loads a version:
+  what a full version's reload costs), and
 - adding an adapter version to the already-loaded shared base (``PeftModel.load_adapter``: what
   service/models.py does for a LoRA version after the first).
 
@@ -59,7 +60,7 @@ def main() -> None:
     keep = []
     for _ in range(args.repeat):
         before, t0 = rss_mb(), time.perf_counter()
-        keep.append(AutoModelForCausalLM.from_pretrained(args.base).eval())
+        keep.append(AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval())
         full_s.append(time.perf_counter() - t0)
         full_mb.append(rss_mb() - before)
     del keep

@@ -98,6 +98,7 @@ class ModelManager:
         """The adapter ``folder`` on the shared base model (loaded the first time only)."""
         import re
 
+        import torch
         from transformers import AutoTokenizer
 
         from flywheel.models.policy import adapter_base
@@ -112,7 +113,7 @@ class ModelManager:
             from transformers import AutoModelForCausalLM
 
             t0 = time.perf_counter()
-            base_model = AutoModelForCausalLM.from_pretrained(base)
+            base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # as load_policy
             self._shared = PeftModel.from_pretrained(base_model, str(folder), adapter_name=name).eval()
             log.info("base model %s loaded once for the adapter versions (%.2f s)", base, time.perf_counter() - t0)
         elif name not in self._shared.peft_config:
