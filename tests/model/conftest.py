@@ -102,6 +102,20 @@ def tiny_base(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def workspace(tmp_path, repo_root, tiny_base):
+    """(settings, registry) of a workspace with the repository's params.yaml and the tiny base models."""
+    import shutil
+
+    from flywheel.registry import Registry
+    from flywheel.settings import load_settings
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(tiny_base, tmp_path / "models" / "base")
+    settings = load_settings(tmp_path, env={})
+    return settings, Registry(settings)
+
+
 def synthetic_pairs(n: int, swap: bool = False, start: int = 0) -> list[dict]:
     """Pairs where the chosen answer is always 'good answer' (or 'bad answer' when swapped)."""
     out = []

@@ -108,3 +108,11 @@ def build_seqcls_reward(folder: Path, seed: int = 0) -> Path:
     Qwen2ForSequenceClassification(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def tiny_lora(**over):
+    """params.yaml's train_policy, made for the tiny models: LoRA on the 2 layers above a 2-layer trunk, a few steps."""
+    from shipped import shipped
+
+    params = dict(frozen_layers=2, steps=2, batch_size=4, lr=1e-2, sft_weight=0.0, frozen_bf16=False, adapter="lora")
+    return shipped("train_policy", **{**params, "lora": {"r": 4, "alpha": 8}, **over})

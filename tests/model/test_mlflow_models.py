@@ -10,27 +10,16 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 from shipped import shipped
 
-from flywheel.registry import CHAMPION, POLICY, REWARD, Registry, content_hash
+from flywheel.registry import CHAMPION, POLICY, REWARD, content_hash
 from flywheel.release import bootstrap, release
-from flywheel.settings import load_settings
 from tests.model.conftest import synthetic_pairs
+from tests.model.families import tiny_lora
 
 SMOKE = shipped("release").smoke.updated(prompts=["hello"], max_new_tokens=2, timeout_s=60, min_chars=0)
 GATES = {"default": "d" * 64}
-LORA = shipped(
-    "train_policy",
-    frozen_layers=2,
-    steps=3,
-    batch_size=4,
-    lr=1e-2,
-    sft_weight=0.0,
-    frozen_bf16=False,
-    adapter="lora",
-    lora={"r": 4, "alpha": 8},
-)
+LORA = tiny_lora(steps=3)
 
 
 def _blessing(folder):
@@ -70,14 +59,6 @@ def _load_in_a_fresh_process(settings, cwd) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
-
-
-@pytest.fixture
-def workspace(tmp_path, repo_root, tiny_base):
-    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(tiny_base, tmp_path / "models" / "base")
-    settings = load_settings(tmp_path, env={})
-    return settings, Registry(settings)
 
 
 def test_full_and_lora_champions_load_with_mlflows_own_loaders_in_a_fresh_process(workspace, tmp_path):

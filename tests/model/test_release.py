@@ -10,22 +10,13 @@ import pytest
 from shipped import shipped
 
 from flywheel.params import BlessParams
-from flywheel.registry import CHALLENGER, CHAMPION, POLICY, PREVIOUS, REWARD, Registry, RegistryError, content_hash
+from flywheel.registry import CHALLENGER, CHAMPION, POLICY, PREVIOUS, REWARD, RegistryError, content_hash
 from flywheel.release import GateMismatch, bootstrap, promote, release, rollback
-from flywheel.settings import load_settings
 from pipelines.resolve_champion import resolve
 
 # the tiny random policy may well answer with nothing but whitespace: only loading and running are checked
 SMOKE = shipped("release").smoke.updated(prompts=["hello"], max_new_tokens=2, timeout_s=60, min_chars=0)
 GATES = {"default": "d" * 64}  # the gate in force: name -> rules' sha256 (what `flywheel release` passes)
-
-
-@pytest.fixture
-def workspace(tmp_path, repo_root, tiny_base):
-    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(tiny_base, tmp_path / "models" / "base")
-    settings = load_settings(tmp_path, env={})
-    return settings, Registry(settings)
 
 
 def _challenger(ws_root: Path, tiny_base: Path, tag: str) -> Path:

@@ -204,3 +204,41 @@ def event(n: int, **over) -> dict:
 
 def dumps(obj) -> bytes:
     return json.dumps(obj).encode()
+
+
+def chat_through_a_switch(url: str, token: str, switch, new: str, threads: int = 4, each_side: int = 20):
+    """Chat from ``threads`` clients without pause; after ``each_side`` answers call ``switch()`` (move an alias),
+    wait until the answers carry ``new`` (their ``X-Model-Version``; 60 s at most), then ``each_side`` more.
+    Returns ((status, version) per answer, the index from which every answer must be ``new``, seconds to switch)."""
+    import threading
+
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(
+                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                )
+                results.append((r.status_code, r.headers.get("x-model-version", "")))
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    try:
+        while len(results) < each_side:
+            time.sleep(0.05)
+        switch()
+        t0 = time.monotonic()
+        while not any(v == new for _, v in results[-threads:]) and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        mark = len(results)
+        while len(results) < mark + each_side:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(60)
+    return results, mark, took

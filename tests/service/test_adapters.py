@@ -4,27 +4,15 @@ hot reload swaps the adapter (no base reload) with no failed request; ``X-Model-
 from __future__ import annotations
 
 import re
-import threading
-import time
 
-import httpx
 import pytest
-from shipped import shipped
-from svc_helpers import flywheel, workspace
+from svc_helpers import chat_through_a_switch, flywheel, workspace
+
+from tests.model.families import tiny_lora
 
 pytestmark = pytest.mark.slow
 RATES = {"chat_rate": {"per_s": 1000, "burst": 1000}, "feedback_rate": {"per_s": 100000, "burst": 100000}}
-LORA = shipped(
-    "train_policy",
-    frozen_layers=2,
-    steps=2,
-    batch_size=4,
-    lr=1e-2,
-    sft_weight=0.0,
-    frozen_bf16=False,
-    adapter="lora",
-    lora={"r": 4, "alpha": 8},
-)
+LORA = tiny_lora()
 
 
 def _adapters(ws, family: str):
@@ -61,34 +49,10 @@ def test_a_hot_reload_swaps_the_adapter_on_one_base_without_a_failed_request(tmp
     proc = flywheel(ws, "tokens", "create", "--scope", "chat", "--name", "tests")
     token = proc.stdout.strip()
     srv = servers(ws, [])
-    results: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
-            while not stop.is_set():
-                r = c.post(
-                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-                )
-                results.append((r.status_code, r.headers.get("x-model-version", "")))
-
-    threads = [threading.Thread(target=client) for _ in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        while len(results) < 15:
-            time.sleep(0.05)
-        registry.promote(POLICY, v2.version)
-        new, t0 = f"{POLICY}/{v2.version}", time.monotonic()
-        while not any(v == new for _, v in results[-3:]) and time.monotonic() - t0 < 60:
-            time.sleep(0.05)
-        mark = len(results)
-        while len(results) < mark + 15:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    new = f"{POLICY}/{v2.version}"
+    results, mark, _ = chat_through_a_switch(
+        srv.url, token, lambda: registry.promote(POLICY, v2.version), new, threads=3, each_side=15
+    )
     assert [code for code, _ in results] == [200] * len(results)
     versions = [v for _, v in results]
     assert set(versions[: versions.index(new)]) == {f"{POLICY}/{v1.version}"}

@@ -11,7 +11,7 @@ import time
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from svc_helpers import event, flywheel, workspace
+from svc_helpers import chat_through_a_switch, event, flywheel, workspace
 
 from flywheel.data import rawstore
 from service.store import FeedbackStore
@@ -116,37 +116,11 @@ def test_hot_reload_switches_versions_without_a_failed_request(tmp_path, tiny_mo
     registry.set_alias(POLICY, CHAMPION, v1.version)
     token = _token(ws, "chat")
     srv = servers(ws, [])
-    results: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
-            while not stop.is_set():
-                r = c.post(
-                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-                )
-                results.append((r.status_code, r.headers.get("x-model-version", "")))
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        while len(results) < 20:
-            time.sleep(0.05)
-        v2, _ = registry.register(POLICY, tiny_models / "policy2")
-        t0 = time.monotonic()
-        registry.promote(POLICY, v2.version)
-        new = f"{POLICY}/{v2.version}"
-        while not any(v == new for _, v in results[-4:]) and time.monotonic() - t0 < 60:
-            time.sleep(0.05)
-        switched_after = time.monotonic() - t0
-        mark = len(results)
-        while len(results) < mark + 20:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    v2, _ = registry.register(POLICY, tiny_models / "policy2")
+    new = f"{POLICY}/{v2.version}"
+    results, mark, switched_after = chat_through_a_switch(
+        srv.url, token, lambda: registry.promote(POLICY, v2.version), new
+    )
     assert [code for code, _ in results] == [200] * len(results)
     versions = [v for _, v in results]
     first_new = versions.index(new)
