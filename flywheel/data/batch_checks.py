@@ -9,17 +9,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from flywheel.params import IngestChecks
 from flywheel.data import rawstore
 from flywheel.data.expectations import Check, run_suite
+from flywheel.params import IngestChecks
 
 
 @dataclass
@@ -46,52 +46,85 @@ def batch_frame(stats: dict[str, Sequence], empty_lines: int, read: int) -> pd.D
     polarity = np.asarray(stats["polarity"], dtype=float)
     positive = np.where(polarity == 0, np.nan, (polarity > 0).astype(float))
     empty = np.zeros(read)
-    empty[n:n + empty_lines] = 1.0
+    empty[n : n + empty_lines] = 1.0
 
     def pad(values, fill=np.nan):
         return np.concatenate([np.asarray(values, dtype=float), np.full(extra, fill)])
 
-    return pd.DataFrame({
-        "empty_answer": empty,
-        "response_chars": pad(stats["response_chars"]),
-        "answer_hash": pd.arrays.IntegerArray(  # nullable Int64: missing for the lines not accepted
-            np.concatenate([np.asarray(stats["answer_hash"], dtype=np.int64), np.zeros(extra, np.int64)]),
-            np.concatenate([np.zeros(n, dtype=bool), np.ones(extra, dtype=bool)])),
-        "positive": pad(positive),
-        "negative": pad((polarity < 0).astype(float)),
-        "has_pii": pad((np.asarray(stats["pii_found"]) > 0).astype(float)),
-    })
+    return pd.DataFrame(
+        {
+            "empty_answer": empty,
+            "response_chars": pad(stats["response_chars"]),
+            "answer_hash": pd.arrays.IntegerArray(  # nullable Int64: missing for the lines not accepted
+                np.concatenate([np.asarray(stats["answer_hash"], dtype=np.int64), np.zeros(extra, np.int64)]),
+                np.concatenate([np.zeros(n, dtype=bool), np.ones(extra, dtype=bool)]),
+            ),
+            "positive": pad(positive),
+            "negative": pad((polarity < 0).astype(float)),
+            "has_pii": pad((np.asarray(stats["pii_found"]) > 0).astype(float)),
+        }
+    )
 
 
 def batch_suite(frame: pd.DataFrame, previous_negative: float | None, checks: IngestChecks) -> list[Check]:
     """The expectations for one batch; rate checks only when the batch is big enough to judge."""
-    suite = [Check("ExpectColumnValuesToBeBetween", "response_chars",
-                   {"min_value": checks.min_response_chars, "max_value": checks.max_response_chars},
-                   "text length bounds")]
+    suite = [
+        Check(
+            "ExpectColumnValuesToBeBetween",
+            "response_chars",
+            {"min_value": checks.min_response_chars, "max_value": checks.max_response_chars},
+            "text length bounds",
+        )
+    ]
     accepted = int(frame["response_chars"].notna().sum())
     if accepted < checks.min_events_for_rate_checks:
         return suite
     suite += [
-        Check("ExpectColumnMeanToBeBetween", "empty_answer", {"max_value": checks.max_empty_answer_rate},
-              "share of empty answers"),
-        Check("ExpectColumnProportionOfUniqueValuesToBeBetween", "answer_hash",
-              {"min_value": 1.0 - checks.max_duplicate_answer_rate}, "share of duplicate answers"),
-        Check("ExpectColumnMeanToBeBetween", "has_pii", {"max_value": checks.max_pii_rate},
-              "rate of personal data found"),
+        Check(
+            "ExpectColumnMeanToBeBetween",
+            "empty_answer",
+            {"max_value": checks.max_empty_answer_rate},
+            "share of empty answers",
+        ),
+        Check(
+            "ExpectColumnProportionOfUniqueValuesToBeBetween",
+            "answer_hash",
+            {"min_value": 1.0 - checks.max_duplicate_answer_rate},
+            "share of duplicate answers",
+        ),
+        Check(
+            "ExpectColumnMeanToBeBetween", "has_pii", {"max_value": checks.max_pii_rate}, "rate of personal data found"
+        ),
     ]
     if frame["positive"].notna().sum() >= checks.min_events_for_rate_checks:
-        suite.append(Check("ExpectColumnMeanToBeBetween", "positive",
-                           {"min_value": checks.min_positive_rate, "max_value": checks.max_positive_rate},
-                           "label balance"))
+        suite.append(
+            Check(
+                "ExpectColumnMeanToBeBetween",
+                "positive",
+                {"min_value": checks.min_positive_rate, "max_value": checks.max_positive_rate},
+                "label balance",
+            )
+        )
     if previous_negative is not None:
-        suite.append(Check("ExpectColumnMeanToBeBetween", "negative",
-                           {"max_value": min(1.0, previous_negative + checks.max_negative_rate_rise)},
-                           f"negative-feedback rate vs previous window ({previous_negative:.3f})"))
+        suite.append(
+            Check(
+                "ExpectColumnMeanToBeBetween",
+                "negative",
+                {"max_value": min(1.0, previous_negative + checks.max_negative_rate_rise)},
+                f"negative-feedback rate vs previous window ({previous_negative:.3f})",
+            )
+        )
     return suite
 
 
-def check_batch(stats: dict[str, list], empty_lines: int, read: int, previous_negative: float | None,
-                checks: IngestChecks, report_dir: Path) -> BatchVerdict:
+def check_batch(
+    stats: dict[str, list],
+    empty_lines: int,
+    read: int,
+    previous_negative: float | None,
+    checks: IngestChecks,
+    report_dir: Path,
+) -> BatchVerdict:
     """Run the batch suite; on failure its JSON result and Data Docs are written under ``report_dir``."""
     frame = batch_frame(stats, empty_lines, read)
     suite = batch_suite(frame, previous_negative, checks)

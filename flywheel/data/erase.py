@@ -19,13 +19,13 @@ import shutil
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from flywheel.data import rawstore
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-LEGACY_SAMPLES = "## Sample answers\n"          # the report section that quoted held-out prompts (before suites-only)
+LEGACY_SAMPLES = "## Sample answers\n"  # the report section that quoted held-out prompts (before suites-only)
 
 
 @dataclass
@@ -34,10 +34,10 @@ class EraseResult:
     training_records: int
     files_rewritten: list[str]
     quarantined: int = 0
-    evaluation_samples: int = 0               # held-out samples dropped from metrics/evaluate.json and report.md
+    evaluation_samples: int = 0  # held-out samples dropped from metrics/evaluate.json and report.md
     answer_cache_files: int = 0
-    variants: list[str] = field(default_factory=list)   # the id as found, when stored in another Unicode form
-    outputs_rewritten: list[str] = field(default_factory=list)   # DVC stage outputs changed (to record in dvc.lock)
+    variants: list[str] = field(default_factory=list)  # the id as found, when stored in another Unicode form
+    outputs_rewritten: list[str] = field(default_factory=list)  # DVC stage outputs changed (to record in dvc.lock)
 
 
 @functools.lru_cache(maxsize=16)
@@ -87,13 +87,17 @@ def _rejected_line_names(line: str, user_id: str) -> bool:
     try:
         record = json.loads(line)
     except ValueError:
-        inner = {json.dumps(json.dumps(u, ensure_ascii=escaped))[1:-1] for u in forms(user_id) | {user_id}
-                 for escaped in (True, False)}
+        inner = {
+            json.dumps(json.dumps(u, ensure_ascii=escaped))[1:-1]
+            for u in forms(user_id) | {user_id}
+            for escaped in (True, False)
+        }
         return _text_names(line, user_id) or any(q in line for q in inner)
     if not isinstance(record, dict):
         return _names(record, user_id)
-    return any(_text_names(record[k], user_id) for k in ("text", "reason") if isinstance(record.get(k), str)) \
-        or _names({k: v for k, v in record.items() if k not in ("text", "reason")}, user_id)
+    return any(_text_names(record[k], user_id) for k in ("text", "reason") if isinstance(record.get(k), str)) or _names(
+        {k: v for k, v in record.items() if k not in ("text", "reason")}, user_id
+    )
 
 
 def _stored_variants(ids: list, user_id: str) -> set[str]:
@@ -158,8 +162,10 @@ def erase_evaluation_samples(metrics_file: Path, report_dir: Path) -> int:
         head, marker, tail = text.partition(LEGACY_SAMPLES)
         if marker and "**Prompt:**" in tail:
             dropped = dropped or tail.count("**Prompt:**")
-            _rewrite_text(report, [head, "## Sample answers\n\n(removed by `flywheel erase`: they quoted held-out "
-                                         "user prompts)\n"])
+            _rewrite_text(
+                report,
+                [head, "## Sample answers\n\n(removed by `flywheel erase`: they quoted held-out user prompts)\n"],
+            )
     return dropped
 
 
@@ -172,8 +178,14 @@ def clear_answer_cache(folder: Path) -> int:
     return len(files)
 
 
-def erase_user(user_id: str, raw_store: Path, prepared: Path, quarantine: Path | None = None,
-               evaluation: tuple[Path, Path] | None = None, answer_cache: Path | None = None) -> EraseResult:
+def erase_user(
+    user_id: str,
+    raw_store: Path,
+    prepared: Path,
+    quarantine: Path | None = None,
+    evaluation: tuple[Path, Path] | None = None,
+    answer_cache: Path | None = None,
+) -> EraseResult:
     """Remove ``user_id``'s events from the raw store, the quarantine and every record built from them in
     the training sets; with ``evaluation`` (metrics/evaluate.json, the report folder) drop the held-out samples
     older evaluation output quotes, with ``answer_cache`` empty that cache. (The service's feedback store:
@@ -193,8 +205,13 @@ def erase_user(user_id: str, raw_store: Path, prepared: Path, quarantine: Path |
         records += len(lines) - len(kept)
         _rewrite_text(path, kept)
         touched.append(str(path))
-    result = EraseResult(raw, records, touched, erase_quarantine(user_id, quarantine) if quarantine else 0,
-                         variants=sorted(variants - {user_id}))
+    result = EraseResult(
+        raw,
+        records,
+        touched,
+        erase_quarantine(user_id, quarantine) if quarantine else 0,
+        variants=sorted(variants - {user_id}),
+    )
     if touched:
         result.outputs_rewritten.append(str(prepared))
     if evaluation is not None:
@@ -233,7 +250,7 @@ def purge_evaluation_artifacts(runs: list[tuple[str, str]]) -> list[str]:
             repo = get_artifact_repository(uri)
             if any(f.path == "report.md" for f in repo.list_artifacts()):
                 repo.delete_artifacts("report.md")
-        except Exception:           # an artifact store that cannot delete (or is unreachable): the user purges
+        except Exception:  # an artifact store that cannot delete (or is unreachable): the user purges
             left.append(run_id)
     return left
 
@@ -242,24 +259,27 @@ def erase_mlflow_copies(settings) -> tuple[int, str]:
     """Delete report.md from the MLflow evaluate runs logged before samples came only from the shipped suites;
     returns how many were deleted and, for those that could not be (or an unreachable server), how to purge
     them by hand ("" when nothing is left)."""
-    how = ("MLflow may keep evaluation reports logged before samples came only from the shipped suites (runs "
-           "tagged flywheel.stage=evaluate without flywheel.samples=suites): delete those runs "
-           "(`mlflow runs delete --run-id RUN_ID`), then `mlflow gc --backend-store-uri {uri}{ids}`.")
+    how = (
+        "MLflow may keep evaluation reports logged before samples came only from the shipped suites (runs "
+        "tagged flywheel.stage=evaluate without flywheel.samples=suites): delete those runs "
+        "(`mlflow runs delete --run-id RUN_ID`), then `mlflow gc --backend-store-uri {uri}{ids}`."
+    )
     uri = settings.tracking_uri
     if uri.startswith(("http://", "https://")):
         how = how.replace("{uri}", "<the server's --backend-store-uri>") + " (with MLFLOW_TRACKING_URI set)"
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return 0, ""                # no tracking store yet: nothing was ever logged
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        return 0, ""  # no tracking store yet: nothing was ever logged
     try:
         runs = evaluation_runs_with_samples(settings)
         left = purge_evaluation_artifacts(runs)
-    except Exception as exc:        # the tracking server is unreachable: the user purges later, told how
+    except Exception as exc:  # the tracking server is unreachable: the user purges later, told how
         return 0, f"(MLflow not reachable: {exc.__class__.__name__}) " + how.format(uri=uri, ids="")
     return len(runs) - len(left), (how.format(uri=uri, ids=" --run-ids " + ",".join(left)) if left else "")
 
+
 def _batch_time(name: str) -> float | None:
     try:
-        return datetime.strptime(name[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(name[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
     except ValueError:
         return None
 

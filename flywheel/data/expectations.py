@@ -34,8 +34,12 @@ class SuiteOutcome:
     docs_index: str | None = None
 
     def to_json(self) -> dict:
-        return {"success": self.success, "failures": self.failures, "results": self.results,
-                "data_docs": self.docs_index}
+        return {
+            "success": self.success,
+            "failures": self.failures,
+            "results": self.results,
+            "data_docs": self.docs_index,
+        }
 
 
 def _describe(kind: str, column: str | None, kwargs: dict, observed: Any, meta: str) -> str:
@@ -79,14 +83,20 @@ def run_suite(frame: pd.DataFrame, name: str, checks: list[Check], docs_dir: Pat
     actions = []
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)
-        context.add_data_docs_site(site_name="flywheel", site_config={
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-        })
+        context.add_data_docs_site(
+            site_name="flywheel",
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            },
+        )
         actions.append(UpdateDataDocsAction(name="data_docs", site_names=["flywheel"]))
-    batch_def = (context.data_sources.add_pandas("flywheel").add_dataframe_asset(name)
-                 .add_batch_definition_whole_dataframe("whole"))
+    batch_def = (
+        context.data_sources.add_pandas("flywheel")
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("whole")
+    )
     expectations = []
     for c in checks:
         cls = getattr(gx.expectations, c.kind)
@@ -108,8 +118,15 @@ def run_suite(frame: pd.DataFrame, name: str, checks: list[Check], docs_dir: Pat
             if observed is None and r.result:
                 observed = {k: r.result[k] for k in ("unexpected_count", "unexpected_percent") if k in r.result}
             meta = (cfg.meta or {}).get("guards", "")
-            results.append({"expectation": cfg.type, "column": column, "kwargs": kwargs,
-                            "success": bool(r.success), "observed": _plain(observed)})
+            results.append(
+                {
+                    "expectation": cfg.type,
+                    "column": column,
+                    "kwargs": kwargs,
+                    "success": bool(r.success),
+                    "observed": _plain(observed),
+                }
+            )
             if not r.success:
                 failures.append(_describe(cfg.type, column, kwargs, _plain(observed), meta))
     index = None

@@ -15,19 +15,19 @@ import re
 import uuid
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from flywheel.contract import FEEDBACK_COLUMNS, FEEDBACK_TEXT_COLUMNS, ContractError, parse_event
-from flywheel.redact import pseudonymise_id, redact
-from flywheel.params import ContractParams, IngestParams
 from flywheel.data import rawstore
+from flywheel.params import ContractParams, IngestParams
+from flywheel.redact import pseudonymise_id, redact
 
 FORMATS = ("native", "hh-rlhf")
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -131,8 +131,10 @@ def event_row(event, found: Counter) -> dict:
         "response": response,
         "response_chars": len(response),
         "feedback_type": fb.type,
-        **{col: redact(value, found) if col in FEEDBACK_TEXT_COLUMNS and value is not None else value
-           for col, value in (dict.fromkeys(FEEDBACK_COLUMNS) | fb.columns()).items()},
+        **{
+            col: redact(value, found) if col in FEEDBACK_TEXT_COLUMNS and value is not None else value
+            for col, value in (dict.fromkeys(FEEDBACK_COLUMNS) | fb.columns()).items()
+        },
         "polarity": fb.polarity(),
         "pii_found": sum(found.values()),
     }
@@ -140,14 +142,15 @@ def event_row(event, found: Counter) -> dict:
 
 @dataclass
 class _Chunk:
-    table: pa.Table                      # accepted events, rawstore.SCHEMA (built in the worker)
-    bad: list[tuple[int, str, str]]      # line number, reason, redacted line
+    table: pa.Table  # accepted events, rawstore.SCHEMA (built in the worker)
+    bad: list[tuple[int, str, str]]  # line number, reason, redacted line
     empty_lines: int
     pii: Counter
 
 
-def _process_chunk(lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, int, int], batch_id: str,
-                   ingested_at: str) -> _Chunk:
+def _process_chunk(
+    lines: list[tuple[int, bytes]], fmt: str, limits: tuple[int, int, int], batch_id: str, ingested_at: str
+) -> _Chunk:
     max_chars, max_turns, max_bytes = limits
     rows: dict[str, list] = {name: [] for name in rawstore.SCHEMA.names}
     bad, pii, empty = [], Counter(), 0
@@ -210,8 +213,16 @@ def _map_chunks(chunks: Iterator, args: tuple, workers: int) -> Iterator[_Chunk]
             yield f.result()
 
 
-def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, params: IngestParams,
-           contract: ContractParams, workers: int | None = None, now: datetime | None = None) -> IngestResult:
+def ingest(
+    files: list[Path],
+    fmt: str,
+    raw_store: Path,
+    quarantine: Path,
+    params: IngestParams,
+    contract: ContractParams,
+    workers: int | None = None,
+    now: datetime | None = None,
+) -> IngestResult:
     """Ingest ``files`` as one batch; returns the counts (read = accepted + duplicates + quarantined)."""
     from flywheel.data import batch_checks
 
@@ -222,7 +233,7 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
     for f in files:
         if not Path(f).is_file():
             raise IngestError(f"cannot read {f}: no such file")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     batch_id = now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     ingested_at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     result = IngestResult(batch_id=batch_id)
@@ -265,8 +276,9 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
             # per-event figures for the batch checks: small numeric arrays (copies: no chunk stays alive)
             for name in ("response_chars", "polarity", "pii_found"):
                 parts[name].append(np.array(table.column(name).to_numpy(), copy=True))
-            parts["answer_hash"].append(np.fromiter((hash(r) for r in table.column("response").to_pylist()),
-                                                    np.int64, table.num_rows))
+            parts["answer_hash"].append(
+                np.fromiter((hash(r) for r in table.column("response").to_pylist()), np.int64, table.num_rows)
+            )
         writer.close()
     except BaseException:
         writer.close()
@@ -283,8 +295,10 @@ def ingest(files: list[Path], fmt: str, raw_store: Path, quarantine: Path, param
         tmp.unlink(missing_ok=True)
         result.quarantine_dir = str(qdir) if bad_file else None
         if result.quarantined == result.read:
-            raise IngestError(f"no line of the input is a valid {fmt} event ({result.read} rejected, first: line "
-                              f"{first_bad[0]}: {first_bad[1]}); see {qdir / 'rejected-lines.jsonl'}")
+            raise IngestError(
+                f"no line of the input is a valid {fmt} event ({result.read} rejected, first: line "
+                f"{first_bad[0]}: {first_bad[1]}); see {qdir / 'rejected-lines.jsonl'}"
+            )
         return result
     try:
         stats = {k: np.concatenate(v) for k, v in parts.items()}

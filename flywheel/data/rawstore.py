@@ -13,27 +13,29 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([
-    ("event_id", pa.string()),
-    ("schema_version", pa.int8()),
-    ("timestamp", pa.string()),
-    ("ingested_at", pa.string()),
-    ("batch_id", pa.string()),
-    ("conversation_id", pa.string()),
-    ("model_version", pa.string()),
-    ("user_id", pa.string()),
-    ("prompt", pa.string()),          # JSON list of {role, content}
-    ("n_turns", pa.int16()),
-    ("response", pa.string()),
-    ("response_chars", pa.int32()),
-    ("feedback_type", pa.string()),
-    ("thumbs", pa.string()),
-    ("rating", pa.int8()),
-    ("rejected", pa.string()),
-    ("correction", pa.string()),
-    ("polarity", pa.int8()),          # 1 positive, -1 negative, 0 neither
-    ("pii_found", pa.int16()),
-])
+SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("schema_version", pa.int8()),
+        ("timestamp", pa.string()),
+        ("ingested_at", pa.string()),
+        ("batch_id", pa.string()),
+        ("conversation_id", pa.string()),
+        ("model_version", pa.string()),
+        ("user_id", pa.string()),
+        ("prompt", pa.string()),  # JSON list of {role, content}
+        ("n_turns", pa.int16()),
+        ("response", pa.string()),
+        ("response_chars", pa.int32()),
+        ("feedback_type", pa.string()),
+        ("thumbs", pa.string()),
+        ("rating", pa.int8()),
+        ("rejected", pa.string()),
+        ("correction", pa.string()),
+        ("polarity", pa.int8()),  # 1 positive, -1 negative, 0 neither
+        ("pii_found", pa.int16()),
+    ]
+)
 TMP_PREFIX = ".tmp-"
 
 

@@ -239,9 +239,12 @@ def train_dpo(
                 flags = torch.tensor([desirable[i] for i in plan[step]], device=pol.device)
                 kloss, ratio, z = kto_loss(pol.float(), ref.float(), flags, params.beta, *params.kto_weights)
                 loss = loss + kloss
-                row.update(kto_loss=kloss.item(), kl=z.item(),
-                           reward_accuracy=((ratio > z) == flags).float().mean().item(),
-                           reward_margin=params.beta * (ratio[flags].mean() - ratio[~flags].mean()).nan_to_num().item())
+                row.update(
+                    kto_loss=kloss.item(),
+                    kl=z.item(),
+                    reward_accuracy=((ratio > z) == flags).float().mean().item(),
+                    reward_margin=params.beta * (ratio[flags].mean() - ratio[~flags].mean()).nan_to_num().item(),
+                )
                 dloss = None
             else:
                 dloss, margin = dpo_loss(pol.float(), ref.float(), params.beta)

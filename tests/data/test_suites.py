@@ -4,22 +4,21 @@ data, and every expectation has a broken batch that trips it (and names it)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from shipped import shipped
-from pipelines import validate
-from flywheel.data import batch_checks
-from flywheel.data import rawstore
-from flywheel.data.ingest import ingest
 
-DAY1 = datetime(2026, 11, 20, 12, tzinfo=timezone.utc)
-DAY2 = datetime(2026, 11, 21, 12, tzinfo=timezone.utc)
+from flywheel.data import batch_checks, rawstore
+from flywheel.data.ingest import ingest
+from pipelines import validate
+
+DAY1 = datetime(2026, 11, 20, 12, tzinfo=UTC)
+DAY2 = datetime(2026, 11, 21, 12, tzinfo=UTC)
 
 # --- the batch suite (run by ingest) -------------------------------------------------------------------------------
 
@@ -31,8 +30,9 @@ def test_batch_suite_passes_on_the_demo_batches(demo_store):
 
 
 def _thumbs(make_event, n, ups, **overrides):
-    return [make_event(feedback={"type": "thumbs", "value": "up" if i < ups else "down"}, **overrides)
-            for i in range(n)]
+    return [
+        make_event(feedback={"type": "thumbs", "value": "up" if i < ups else "down"}, **overrides) for i in range(n)
+    ]
 
 
 def _run(tmp_path, lines, checks=None, now=DAY2):
@@ -45,28 +45,53 @@ def _run(tmp_path, lines, checks=None, now=DAY2):
 BROKEN_BATCHES = {
     # name: (expectation it trips, its label, builder(make_event) -> (lines, checks), previous batch or None)
     "empty answers": (
-        "expect_column_mean_to_be_between(empty_answer)", "share of empty answers",
-        lambda mk: (_thumbs(mk, 24, 12) + [json.dumps(mk(response=" " * i)) for i in range(4)], None), None),
+        "expect_column_mean_to_be_between(empty_answer)",
+        "share of empty answers",
+        lambda mk: (_thumbs(mk, 24, 12) + [json.dumps(mk(response=" " * i)) for i in range(4)], None),
+        None,
+    ),
     "duplicate answers": (
-        "expect_column_proportion_of_unique_values_to_be_between(answer_hash)", "share of duplicate answers",
-        lambda mk: (_thumbs(mk, 24, 12, response="Always this answer."), None), None),
+        "expect_column_proportion_of_unique_values_to_be_between(answer_hash)",
+        "share of duplicate answers",
+        lambda mk: (_thumbs(mk, 24, 12, response="Always this answer."), None),
+        None,
+    ),
     "label balance": (
-        "expect_column_mean_to_be_between(positive)", "label balance",
-        lambda mk: (_thumbs(mk, 24, 24), None), None),
+        "expect_column_mean_to_be_between(positive)",
+        "label balance",
+        lambda mk: (_thumbs(mk, 24, 24), None),
+        None,
+    ),
     "negative rate rise": (
-        "expect_column_mean_to_be_between(negative)", "negative-feedback rate vs previous window",
+        "expect_column_mean_to_be_between(negative)",
+        "negative-feedback rate vs previous window",
         lambda mk: (_thumbs(mk, 24, 8), None),
-        lambda mk: _thumbs(mk, 24, 22)),   # previous window: 2/24 negative, now 16/24
+        lambda mk: _thumbs(mk, 24, 22),
+    ),  # previous window: 2/24 negative, now 16/24
     "personal data rate": (
-        "expect_column_mean_to_be_between(has_pii)", "rate of personal data found",
-        lambda mk: ([mk(feedback={"type": "thumbs", "value": "up" if i % 2 else "down"},
-                        prompt=[{"role": "user", "content": f"I am at 10.0.0.{i}, help"}]) for i in range(24)],
-                    shipped("ingest").checks.updated(max_pii_rate=0.2)),
-        None),
+        "expect_column_mean_to_be_between(has_pii)",
+        "rate of personal data found",
+        lambda mk: (
+            [
+                mk(
+                    feedback={"type": "thumbs", "value": "up" if i % 2 else "down"},
+                    prompt=[{"role": "user", "content": f"I am at 10.0.0.{i}, help"}],
+                )
+                for i in range(24)
+            ],
+            shipped("ingest").checks.updated(max_pii_rate=0.2),
+        ),
+        None,
+    ),
     "text length bounds": (
-        "expect_column_values_to_be_between(response_chars)", "text length bounds",
-        lambda mk: (_thumbs(mk, 5, 3) + [mk(response="x" * 300)],
-                    shipped("ingest").checks.updated(max_response_chars=200)), None),
+        "expect_column_values_to_be_between(response_chars)",
+        "text length bounds",
+        lambda mk: (
+            _thumbs(mk, 5, 3) + [mk(response="x" * 300)],
+            shipped("ingest").checks.updated(max_response_chars=200),
+        ),
+        None,
+    ),
 }
 
 
@@ -97,16 +122,30 @@ def test_small_batch_skips_rate_checks(tmp_path, make_event):
 
 def test_batch_suite_composition():
     checks = shipped("ingest").checks
-    small = batch_checks.batch_frame({"response_chars": [5] * 3, "answer_hash": [1, 2, 3], "polarity": [1, -1, 0],
-                                      "pii_found": [0, 0, 1]}, 0, 3)
+    small = batch_checks.batch_frame(
+        {"response_chars": [5] * 3, "answer_hash": [1, 2, 3], "polarity": [1, -1, 0], "pii_found": [0, 0, 1]}, 0, 3
+    )
     assert [c.meta for c in batch_checks.batch_suite(small, None, checks)] == ["text length bounds"]
     n = 30
-    big = batch_checks.batch_frame({"response_chars": [5] * n, "answer_hash": list(range(n)),
-                                    "polarity": [1, -1] * (n // 2), "pii_found": [0] * n}, 2, n + 4)
+    big = batch_checks.batch_frame(
+        {
+            "response_chars": [5] * n,
+            "answer_hash": list(range(n)),
+            "polarity": [1, -1] * (n // 2),
+            "pii_found": [0] * n,
+        },
+        2,
+        n + 4,
+    )
     assert len(big) == n + 4 and big["empty_answer"].sum() == 2 and big["response_chars"].isna().sum() == 4
     metas = [c.meta for c in batch_checks.batch_suite(big, None, checks)]
-    assert metas == ["text length bounds", "share of empty answers", "share of duplicate answers",
-                     "rate of personal data found", "label balance"]
+    assert metas == [
+        "text length bounds",
+        "share of empty answers",
+        "share of duplicate answers",
+        "rate of personal data found",
+        "label balance",
+    ]
     with_prev = batch_checks.batch_suite(big, 0.25, checks)
     assert with_prev[-1].meta.startswith("negative-feedback rate vs previous window")
     assert with_prev[-1].kwargs == {"max_value": pytest.approx(0.55)}
@@ -126,8 +165,11 @@ def test_window_suite_passes_on_the_demo_store(demo_store, tmp_path):
     result = validate.main(demo_store.raw, shipped("validate"), out, metrics_file)
     assert result.outcome.success and result.outcome.failures == []
     kinds = {r["expectation"] for r in result.outcome.results}
-    assert {"expect_table_row_count_to_be_between", "expect_column_values_to_be_unique",
-            "expect_column_mean_to_be_between"} <= kinds
+    assert {
+        "expect_table_row_count_to_be_between",
+        "expect_column_values_to_be_unique",
+        "expect_column_mean_to_be_between",
+    } <= kinds
     assert len(result.outcome.results) == 14  # drift checks included: there is a previous window
     metrics = json.loads(metrics_file.read_text())
     assert metrics["rows"] == 1530 and metrics["batches"] == 3 and metrics["expectations_failed"] == 0
@@ -139,11 +181,24 @@ def test_window_suite_passes_on_the_demo_store(demo_store, tmp_path):
 
 def _row(i: int, batch: str, **overrides) -> dict:
     row = {name: None for name in rawstore.SCHEMA.names}
-    row.update(event_id=f"{batch}-{i}", schema_version=1, timestamp="2026-11-20T10:00:00Z",
-               ingested_at=f"2026-11-{batch[6:8]}T12:00:00Z", batch_id=batch, conversation_id=f"c-{batch}-{i}",
-               model_version="m1", user_id="u", prompt='[{"role": "user", "content": "q"}]', n_turns=1,
-               response="a" * 40, response_chars=40, feedback_type="thumbs", thumbs="up" if i % 2 else "down",
-               polarity=1 if i % 2 else -1, pii_found=0)
+    row.update(
+        event_id=f"{batch}-{i}",
+        schema_version=1,
+        timestamp="2026-11-20T10:00:00Z",
+        ingested_at=f"2026-11-{batch[6:8]}T12:00:00Z",
+        batch_id=batch,
+        conversation_id=f"c-{batch}-{i}",
+        model_version="m1",
+        user_id="u",
+        prompt='[{"role": "user", "content": "q"}]',
+        n_turns=1,
+        response="a" * 40,
+        response_chars=40,
+        feedback_type="thumbs",
+        thumbs="up" if i % 2 else "down",
+        polarity=1 if i % 2 else -1,
+        pii_found=0,
+    )
     row.update(overrides)
     return row
 
@@ -167,24 +222,47 @@ def _one_batch(n=20, per_row=None):
 
 BROKEN_WINDOWS = {
     "row count": ("expect_table_row_count_to_be_between", "enough data", lambda: _one_batch(5)),
-    "nulls": ("expect_column_values_to_not_be_null(model_version)", "nulls",
-              lambda: _one_batch(per_row={3: {"model_version": None}})),
-    "unique ids": ("expect_column_values_to_be_unique(event_id)", "unique ids",
-                   lambda: _one_batch(per_row={4: {"event_id": f"{NEW}-5"}})),
-    "feedback type set": ("expect_column_values_to_be_in_set(feedback_type)", "schema",
-                          lambda: _one_batch(per_row={2: {"feedback_type": "emoji"}})),
-    "rating range": ("expect_column_values_to_be_between(rating)", "rating range",
-                     lambda: _one_batch(per_row={0: {"feedback_type": "rating", "thumbs": None, "rating": 7}})),
-    "label balance": ("expect_column_mean_to_be_between(positive)", "label balance",
-                      lambda: _one_batch(per_row={i: {"thumbs": "up", "polarity": 1} for i in range(20)})),
-    "answer-length drift": ("expect_column_mean_to_be_between(new_response_chars)",
-                            "answer-length drift vs previous window",
-                            lambda: [[_row(i, OLD) for i in range(12)],
-                                     [_row(i, NEW, response="b" * 400, response_chars=400) for i in range(12)]]),
-    "negative drift": ("expect_column_mean_to_be_between(new_negative)", "negative-feedback drift vs previous window",
-                       lambda: [[_row(i, OLD, thumbs="up", polarity=1) if i > 1 else _row(i, OLD) for i in range(12)],
-                                [_row(i, NEW, thumbs="down", polarity=-1) if i > 1 else _row(i, NEW)
-                                 for i in range(12)]]),
+    "nulls": (
+        "expect_column_values_to_not_be_null(model_version)",
+        "nulls",
+        lambda: _one_batch(per_row={3: {"model_version": None}}),
+    ),
+    "unique ids": (
+        "expect_column_values_to_be_unique(event_id)",
+        "unique ids",
+        lambda: _one_batch(per_row={4: {"event_id": f"{NEW}-5"}}),
+    ),
+    "feedback type set": (
+        "expect_column_values_to_be_in_set(feedback_type)",
+        "schema",
+        lambda: _one_batch(per_row={2: {"feedback_type": "emoji"}}),
+    ),
+    "rating range": (
+        "expect_column_values_to_be_between(rating)",
+        "rating range",
+        lambda: _one_batch(per_row={0: {"feedback_type": "rating", "thumbs": None, "rating": 7}}),
+    ),
+    "label balance": (
+        "expect_column_mean_to_be_between(positive)",
+        "label balance",
+        lambda: _one_batch(per_row={i: {"thumbs": "up", "polarity": 1} for i in range(20)}),
+    ),
+    "answer-length drift": (
+        "expect_column_mean_to_be_between(new_response_chars)",
+        "answer-length drift vs previous window",
+        lambda: [
+            [_row(i, OLD) for i in range(12)],
+            [_row(i, NEW, response="b" * 400, response_chars=400) for i in range(12)],
+        ],
+    ),
+    "negative drift": (
+        "expect_column_mean_to_be_between(new_negative)",
+        "negative-feedback drift vs previous window",
+        lambda: [
+            [_row(i, OLD, thumbs="up", polarity=1) if i > 1 else _row(i, OLD) for i in range(12)],
+            [_row(i, NEW, thumbs="down", polarity=-1) if i > 1 else _row(i, NEW) for i in range(12)],
+        ],
+    ),
 }
 
 
@@ -233,7 +311,7 @@ def test_window_days_limits_the_window(tmp_path):
     raw = tmp_path / "raw"
     write_batch(raw, [_row(i, OLD) for i in range(3)])
     write_batch(raw, [_row(i, NEW) for i in range(4)])
-    now = datetime(2026, 11, 21, 18, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 21, 18, tzinfo=UTC)
     assert len(validate.load_window(raw, 0, now)) == 7
     assert len(validate.load_window(raw, 1, now)) == 4
 
