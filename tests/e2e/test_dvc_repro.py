@@ -43,7 +43,7 @@ def test_dvc_repro_is_incremental(repo_copy, sh):
     assert _ran(first.stdout) == set(STAGES)
     quality = json.loads((repo_copy / "metrics" / "data_quality.json").read_text())
     assert quality["rows"] == 1530 and quality["expectations_failed"] == 0
-    assert len(list((repo_copy / "data" / "prepared").glob("*.jsonl"))) == 9
+    assert len(list((repo_copy / "data" / "prepared").glob("*.jsonl"))) == 12  # pairs, sft, reward_pairs, kto x 3
     stamp = {p: p.stat().st_mtime_ns for p in (repo_copy / "metrics").glob("*.json")}
 
     second = sh(["dvc", "repro", "prepare"], repo_copy)
