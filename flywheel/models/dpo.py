@@ -43,9 +43,6 @@ def answers_batch(items: list[Encoded], pad_id: int) -> Batch:
     return collate([(e.prompt, e.answers[w]) for w in range(width) for e in items], pad_id)
 
 
-pair_batch = answers_batch
-
-
 def kto_loss(
     pol: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, beta: float, w_desirable: float, w_undesirable: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,11 +51,11 @@ def adapter_base(folder: Path | str, base: Path | str | None) -> Path:
         raise FileNotFoundError(
             f"the adapter {folder} needs its base model, and {base} does not exist (dvc repro base_models)"
         )
-    want = info.get("base_hash")
-    if want and base_hash(base) != want:
+    want, have = info.get("base_hash"), base_hash(base) if info.get("base_hash") else None
+    if want and have != want:
         raise UnsupportedModel(
             f"the adapter {folder} was trained on base {info.get('base_source')} (sha256 {want[:12]}), but {base} "
-            f"holds another model (sha256 {base_hash(base)[:12]}): set models.policy.source back, or retrain"
+            f"holds another model (sha256 {have[:12]}): set models.policy.source back, or retrain"
         )
     return base
 

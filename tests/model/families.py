@@ -86,7 +86,7 @@ def build_family(folder: Path, family: str, seed: int = 0, layers: int = 4) -> P
     return folder
 
 
-def build_seqcls_reward(folder: Path, seed: int = 0) -> Path:
+def build_seqcls_reward(folder: Path, seed: int = 0, num_labels: int = 1) -> Path:
     """A one-label ``AutoModelForSequenceClassification`` (a tiny Qwen2 scorer with a chat template), the form TRL's
     RewardTrainer writes and public reward models ship in."""
     import torch
@@ -102,7 +102,7 @@ def build_seqcls_reward(folder: Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        num_labels=1,
+        num_labels=num_labels,
         pad_token_id=tok.pad_token_id,
     )
     Qwen2ForSequenceClassification(config).save_pretrained(folder)

@@ -179,23 +179,7 @@ def test_a_sequence_classification_reward_model_learns_and_round_trips(tmp_path)
 
 
 def test_a_reward_model_with_more_than_one_label_is_refused(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
-    from tests.model.families import family_tokenizer
-
-    tok = family_tokenizer("chatml")
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=3,
-        pad_token_id=tok.pad_token_id,
-    )
-    Qwen2ForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    build_seqcls_reward(tmp_path / "m", num_labels=3)
     with pytest.raises(ValueError, match="one label"):
         RewardModel.from_seqcls(tmp_path / "m")
 

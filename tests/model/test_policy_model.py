@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flywheel.models.dpo import TrunkCache, pair_batch
+from flywheel.models.dpo import TrunkCache, answers_batch
 from flywheel.models.policy import (
     collate,
     encode,
     freeze_trunk,
+    full_logps,
     generate,
     load_policy,
     run_trunk,
@@ -17,13 +18,6 @@ from flywheel.models.policy import (
     trunk_fingerprint,
 )
 from tests.model.conftest import synthetic_pairs
-
-
-def _full_logps(model, batch) -> torch.Tensor:
-    logits = model(input_ids=batch.ids, attention_mask=batch.attention).logits
-    lp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])[batch.target_pos]
-    lp = lp.gather(1, batch.targets.unsqueeze(1)).squeeze(1)
-    return torch.zeros(batch.ids.shape[0]).index_add(0, batch.seq_of_target, lp)
 
 
 def test_trunk_plus_top_equals_full_forward(tiny_base):
@@ -34,7 +28,7 @@ def test_trunk_plus_top_equals_full_forward(tiny_base):
     )
     with torch.no_grad():
         split = top_logps(model, run_trunk(model, batch, 2), batch, 2)
-        full = _full_logps(model, batch)
+        full = full_logps(model, batch)
     assert torch.allclose(split, full, atol=1e-4), (split, full)
 
 
@@ -46,7 +40,7 @@ def test_cached_trunk_rows_repad_to_the_same_log_probs(tiny_base):
     batch, hidden, ref = cache.batch([1, 2, 3], pairs, bf16=False)  # re-pads row 1 beside new rows
     with torch.no_grad():
         direct = top_logps(
-            model, run_trunk(model, pair_batch([pairs[i] for i in (1, 2, 3)], tok.pad_token_id), 2), batch, 2
+            model, run_trunk(model, answers_batch([pairs[i] for i in (1, 2, 3)], tok.pad_token_id), 2), batch, 2
         )
         from_rows = top_logps(model, hidden, batch, 2)
     assert torch.allclose(ref, direct, atol=1e-4)
@@ -108,7 +102,7 @@ def test_a_bf16_trunk_stays_close_to_the_fp32_forward_and_trains_the_fp32_top(ti
     enc = encode(tok, synthetic_pairs(3), 32, 8)
     batch = collate([(e.prompt, e.answers[0]) for e in enc], tok.pad_token_id)
     with torch.no_grad():
-        full = _full_logps(model, batch)
+        full = full_logps(model, batch)
     cast_frozen(model, 2)
     trunk = run_trunk(model, batch, 2)
     assert trunk.dtype == torch.float32
