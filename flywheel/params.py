@@ -95,6 +95,10 @@ class SplitParams(Section):
     val_pct: int = Field(ge=0, le=100)
 
 
+Backend = Literal["fast", "trl"]
+Devices = Literal["auto"] | typing.Annotated[int, Field(ge=1)]
+
+
 class KtoLabels(Section):
     desirable_min_rating: int = Field(ge=1, le=5)  # a rated answer at or above this is desirable (KTO) ...
     undesirable_max_rating: int = Field(ge=1, le=5)  # ... at or below this undesirable; between: not used
@@ -155,7 +159,19 @@ class TrainRewardParams(Section):
     max_length: int = Field(ge=1)  # tokens; the end of the text (the answer) is kept
     context_turns: int = Field(ge=0)
     group_by_length: bool
+    backend: Backend  # fast: Flywheel's loop | trl: TRL's RewardTrainer (the model trains as sequence classification)
+    devices: Devices  # auto: one process per visible GPU (trl), else one | N: N processes through accelerate launch
+    accelerate_config: str  # accelerate config file for devices > 1 ("" : DDP); infra/accelerate/ has DDP, ZeRO-2/3
     seed: int
+
+    @model_validator(mode="after")
+    def _backend_supports(self) -> Self:
+        if self.backend == "fast" and self.devices not in ("auto", 1):
+            raise ValueError(
+                f"devices: {self.devices} needs backend: trl (the fast loop runs in one process); set "
+                f"train_reward.backend: trl, or devices: auto"
+            )
+        return self
 
 
 class KtoParams(Section):
@@ -177,7 +193,8 @@ class TrainPolicyParams(Section):
     max_answer_tokens: int = Field(ge=1)
     bf16: bool
     cache_trunk: bool  # trunk outputs computed once per pair (reference log-probs always are)
-    adapter: Literal["none", "lora"]  # none: train the top layers' weights; lora: a LoRA adapter on them (PEFT)
+    adapter: Literal["none", "lora", "qlora"]  # none: the top layers' weights; lora: a LoRA adapter on them (PEFT);
+    # qlora: the same adapter on a 4-bit base (bitsandbytes; CUDA only)
     lora: LoraParams
     method: Literal["dpo", "kto"]  # dpo: preference pairs; kto: unpaired desirable / undesirable answers
     kto: KtoParams
@@ -188,7 +205,22 @@ class TrainPolicyParams(Section):
 
     frozen_bf16: bool  # the frozen lower layers run in bf16 (AMX / AVX512-BF16 CPUs, GPUs)
     threads: int = Field(ge=0)  # 0: torch's default
+    backend: Backend  # fast: the trunk-cached loop (the CPU default) | trl: TRL's DPOTrainer / KTOTrainer
+    devices: Devices  # auto: one process per visible GPU (trl), else one | N: N processes through accelerate launch
+    accelerate_config: str  # accelerate config file for devices > 1 ("" : DDP); infra/accelerate/ has DDP, ZeRO-2/3
+    gradient_checkpointing: bool  # trl back-end: recompute activations in the backward pass (less memory, slower)
     seed: int
+
+    @model_validator(mode="after")
+    def _backend_supports(self) -> Self:
+        if self.backend == "fast" and self.devices not in ("auto", 1):
+            raise ValueError(
+                f"devices: {self.devices} needs backend: trl (the fast loop runs in one process); set "
+                f"train_policy.backend: trl, or devices: auto"
+            )
+        if self.backend == "fast" and self.adapter == "qlora":
+            raise ValueError("adapter: qlora needs backend: trl (the fast loop shares a bf16 trunk, not a 4-bit one)")
+        return self
 
 
 class EvaluateParams(Section):

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from flywheel import distributed
 from flywheel.models.dpo import attach_lora, train_dpo, train_kto
+from flywheel.models.trl_backend import GATHERED
 from flywheel.models.policy import ADAPTER_INFO, base_hash, best_device, check_split, encode, is_adapter, load_policy
 from flywheel.params import TrainPolicyParams
 from flywheel.settings import Settings
@@ -28,17 +30,22 @@ def on_base(champion: Path, info: dict, base: Path) -> bool:
 def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyParams, base: Path, log=print):
     """Load the champion, train its top layers (or a LoRA adapter on them, continuing the champion's adapter
     when it has one) by DPO on ``pairs`` or, with ``train_policy.method: kto``, by KTO on ``pairs`` = unpaired
-    examples (prompt, answer, desirable); returns (model, tokenizer, history, seconds)."""
+    examples (prompt, answer, desirable), with the fast loop or TRL (``train_policy.backend``); returns (model,
+    tokenizer, history, seconds)."""
     if params.threads:
         torch.set_num_threads(params.threads)
-    lora = params.adapter == "lora"
-    model, tok = load_policy(champion, device=best_device(), base=base, trainable_adapter=lora)
-    if lora and not hasattr(model, "peft_config"):
+    adapter = params.adapter in ("lora", "qlora")
+    model, tok = load_policy(
+        champion, device=best_device(), base=base, trainable_adapter=adapter, four_bit=params.adapter == "qlora"
+    )
+    if adapter and not hasattr(model, "peft_config"):
         model = attach_lora(model, params)
-    check_split(model, tok, params.frozen_layers)
+    if params.backend == "fast":
+        check_split(model, tok, params.frozen_layers)
     fields = ("answer",) if params.method == "kto" else ("chosen", "rejected")
     enc_pairs = encode(tok, pairs, params.max_prompt_tokens, params.max_answer_tokens, fields=fields)
     enc_sft = encode(tok, sft, params.max_prompt_tokens, params.max_answer_tokens, fields=("completion",))
+    flags = [bool(r["desirable"]) for r in pairs] if params.method == "kto" else None
     t0 = time.perf_counter()
 
     def on_step(step: int, row: dict) -> None:
@@ -48,8 +55,11 @@ def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyP
             f"acc {row.get('reward_accuracy', float('nan')):.2f} ({took / (step + 1):.1f} s/step)"
         )
 
-    if params.method == "kto":
-        flags = [bool(r["desirable"]) for r in pairs]
+    if params.backend == "trl":
+        from flywheel.models import trl_backend
+
+        history = trl_backend.train_policy(model, tok, enc_pairs, params, flags, on_step)
+    elif params.method == "kto":
         history = train_kto(model, enc_pairs, flags, enc_sft, tok.pad_token_id, params, on_step)
     else:
         history = train_dpo(model, enc_pairs, enc_sft, tok.pad_token_id, params, on_step)
@@ -61,8 +71,16 @@ def save(model, tok, out: Path, base: Path | None = None, adapter_only: bool = F
     the base, else full bf16 weights (a LoRA on other weights is merged first). Returns what was saved."""
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out)
+    gathered = getattr(model, GATHERED, None)  # trained under ZeRO-3: the weights gathered from every process
+    if gathered is not None:
+        if hasattr(model, "peft_config") and not adapter_only:
+            raise ValueError("under ZeRO-3 a LoRA challenger is written adapter-only: train it on the base model")
+        model.save_pretrained(out, state_dict=gathered)
+        if not hasattr(model, "peft_config"):
+            return "full"
     if hasattr(model, "peft_config") and adapter_only and base is not None:
-        model.to("cpu").save_pretrained(out)
+        if gathered is None:
+            model.save_pretrained(out)  # adapter weights only (on any device: written from CPU copies)
         readme = base.parent / "README.json"
         source = json.loads(readme.read_text()).get(base.name, "unknown") if readme.is_file() else "unknown"
         info = {"base_source": source, "base_hash": base_hash(base), "base_path": base.name}
@@ -90,6 +108,15 @@ def main(
 
     pairs = read_set(prepared, "kto" if params.method == "kto" else "pairs", "train")
     sft = read_set(prepared, "sft", "train")
+    adapter_only = on_base(champion, champion_info, base)
+    if params.adapter == "qlora" and not adapter_only:
+        raise ValueError(
+            f"train_policy.adapter: qlora trains an adapter on the base model, but the champion "
+            f"(version {champion_info.get('version')}) holds full weights of its own: use adapter: lora or none"
+        )
+    if distributed.launched() and distributed.rank() != 0:  # one of several processes: train, log nothing
+        fit(champion, pairs, sft, params, base, log=lambda *a: None)
+        return {}
     with tracking.stage_run(settings, "train_policy") as run:
         mlflow.log_params({f"policy.{k}": v for k, v in params.model_dump().items()})
         mlflow.log_params(
@@ -103,14 +130,19 @@ def main(
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         plot = tracking.log_curve(
-            [r["loss"] for r in history], "policy: DPO loss", "loss", out.parent / "policy_loss.png"
+            [r["loss"] for r in history],
+            f"policy: {params.method.upper()} loss ({params.backend})",
+            "loss",
+            out.parent / "policy_loss.png",
         )
         mlflow.log_artifact(str(plot))
-        saved = save(model, tok, out, base, adapter_only=on_base(champion, champion_info, base))
+        saved = save(model, tok, out, base, adapter_only=adapter_only)
         mlflow.log_params({"policy.saved": saved})
         summary = {
             "saved": saved,
             "method": params.method,
+            "backend": params.backend,
+            "processes": distributed.processes(params.devices, params.backend),
             "train_pairs": len(pairs),  # KTO: unpaired examples
             "sft_examples": len(sft),
             "steps": len(history),
@@ -138,7 +170,13 @@ def stage(
 ) -> str:
     """Fine-tune the champion policy named in ``champion`` (champion.json) on the prepared pairs (``base``: the base
     models' folder, which adapter versions load on)."""
-    info = load(champion, settings)
+    info = load(champion, settings)  # (materializes a registry champion once, before any launch)
+    n = distributed.processes(params.devices, params.backend)
+    if n > 1 and not distributed.launched():
+        options = {"champion": champion, "base": base, "prepared": prepared, "out": out, "metrics": metrics}
+        metrics.unlink(missing_ok=True)
+        distributed.run("train_policy", options, n, params.accelerate_config)
+        return f"train_policy: {json.loads(metrics.read_text())}"
     summary = main(
         settings, params, Path(info["policy"]["path"]), info["policy"], prepared, out, metrics, base / "policy"
     )

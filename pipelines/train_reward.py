@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from flywheel import distributed
+from flywheel.models.policy import best_device
 from flywheel.models.reward import RewardModel, pairwise_correct, train_reward
 from flywheel.params import TrainRewardParams
 from flywheel.settings import Settings
@@ -17,7 +19,9 @@ def fit(
 ) -> tuple[RewardModel, dict]:
     """Train from the base reward model (its encoder and a new head, or the whole sequence-classification model);
     returns the model and its figures."""
-    model = RewardModel.from_base(base, params.max_length, params.context_turns)
+    trl = params.backend == "trl"
+    model = RewardModel.from_base(base, params.max_length, params.context_turns, as_seqcls=trl)
+    model.to(best_device())
     t0 = time.perf_counter()
     every = max(1, int(len(train) * params.epochs / params.batch_size) // 10)
 
@@ -25,9 +29,16 @@ def fit(
         if step % every == 0:
             log(f"train_reward: step {step + 1}, loss {loss:.4f}")
 
-    losses = train_reward(model, train, params, on_step)
+    if trl:
+        from flywheel.models import trl_backend
+
+        losses = trl_backend.train_reward(model, train, params, on_step)
+    else:
+        losses = train_reward(model, train, params, on_step)
     seconds = time.perf_counter() - t0
     figures = {
+        "backend": params.backend,
+        "processes": distributed.processes(params.devices, params.backend),
         "train_pairs": len(train),
         "val_pairs": len(val),
         "steps": len(losses),
@@ -47,6 +58,9 @@ def main(settings, params: TrainRewardParams, base: Path, prepared: Path, out: P
 
     train = read_set(prepared, "reward_pairs", "train")
     val = read_set(prepared, "reward_pairs", "val")
+    if distributed.launched() and distributed.rank() != 0:  # one of several processes: train, log nothing
+        fit(base, train, val, params, log=lambda *a: None)
+        return {}
     with tracking.stage_run(settings, "train_reward") as run:
         mlflow.log_params({f"reward.{k}": v for k, v in params.model_dump().items()})
         model, figures = fit(base, train, val, params)
@@ -57,7 +71,7 @@ def main(settings, params: TrainRewardParams, base: Path, prepared: Path, out: P
             figures["losses"], "reward model: Bradley-Terry loss", "loss", out.parent / "reward_loss.png"
         )
         mlflow.log_artifact(str(plot))
-        model.save(out)
+        model.to("cpu").save(out)
         figures["mlflow_run_id"] = run.info.run_id
     summary = {k: v for k, v in figures.items() if k != "losses"}
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -69,4 +83,10 @@ def stage(
     settings: Settings, params: TrainRewardParams, *, base: Path, prepared: Path, out: Path, metrics: Path
 ) -> str:
     """Train the reward model from the base reward model (``base``) on the prepared reward pairs."""
+    n = distributed.processes(params.devices, params.backend)
+    if n > 1 and not distributed.launched():
+        options = {"base": base, "prepared": prepared, "out": out, "metrics": metrics}
+        metrics.unlink(missing_ok=True)
+        distributed.run("train_reward", options, n, params.accelerate_config)
+        return f"train_reward: {json.loads(metrics.read_text())}"
     return f"train_reward: {main(settings, params, base, prepared, out, metrics)}"

@@ -137,7 +137,18 @@ def schedule(n: int, batch_size: int, steps: int, rng: random.Random) -> list[li
 def attach_lora(model, params: TrainPolicyParams):
     """A new LoRA adapter (PEFT) on the layers above ``frozen_layers`` of ``model``: the trunk stays the base's, so
     its output is still computed once and shared. Zero at the start (LoRA's B is zero): the model is unchanged."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(model, params))
+    except ValueError as exc:  # PEFT names the target modules it could not find
+        raise ValueError(f"train_policy.lora.target_modules: {exc}") from None
+
+
+def lora_config(model, params: TrainPolicyParams):
+    """The PEFT ``LoraConfig`` of ``train_policy.lora`` for ``model``: its target modules on the layers above
+    ``frozen_layers``."""
+    from peft import LoraConfig
 
     layers = decoder_layers(model)[1]
     n = len(layers)
@@ -154,7 +165,7 @@ def attach_lora(model, params: TrainPolicyParams):
         )
     elif isinstance(targets, str):
         targets = [targets]
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -163,10 +174,6 @@ def attach_lora(model, params: TrainPolicyParams):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as exc:  # PEFT names the target modules it could not find
-        raise ValueError(f"train_policy.lora.target_modules: {exc}") from None
 
 
 def trainable_parameters(model, k: int) -> list[nn.Parameter]:

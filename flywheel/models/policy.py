@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,12 @@ class UnsupportedModel(ValueError):
 
 
 def best_device() -> str:
-    """``cuda`` when a GPU is present, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``cuda`` when a GPU is present (this process's own under ``accelerate launch``: ``cuda:LOCAL_RANK``), else
+    ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{rank}" if rank is not None else "cuda"
 
 
 ADAPTER_INFO = "flywheel_adapter.json"  # in an adapter version: the base model it was trained on
@@ -77,11 +82,16 @@ def load_policy(
     device: str = "cpu",
     base: Path | str | None = None,
     trainable_adapter: bool = False,
+    four_bit: bool = False,
 ):
     """(model, tokenizer) from a saved folder, on ``device``. An adapter version loads on ``base``: merged into it
     (a plain model, as a full version loads), or, with ``trainable_adapter``, as a PEFT model whose adapter
-    training continues."""
+    training continues. ``four_bit``: the weights quantized to 4 bits on load (QLoRA's NF4; CUDA only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load: dict = {"dtype": dtype}
+    if four_bit:
+        load = four_bit_load(device)
 
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
@@ -94,15 +104,49 @@ def load_policy(
         from peft import PeftModel
 
         root = adapter_base(folder, base)
-        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(root, **load)
+        if four_bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable_adapter)
         if not trainable_adapter:
             model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(folder, **load)
+        if four_bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if not four_bit:  # a 4-bit model is placed on the GPU as it loads, and cannot move
+        model.to(device)
     model.eval()
     return model, tok
+
+
+def four_bit_load(device: str) -> dict:
+    """``from_pretrained`` arguments for a 4-bit (NF4, bf16 compute) base, as QLoRA trains on; a clear error where it
+    cannot run: bitsandbytes' 4-bit layers need a CUDA GPU."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise UnsupportedModel(
+            "train_policy.adapter: qlora needs a CUDA GPU (bitsandbytes' 4-bit layers); this machine has none: "
+            "use adapter: lora"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise UnsupportedModel(
+            "train_policy.adapter: qlora needs the bitsandbytes package: pip install bitsandbytes"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    return {"quantization_config": quant, "dtype": torch.bfloat16, "device_map": {"": torch.cuda.current_device()}}
 
 
 def end_token(tok) -> int:

@@ -101,13 +101,17 @@ class RewardModel(nn.Module):
         return model
 
     @classmethod
-    def from_base(cls, folder: Path | str, max_length: int, context_turns: int) -> RewardModel:
+    def from_base(cls, folder: Path | str, max_length: int, context_turns: int, as_seqcls: bool = False) -> RewardModel:
         """The starting point of training: the base reward model's encoder with a new zero head (encoder form), or
-        the base sequence-classification model as it is."""
+        the base sequence-classification model as it is. ``as_seqcls`` (TRL's RewardTrainer trains that form): an
+        encoder base becomes a one-label sequence-classification model of its family (a new head on its pooled
+        output)."""
         folder = Path(folder)
         cfg = json.loads((folder / CONFIG).read_text())
         if cfg.get("kind") == "seqcls":
             return cls.from_seqcls(folder, max_length, context_turns)
+        if as_seqcls:
+            return cls.from_seqcls(folder / "encoder", max_length, context_turns, num_labels=1)
         return cls.from_encoder(folder / "encoder", max_length, context_turns)
 
     def save(self, folder: Path | str) -> Path:

@@ -1,0 +1,287 @@
+"""The ``trl`` training back-end: TRL's DPOTrainer, KTOTrainer and RewardTrainer on the fast loop's inputs.
+
+Same inputs as the fast loop (``backend: fast``): the prompts and answers are the token ids ``policy.encode`` made
+(the prompt's end kept, answers cut and closed by the end-of-turn token), handed to TRL as text it re-tokenizes to
+the same ids; the reward pairs are tokenized here, the end of each text kept, as the fast loop does. Same outputs: the
+trained model (top layers or a LoRA adapter on them) and one history row per step with the fast loop's keys
+(``loss``, ``reward_accuracy``, ``reward_margin``, ``grad_norm``, ``lr``), which the stage logs to MLflow as it
+does for the fast loop: the gate cannot tell which back-end trained a challenger.
+
+What differs is how a step runs: TRL runs the whole model forward for every batch (no shared trunk cache: slower on
+a CPU), and it brings TRL's devices: CUDA, bf16, 4-bit bases, and several processes under ``accelerate launch``
+(DDP, DeepSpeed ZeRO), where the fast loop is one process. The reference log-probabilities are precomputed before
+the first step (``precompute_ref_log_probs``), as in the fast loop, so no reference copy is kept in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+
+from flywheel.models.policy import Encoded
+from flywheel.params import TrainPolicyParams, TrainRewardParams
+
+KEYS = {  # TRL's logged names -> the fast loop's history keys
+    "loss": "loss",
+    "grad_norm": "grad_norm",
+    "learning_rate": "lr",
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/margins": "reward_margin",
+    "kl": "kl",
+    "accuracy": "reward_accuracy",
+    "margin": "reward_margin",
+}
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of this process under ``accelerate launch`` / torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _history_callback(rows: list[dict], on_step: Callable[[int, dict], None] | None):
+    from transformers import TrainerCallback
+
+    class History(TrainerCallback):
+        """Each logged step as a fast-loop history row (``logging_steps: 1``)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step - 1}
+            for key, value in logs.items():
+                name = KEYS.get(key)
+                if name is not None and isinstance(value, (int, float)):
+                    row[name] = float(value)
+            if "reward_margin" in row and "rewards/margins" in logs:  # TRL's margin is beta * log-ratio already
+                row["reward_margin"] = float(logs["rewards/margins"])
+            rows.append(row)
+            if on_step is not None and state.is_world_process_zero:
+                on_step(row["step"], row)
+
+    return History()
+
+
+def _args(config_cls, params, steps: int, batch_size: int, out: str, **extra):
+    """A TRL config from Flywheel's params: the same optimizer, schedule, clipping and seed as the fast loop."""
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # one bar per dataset pass in the stage's log otherwise: its own steps are logged
+    cuda = torch.cuda.is_available()
+    return config_cls(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=params.lr,
+        lr_scheduler_type="linear",
+        max_grad_norm=getattr(params, "max_grad_norm", 1.0),
+        weight_decay=getattr(params, "weight_decay", 0.0),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=params.seed,
+        data_seed=params.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported() or (not cuda and getattr(params, "bf16", False)),
+        fp16=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        **extra,
+    )
+
+
+def _decode(tok, ids: list[int], added: list[int]) -> str:
+    """Token ids as text that the tokenizer turns back into the same ids (the tokens it adds itself left off)."""
+    if added and ids[: len(added)] == added:
+        ids = ids[len(added) :]
+    return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def policy_dataset(tok, items: list[Encoded], method: str, desirable: list[bool] | None = None):
+    """The encoded items as a TRL text dataset: ``prompt``/``chosen``/``rejected`` (DPO) or
+    ``prompt``/``completion``/``label`` (KTO)."""
+    from datasets import Dataset
+
+    added = tok("", add_special_tokens=True)["input_ids"]
+    prompts = [_decode(tok, e.prompt, added) for e in items]
+    if method == "kto":
+        flags = desirable or []
+        return Dataset.from_dict(
+            {
+                "prompt": prompts,
+                "completion": [tok.decode(e.answers[0], skip_special_tokens=False) for e in items],
+                "label": [bool(f) for f in flags],
+            }
+        )
+    return Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "chosen": [tok.decode(e.answers[0], skip_special_tokens=False) for e in items],
+            "rejected": [tok.decode(e.answers[1], skip_special_tokens=False) for e in items],
+        }
+    )
+
+
+def train_policy(
+    model,
+    tok,
+    items: list[Encoded],
+    params: TrainPolicyParams,
+    desirable: list[bool] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    callbacks: list | None = None,
+) -> list[dict]:
+    """DPO (``params.method: dpo``, items are pairs) or KTO (``kto``, items are single answers with ``desirable``
+    flags) through TRL on ``model`` in place (its trainable parameters: the top layers or the LoRA adapter, as the
+    fast loop's set-up left them); ``callbacks``: more TrainerCallbacks (a benchmark's timer). Returns the history
+    rows."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    from flywheel.models.dpo import trainable_parameters
+
+    if not items:
+        raise ValueError("no training examples")
+    if not trainable_parameters(model, params.frozen_layers):  # the top layers, or PEFT's adapter
+        raise ValueError("the policy has no trainable parameters (train_policy.frozen_layers, train_policy.adapter)")
+    longest = max(len(e.prompt) + max(len(a) for a in e.answers) for e in items)
+    rows: list[dict] = []
+    common = dict(
+        beta=params.beta,
+        max_length=longest + 8,  # the inputs are cut already: TRL cuts nothing more
+        precompute_ref_log_probs=True,
+        warmup_steps=params.warmup_steps,
+        gradient_checkpointing=params.gradient_checkpointing,
+        disable_dropout=True,
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    quiet = logging.getLogger("transformers.trainer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory(prefix="flywheel-trl-") as out:
+            if params.method == "kto":
+                dataset = policy_dataset(tok, items, "kto", desirable)
+                args = _args(
+                    KTOConfig,
+                    params,
+                    params.steps,
+                    params.batch_size,
+                    out,
+                    desirable_weight=params.kto.desirable_weight,
+                    undesirable_weight=params.kto.undesirable_weight,
+                    **common,
+                )
+                trainer_cls = KTOTrainer
+            else:
+                dataset = policy_dataset(tok, items, "dpo")
+                # sft_weight: TRL's combined loss adds the NLL of the chosen answers (RPO); the fast loop's separate
+                # SFT batches of corrections have no TRL counterpart in one trainer
+                losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, params.sft_weight]}
+                if params.sft_weight == 0:
+                    losses = {"loss_type": ["sigmoid"]}
+                args = _args(DPOConfig, params, params.steps, params.batch_size, out, **common, **losses)
+                trainer_cls = DPOTrainer
+            trainer = trainer_cls(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tok,
+                callbacks=[_history_callback(rows, on_step), *(callbacks or [])],
+            )
+            trainer.train()
+            keep_gathered(trainer, model)
+    finally:
+        quiet.setLevel(level)
+    return rows
+
+
+GATHERED = "_flywheel_state_dict"  # a model trained under ZeRO-3: its whole weights, gathered for the writer
+
+
+def keep_gathered(trainer, model) -> None:
+    """Under DeepSpeed ZeRO-3 each process holds a shard of the weights: gather them (every process takes part) and
+    keep the whole state dict on the model for the main process to write (``save_pretrained(state_dict=...)``)."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or getattr(plugin, "zero_stage", 0) != 3:
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if hasattr(model, "peft_config"):  # an adapter version keeps its adapter weights only
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model, state_dict=state)
+    setattr(model, GATHERED, state)
+
+
+def reward_dataset(model, pairs: list[dict]):
+    """The reward pairs tokenized as the fast loop reads them (the end of each text kept, ``max_length``)."""
+    from datasets import Dataset
+
+    from flywheel.models.reward import _sides
+
+    chosen, rejected = _sides(model, pairs)
+    tok = model.tokenizer
+    enc = dict(truncation=True, max_length=model.max_length, add_special_tokens=not model.templated)
+    return Dataset.from_dict(
+        {"chosen_ids": tok(chosen, **enc)["input_ids"], "rejected_ids": tok(rejected, **enc)["input_ids"]}
+    )
+
+
+def train_reward(
+    model, pairs: list[dict], params: TrainRewardParams, on_step: Callable[[int, float], None] | None = None
+) -> list[float]:
+    """Bradley-Terry training through TRL's RewardTrainer on a sequence-classification ``model`` (RewardModel,
+    form ``seqcls``) in place; returns the loss per step."""
+    from trl import RewardConfig, RewardTrainer
+
+    if model.form != "seqcls":
+        raise ValueError("backend trl trains a sequence-classification reward model (RewardModel.as_seqcls)")
+    if not pairs:
+        raise ValueError("no reward pairs to train on")
+    model.max_length, model.context_turns = params.max_length, params.context_turns
+    steps = max(1, math.ceil(len(pairs) * params.epochs / params.batch_size))
+    rows: list[dict] = []
+
+    def step_loss(step: int, row: dict) -> None:
+        if on_step is not None:
+            on_step(step, row["loss"])
+
+    if params.frozen_encoder:
+        for p in model.body_parameters():
+            p.requires_grad_(False)
+    groups = [  # as the fast loop: the new head learns at head_lr, the body at lr
+        {"params": [p for p in model.body_parameters() if p.requires_grad], "lr": params.lr},
+        {"params": model.head_parameters(), "lr": params.head_lr},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=params.weight_decay)
+    tok = model.tokenizer
+    if tok.eos_token is None:  # RewardTrainer reads it; encoders (BERT) close a text with [SEP]
+        tok.eos_token = tok.sep_token or tok.pad_token
+    with tempfile.TemporaryDirectory(prefix="flywheel-trl-") as out:
+        args = _args(
+            RewardConfig,
+            params,
+            steps,
+            params.batch_size,
+            out,
+            warmup_steps=max(1, int(steps * params.warmup_ratio)),
+            max_length=params.max_length + 8,
+            gradient_checkpointing=False,
+            disable_dropout=True,
+        )
+        trainer = RewardTrainer(
+            model=model.encoder,
+            args=args,
+            train_dataset=reward_dataset(model, pairs),
+            processing_class=tok,
+            callbacks=[_history_callback(rows, step_loss)],
+            optimizers=(opt, None),
+        )
+        trainer.train()
+    model.eval()
+    return [r["loss"] for r in rows]
