@@ -31,9 +31,14 @@ from pathlib import Path
 
 from _prefdata import ROOT, params_section, prepared_sets
 
+SIZES = {  # hidden, intermediate, layers, heads, kv heads
+    "0.5b": (1024, 5504, 28, 16, 4),  # ~0.55B parameters
+    "tiny": (64, 128, 4, 4, 2),  # a smoke run of this benchmark on a CPU
+}
 
-def random_model(folder: Path) -> Path:
-    """A ~0.55B-parameter Qwen2-style model with random weights and the tests' small tokenizer (no hub)."""
+
+def random_model(folder: Path, size: str) -> Path:
+    """A Qwen2-style model of ``size`` with random weights and the tests' small tokenizer (no hub)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -43,13 +48,14 @@ def random_model(folder: Path) -> Path:
         return folder
     torch.manual_seed(0)
     tok = build_tokenizer()
+    hidden, inter, layers, heads, kv = SIZES[size]
     config = Qwen2Config(
         vocab_size=len(tok),
-        hidden_size=1024,
-        intermediate_size=5504,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=4,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id,
@@ -166,7 +172,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (bench_policy.py's LoRA arm)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "pref")
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base" / "policy")
-    ap.add_argument("--random-model", choices=["0.5b"], default=None)
+    ap.add_argument("--random-model", choices=sorted(SIZES), default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -189,7 +195,7 @@ def main() -> None:
     evalp = params_section("evaluate").updated(frozen_layers=recipe.frozen_layers)
     n = recipe.steps * recipe.batch_size
     if args.random_model:
-        base = random_model(ROOT / "benchmarks" / "out" / "random-0.5b")
+        base = random_model(ROOT / "benchmarks" / "out" / f"random-{args.random_model}", args.random_model)
         recipe = recipe.updated(frozen_layers=0)  # LoRA on every layer: a GPU's usual set-up
         data = {m: (synthetic_rows(n, m), []) for m in args.methods.split(",")}
     else:

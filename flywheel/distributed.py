@@ -23,9 +23,13 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+LAUNCHED = "FLYWHEEL_LAUNCHED"  # set in the launched processes: they train, never launch again
+
+
 def launched() -> bool:
-    """Whether this process is one of several started by ``accelerate launch`` / torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process was started by ``accelerate launch`` / torchrun (or by ``run``): it must not launch
+    again, whatever its world size."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get(LAUNCHED) == "1"
 
 
 def processes(devices: str | int, backend: str) -> int:
@@ -37,8 +41,10 @@ def processes(devices: str | int, backend: str) -> int:
 
 
 def command(stage: str, options: dict[str, Path], n: int, config: str = "") -> list[str]:
-    """The ``accelerate launch`` command line that runs ``flywheel stage <stage>`` in ``n`` processes (on the CPU,
-    with gloo, where there is no GPU)."""
+    """The ``accelerate launch`` command line that runs ``flywheel stage <stage>`` in ``n`` processes. Without a
+    config file, accelerate's torchrun launcher (``--multi_gpu``): on a machine without a GPU the trainer's
+    ``use_cpu`` makes it DDP over gloo on the CPU (accelerate's ``--cpu`` launcher starts several processes only
+    through MPI)."""
     from flywheel.stages import flag
 
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
@@ -49,8 +55,8 @@ def command(stage: str, options: dict[str, Path], n: int, config: str = "") -> l
         if not Path(config).is_file():
             raise FileNotFoundError(f"accelerate_config: no file {config}")
         cmd += ["--config_file", config]
-    if not torch.cuda.is_available():
-        cmd += ["--cpu"]
+    else:
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["-m", "flywheel.cli", "stage", stage]
     for name, value in options.items():
         cmd += [flag(name), str(value)]
@@ -60,7 +66,7 @@ def command(stage: str, options: dict[str, Path], n: int, config: str = "") -> l
 def run(stage: str, options: dict[str, Path], n: int, config: str = "") -> None:
     """Run ``flywheel stage <stage>`` in ``n`` processes and wait; a RuntimeError with the exit status on failure
     (the processes' own output goes to this process's)."""
-    env = dict(os.environ, FLYWHEEL_WARM="0", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, FLYWHEEL_WARM="0", PYTHONUNBUFFERED="1", **{LAUNCHED: "1"})
     cmd = command(stage, options, n, config)
     print(f"{stage}: {n} processes: {' '.join(cmd[:8])} ...", flush=True)
     code = subprocess.call(cmd, env=env)

@@ -11,8 +11,8 @@ import torch
 
 from flywheel import distributed
 from flywheel.models.dpo import attach_lora, train_dpo, train_kto
-from flywheel.models.trl_backend import GATHERED
 from flywheel.models.policy import ADAPTER_INFO, base_hash, best_device, check_split, encode, is_adapter, load_policy
+from flywheel.models.trl_backend import GATHERED
 from flywheel.params import TrainPolicyParams
 from flywheel.settings import Settings
 from pipelines.prepare import read_set

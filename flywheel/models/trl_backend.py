@@ -15,6 +15,7 @@ the first step (``precompute_ref_log_probs``), as in the fast loop, so no refere
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -95,6 +96,14 @@ def _args(config_cls, params, steps: int, batch_size: int, out: str, **extra):
     )
 
 
+def _quiet(trainer) -> None:
+    """No raw log dicts printed per step (the trainer's printer without a progress bar): the stage logs its own
+    line per step."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
 def _decode(tok, ids: list[int], added: list[int]) -> str:
     """Token ids as text that the tokenizer turns back into the same ids (the tokens it adds itself left off)."""
     if added and ids[: len(added)] == added:
@@ -150,10 +159,17 @@ def train_policy(
         raise ValueError("the policy has no trainable parameters (train_policy.frozen_layers, train_policy.adapter)")
     longest = max(len(e.prompt) + max(len(a) for a in e.answers) for e in items)
     rows: list[dict] = []
+    # One process: the reference log-probs are computed once before the first step. Several: TRL caches them in a
+    # file beside the dataset, which for data held in memory is a folder of each process's own; so each step runs
+    # the reference (the adapter disabled, or a frozen copy of a model trained without one).
+    precompute = distributed()[1] == 1
+    ref_model = None
+    if not precompute and not hasattr(model, "peft_config"):
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     common = dict(
         beta=params.beta,
         max_length=longest + 8,  # the inputs are cut already: TRL cuts nothing more
-        precompute_ref_log_probs=True,
+        precompute_ref_log_probs=precompute,
         warmup_steps=params.warmup_steps,
         gradient_checkpointing=params.gradient_checkpointing,
         disable_dropout=True,
@@ -189,11 +205,13 @@ def train_policy(
                 trainer_cls = DPOTrainer
             trainer = trainer_cls(
                 model=model,
+                ref_model=ref_model,
                 args=args,
                 train_dataset=dataset,
                 processing_class=tok,
                 callbacks=[_history_callback(rows, on_step), *(callbacks or [])],
             )
+            _quiet(trainer)
             trainer.train()
             keep_gathered(trainer, model)
     finally:
@@ -282,6 +300,7 @@ def train_reward(
             callbacks=[_history_callback(rows, step_loss)],
             optimizers=(opt, None),
         )
+        _quiet(trainer)
         trainer.train()
     model.eval()
     return [r["loss"] for r in rows]

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from shipped import shipped
 
 from flywheel.params import SECTION_OF
 from flywheel.settings import Settings
@@ -159,7 +160,7 @@ def test_train_policy_starts_from_the_policy_champion_json_names(monkeypatch, tm
     )
     line = train_policy.stage(
         SimpleNamespace(root=tmp_path),
-        None,
+        shipped("train_policy"),
         champion=tmp_path / "champion.json",
         base=tmp_path / "base",
         prepared=tmp_path / "prepared",

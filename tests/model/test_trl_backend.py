@@ -151,3 +151,18 @@ def test_devices_auto_is_one_process_per_gpu_for_trl_and_one_for_the_fast_loop(m
     assert distributed.processes(2, "trl") == 2
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert distributed.processes("auto", "trl") == 1
+
+
+def test_a_launched_process_never_launches_again_and_the_launch_needs_no_mpi(monkeypatch, tmp_path):
+    from flywheel import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(distributed.LAUNCHED, raising=False)
+    assert not distributed.launched()
+    monkeypatch.setenv(distributed.LAUNCHED, "1")  # what `run` gives its processes, whatever their world size
+    assert distributed.launched()
+    cmd = distributed.command("train_policy", {"out": tmp_path / "o", "metrics": tmp_path / "m.json"}, 2)
+    assert cmd[1:4] == ["launch", "--num_processes", "2"] and "--multi_gpu" in cmd and "--cpu" not in cmd
+    assert cmd[-6:] == ["stage", "train_policy", "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")]
+    with pytest.raises(FileNotFoundError, match="accelerate_config: no file"):
+        distributed.command("train_policy", {}, 2, str(tmp_path / "missing.yaml"))
