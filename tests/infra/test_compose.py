@@ -267,3 +267,20 @@ def test_workers_and_service_log_in_to_mlflow_with_their_own_accounts(compose):
     assert users["flywheel-service"] != users["worker-default"] == users["worker-gpu"] == users["init"]
     init = " ".join(services["init"]["command"])
     assert init.index("mlflow_users.py users") < init.index("flywheel bootstrap") < init.index("mlflow_users.py grant")
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="Debian's docker-compose is not installed (apt-get install docker-compose; .ci/run installs it)",
+)
+def test_the_gpu_override_reserves_the_gpus_for_the_gpu_queues_worker(tmp_path):
+    gpu = INFRA / "docker-compose.gpu.yml"
+    clean_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    cmd = [shutil.which("docker-compose"), "-f", str(COMPOSE), "-f", str(gpu), "--env-file", str(ENV_EXAMPLE), "config"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=clean_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    merged = yaml.safe_load(proc.stdout)["services"]
+    (device,) = merged["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert "--queues" in merged["worker-gpu"]["command"] and "gpu" in merged["worker-gpu"]["command"]
+    assert "deploy" not in merged["worker-default"]  # only the gpu queue's worker holds GPUs
