@@ -42,7 +42,7 @@ def random_model(folder: Path, size: str) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tests.model.conftest import build_tokenizer
+    from devkit.tiny_models import build_tokenizer
 
     if (folder / "config.json").exists():
         return folder
@@ -69,7 +69,7 @@ def random_model(folder: Path, size: str) -> Path:
 
 def synthetic_rows(n: int, method: str, seed: int = 0) -> list[dict]:
     """Dialogues of ~100 words and answers of ~30 from the tests' vocabulary (length matters here, not sense)."""
-    from tests.model.conftest import CORPUS
+    from devkit.tiny_models import CORPUS
 
     words = " ".join(CORPUS[:9]).split()
     rng = random.Random(seed)
@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base" / "policy")
     ap.add_argument("--random-model", choices=sorted(SIZES), default=None)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--test-pairs", type=int, default=0, help="score the first N held-out pairs (0: all)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     import torch
@@ -207,6 +208,7 @@ def main() -> None:
             build_policy(base)
         prepared = prepared_sets(args.work)
         test = read_set(prepared, "pairs", "test")
+        test = test[: args.test_pairs] if args.test_pairs else test
         data = {
             "dpo": (read_set(prepared, "pairs", "train")[:n], test),
             "kto": (read_set(prepared, "kto", "train")[:n], test),

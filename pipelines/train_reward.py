@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from flywheel import distributed
-from flywheel.models.policy import best_device
+from flywheel.models.device import best_device
 from flywheel.models.reward import RewardModel, pairwise_correct, train_reward
 from flywheel.params import TrainRewardParams
 from flywheel.settings import Settings
@@ -30,9 +30,9 @@ def fit(
             log(f"train_reward: step {step + 1}, loss {loss:.4f}")
 
     if trl:
-        from flywheel.models import trl_backend
+        from flywheel.models import reward_trl
 
-        losses = trl_backend.train_reward(model, train, params, on_step)
+        losses = reward_trl.train_reward(model, train, params, on_step)
     else:
         losses = train_reward(model, train, params, on_step)
     seconds = time.perf_counter() - t0

@@ -13,11 +13,13 @@ from flywheel.evaluation import stats
 from flywheel.evaluation.answers import AnswerCache, behaviour_pass, redteam_prompts, suite_samples
 from flywheel.evaluation.refusal import is_refusal
 from flywheel.evaluation.slices import cluster_keys, mark_not_measured, mean_length_baseline, slice_metrics
+from flywheel.models import device
 from flywheel.models.policy import (
     cast_frozen,
     check_split,
     collate,
     decoder_layers,
+    device_of,
     encode,
     run_trunk,
     top_logps,
@@ -40,7 +42,8 @@ def log_ratios(
     k = min(params.frozen_layers, len(decoder_layers(reference)[1]) - 1)
     check_split(reference, tok, k)  # an architecture the split does not reproduce is refused, never scored wrongly
     enc = encode(tok, records, params.max_prompt_tokens, params.max_answer_tokens, fields=fields)
-    if params.bf16:  # a bf16-trunk copy; the caller's models are left as they are
+    bf16 = params.bf16 and device.bf16_fast(device_of(reference))  # emulated bf16 (no AVX512-BF16/AMX) is slow
+    if bf16:  # a bf16-trunk copy; the caller's models are left as they are
         import copy
 
         original, reference = reference, copy.deepcopy(reference)
@@ -157,7 +160,8 @@ def evaluate_policy(
         yes and no and yes["ci"][0] is not None and yes["ci"][0] > 0 and (no["diff"] or 0) <= 0
     )
     lap("implicit_margins")
-    if params.bf16:  # generation: whole-model bf16 copies (answers are cached per dtype)
+    if params.bf16 and device.bf16_fast(device_of(champion)):  # generation: whole-model bf16 copies (answers are
+        # cached per dtype); not where bf16 is emulated (many times slower than fp32)
         import copy
 
         challenger, champion = (

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from flywheel.models import device
 from flywheel.models.policy import (
     Batch,
     Encoded,
@@ -219,6 +220,8 @@ def train_dpo(
     trainable = trainable_parameters(model, k)
     if not trainable:
         raise ValueError("the policy has no trainable parameters (train_policy.frozen_layers, train_policy.adapter)")
+    if not device.bf16_fast(device_of(model)) and (params.frozen_bf16 or params.bf16):
+        params = params.updated(frozen_bf16=False, bf16=False)  # emulated bf16 is many times slower than fp32 here
     if params.frozen_bf16:
         cast_frozen(model, k)
     plan = schedule(len(pairs), params.batch_size, params.steps, rng)

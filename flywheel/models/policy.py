@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flywheel.models.device import best_device  # noqa: F401  (re-exported: callers read it here)
+
 
 class UnsupportedModel(ValueError):
     """A policy model Flywheel cannot split into a frozen trunk and a trained top (or has no chat template)."""
-
-
-def best_device() -> str:
-    """``cuda`` when a GPU is present (this process's own under ``accelerate launch``: ``cuda:LOCAL_RANK``), else
-    ``cpu``."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    rank = os.environ.get("LOCAL_RANK")
-    return f"cuda:{rank}" if rank is not None else "cuda"
 
 
 ADAPTER_INFO = "flywheel_adapter.json"  # in an adapter version: the base model it was trained on

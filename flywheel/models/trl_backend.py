@@ -17,91 +17,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import os
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+from flywheel.models.trl_common import _args, _history_callback, _quiet, distributed
+from flywheel.params import TrainPolicyParams
 
-from flywheel.models.policy import Encoded
-from flywheel.params import TrainPolicyParams, TrainRewardParams
-
-KEYS = {  # TRL's logged names -> the fast loop's history keys
-    "loss": "loss",
-    "grad_norm": "grad_norm",
-    "learning_rate": "lr",
-    "rewards/accuracies": "reward_accuracy",
-    "rewards/margins": "reward_margin",
-    "kl": "kl",
-    "accuracy": "reward_accuracy",
-    "margin": "reward_margin",
-}
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size) of this process under ``accelerate launch`` / torchrun; (0, 1) alone."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _history_callback(rows: list[dict], on_step: Callable[[int, dict], None] | None):
-    from transformers import TrainerCallback
-
-    class History(TrainerCallback):
-        """Each logged step as a fast-loop history row (``logging_steps: 1``)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            row = {"step": state.global_step - 1}
-            for key, value in logs.items():
-                name = KEYS.get(key)
-                if name is not None and isinstance(value, (int, float)):
-                    row[name] = float(value)
-            if "reward_margin" in row and "rewards/margins" in logs:  # TRL's margin is beta * log-ratio already
-                row["reward_margin"] = float(logs["rewards/margins"])
-            rows.append(row)
-            if on_step is not None and state.is_world_process_zero:
-                on_step(row["step"], row)
-
-    return History()
-
-
-def _args(config_cls, params, steps: int, batch_size: int, out: str, **extra):
-    """A TRL config from Flywheel's params: the same optimizer, schedule, clipping and seed as the fast loop."""
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # one bar per dataset pass in the stage's log otherwise: its own steps are logged
-    cuda = torch.cuda.is_available()
-    return config_cls(
-        output_dir=out,
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=params.lr,
-        lr_scheduler_type="linear",
-        max_grad_norm=getattr(params, "max_grad_norm", 1.0),
-        weight_decay=getattr(params, "weight_decay", 0.0),
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=params.seed,
-        data_seed=params.seed,
-        use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported() or (not cuda and getattr(params, "bf16", False)),
-        fp16=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        **extra,
-    )
-
-
-def _quiet(trainer) -> None:
-    """No raw log dicts printed per step (the trainer's printer without a progress bar): the stage logs its own
-    line per step."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
+if TYPE_CHECKING:
+    from flywheel.models.policy import Encoded
 
 
 def _decode(tok, ids: list[int], added: list[int]) -> str:
@@ -234,73 +158,3 @@ def keep_gathered(trainer, model) -> None:
 
         state = get_peft_model_state_dict(model, state_dict=state)
     setattr(model, GATHERED, state)
-
-
-def reward_dataset(model, pairs: list[dict]):
-    """The reward pairs tokenized as the fast loop reads them (the end of each text kept, ``max_length``)."""
-    from datasets import Dataset
-
-    from flywheel.models.reward import _sides
-
-    chosen, rejected = _sides(model, pairs)
-    tok = model.tokenizer
-    enc = dict(truncation=True, max_length=model.max_length, add_special_tokens=not model.templated)
-    return Dataset.from_dict(
-        {"chosen_ids": tok(chosen, **enc)["input_ids"], "rejected_ids": tok(rejected, **enc)["input_ids"]}
-    )
-
-
-def train_reward(
-    model, pairs: list[dict], params: TrainRewardParams, on_step: Callable[[int, float], None] | None = None
-) -> list[float]:
-    """Bradley-Terry training through TRL's RewardTrainer on a sequence-classification ``model`` (RewardModel,
-    form ``seqcls``) in place; returns the loss per step."""
-    from trl import RewardConfig, RewardTrainer
-
-    if model.form != "seqcls":
-        raise ValueError("backend trl trains a sequence-classification reward model (RewardModel.as_seqcls)")
-    if not pairs:
-        raise ValueError("no reward pairs to train on")
-    model.max_length, model.context_turns = params.max_length, params.context_turns
-    steps = max(1, math.ceil(len(pairs) * params.epochs / params.batch_size))
-    rows: list[dict] = []
-
-    def step_loss(step: int, row: dict) -> None:
-        if on_step is not None:
-            on_step(step, row["loss"])
-
-    if params.frozen_encoder:
-        for p in model.body_parameters():
-            p.requires_grad_(False)
-    groups = [  # as the fast loop: the new head learns at head_lr, the body at lr
-        {"params": [p for p in model.body_parameters() if p.requires_grad], "lr": params.lr},
-        {"params": model.head_parameters(), "lr": params.head_lr},
-    ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=params.weight_decay)
-    tok = model.tokenizer
-    if tok.eos_token is None:  # RewardTrainer reads it; encoders (BERT) close a text with [SEP]
-        tok.eos_token = tok.sep_token or tok.pad_token
-    with tempfile.TemporaryDirectory(prefix="flywheel-trl-") as out:
-        args = _args(
-            RewardConfig,
-            params,
-            steps,
-            params.batch_size,
-            out,
-            warmup_steps=max(1, int(steps * params.warmup_ratio)),
-            max_length=params.max_length + 8,
-            gradient_checkpointing=False,
-            disable_dropout=True,
-        )
-        trainer = RewardTrainer(
-            model=model.encoder,
-            args=args,
-            train_dataset=reward_dataset(model, pairs),
-            processing_class=tok,
-            callbacks=[_history_callback(rows, step_loss)],
-            optimizers=(opt, None),
-        )
-        _quiet(trainer)
-        trainer.train()
-    model.eval()
-    return [r["loss"] for r in rows]

@@ -32,7 +32,10 @@ def _train(folder, pairs, **over):
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-trunk"])
-def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_base, bf16):
+def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_base, bf16, monkeypatch):
+    from flywheel.models import device
+
+    monkeypatch.setattr(device, "bf16_fast", lambda _: True)  # as on a CPU with AVX512-BF16 / AMX, or a GPU
     test = synthetic_pairs(8, start=100)
     ref, good, tok, history = _train(tiny_base / "policy", synthetic_pairs(16), frozen_bf16=bf16)
     _, bad, _, _ = _train(tiny_base / "policy", synthetic_pairs(16, swap=True), frozen_bf16=bf16)
@@ -129,3 +132,18 @@ def test_kto_learns_from_thumbs_that_form_no_pair_and_swapped_labels_unlearn(tin
             assert acc["champion"] == 0.5 and acc["challenger"] == 1.0 and acc["desirable"] == 4
     assert sum(correct_from_margin(margins["good"])) / len(test) == 1.0
     assert sum(correct_from_margin(margins["bad"])) / len(test) == 0.0
+
+
+def test_bf16_settings_are_not_applied_where_bf16_is_emulated(tiny_base, monkeypatch):
+    """A CPU without AVX512-BF16 or AMX runs bf16 matrix products many times slower than fp32: the trunk stays
+    fp32 there whatever frozen_bf16 says, and the result is the fp32 result."""
+    from flywheel.models import device
+
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert not device.bf16_fast("cpu")
+    _, model, _, history = _train(tiny_base / "policy", synthetic_pairs(8), frozen_bf16=True, bf16=True, steps=2)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    _, fp32, _, reference = _train(tiny_base / "policy", synthetic_pairs(8), frozen_bf16=False, bf16=False, steps=2)
+    assert [r["loss"] for r in history] == [r["loss"] for r in reference]
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert device.bf16_fast("cpu")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from shipped import shipped
 
-from flywheel.models import trl_backend
+from flywheel.models import reward_trl, trl_backend
 from flywheel.models.dpo import attach_lora
 from flywheel.models.policy import best_device, encode, load_policy
 from flywheel.models.reward import RewardModel, pairwise_correct
@@ -95,6 +95,6 @@ def test_the_fast_loop_and_the_reward_model_train_on_cuda(cuda_base):
     assert _accuracy(ref, model, tok, synthetic_pairs(8, start=100)) == 1.0
     rparams = shipped("train_reward", backend="trl", epochs=6.0, batch_size=4, lr=1e-3, head_lr=5e-2, max_length=64)
     reward = RewardModel.from_base(cuda_base / "reward", 64, 1, as_seqcls=True).to("cuda")
-    trl_backend.train_reward(reward, _reward_pairs(16), rparams)
+    reward_trl.train_reward(reward, _reward_pairs(16), rparams)
     assert next(reward.parameters()).device.type == "cuda"
     assert sum(pairwise_correct(reward, synthetic_pairs(8, start=100))) / 8 == 1.0

@@ -12,7 +12,7 @@ from shipped import shipped
 
 from flywheel.evaluation.policy_eval import implicit_margins
 from flywheel.evaluation.stats import correct_from_margin
-from flywheel.models import trl_backend
+from flywheel.models import reward_trl, trl_backend
 from flywheel.models.dpo import attach_lora
 from flywheel.models.policy import UnsupportedModel, encode, load_policy
 from flywheel.models.reward import RewardModel, pairwise_correct
@@ -106,7 +106,7 @@ def test_trl_reward_training_learns_the_planted_preference_and_swapped_labels_un
     for name, swap in (("good", False), ("bad", True)):
         model = RewardModel.from_base(tiny_base / "reward", 64, 1, as_seqcls=True)
         assert model.form == "seqcls"  # an encoder base trains as a one-label sequence classifier
-        losses = trl_backend.train_reward(model, _reward_pairs(16, swap=swap), params)
+        losses = reward_trl.train_reward(model, _reward_pairs(16, swap=swap), params)
         assert len(losses) == 24 and losses[-1] < losses[0]
         scores[name] = sum(pairwise_correct(model, test)) / len(test)
     assert scores == {"good": 1.0, "bad": 0.0}
@@ -115,7 +115,7 @@ def test_trl_reward_training_learns_the_planted_preference_and_swapped_labels_un
 def test_trl_reward_model_is_written_and_read_back_as_a_sequence_classifier(tiny_base, tmp_path):
     params = shipped("train_reward", backend="trl", epochs=1.0, batch_size=4, max_length=64)
     model = RewardModel.from_base(tiny_base / "reward", 64, 1, as_seqcls=True)
-    trl_backend.train_reward(model, synthetic_pairs(8), params)
+    reward_trl.train_reward(model, synthetic_pairs(8), params)
     before = model.score([p["prompt"] for p in synthetic_pairs(3)], ["yes", "no", "thank you"])
     back = RewardModel.load(model.save(tmp_path / "reward"))
     assert back.form == "seqcls"

@@ -1,0 +1,35 @@
+"""Where a model runs: the GPU when there is one (this process's own under ``accelerate launch``), else the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def best_device() -> str:
+    """``cuda`` when a GPU is present (this process's own under ``accelerate launch``: ``cuda:LOCAL_RANK``), else
+    ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{rank}" if rank is not None else "cuda"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def bf16_fast(device: torch.device | str) -> bool:
+    """Whether bf16 matrix products run fast on ``device``: a GPU that supports bf16, or a CPU with AVX512-BF16 or
+    AMX. A CPU without them (AVX2 laptops, many AMD EPYCs) emulates bf16: measured 135x slower than fp32 on a
+    1024x1024 matmul (2.65 s vs 19.7 ms, AVX2 AMD EPYC, 2 threads), so the bf16 settings (train_policy.frozen_bf16,
+    bf16, evaluate.bf16) apply only where this is true."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
