@@ -39,3 +39,15 @@ def repo_copy(tmp_path, repo_root, sh):
         proc = sh(args, dest)
         assert proc.returncode == 0, proc.stderr
     return dest
+
+
+def ingest_demo_rows(repo: Path, sh, n: int = 120) -> None:
+    """Ingest the first ``n`` rows of the shipped HH-RLHF demo batch into ``repo`` (a small, quick loop)."""
+    import gzip
+
+    rows = gzip.open(repo / "data/demo/hh-rlhf-batch1.jsonl.gz", "rt").read().splitlines()[:n]
+    small = repo / "small.jsonl.gz"
+    with gzip.open(small, "wt") as fh:
+        fh.write("\n".join(rows) + "\n")
+    proc = sh(["flywheel", "ingest", "--format", "hh-rlhf", str(small)], repo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

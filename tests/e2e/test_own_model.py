@@ -5,13 +5,13 @@ base), then `flywheel serve` answers with the new adapter version (``X-Model-Ver
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import httpx
 import pytest
 import yaml
 
+from tests.e2e.conftest import ingest_demo_rows
 from tests.model.families import build_family, build_seqcls_reward
 from tests.service.svc_helpers import Server
 
@@ -36,12 +36,7 @@ def _own_models(repo, family: str) -> None:
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])
 def test_the_loop_improves_a_teams_own_model_with_lora_adapters(repo_copy, sh, family):
     _own_models(repo_copy, family)
-    rows = gzip.open(repo_copy / "data/demo/hh-rlhf-batch1.jsonl.gz", "rt").read().splitlines()[:120]
-    small = repo_copy / "small.jsonl.gz"
-    with gzip.open(small, "wt") as fh:
-        fh.write("\n".join(rows) + "\n")
-    proc = sh(["flywheel", "ingest", "--format", "hh-rlhf", str(small)], repo_copy)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ingest_demo_rows(repo_copy, sh)
 
     repro = sh(["dvc", "repro"], repo_copy, timeout=1500)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]

@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
 import yaml
 
+from tests.e2e.conftest import ingest_demo_rows
 from tests.model.families import build_family, build_seqcls_reward
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,12 +27,7 @@ def test_two_process_trl_training_writes_one_challenger_one_run_and_releases(rep
     params["train_policy"].update(backend="trl", devices=2, adapter="lora", frozen_layers=2, method="dpo")
     params["train_reward"].update(backend="trl")
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rows = gzip.open(repo_copy / "data/demo/hh-rlhf-batch1.jsonl.gz", "rt").read().splitlines()[:120]
-    small = repo_copy / "small.jsonl.gz"
-    with gzip.open(small, "wt") as fh:
-        fh.write("\n".join(rows) + "\n")
-    proc = sh(["flywheel", "ingest", "--format", "hh-rlhf", str(small)], repo_copy)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ingest_demo_rows(repo_copy, sh)
 
     repro = sh(["dvc", "repro"], repo_copy, timeout=1500)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
