@@ -99,6 +99,15 @@ Backend = Literal["fast", "trl"]
 Devices = Literal["auto"] | typing.Annotated[int, Field(ge=1)]
 
 
+def _one_process_unless_trl(section: str, backend: str, devices) -> None:
+    """Several processes need the trl back-end: the fast loop runs in one."""
+    if backend == "fast" and devices not in ("auto", 1):
+        raise ValueError(
+            f"devices: {devices} needs backend: trl (the fast loop runs in one process); set "
+            f"{section}.backend: trl, or devices: auto"
+        )
+
+
 class KtoLabels(Section):
     desirable_min_rating: int = Field(ge=1, le=5)  # a rated answer at or above this is desirable (KTO) ...
     undesirable_max_rating: int = Field(ge=1, le=5)  # ... at or below this undesirable; between: not used
@@ -166,11 +175,7 @@ class TrainRewardParams(Section):
 
     @model_validator(mode="after")
     def _backend_supports(self) -> Self:
-        if self.backend == "fast" and self.devices not in ("auto", 1):
-            raise ValueError(
-                f"devices: {self.devices} needs backend: trl (the fast loop runs in one process); set "
-                f"train_reward.backend: trl, or devices: auto"
-            )
+        _one_process_unless_trl("train_reward", self.backend, self.devices)
         return self
 
 
@@ -213,11 +218,7 @@ class TrainPolicyParams(Section):
 
     @model_validator(mode="after")
     def _backend_supports(self) -> Self:
-        if self.backend == "fast" and self.devices not in ("auto", 1):
-            raise ValueError(
-                f"devices: {self.devices} needs backend: trl (the fast loop runs in one process); set "
-                f"train_policy.backend: trl, or devices: auto"
-            )
+        _one_process_unless_trl("train_policy", self.backend, self.devices)
         if self.backend == "fast" and self.adapter == "qlora":
             raise ValueError("adapter: qlora needs backend: trl (the fast loop shares a bf16 trunk, not a 4-bit one)")
         return self
