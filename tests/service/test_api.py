@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from svc_helpers import dumps, event, make_config, start_api, workspace
@@ -61,6 +62,9 @@ def test_chat_stream_is_server_sent_events(api):
 def test_best_of_n_reranks_with_the_reward_model(api, monkeypatch):
     """Three candidates are generated and scored by the reward model; the highest-scored one is returned (the
     spy scores a candidate unlike the first highest, so returning the first would fail)."""
+    deadline = time.monotonic() + 60  # /readyz turns 200 with the champion; the reward model loads just after it
+    while api.svc.models.slots["reward"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     reward = api.svc.models.slots["reward"].model
     real_score, calls = reward.score, []
 
