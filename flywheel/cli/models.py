@@ -1,4 +1,5 @@
-"""``flywheel`` model commands: bootstrap, release, promote, rollback, status (the registry), eval-reward.
+"""``flywheel`` model commands: bootstrap, release, promote, rollback, status (the registry), eval-reward,
+eval-policy.
 
 ``status`` and ``release`` print one line per version, at most the terminal's width (80 columns in a log): the
 model, the version, its aliases and a one-line verdict (flywheel/verdicts.py); ``--verbose`` adds every reason,
@@ -299,3 +300,26 @@ def eval_reward(
     except EvalRewardError as exc:
         fail(str(exc))
     print_record(result, as_json, "eval-reward")
+
+
+@app.command("eval-policy")
+def eval_policy(
+    model_uri: str = typer.Option(..., "--model", help="a folder or models:/flywheel-policy@champion"),
+    pairs_file: Path = typer.Option(..., "--pairs"),
+    fmt: str = typer.Option("native", "--format", help="native (preference events) or hh-rlhf"),
+    base_uri: str = typer.Option(None, "--base", help="the reference model (default: models/base/policy)"),
+    judge_uri: str = typer.Option(None, "--judge", help="a reward model that judges greedy answers"),
+    prompts: int = typer.Option(0, "--prompts", help="with --judge: how many prompts to answer and judge"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Held-out preference accuracy of a policy's implicit reward on any preference file (against its base, with
+    the length heuristic beside it); with --judge, the judged win rate of its answers over the base's."""
+    from flywheel.evaluation.eval_policy import run
+    from flywheel.evaluation.eval_reward import EvalRewardError
+
+    s = settings()
+    try:
+        result = run(s, model_uri, pairs_file, fmt, base_uri, judge_uri, prompts, log=lambda m: typer.echo(m, err=True))
+    except EvalRewardError as exc:
+        fail(str(exc))
+    print_record(result, as_json, "eval-policy")

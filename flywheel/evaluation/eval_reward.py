@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flywheel.contract import ContractError, parse_event
-from flywheel.data.ingest import IngestError, hh_to_event, read_lines
+from flywheel.data.events import IngestError, hh_to_event, read_lines
 
 
 class EvalRewardError(RuntimeError):
@@ -37,7 +37,7 @@ def load_pairs(path: Path, fmt: str, max_text_chars: int, max_turns: int) -> tup
     return pairs, skipped
 
 
-def resolve_model(settings, uri: str) -> Path:
+def resolve_model(settings, uri: str, kind: str = "reward") -> Path:
     """A local folder for a folder path or a ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` URI."""
     if uri.startswith("models:/"):
         import tempfile
@@ -47,7 +47,7 @@ def resolve_model(settings, uri: str) -> Path:
 
         tracking.configure_from(settings)
         try:
-            return materialize(uri, Path(tempfile.mkdtemp(prefix="flywheel-eval-reward-")) / "reward")
+            return materialize(uri, Path(tempfile.mkdtemp(prefix=f"flywheel-eval-{kind}-")) / kind)
         except Exception as exc:  # MLflow raises several types for a missing model or alias
             raise EvalRewardError(f"cannot resolve {uri}: {exc}") from None
     folder = Path(uri)
