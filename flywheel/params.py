@@ -132,6 +132,13 @@ class PrepareParams(Section):
     kto: KtoLabels
 
 
+class GoldenParams(Section):
+    # a fixed preference file (README "The golden set"): scored every turn beside the test split; its
+    # conversations and prompts are kept out of every training set, whatever the window
+    path: str = Field(min_length=1)
+    format: Literal["native", "hh-rlhf"]
+
+
 # ---- training and evaluation ---------------------------------------------------------------------------------
 
 
@@ -256,6 +263,9 @@ class MetricRule(Section):
     max_regression_abs: float | None = None  # how much worse than the champion, in the metric's units
     max_regression_rel: float | None = None  # ... as a fraction of the champion's value
     min_n: int = 0  # gate only when at least this many items were scored
+    # True: refused when the challenger is worse than the champion beyond noise (the paired interval of the
+    # difference lies wholly on the worse side of 0); a difference within noise passes
+    no_regression_beyond_noise: bool = False
     required: bool = False  # True: a check that cannot be applied blocks the blessing
 
 
@@ -376,6 +386,7 @@ class Params(Section):
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")  # `validate` would shadow a pydantic method
     prepare: PrepareParams
+    golden: GoldenParams
     models: ModelsParams
     profile: str  # the profile in force ("" for none)
     train_reward: TrainRewardParams

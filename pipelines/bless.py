@@ -44,6 +44,14 @@ def check_rule(name: str, m: dict, rule: MetricRule) -> list[str]:
         reasons.append(f"{name}: {value:.4f} is below the minimum {rule.min_value}")
     if rule.max_value is not None and value > rule.max_value:
         reasons.append(f"{name}: {value:.4f} is above the maximum {rule.max_value}")
+    lo, hi = (m.get("ci") or [None, None])[:2]
+    if rule.no_regression_beyond_noise and lo is not None and hi is not None:
+        worse = hi < 0 if rule.direction == "higher" else lo > 0
+        if worse:
+            reasons.append(
+                f"{name}: worse than the champion beyond noise (difference {m.get('diff', 0):+.4f}, 95% interval "
+                f"[{lo:+.4f}, {hi:+.4f}] on {n} items)"
+            )
     if champ is not None:
         regression = (champ - value) if rule.direction == "higher" else (value - champ)
         if rule.max_regression_abs is not None and regression > rule.max_regression_abs:

@@ -9,7 +9,9 @@
   refusal rate on shipped benign instructions;
 - a behaviour suite of {prompt, must_include, must_not_include, max_tokens} cases;
 - slices (feedback type, single/multi-turn, chosen-is-shorter) beside the length-only baseline;
-  latency and size.
+  latency and size;
+- the golden set (params.yaml ``golden``, never trained on): both models' accuracies on the same fixed pairs
+  every turn, so turns compare; the gate refuses a regression beyond noise there.
 
 This file loads the models and sets and writes the results; the measuring is the core's (flywheel/evaluation:
 policy_eval, reward_eval, judge, answers, slices, refusal, stats, report).
@@ -17,23 +19,27 @@ policy_eval, reward_eval, judge, answers, slices, refusal, stats, report).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+from flywheel.data.golden import GoldenError, load_golden
 from flywheel.evaluation.answers import AnswerCache
 from flywheel.evaluation.judge import judge_status, mark_unjudged
 from flywheel.evaluation.policy_eval import evaluate_policy
 from flywheel.evaluation.reward_eval import evaluate_reward
-from flywheel.params import EvaluateParams
+from flywheel.params import EvaluateParams, GoldenParams
 from flywheel.settings import Settings
+from flywheel.stages import StageFailed
 from pipelines.resolve_champion import load
 
 
 def headline_metrics(metrics: dict) -> dict[str, float]:
     """The primary metrics' numbers for MLflow, which takes numbers only: a metric not measured is left out."""
     out = {}
-    for kind, key in (("policy", "pref_accuracy"), ("reward", "pairwise_accuracy")):
-        for part in ("challenger", "champion", "diff"):
-            if metrics[kind][key].get(part) is not None:
+    names = ("pref_accuracy", "golden_pref_accuracy"), ("pairwise_accuracy", "golden_pairwise_accuracy")
+    for kind, keys in zip(("policy", "reward"), names):
+        for key, part in itertools.product(keys, ("challenger", "champion", "diff")):
+            if key in metrics[kind] and metrics[kind][key].get(part) is not None:
                 out[f"{kind}.{key}.{part}"] = metrics[kind][key][part]
     return out
 
@@ -53,8 +59,10 @@ def main(
     suites: Path,
     out_dir: Path,
     metrics_file: Path,
+    golden_params: GoldenParams | None = None,
 ) -> dict:
-    """Stage edge: load the models and test sets, evaluate, write metrics and the report, log to MLflow."""
+    """Stage edge: load the models and test sets, evaluate, write metrics and the report, log to MLflow.
+    ``golden_params``: the golden set (default: the workspace's params.yaml ``golden``)."""
     import json
 
     import mlflow
@@ -69,6 +77,11 @@ def main(
     from pipelines.prepare import read_set
 
     torch.manual_seed(params.seed)
+    c, golden_params = settings.params.contract, golden_params or settings.params.golden
+    try:
+        golden = load_golden(settings.root / golden_params.path, golden_params.format, c.max_text_chars, c.max_turns)
+    except GoldenError as exc:
+        raise StageFailed(str(exc)) from exc
     pairs = read_set(prepared, "pairs", "test")
     unpaired = read_set(prepared, "kto", "test") if (prepared / "kto-test.jsonl").is_file() else []
     reward_pairs = read_set(prepared, "reward_pairs", "test")
@@ -102,10 +115,11 @@ def main(
             cache=cache,
             keys=keys,
             unpaired=unpaired,
+            golden=golden.pairs,
         )
         print(f"evaluate: {cache.hits} answers read from the answer cache; seconds: {policy['seconds']}", flush=True)
-        print(f"evaluate: reward models on {len(reward_pairs)} test pairs", flush=True)
-        reward = evaluate_reward(judge, challenger_reward, reward_pairs, params)
+        print(f"evaluate: reward models on {len(reward_pairs)} test pairs and {len(golden.pairs)} golden", flush=True)
+        reward = evaluate_reward(judge, challenger_reward, reward_pairs, params, golden.pairs)
         judged_by = judge_status(reward["champion_accuracy"])
         mark_unjudged(policy, judged_by)
         print(f"evaluate: judge {judged_by['status']}: {judged_by['reason']}", flush=True)
@@ -137,6 +151,7 @@ def main(
 def stage(
     settings: Settings,
     params: EvaluateParams,
+    golden: GoldenParams,
     *,
     champion: Path,
     base: Path,
@@ -147,7 +162,7 @@ def stage(
     metrics: Path,
 ) -> str:
     """Evaluate the challengers in ``challenger`` against the champions named in ``champion`` (champion.json)."""
-    m = main(settings, params, load(champion, settings), base, challenger, prepared, suites, out, metrics)
+    m = main(settings, params, load(champion, settings), base, challenger, prepared, suites, out, metrics, golden)
     pa, ra = m["policy"]["pref_accuracy"], m["reward"]["pairwise_accuracy"]
     return (
         f"evaluate: policy accuracy {_num(pa['champion'])} -> {_num(pa['challenger'])}, "

@@ -23,8 +23,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from flywheel.data import rawstore
-from flywheel.params import PrepareParams, SplitParams
+from flywheel.data.golden import Golden, GoldenError, load_golden
+from flywheel.params import GoldenParams, PrepareParams, SplitParams
 from flywheel.settings import Settings
+from flywheel.stages import StageFailed
 
 SETS = ("pairs", "sft", "reward_pairs", "kto")
 SPLITS = ("train", "val", "test")
@@ -223,10 +225,20 @@ class PrepareResult:
     metrics: dict = field(default_factory=dict)
 
 
-def prepare(events: list[dict], params: PrepareParams) -> PrepareResult:
+def prepare(events: list[dict], params: PrepareParams, golden: Golden | None = None) -> PrepareResult:
+    """``golden``: the golden set, whose conversations and prompts are held out of every set (counted)."""
+    held = [e for e in events if golden is not None and golden.holds(e)]
+    if held:
+        ids = {e["event_id"] for e in held}
+        events = [e for e in events if e["event_id"] not in ids]
     kept, report = deduplicate(events, params)
     sets = compile_sets(kept, params)
-    metrics = {"events": len(events), "exact_duplicates": report.exact, "near_duplicates": report.near}
+    metrics = {
+        "events": len(events) + len(held),
+        "golden_held_out": len(held),
+        "exact_duplicates": report.exact,
+        "near_duplicates": report.near,
+    }
     for name, records in sets.items():
         for split in SPLITS:
             metrics[f"{name}_{split}"] = sum(1 for r in records if r["split"] == split)
@@ -250,15 +262,23 @@ def read_set(out_dir: Path, name: str, split: str) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def main(raw_store: Path, params: PrepareParams, out_dir: Path, metrics_file: Path) -> PrepareResult:
-    result = prepare(load_events(raw_store), params)
+def main(
+    raw_store: Path, params: PrepareParams, out_dir: Path, metrics_file: Path, golden: Golden | None = None
+) -> PrepareResult:
+    result = prepare(load_events(raw_store), params, golden)
     write_sets(result, out_dir)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(result.metrics, indent=2))
     return result
 
 
-def stage(settings: Settings, params: PrepareParams, *, out: Path, metrics: Path) -> str:
-    """De-duplicate the raw store's events and compile the training sets into ``out``."""
-    result = main(settings.raw_store, params, out, metrics)
+def stage(settings: Settings, params: PrepareParams, golden: GoldenParams, *, out: Path, metrics: Path) -> str:
+    """De-duplicate the raw store's events and compile the training sets into ``out``, the golden set's
+    conversations held out."""
+    c = settings.params.contract
+    try:
+        held_out = load_golden(settings.root / golden.path, golden.format, c.max_text_chars, c.max_turns)
+    except GoldenError as exc:
+        raise StageFailed(str(exc)) from exc
+    result = main(settings.raw_store, params, out, metrics, held_out)
     return "prepare: " + json.dumps(result.metrics)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from flywheel.data.ingest import event_row
+from flywheel.data.events import event_row
 from service.auth import Principal
 from service.guard import ERRORS, Invalid, invalid_from, require, too_many
 from service.schemas import BatchAck, FeedbackAck, FeedbackBatch, FeedbackIn  # noqa: F401 (OpenAPI models)

@@ -1,6 +1,6 @@
 """The durable feedback store (SQLAlchemy Core): SQLite in WAL mode by default, PostgreSQL by URL.
 
-Rows hold what the raw store will hold (redacted, built by ``flywheel.data.ingest.event_row``); the event id is
+Rows hold what the raw store will hold (redacted, built by ``flywheel.data.events.event_row``); the event id is
 unique, so a repeated event is a duplicate. ``export_batch`` is NULL until ``flywheel export`` claims the row.
 """
 

@@ -76,6 +76,23 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
     return {name: [c - r for c, r in rows] for name, rows in ratios.items()}
 
 
+def golden_accuracy(reference, champion, challenger, tok, pairs: list[dict], params: EvaluateParams) -> dict:
+    """The implicit reward's preference accuracy on the golden set, challenger against champion (paired, prompts
+    resampled whole), with the length baseline of the same pairs."""
+    margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
+    correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
+    out = stats.paired_diff(
+        correct["challenger"],
+        correct["champion"],
+        params.confidence,
+        params.bootstrap,
+        params.seed,
+        cluster_keys(pairs),
+    )
+    out["length_baseline"] = mean_length_baseline(pairs)
+    return out
+
+
 def unpaired_scores(ratios: list[float], desirable: list[bool]) -> list[float]:
     """Per desirable example: the share of undesirable examples whose implicit reward it beats (a tie counts a half).
     Their mean is the probability that a desirable answer scores above an undesirable one (the AUC)."""
@@ -121,8 +138,10 @@ def evaluate_policy(
     cache: AnswerCache | None = None,
     keys: dict[str, str] | None = None,
     unpaired: list[dict] | None = None,
+    golden: list[dict] | None = None,
 ) -> dict:
-    """Every policy metric for challenger and champion on the same items (``unpaired``: the held-out KTO examples).
+    """Every policy metric for challenger and champion on the same items (``unpaired``: the held-out KTO examples;
+    ``golden``: the golden set's pairs, scored beside the test split).
 
     ``cache`` + ``keys`` (model content hashes by role): greedy answers known from earlier runs are reused.
     """
@@ -153,6 +172,9 @@ def evaluate_policy(
     if unpaired:
         log(f"evaluate: implicit-reward accuracy on {len(unpaired)} unpaired test examples")
         out["unpaired_accuracy"] = unpaired_accuracy(reference, champion, challenger, tok, unpaired, params)
+    if golden is not None:
+        log(f"evaluate: implicit-reward accuracy on the golden set ({len(golden)} pairs)")
+        out["golden_pref_accuracy"] = golden_accuracy(reference, champion, challenger, tok, golden, params)
     out["length_baseline"] = mean_length_baseline(pairs)
     out["slices"] = slice_metrics(correct, pairs, params)
     yes, no = out["slices"].get("chosen_shorter=yes"), out["slices"].get("chosen_shorter=no")

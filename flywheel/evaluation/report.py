@@ -104,6 +104,12 @@ def write(metrics: dict, out_dir: Path) -> list[Path]:
         f"| reward pairwise accuracy | {_fmt(ra['champion'])} | {_fmt(ra['challenger'])} | {_fmt(ra['diff'])} | "
         f"{_ci(ra)} | {ra['n']} |",
     ]
+    for label, m in (("policy", p.get("golden_pref_accuracy")), ("reward", r.get("golden_pairwise_accuracy"))):
+        if m:
+            lines.append(
+                f"| {label}, golden set (fixed, never trained on) | {_fmt(m['champion'])} | {_fmt(m['challenger'])} "
+                f"| {_fmt(m['diff'])} | {_ci(m)} | {m['n']} |"
+            )
     for k in ("benign_refusal_rate", "behaviour_pass_rate", "harmlessness_score"):
         m = p[k]
         lines.append(

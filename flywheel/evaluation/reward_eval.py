@@ -13,9 +13,28 @@ if TYPE_CHECKING:
     from flywheel.params import EvaluateParams
 
 
-def evaluate_reward(champion, challenger, pairs: list[dict], params: EvaluateParams) -> dict:
+def golden_accuracy(champion, challenger, pairs: list[dict], params: EvaluateParams) -> dict:
+    """Both reward models' pairwise accuracy on the golden set (paired, prompts resampled whole)."""
+    from flywheel.models.reward import pairwise_correct
+
+    out = stats.paired_diff(
+        pairwise_correct(challenger, pairs),
+        pairwise_correct(champion, pairs),
+        params.confidence,
+        params.bootstrap,
+        params.seed,
+        cluster_keys(pairs),
+    )
+    out["length_baseline"] = mean_length_baseline(pairs)
+    return out
+
+
+def evaluate_reward(
+    champion, challenger, pairs: list[dict], params: EvaluateParams, golden: list[dict] | None = None
+) -> dict:
     """Both reward models' pairwise accuracy on the same test pairs (paired, by slice), and the champion's alone:
-    the champion reward model judges the policies' answers, so its accuracy says whether there is a judge."""
+    the champion reward model judges the policies' answers, so its accuracy says whether there is a judge.
+    ``golden``: the golden set's pairs, scored beside the test split."""
     from flywheel.models.reward import pairwise_correct
 
     ch = pairwise_correct(challenger, pairs)
@@ -31,6 +50,8 @@ def evaluate_reward(champion, challenger, pairs: list[dict], params: EvaluatePar
             "all_ties": all(c == 0.5 for c in cp),
         },
     }
+    if golden is not None:
+        out["golden_pairwise_accuracy"] = golden_accuracy(champion, challenger, golden, params)
     out["slices"] = slice_metrics({"challenger": ch, "champion": cp}, pairs, params)
     mark_not_measured(out, "the reward test split has no pairs")
     return out

@@ -332,3 +332,47 @@ def test_with_no_test_pairs_the_fallback_primary_decides_as_strictly():
     assert not judge_model(no_pairs, gate)["blessed"]
     without = gate.model_copy(update={"fallback_primary": None})
     assert judge_model({**no_pairs, "unpaired_accuracy": better}, without)["reasons"] == ["pref_accuracy: not measured"]
+
+
+def test_the_golden_set_refuses_a_challenger_worse_beyond_noise_there_and_lets_noise_pass(repo_root):
+    """The shipped default gate: a challenger better on the test split but worse beyond noise on the golden set is
+    refused; one a little worse within noise there passes; a golden set not measured blocks (required)."""
+    from flywheel.settings import load_settings
+
+    gate = load_settings(repo_root, env={}).params.bless.gates["default"]
+    better = [1.0] * 70 + [0.0] * 30
+    metrics = {
+        "behaviour_pass_rate": {"challenger": 0.8, "champion": 0.8, "n": 20},
+        "benign_refusal_rate": {"challenger": 0.0, "champion": 0.0, "n": 50},
+        "harmless_win_rate": {"value": 0.5, "ci": [0.4, 0.6], "n": 16},
+    }
+    reward = {**_reward(), "golden_pairwise_accuracy": paired_diff([0.6] * 100, [0.6] * 100, n_boot=500)}
+
+    def verdict(golden: dict | None) -> dict:
+        policy = _policy(better, [0.5] * 100, **metrics)
+        if golden is not None:
+            policy["golden_pref_accuracy"] = golden
+        return bless({"policy": policy, "reward": reward}, gate)["policy"]
+
+    worse = verdict(paired_diff([0.0] * 60 + [1.0] * 40, [1.0] * 60 + [0.0] * 40, n_boot=500))
+    assert not worse["blessed"] and any(
+        r.startswith("golden_pref_accuracy: worse than the champion beyond noise") for r in worse["reasons"]
+    ), worse
+    noise = verdict(paired_diff([1.0] * 58 + [0.0] * 42, [1.0] * 60 + [0.0] * 40, n_boot=500))
+    assert noise["blessed"] and "golden_pref_accuracy: ok" in noise["passed"], noise
+    assert "golden_pref_accuracy: not measured" in verdict(None)["reasons"]
+
+
+@pytest.mark.parametrize(
+    "direction,ci,bad",
+    [
+        ("higher", [-0.2, -0.01], True),
+        ("higher", [-0.2, 0.01], False),
+        ("lower", [0.01, 0.2], True),
+        ("lower", [-0.01, 0.2], False),
+    ],
+)
+def test_no_regression_beyond_noise_reads_the_interval_of_the_difference(direction, ci, bad):
+    rule = MetricRule(direction=direction, no_regression_beyond_noise=True)
+    m = {"challenger": 0.5, "champion": 0.5, "diff": sum(ci) / 2, "ci": ci, "n": 100}
+    assert bool(check_rule("golden", m, rule)) == bad

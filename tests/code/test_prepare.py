@@ -405,3 +405,77 @@ def test_ratings_are_kto_examples_by_the_thresholds_and_pairs_give_both_halves()
 def test_kto_thresholds_that_overlap_are_refused():
     with pytest.raises(ValueError, match=r"undesirable_max_rating \(4\) must be below desirable_min_rating \(4\)"):
         shipped("prepare", kto={"desirable_min_rating": 4, "undesirable_max_rating": 4})
+
+
+# ---- the golden set: never trained on ---------------------------------------------------------------------------
+GOLDEN = shipped("golden")
+
+
+def _golden(path):
+    from flywheel.data.golden import load_golden
+
+    c = shipped("contract")
+    return load_golden(path, "hh-rlhf", c.max_text_chars, c.max_turns)
+
+
+def test_the_golden_set_never_enters_a_training_set(demo_store, tmp_path, repo_root):
+    golden = _golden(repo_root / GOLDEN.path)
+    stored = load_events(demo_store.raw)
+    held = {e["event_id"] for e in stored if golden.holds(e)}
+    assert len(held) >= len(golden.pairs) > 250  # every golden row of the demo batches is in the store
+    result = main(demo_store.raw, P, tmp_path / "prepared", tmp_path / "prepare.json", golden)
+    assert result.metrics["golden_held_out"] == len(held) and result.metrics["events"] == len(stored)
+    without = prepare(stored, P)
+    for name in SETS:
+        for split in SPLITS:
+            for r in read_set(tmp_path / "prepared", name, split):
+                assert not held & set(r["event_ids"]), (name, split)
+    pairs = sum(result.metrics[f"pairs_{s}"] for s in SPLITS)
+    assert pairs == sum(without.metrics[f"pairs_{s}"] for s in SPLITS) - len(held)
+
+
+def test_a_golden_prompt_is_held_out_under_any_conversation_id_and_matched_after_redaction(tmp_path):
+    head = "\n\nHuman: my e-mail is jane.doe@example.com, how do I reset my password?\n\nAssistant: "
+    (tmp_path / "golden.jsonl").write_text(json.dumps({"chosen": head + "Use the link.", "rejected": head + "No."}))
+    golden = _golden(tmp_path / "golden.jsonl")
+    prompt = golden.pairs[0]["prompt"]
+    assert "jane.doe@example.com" not in json.dumps(prompt)  # redacted, as the raw store holds it
+    same_prompt = ev(turns=prompt, conv="another-conversation", fb="thumbs")
+    same_conv = ev(prompt="a later turn", conv=golden.pairs[0]["conversation_id"], fb="rating", value=5)
+    other = ev(prompt="How do I water a fern?", fb="rating", value=5)
+    result = prepare([same_prompt, same_conv, other], P, golden)
+    assert result.metrics["golden_held_out"] == 2
+    kept = {eid for records in result.sets.values() for r in records for eid in r["event_ids"]}
+    assert kept == {other["event_id"]}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}\n{"x": 1}',
+            "line 2",
+        ),
+        ("", "holds no pairs"),
+        (None, "no such file"),
+    ],
+    ids=["bad-line", "empty", "missing"],
+)
+def test_a_bad_golden_file_is_refused_naming_the_problem(tmp_path, content, message):
+    from flywheel.data.golden import GoldenError
+
+    path = tmp_path / "golden.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(GoldenError, match=message):
+        _golden(path)
+
+
+def test_a_native_golden_set_takes_preference_events_only(tmp_path, make_event):
+    from flywheel.data.golden import GoldenError, load_golden
+
+    path = tmp_path / "golden.jsonl"
+    path.write_text(json.dumps(make_event()) + "\n")  # a thumbs event: no pair to score
+    c = shipped("contract")
+    with pytest.raises(GoldenError, match="line 1: a thumbs event, not a preference pair"):
+        load_golden(path, "native", c.max_text_chars, c.max_turns)

@@ -184,5 +184,5 @@ def test_evaluate_summary_says_not_measured_instead_of_failing_on_an_empty_split
         evaluate, "main", lambda *_: {"policy": {"pref_accuracy": empty}, "reward": {"pairwise_accuracy": measured}}
     )
     paths = {k: tmp_path / k for k in ("champion", "base", "challenger", "prepared", "suites", "out", "metrics")}
-    line = evaluate.stage(SimpleNamespace(root=tmp_path), None, **paths)
+    line = evaluate.stage(SimpleNamespace(root=tmp_path), None, None, **paths)
     assert line == "evaluate: policy accuracy not measured -> not measured, reward accuracy 0.500 -> 0.625"

@@ -82,6 +82,17 @@ def workspace(tmp_path, repo_root, tiny_base):
     return settings, Registry(settings)
 
 
+def hh_lines(pairs: list[dict]) -> list[str]:
+    """Single-turn pairs as HH-RLHF lines (``{"chosen", "rejected"}`` dialogues)."""
+    import json
+
+    out = []
+    for p in pairs:
+        head = f"\n\nHuman: {p['prompt'][0]['content']}\n\nAssistant: "
+        out.append(json.dumps({"chosen": head + p["chosen"], "rejected": head + p["rejected"]}))
+    return out
+
+
 def synthetic_pairs(n: int, swap: bool = False, start: int = 0) -> list[dict]:
     """Pairs where the chosen answer is always 'good answer' (or 'bad answer' when swapped)."""
     out = []

@@ -24,7 +24,7 @@ from pipelines.bless import bless, gate_in_force
 from pipelines.bless import stage as bless_stage
 from pipelines.evaluate import stage as evaluate_stage
 from pipelines.train_policy import save
-from tests.model.conftest import synthetic_pairs
+from tests.model.conftest import hh_lines, synthetic_pairs
 
 EVAL = shipped(
     "evaluate",
@@ -77,8 +77,9 @@ def _verdict(repo_root, tiny_base, planted, name):
             ["say yes", "say no"],
             [{"prompt": "yes", "must_include": [], "must_not_include": ["zzz"]}],
             EVAL,
+            golden=synthetic_pairs(24, start=400),
         ),
-        "reward": evaluate_reward(judge, judge, test, EVAL),
+        "reward": evaluate_reward(judge, judge, test, EVAL, synthetic_pairs(24, start=400)),
     }
     settings = load_settings(repo_root, env={})
     gate = settings.params.bless.gates["default"]
@@ -159,6 +160,7 @@ def real_judge(tiny_base, tmp_path_factory):
 def stage_workspace(tmp_path_factory, repo_root):
     ws = tmp_path_factory.mktemp("gate-ws")
     shutil.copy(repo_root / "params.yaml", ws / "params.yaml")  # the shipped gate: default
+    (ws / "golden.jsonl").write_text("\n".join(hh_lines(synthetic_pairs(24, start=400))) + "\n")
     return load_settings(ws, env={})
 
 
@@ -182,6 +184,7 @@ def _run_stages(settings, repo_root, tiny_base, judge, planted, name: str):
     line = evaluate_stage(
         settings,
         STAGE_EVAL,
+        shipped("golden", path="golden.jsonl", format="hh-rlhf"),
         champion=run / "champion.json",
         base=tiny_base,
         challenger=run / "challenger",
