@@ -48,12 +48,14 @@ SOCKET_ENV = "FLYWHEEL_WARM_SOCKET"
 # The console script's command line, named (never imported here): the runner imports it in each child.
 DEFAULT_ENTRY = "flywheel.cli:main"
 # Variables that differ from one command to the next of the same run (the shell's, DVC's per stage, the run ids
-# the loop sets): left out of the runner's key; the child still gets the caller's values (the whole environment
+# the loop sets; PS1, which `source .venv/bin/activate` exports and DVC drops from its stages' environment): left
+# out of the runner's key; the child still gets the caller's values (the whole environment
 # travels with each request). No library reads them at import time.
 VOLATILE = frozenset(
     {
         "PWD",
         "OLDPWD",
+        "PS1",
         "SHLVL",
         "_",
         "DVC_STAGE",

@@ -36,8 +36,11 @@ def run(s: Settings, turns: int = 2) -> dict:
     """Run the loop ``turns`` times in the workspace of ``s``; returns the timings (seconds)."""
     from flywheel import tracking, warm, workspace
 
+    from flywheel.models.device import cpu_summary
+
     root = s.root
     t_start = time.perf_counter()
+    print(f"machine: {cpu_summary()}", flush=True)
     done = workspace.init(root)
     if done:
         _step("initialised " + ", ".join(done))
@@ -72,7 +75,7 @@ def run(s: Settings, turns: int = 2) -> dict:
     _step("registry")
     workspace.run(_flywheel("status"), root)
     timings["loop_seconds"] = round(time.perf_counter() - t_start, 1)
-    print(f"\nThe loop took {timings['loop_seconds']} s (install excluded).")
+    print(f"\nThe loop took {timings['loop_seconds']} s (install excluded)\non {cpu_summary()}.")
     print(
         "Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri "
         + s.tracking_uri

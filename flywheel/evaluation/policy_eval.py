@@ -81,16 +81,7 @@ def golden_accuracy(reference, champion, challenger, tok, pairs: list[dict], par
     resampled whole), with the length baseline of the same pairs."""
     margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
     correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
-    out = stats.paired_diff(
-        correct["challenger"],
-        correct["champion"],
-        params.confidence,
-        params.bootstrap,
-        params.seed,
-        cluster_keys(pairs),
-    )
-    out["length_baseline"] = mean_length_baseline(pairs)
-    return out
+    return stats.golden_metric(correct["challenger"], correct["champion"], pairs, params)
 
 
 def unpaired_scores(ratios: list[float], desirable: list[bool]) -> list[float]:

@@ -17,16 +17,8 @@ def golden_accuracy(champion, challenger, pairs: list[dict], params: EvaluatePar
     """Both reward models' pairwise accuracy on the golden set (paired, prompts resampled whole)."""
     from flywheel.models.reward import pairwise_correct
 
-    out = stats.paired_diff(
-        pairwise_correct(challenger, pairs),
-        pairwise_correct(champion, pairs),
-        params.confidence,
-        params.bootstrap,
-        params.seed,
-        cluster_keys(pairs),
-    )
-    out["length_baseline"] = mean_length_baseline(pairs)
-    return out
+    ch, cp = pairwise_correct(challenger, pairs), pairwise_correct(champion, pairs)
+    return stats.golden_metric(ch, cp, pairs, params)
 
 
 def evaluate_reward(

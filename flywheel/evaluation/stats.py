@@ -65,3 +65,16 @@ def paired_diff(
 def correct_from_margin(margins: list[float]) -> list[float]:
     """1 for a positive margin, 0 for a negative one, 0.5 for a tie."""
     return [1.0 if m > 0 else (0.0 if m < 0 else 0.5) for m in margins]
+
+
+def golden_metric(challenger: list[float], champion: list[float], pairs: list[dict], params) -> dict:
+    """The golden set's entry: the paired difference (prompts resampled whole), each model's own accuracy with its
+    interval (plotted turn after turn by benchmarks/bench_loop.py) and the length baseline of the same pairs."""
+    from flywheel.evaluation.slices import cluster_keys, mean_length_baseline
+
+    keys = cluster_keys(pairs)
+    out = paired_diff(challenger, champion, params.confidence, params.bootstrap, params.seed, keys)
+    for name, scores in (("challenger", challenger), ("champion", champion)):
+        out[f"{name}_ci"] = mean_ci(scores, params.confidence, params.bootstrap, params.seed, keys)["ci"]
+    out["length_baseline"] = mean_length_baseline(pairs)
+    return out

@@ -33,3 +33,23 @@ def bf16_fast(device: torch.device | str) -> bool:
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_summary() -> str:
+    """The CPU model and its bf16 support, for the demo's and the benchmarks' summaries: timings differ several
+    times between CPUs with AMX, with AVX512-BF16 alone, and with neither."""
+    name = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    flags = _cpu_flags()
+    bf16 = (
+        "AMX"
+        if "amx_bf16" in flags
+        else ("AVX512-BF16, no AMX" if "avx512_bf16" in flags else "no AMX, no AVX512-BF16")
+    )
+    return f"{name}, {os.cpu_count()} CPUs, {bf16}"

@@ -189,6 +189,7 @@ def test_socket_paths_are_short_and_per_workspace_and_environment(tmp_path):
         "DVC_ROOT": "/w",
         "FLYWHEEL_PARENT_RUN_ID": "abc",
         warm.SOCKET_ENV: "/s",
+        "PS1": "(.venv) ",  # an activated venv exports it; DVC's stage commands do not get it
     }
     assert warm.socket_path(tmp_path / "y", per_command) == b
     # anything else: another runner
