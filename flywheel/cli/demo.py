@@ -35,7 +35,6 @@ def _step(message: str) -> None:
 def run(s: Settings, turns: int = 2) -> dict:
     """Run the loop ``turns`` times in the workspace of ``s``; returns the timings (seconds)."""
     from flywheel import tracking, warm, workspace
-
     from flywheel.models.device import cpu_summary
 
     root = s.root
