@@ -137,6 +137,8 @@ class GoldenParams(Section):
     # conversations and prompts are kept out of every training set, whatever the window
     path: str = Field(min_length=1)
     format: Literal["native", "hh-rlhf"]
+    eval_pairs: int = Field(ge=0)  # evaluate scores the first N pairs (0: all; the tiny profile's tests: a few);
+    # prepare always holds out the whole file
 
 
 # ---- training and evaluation ---------------------------------------------------------------------------------

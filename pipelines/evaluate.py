@@ -80,6 +80,7 @@ def main(
     c, golden_params = settings.params.contract, golden_params or settings.params.golden
     try:
         golden = load_golden(settings.root / golden_params.path, golden_params.format, c.max_text_chars, c.max_turns)
+        golden_pairs = golden.pairs[: golden_params.eval_pairs or None]
     except GoldenError as exc:
         raise StageFailed(str(exc)) from exc
     pairs = read_set(prepared, "pairs", "test")
@@ -115,11 +116,11 @@ def main(
             cache=cache,
             keys=keys,
             unpaired=unpaired,
-            golden=golden.pairs,
+            golden=golden_pairs,
         )
         print(f"evaluate: {cache.hits} answers read from the answer cache; seconds: {policy['seconds']}", flush=True)
-        print(f"evaluate: reward models on {len(reward_pairs)} test pairs and {len(golden.pairs)} golden", flush=True)
-        reward = evaluate_reward(judge, challenger_reward, reward_pairs, params, golden.pairs)
+        print(f"evaluate: reward models on {len(reward_pairs)} test pairs and {len(golden_pairs)} golden", flush=True)
+        reward = evaluate_reward(judge, challenger_reward, reward_pairs, params, golden_pairs)
         judged_by = judge_status(reward["champion_accuracy"])
         mark_unjudged(policy, judged_by)
         print(f"evaluate: judge {judged_by['status']}: {judged_by['reason']}", flush=True)

@@ -184,7 +184,7 @@ def _run_stages(settings, repo_root, tiny_base, judge, planted, name: str):
     line = evaluate_stage(
         settings,
         STAGE_EVAL,
-        shipped("golden", path="golden.jsonl", format="hh-rlhf"),
+        shipped("golden", path="golden.jsonl", format="hh-rlhf", eval_pairs=20),  # of its 24 pairs
         champion=run / "champion.json",
         base=tiny_base,
         challenger=run / "challenger",
@@ -221,6 +221,9 @@ def test_default_gate_end_to_end_on_evaluate_stage_output_with_a_real_judge(
     for name in ("worse", "better"):
         run, metrics, blessing = _run_stages(settings, repo_root, tiny_base, real_judge, speaking, name)
         assert metrics["judge"]["status"] == "judge", metrics["judge"]
+        assert (
+            metrics["policy"]["golden_pref_accuracy"]["n"] == metrics["reward"]["golden_pairwise_accuracy"]["n"] == 20
+        )
         assert blessing["gate"] == "default" and blessing["gate_sha256"] == gate.sha256
         assert blessing["judge"].startswith(f"{REWARD} v7 (")
         policy = blessing["policy"]
