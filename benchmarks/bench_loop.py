@@ -37,6 +37,7 @@ HH = [ROOT / "data/demo/hh-rlhf-batch1.jsonl.gz", ROOT / "data/demo/hh-rlhf-batc
 NATIVE = ROOT / "data/demo/native-batch.jsonl"
 KINDS = (("policy", "golden_pref_accuracy"), ("reward", "golden_pairwise_accuracy"))
 PRIMARY = {"policy": "pref_accuracy", "reward": "pairwise_accuracy"}  # on the rolling test split
+DECIDES = {"policy": "heldout_pref_accuracy", "reward": "heldout_pairwise_accuracy"}  # the default gate's primary
 
 
 def _set_params(root: Path, overrides: list[str]) -> None:
@@ -102,6 +103,9 @@ def _turn(root: Path, turn: int, batches: list[tuple[str, Path]], env: dict) -> 
             "length_baseline": g["length_baseline"],
             "test_split_diff": metrics[kind][PRIMARY[kind]]["diff"],
             "test_split_ci": metrics[kind][PRIMARY[kind]]["ci"],
+            "test_split_n": metrics[kind][PRIMARY[kind]]["n"],
+            "heldout_diff": metrics[kind].get(DECIDES[kind], {}).get("diff"),
+            "heldout_ci": metrics[kind].get(DECIDES[kind], {}).get("ci"),
             "promoted": bool(outcome["promoted"]),
             "version": outcome["version"],
         }
@@ -189,9 +193,9 @@ def _plot(rows: list[dict], out: Path) -> Path:
 
 def _table(rows: list[dict], final: dict, counts: dict) -> str:
     lines = [
-        "| turn | model | train pairs | champion | challenger | difference [95% CI] | test split diff [95% CI] | "
-        "released |",
-        "|---|---|---|---|---|---|---|---|",
+        "| turn | model | train pairs | golden: champion | golden: challenger | golden: difference [95% CI] | "
+        "test split (n): difference | test + golden (decides) | released |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for kind, _ in KINDS:
@@ -199,7 +203,8 @@ def _table(rows: list[dict], final: dict, counts: dict) -> str:
             lines.append(
                 f"| {r['turn']} | {kind} | {r['pairs_train']} | {_fmt(m['champion'])} {_ci(m['champion_ci'])} | "
                 f"{_fmt(m['challenger'])} {_ci(m['challenger_ci'])} | {_fmt(m['diff'])} {_ci(m['diff_ci'])} | "
-                f"{_fmt(m['test_split_diff'])} {_ci(m['test_split_ci'])} | {'promoted' if m['promoted'] else 'refused'} |"
+                f"({m['test_split_n']}) {_fmt(m['test_split_diff'])} {_ci(m['test_split_ci'])} | "
+                f"{_fmt(m['heldout_diff'])} {_ci(m['heldout_ci'])} | {'promoted' if m['promoted'] else 'refused'} |"
             )
     lines += ["", f"False promotions: {counts['false_promotions']}; missed gains: {counts['missed_gains']}.", ""]
     for kind in ("policy", "reward"):

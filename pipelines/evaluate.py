@@ -36,7 +36,10 @@ from pipelines.resolve_champion import load
 def headline_metrics(metrics: dict) -> dict[str, float]:
     """The primary metrics' numbers for MLflow, which takes numbers only: a metric not measured is left out."""
     out = {}
-    names = ("pref_accuracy", "golden_pref_accuracy"), ("pairwise_accuracy", "golden_pairwise_accuracy")
+    names = (
+        ("pref_accuracy", "golden_pref_accuracy", "heldout_pref_accuracy"),
+        ("pairwise_accuracy", "golden_pairwise_accuracy", "heldout_pairwise_accuracy"),
+    )
     for kind, keys in zip(("policy", "reward"), names):
         for key, part in itertools.product(keys, ("challenger", "champion", "diff")):
             if key in metrics[kind] and metrics[kind][key].get(part) is not None:

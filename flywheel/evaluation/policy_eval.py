@@ -76,12 +76,10 @@ def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: Ev
     return {name: [c - r for c, r in rows] for name, rows in ratios.items()}
 
 
-def golden_accuracy(reference, champion, challenger, tok, pairs: list[dict], params: EvaluateParams) -> dict:
-    """The implicit reward's preference accuracy on the golden set, challenger against champion (paired, prompts
-    resampled whole), with the length baseline of the same pairs."""
+def golden_correct(reference, champion, challenger, tok, pairs: list[dict], params: EvaluateParams) -> dict:
+    """Per model, per golden pair: 1 when the implicit reward prefers the chosen answer (0.5 on a tie)."""
     margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
-    correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
-    return stats.golden_metric(correct["challenger"], correct["champion"], pairs, params)
+    return {k: stats.correct_from_margin(v) for k, v in margins.items()}
 
 
 def unpaired_scores(ratios: list[float], desirable: list[bool]) -> list[float]:
@@ -165,7 +163,9 @@ def evaluate_policy(
         out["unpaired_accuracy"] = unpaired_accuracy(reference, champion, challenger, tok, unpaired, params)
     if golden is not None:
         log(f"evaluate: implicit-reward accuracy on the golden set ({len(golden)} pairs)")
-        out["golden_pref_accuracy"] = golden_accuracy(reference, champion, challenger, tok, golden, params)
+        g = golden_correct(reference, champion, challenger, tok, golden, params)
+        out["golden_pref_accuracy"] = stats.golden_metric(g["challenger"], g["champion"], golden, params)
+        out["heldout_pref_accuracy"] = stats.heldout_metric(correct, g, pairs, golden, params)
     out["length_baseline"] = mean_length_baseline(pairs)
     out["slices"] = slice_metrics(correct, pairs, params)
     yes, no = out["slices"].get("chosen_shorter=yes"), out["slices"].get("chosen_shorter=no")

@@ -104,11 +104,18 @@ def write(metrics: dict, out_dir: Path) -> list[Path]:
         f"| reward pairwise accuracy | {_fmt(ra['champion'])} | {_fmt(ra['challenger'])} | {_fmt(ra['diff'])} | "
         f"{_ci(ra)} | {ra['n']} |",
     ]
-    for label, m in (("policy", p.get("golden_pref_accuracy")), ("reward", r.get("golden_pairwise_accuracy"))):
+    golden = "golden set (fixed, never trained on)"
+    pooled = "held out: test split + golden set (the default gate's primary)"
+    for label, m in (
+        (f"policy, {golden}", p.get("golden_pref_accuracy")),
+        (f"reward, {golden}", r.get("golden_pairwise_accuracy")),
+        (f"policy, {pooled}", p.get("heldout_pref_accuracy")),
+        (f"reward, {pooled}", r.get("heldout_pairwise_accuracy")),
+    ):
         if m:
             lines.append(
-                f"| {label}, golden set (fixed, never trained on) | {_fmt(m['champion'])} | {_fmt(m['challenger'])} "
-                f"| {_fmt(m['diff'])} | {_ci(m)} | {m['n']} |"
+                f"| {label} | {_fmt(m['champion'])} | {_fmt(m['challenger'])} | {_fmt(m['diff'])} | {_ci(m)} | "
+                f"{m['n']} |"
             )
     for k in ("benign_refusal_rate", "behaviour_pass_rate", "harmlessness_score"):
         m = p[k]

@@ -13,14 +13,6 @@ if TYPE_CHECKING:
     from flywheel.params import EvaluateParams
 
 
-def golden_accuracy(champion, challenger, pairs: list[dict], params: EvaluateParams) -> dict:
-    """Both reward models' pairwise accuracy on the golden set (paired, prompts resampled whole)."""
-    from flywheel.models.reward import pairwise_correct
-
-    ch, cp = pairwise_correct(challenger, pairs), pairwise_correct(champion, pairs)
-    return stats.golden_metric(ch, cp, pairs, params)
-
-
 def evaluate_reward(
     champion, challenger, pairs: list[dict], params: EvaluateParams, golden: list[dict] | None = None
 ) -> dict:
@@ -43,7 +35,11 @@ def evaluate_reward(
         },
     }
     if golden is not None:
-        out["golden_pairwise_accuracy"] = golden_accuracy(champion, challenger, golden, params)
+        g = {"challenger": pairwise_correct(challenger, golden), "champion": pairwise_correct(champion, golden)}
+        out["golden_pairwise_accuracy"] = stats.golden_metric(g["challenger"], g["champion"], golden, params)
+        out["heldout_pairwise_accuracy"] = stats.heldout_metric(
+            {"challenger": ch, "champion": cp}, g, pairs, golden, params
+        )
     out["slices"] = slice_metrics({"challenger": ch, "champion": cp}, pairs, params)
     mark_not_measured(out, "the reward test split has no pairs")
     return out

@@ -225,7 +225,7 @@ def test_the_blessing_records_the_gate_in_force_and_the_judge(tmp_path, repo_roo
     verdict = main(tmp_path / "evaluate.json", gate.rules, tmp_path / "blessing.json", gate.name)
     written = json.loads((tmp_path / "blessing.json").read_text())
     assert written["gate"] == "default" and written["gate_sha256"] == gate.sha256 == verdict["gate_sha256"]
-    assert written["gate_rules"]["policy"]["primary"] == "pref_accuracy"
+    assert written["gate_rules"]["policy"]["primary"] == "heldout_pref_accuracy"
     assert written["judge"] == "none" and "alike" in written["judge_reason"] and written["profile"] == "tiny"
     page = (tmp_path / "blessing.md").read_text()
     assert "harmless_win_rate: not applied: no judge" in page and "judge: none" in page
@@ -320,7 +320,9 @@ def test_with_no_test_pairs_the_fallback_primary_decides_as_strictly():
     from pipelines.bless import judge_model
 
     gates = shipped("bless").gates
-    no_pairs = {"pref_accuracy": {"challenger": None, "champion": None, "diff": None, "ci": [None, None], "n": 0}}
+    no_pairs = {
+        "heldout_pref_accuracy": {"challenger": None, "champion": None, "diff": None, "ci": [None, None], "n": 0}
+    }
     better = {"challenger": 0.7, "champion": 0.5, "diff": 0.2, "ci": [0.1, 0.3], "n": 300}
     noise = {**better, "ci": [-0.05, 0.3]}
     gate = gates["default"].policy.model_copy(update={"metrics": {}, "slice_rule": None})
@@ -331,7 +333,9 @@ def test_with_no_test_pairs_the_fallback_primary_decides_as_strictly():
     assert not refused["blessed"] and "not better beyond noise" in refused["reasons"][0]
     assert not judge_model(no_pairs, gate)["blessed"]
     without = gate.model_copy(update={"fallback_primary": None})
-    assert judge_model({**no_pairs, "unpaired_accuracy": better}, without)["reasons"] == ["pref_accuracy: not measured"]
+    assert judge_model({**no_pairs, "unpaired_accuracy": better}, without)["reasons"] == [
+        "heldout_pref_accuracy: not measured"
+    ]
 
 
 def test_the_golden_set_refuses_a_challenger_worse_beyond_noise_there_and_lets_noise_pass(repo_root):
@@ -347,9 +351,11 @@ def test_the_golden_set_refuses_a_challenger_worse_beyond_noise_there_and_lets_n
         "harmless_win_rate": {"value": 0.5, "ci": [0.4, 0.6], "n": 16},
     }
     reward = {**_reward(), "golden_pairwise_accuracy": paired_diff([0.6] * 100, [0.6] * 100, n_boot=500)}
+    reward["heldout_pairwise_accuracy"] = reward["pairwise_accuracy"]
 
     def verdict(golden: dict | None) -> dict:
         policy = _policy(better, [0.5] * 100, **metrics)
+        policy["heldout_pref_accuracy"] = policy["pref_accuracy"]  # the pooled primary: better beyond noise
         if golden is not None:
             policy["golden_pref_accuracy"] = golden
         return bless({"policy": policy, "reward": reward}, gate)["policy"]
@@ -376,3 +382,29 @@ def test_no_regression_beyond_noise_reads_the_interval_of_the_difference(directi
     rule = MetricRule(direction=direction, no_regression_beyond_noise=True)
     m = {"challenger": 0.5, "champion": 0.5, "diff": sum(ci) / 2, "ci": ci, "n": 100}
     assert bool(check_rule("golden", m, rule)) == bad
+
+
+def test_the_pooled_primary_sees_a_gain_the_small_test_split_alone_cannot():
+    """60 test pairs alone cannot resolve a 10-point gain; pooled with 285 golden pairs it is beyond noise, and the
+    pooled entry counts both."""
+    from types import SimpleNamespace
+
+    from flywheel.evaluation.stats import heldout_metric
+
+    params = SimpleNamespace(confidence=0.95, bootstrap=1000, seed=0)
+
+    def pairs(n, tag):
+        return [{"prompt": [{"role": "user", "content": f"{tag} {i}"}]} for i in range(n)]
+
+    def scores(n, wins, losses):  # the challenger alone right on `wins` items, alone wrong on `losses`
+        rest = n - wins - losses
+        return {
+            "challenger": [1.0] * wins + [0.0] * losses + [1.0] * rest,
+            "champion": [0.0] * wins + [1.0] * losses + [1.0] * rest,
+        }
+
+    test, golden = scores(60, 12, 6), scores(285, 57, 28)
+    alone = paired_diff(test["challenger"], test["champion"], 0.95, 1000, 0)
+    pooled = heldout_metric(test, golden, pairs(60, "test"), pairs(285, "golden"), params)
+    assert alone["ci"][0] <= 0 < pooled["ci"][0]
+    assert pooled["n"] == 345 and pooled["test_pairs"] == 60 and pooled["golden_pairs"] == 285
