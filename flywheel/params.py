@@ -137,8 +137,6 @@ class GoldenParams(Section):
     # conversations and prompts are kept out of every training set, whatever the window
     path: str = Field(min_length=1)
     format: Literal["native", "hh-rlhf"]
-    eval_pairs: int = Field(ge=0)  # evaluate scores the first N pairs (0: all; the tiny profile's tests: a few);
-    # prepare always holds out the whole file
 
 
 # ---- training and evaluation ---------------------------------------------------------------------------------
@@ -242,6 +240,7 @@ class EvaluateParams(Section):
     # only the time does (train_policy.frozen_layers is the fastest value). Its own value, not train_policy's.
     frozen_layers: int = Field(ge=0)
     bf16: bool  # frozen trunk in bf16 for the margins, bf16 copies to generate
+    golden_pairs: int = Field(ge=0)  # score the golden set's first N pairs (0: all); prepare holds out every one
     judged_prompts: int = Field(ge=0)
     redteam_prompts: int = Field(ge=0)
     benign_prompts: int = Field(ge=0)

@@ -83,7 +83,7 @@ def main(
     c, golden_params = settings.params.contract, golden_params or settings.params.golden
     try:
         golden = load_golden(settings.root / golden_params.path, golden_params.format, c.max_text_chars, c.max_turns)
-        golden_pairs = golden.pairs[: golden_params.eval_pairs or None]
+        golden_pairs = golden.pairs[: params.golden_pairs or None]
     except GoldenError as exc:
         raise StageFailed(str(exc)) from exc
     pairs = read_set(prepared, "pairs", "test")

@@ -183,8 +183,8 @@ def _run_stages(settings, repo_root, tiny_base, judge, planted, name: str):
     (run / "champion.json").write_text(json.dumps(champion))
     line = evaluate_stage(
         settings,
-        STAGE_EVAL,
-        shipped("golden", path="golden.jsonl", format="hh-rlhf", eval_pairs=20),  # of its 24 pairs
+        STAGE_EVAL.updated(golden_pairs=20),  # of the golden file's 24 pairs
+        shipped("golden", path="golden.jsonl", format="hh-rlhf"),
         champion=run / "champion.json",
         base=tiny_base,
         challenger=run / "challenger",
