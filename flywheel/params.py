@@ -209,6 +209,7 @@ class TrainPolicyParams(Section):
     # qlora: the same adapter on a 4-bit base (bitsandbytes; CUDA only)
     lora: LoraParams
     method: Literal["dpo", "kto"]  # dpo: preference pairs; kto: unpaired desirable / undesirable answers
+    start_from: Literal["champion", "base"]  # champion: continue it on the window; base: train the base on it
     kto: KtoParams
 
     @property

@@ -27,6 +27,14 @@ def on_base(champion: Path, info: dict, base: Path) -> bool:
     return info.get("content_hash") == base_hash(base)
 
 
+def start_point(params: TrainPolicyParams, champion: Path, info: dict, base: Path) -> tuple[Path, bool]:
+    """(the folder training starts from, whether the challenger is saved adapter-only): the champion, continued
+    (``train_policy.start_from: champion``), or the base model on the whole window (``base``)."""
+    if params.start_from == "base":
+        return base, True
+    return champion, on_base(champion, info, base)
+
+
 def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyParams, base: Path, log=print):
     """Load the champion, train its top layers (or a LoRA adapter on them, continuing the champion's adapter
     when it has one) by DPO on ``pairs`` or, with ``train_policy.method: kto``, by KTO on ``pairs`` = unpaired
@@ -108,14 +116,14 @@ def main(
 
     pairs = read_set(prepared, "kto" if params.method == "kto" else "pairs", "train")
     sft = read_set(prepared, "sft", "train")
-    adapter_only = on_base(champion, champion_info, base)
+    start, adapter_only = start_point(params, champion, champion_info, base)
     if params.adapter == "qlora" and not adapter_only:
         raise ValueError(
             f"train_policy.adapter: qlora trains an adapter on the base model, but the champion "
             f"(version {champion_info.get('version')}) holds full weights of its own: use adapter: lora or none"
         )
     if distributed.launched() and distributed.rank() != 0:  # one of several processes: train, log nothing
-        fit(champion, pairs, sft, params, base, log=lambda *a: None)
+        fit(start, pairs, sft, params, base, log=lambda *a: None)
         return {}
     with tracking.stage_run(settings, "train_policy") as run:
         mlflow.log_params({f"policy.{k}": v for k, v in params.model_dump().items()})
@@ -126,7 +134,7 @@ def main(
                 "policy.sft_examples": len(sft),
             }
         )
-        model, tok, history, seconds = fit(champion, pairs, sft, params, base)
+        model, tok, history, seconds = fit(start, pairs, sft, params, base)
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         plot = tracking.log_curve(
@@ -150,6 +158,7 @@ def main(
             "train_seconds": round(seconds, 1),
             "seconds_per_step": round(seconds / max(1, len(history)), 2),
             "champion_version": champion_info.get("version"),
+            "start_from": params.start_from,
             "mlflow_run_id": run.info.run_id,
         }
         mlflow.log_metrics({"train_seconds": seconds, "seconds_per_step": summary["seconds_per_step"]})

@@ -215,3 +215,23 @@ def test_a_folder_source_resolves_relative_to_the_workspace(family_dir, tmp_path
     shutil.copytree(family_dir["gemma"], tmp_path / "my-model")
     assert resolve("policy", _spec("my-model"), tmp_path) == tmp_path / "my-model"
     assert resolve("policy", _spec(str(tmp_path / "my-model")), tmp_path / "elsewhere") == tmp_path / "my-model"
+
+
+def test_a_turn_starts_from_the_champion_or_from_the_base_as_params_say(family_dir, tmp_path):
+    """``train_policy.start_from``: continue the champion (saved full when it holds weights of its own), or train the
+    base model on the whole window (an adapter on the base: saved adapter-only)."""
+    import shutil
+
+    from flywheel.registry import content_hash
+    from pipelines.train_policy import start_point
+
+    base = tmp_path / "base" / "policy"
+    shutil.copytree(family_dir["qwen2"], base)
+    (base.parent / "policy.sha256").write_text(content_hash(base))
+    champion = tmp_path / "champion"
+    build_family(champion, "qwen2", seed=3)  # full weights of its own
+    info = {"version": "4", "content_hash": content_hash(champion)}
+    assert start_point(shipped("train_policy", start_from="champion"), champion, info, base) == (champion, False)
+    assert start_point(shipped("train_policy", start_from="base"), champion, info, base) == (base, True)
+    on_its_base = {"version": "2", "content_hash": content_hash(base)}
+    assert start_point(shipped("train_policy", start_from="champion"), base, on_its_base, base) == (base, True)
