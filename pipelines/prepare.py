@@ -227,15 +227,14 @@ class PrepareResult:
 
 def prepare(events: list[dict], params: PrepareParams, golden: Golden | None = None) -> PrepareResult:
     """``golden``: the golden set, whose conversations and prompts are held out of every set (counted)."""
-    held = [e for e in events if golden is not None and golden.holds(e)]
-    if held:
-        ids = {e["event_id"] for e in held}
-        events = [e for e in events if e["event_id"] not in ids]
+    total = len(events)
+    if golden is not None:
+        events = [e for e in events if not golden.holds(e)]
     kept, report = deduplicate(events, params)
     sets = compile_sets(kept, params)
     metrics = {
-        "events": len(events) + len(held),
-        "golden_held_out": len(held),
+        "events": total,
+        "golden_held_out": total - len(events),
         "exact_duplicates": report.exact,
         "near_duplicates": report.near,
     }

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from flywheel.contract import FEEDBACK_COLUMNS, FEEDBACK_TEXT_COLUMNS, ContractError
+from flywheel.contract import FEEDBACK_COLUMNS, FEEDBACK_TEXT_COLUMNS, ContractError, parse_event
 from flywheel.redact import pseudonymise_id, redact
 
 FORMATS = ("native", "hh-rlhf")
@@ -105,3 +105,10 @@ def event_row(event, found: Counter) -> dict:
         "polarity": fb.polarity(),
         "pii_found": sum(found.values()),
     }
+
+
+def parse_line(raw: bytes, fmt: str, ingested_at: str, max_chars: int, max_turns: int):
+    """One line of a ``native`` (contract events) or ``hh-rlhf`` file as a checked contract event; ContractError
+    names what is wrong. Ingest, eval-reward/eval-policy and the golden set read lines through it."""
+    line = json.dumps(hh_to_event(raw, ingested_at)) if fmt == "hh-rlhf" else raw
+    return parse_event(line, max_chars, max_turns)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flywheel.contract import ContractError, parse_event
-from flywheel.data.events import IngestError, event_row, hh_to_event, read_lines
+from flywheel.contract import ContractError
+from flywheel.data.events import IngestError, event_row, parse_line, read_lines
 
 
 class GoldenError(RuntimeError):
@@ -51,8 +51,7 @@ def load_golden(path: Path | str, fmt: str, max_text_chars: int, max_turns: int)
     try:
         for n, raw in read_lines(path):
             try:
-                line = json.dumps(hh_to_event(raw, now)) if fmt == "hh-rlhf" else raw
-                event = parse_event(line, max_text_chars, max_turns)
+                event = parse_line(raw, fmt, now, max_text_chars, max_turns)
             except ContractError as exc:
                 raise GoldenError(f"golden set {path} line {n}: {exc.reason}") from None
             if event.feedback.type != "preference":

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from flywheel.contract import ContractError, parse_event
+from flywheel.contract import ContractError
 from flywheel.data import rawstore
 from flywheel.data.events import (  # noqa: F401  (ingest's names, defined there)
     FORMATS,
     IngestError,
     event_row,
     hh_to_event,
+    parse_line,
     read_lines,
     split_dialogue,
 )
@@ -72,10 +73,7 @@ def _process_chunk(
         try:
             if len(raw) > max_bytes:
                 raise ContractError(f"line is {len(raw)} bytes, over the limit of {max_bytes}")
-            if fmt == "hh-rlhf":
-                event = parse_event(json.dumps(hh_to_event(raw, ingested_at)), max_chars, max_turns)
-            else:
-                event = parse_event(raw, max_chars, max_turns)
+            event = parse_line(raw, fmt, ingested_at, max_chars, max_turns)
         except ContractError as exc:
             if "text is empty" in exc.reason:
                 empty += 1

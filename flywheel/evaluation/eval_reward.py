@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flywheel.contract import ContractError, parse_event
-from flywheel.data.events import IngestError, hh_to_event, read_lines
+from flywheel.contract import ContractError
+from flywheel.data.events import IngestError, parse_line, read_lines
 
 
 class EvalRewardError(RuntimeError):
@@ -21,8 +20,7 @@ def load_pairs(path: Path, fmt: str, max_text_chars: int, max_turns: int) -> tup
     try:
         for _, raw in read_lines(path):
             try:
-                line = json.dumps(hh_to_event(raw, now)) if fmt == "hh-rlhf" else raw
-                e = parse_event(line, max_text_chars, max_turns)
+                e = parse_line(raw, fmt, now, max_text_chars, max_turns)
             except ContractError:
                 skipped += 1
                 continue

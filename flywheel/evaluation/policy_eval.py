@@ -12,7 +12,14 @@ import torch
 from flywheel.evaluation import stats
 from flywheel.evaluation.answers import AnswerCache, behaviour_pass, redteam_prompts, suite_samples
 from flywheel.evaluation.refusal import is_refusal
-from flywheel.evaluation.slices import cluster_keys, mark_not_measured, mean_length_baseline, slice_metrics
+from flywheel.evaluation.slices import (
+    cluster_keys,
+    golden_metric,
+    heldout_metric,
+    mark_not_measured,
+    mean_length_baseline,
+    slice_metrics,
+)
 from flywheel.models import device
 from flywheel.models.policy import (
     cast_frozen,
@@ -164,8 +171,8 @@ def evaluate_policy(
     if golden is not None:
         log(f"evaluate: implicit-reward accuracy on the golden set ({len(golden)} pairs)")
         g = golden_correct(reference, champion, challenger, tok, golden, params)
-        out["golden_pref_accuracy"] = stats.golden_metric(g["challenger"], g["champion"], golden, params)
-        out["heldout_pref_accuracy"] = stats.heldout_metric(correct, g, pairs, golden, params)
+        out["golden_pref_accuracy"] = golden_metric(g["challenger"], g["champion"], golden, params)
+        out["heldout_pref_accuracy"] = heldout_metric(correct, g, pairs, golden, params)
     out["length_baseline"] = mean_length_baseline(pairs)
     out["slices"] = slice_metrics(correct, pairs, params)
     yes, no = out["slices"].get("chosen_shorter=yes"), out["slices"].get("chosen_shorter=no")

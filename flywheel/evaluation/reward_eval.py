@@ -7,7 +7,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flywheel.evaluation import stats
-from flywheel.evaluation.slices import cluster_keys, mark_not_measured, mean_length_baseline, slice_metrics
+from flywheel.evaluation.slices import (
+    cluster_keys,
+    golden_metric,
+    heldout_metric,
+    mark_not_measured,
+    mean_length_baseline,
+    slice_metrics,
+)
 
 if TYPE_CHECKING:
     from flywheel.params import EvaluateParams
@@ -36,10 +43,8 @@ def evaluate_reward(
     }
     if golden is not None:
         g = {"challenger": pairwise_correct(challenger, golden), "champion": pairwise_correct(champion, golden)}
-        out["golden_pairwise_accuracy"] = stats.golden_metric(g["challenger"], g["champion"], golden, params)
-        out["heldout_pairwise_accuracy"] = stats.heldout_metric(
-            {"challenger": ch, "champion": cp}, g, pairs, golden, params
-        )
+        out["golden_pairwise_accuracy"] = golden_metric(g["challenger"], g["champion"], golden, params)
+        out["heldout_pairwise_accuracy"] = heldout_metric({"challenger": ch, "champion": cp}, g, pairs, golden, params)
     out["slices"] = slice_metrics({"challenger": ch, "champion": cp}, pairs, params)
     mark_not_measured(out, "the reward test split has no pairs")
     return out

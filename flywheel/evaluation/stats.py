@@ -65,36 +65,3 @@ def paired_diff(
 def correct_from_margin(margins: list[float]) -> list[float]:
     """1 for a positive margin, 0 for a negative one, 0.5 for a tie."""
     return [1.0 if m > 0 else (0.0 if m < 0 else 0.5) for m in margins]
-
-
-def golden_metric(challenger: list[float], champion: list[float], pairs: list[dict], params) -> dict:
-    """The golden set's entry: the paired difference (prompts resampled whole), each model's own accuracy with its
-    interval (plotted turn after turn by benchmarks/bench_loop.py) and the length baseline of the same pairs."""
-    from flywheel.evaluation.slices import cluster_keys, mean_length_baseline
-
-    keys = cluster_keys(pairs)
-    out = paired_diff(challenger, champion, params.confidence, params.bootstrap, params.seed, keys)
-    for name, scores in (("challenger", challenger), ("champion", champion)):
-        out[f"{name}_ci"] = mean_ci(scores, params.confidence, params.bootstrap, params.seed, keys)["ci"]
-    out["length_baseline"] = mean_length_baseline(pairs)
-    return out
-
-
-def heldout_metric(test: dict[str, list[float]], golden: dict[str, list[float]], test_pairs, golden_pairs, params):
-    """The default gate's primary: challenger against champion on every held-out pair, the rolling test split and
-    the golden set pooled (one paired bootstrap; pairs sharing a prompt stay one cluster). Pooled, the early turns
-    (a test split of tens of pairs) still resolve a few points of gain, and as the test split grows the fresh data
-    weighs more than the fixed set that every turn reuses."""
-    from flywheel.evaluation.slices import cluster_keys
-
-    keys = cluster_keys(list(test_pairs) + list(golden_pairs))
-    out = paired_diff(
-        test["challenger"] + golden["challenger"],
-        test["champion"] + golden["champion"],
-        params.confidence,
-        params.bootstrap,
-        params.seed,
-        keys,
-    )
-    out["test_pairs"], out["golden_pairs"] = len(test_pairs), len(golden_pairs)
-    return out

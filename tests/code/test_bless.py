@@ -389,7 +389,7 @@ def test_the_pooled_primary_sees_a_gain_the_small_test_split_alone_cannot():
     pooled entry counts both."""
     from types import SimpleNamespace
 
-    from flywheel.evaluation.stats import heldout_metric
+    from flywheel.evaluation.slices import heldout_metric
 
     params = SimpleNamespace(confidence=0.95, bootstrap=1000, seed=0)
 
