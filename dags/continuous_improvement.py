@@ -11,6 +11,7 @@ from airflow.sdk import (
     AssetOrTimeSchedule,
     CronTriggerTimetable,
     Param,
+    TaskGroup,
     TriggerRule,
     chain,
     dag,
@@ -114,7 +115,7 @@ def _stage(stage: str):
         from flywheel import orchestration as orch
 
         env = _env()
-        return orch.as_dict(
+        result = orch.as_dict(
             _synced(
                 stage,
                 lambda: orch.run_stage(CFG.root, stage, env, timeout=ORCH.stage_timeout_minutes * 60),
@@ -122,8 +123,33 @@ def _stage(stage: str):
                 env=env,
             )
         )
+        for line in orch.stage_outcome(CFG.root, stage, env):  # e.g. bless's verdict, run or skipped by DVC
+            orch.say(line)
+        return result
 
     return run_stage()
+
+
+# the graph view's groups (task ids stay the stage names); a stage not listed lands in "pipeline"
+GROUPS = {
+    "data": ["validate", "prepare"],
+    "training": ["base_models", "resolve_champion", "train_reward", "train_policy"],
+    "evaluation": ["evaluate", "bless"],
+}
+
+
+def _grouped_stages() -> list:
+    """One task per dvc.yaml stage, in dvc.yaml's order, each inside its group of the graph view."""
+    group_of = {stage: name for name, stages in GROUPS.items() for stage in stages}
+    groups: dict[str, TaskGroup] = {}
+    tasks = []
+    for stage in CFG.stages:
+        name = group_of.get(stage, "pipeline")
+        if name not in groups:
+            groups[name] = TaskGroup(group_id=name, prefix_group_id=False, tooltip=f"{name} stages (dvc.yaml)")
+        with groups[name]:
+            tasks.append(_stage(stage))
+    return tasks
 
 
 @dag(
@@ -188,7 +214,7 @@ def continuous_improvement():
                 settings, f"airflow {ctx['run_id']}", {"airflow.run_id": ctx["run_id"]}
             )
         ctx["ti"].xcom_push(key="decision", value=out)
-        print(("RETRAIN: " if decision.retrain else "STOP: ") + decision.reason)
+        orch.say(("RETRAIN: " if decision.retrain else "STOP: ") + decision.reason)
         return decision.retrain
 
     @task(multiple_outputs=False)
@@ -234,11 +260,9 @@ def continuous_improvement():
             publish=False,
             env=env,
         )
-        for r in rows:
-            print(
-                f"{r['model']} v{r['version']}: promoted={r['promoted']} blessed={r['blessed']} "
-                f"smoke_check={r['smoke_check']} reasons={r['reasons']}"
-            )
+        ran = [t for t in CFG.stages if (ctx["ti"].xcom_pull(task_ids=t) or {}).get("ran")]
+        for line in orch.release_summary(rows, ran):
+            orch.say(line)
         return rows
 
     @task(pool=ORCH.pool, trigger_rule=TriggerRule.NONE_FAILED)
@@ -261,10 +285,11 @@ def continuous_improvement():
             env=env,
         )
 
-    approve = _approval()
-    stages = [_stage(s) for s in CFG.stages]
-    branch = approval_needed()
-    released = release()
+    stages = _grouped_stages()
+    with TaskGroup(group_id="approval_and_release", prefix_group_id=False, tooltip="approval, then the release"):
+        approve = _approval()
+        branch = approval_needed()
+        released = release()
     chain(check_feedback(), *stages, record_training(), branch, approve, released, record_rejection())
     branch >> released
 

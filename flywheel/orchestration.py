@@ -32,6 +32,12 @@ _NO_EXPORT = "No such command 'export'"
 Log = Callable[[str], None]
 
 
+def say(line: str) -> None:
+    """Print and flush: a task's log shows each line when it happens, before Airflow's own "Done." lines
+    (buffered prints landed after them, in the collapsed post-execute group)."""
+    print(line, flush=True)
+
+
 class CommandFailed(RuntimeError):
     """A ``dvc`` or ``flywheel`` command exited non-zero; the message ends with its stderr tail."""
 
@@ -256,7 +262,7 @@ def run_command(
     cmd: list[str],
     root: Path,
     env: dict[str, str],
-    log: Log = print,
+    log: Log = say,
     what: str = "",
     timeout: float | None = None,
     tail: int = 25,
@@ -316,9 +322,7 @@ class StageResult:
     seconds: float
 
 
-def run_stage(
-    root: Path, stage: str, env: dict[str, str], log: Log = print, timeout: float | None = None
-) -> StageResult:
+def run_stage(root: Path, stage: str, env: dict[str, str], log: Log = say, timeout: float | None = None) -> StageResult:
     """Run one dvc.yaml stage in the workspace (DVC skips it when nothing it depends on changed), inside this
     process's tree: ``timeout`` or a kill of the task stops it and its children (see ``run_command``). Never in a
     local warm runner (flywheel/warm.py; one another process started, outside the task's tree, timeout and
@@ -338,10 +342,41 @@ def _last_json(stdout: str):
     raise ValueError("no JSON line in the command's output")
 
 
+def stage_outcome(root: Path, stage: str, env: dict[str, str]) -> list[str]:
+    """What a stage's task log should end with, whether the stage ran or DVC skipped it: the gate's verdict for
+    ``bless`` (read from its output, so a skipped bless still says what it decided), nothing for the others."""
+    if stage != "bless":
+        return []
+    from flywheel import verdicts
+    from flywheel.settings import load_settings
+
+    path = load_settings(root, env=env).reports / "blessing.json"
+    if not path.is_file():
+        return [f"bless: no verdict at {path}"]
+    blessing = json.loads(path.read_text())
+    lines = [f"VERDICT ({blessing.get('gate', '?')} gate, judge: {blessing.get('judge', 'none')}):"]
+    lines += [f"  {kind}: {verdicts.of_blessing(blessing.get(kind) or {})}" for kind in ("policy", "reward")]
+    return lines + [f"  every rule: {path.with_suffix('.md')}"]
+
+
+def release_summary(rows: list[dict], stages_ran: list[str]) -> list[str]:
+    """The release task's closing lines: one verdict per model (``flywheel release``'s table) and, when no stage
+    ran in this run, that nothing was retrained (the release re-checked the challengers already there)."""
+    lines = []
+    if not stages_ran:
+        lines.append(
+            "NOTHING RETRAINED: every stage was up to date (DVC skipped it); the release re-checked the "
+            "challengers of an earlier run"
+        )
+    lines.append("RELEASE:")
+    lines += [f"  {r['model']:<7} v{r['version'] or '-':<4} {r.get('verdict', '')}" for r in rows]
+    return lines
+
+
 def run_release(
     root: Path,
     env: dict[str, str],
-    log: Log = print,
+    log: Log = say,
     approved_by: str | None = None,
     rejected_by: str | None = None,
     timeout: float | None = None,
@@ -353,7 +388,7 @@ def run_release(
     return _last_json(res.stdout)
 
 
-def run_export(root: Path, env: dict[str, str], log: Log = print, timeout: float | None = None) -> dict:
+def run_export(root: Path, env: dict[str, str], log: Log = say, timeout: float | None = None) -> dict:
     """``flywheel export --json``: new feedback-store events into the raw store; returns its counts.
     Raises ``ExportUnavailable`` (a ``CommandFailed``) when this install has no such executable or command."""
     cmd = [console_script("flywheel"), "export", "--json"]
@@ -399,7 +434,7 @@ def synced(
     work: Callable[[], object],
     push: list[str] | None = None,
     publish: bool = True,
-    log: Log = print,
+    log: Log = say,
 ) -> tuple[object, dict | None]:
     """Run ``work`` between a pull and a push through the DVC remote when one is set (settings
     ``dvc_remote``): the workspace gets ``state`` (the previous task's; the latest published when None) and its

@@ -43,10 +43,18 @@ class Version:
     source: str
     tags: dict
     aliases: list[str]
+    description: str = ""
 
 
 def _v(mv) -> Version:
-    return Version(mv.name, str(mv.version), mv.source, dict(mv.tags or {}), list(getattr(mv, "aliases", []) or []))
+    return Version(
+        mv.name,
+        str(mv.version),
+        mv.source,
+        dict(mv.tags or {}),
+        list(getattr(mv, "aliases", []) or []),
+        mv.description or "",
+    )
 
 
 class Registry:
@@ -137,8 +145,11 @@ class Registry:
         if run_id:  # the training run: a tag (a tracking server requires the version's run to
             all_tags["training_run_id"] = run_id  # be the one holding its files, the register run)
         meta = {"flywheel_content_hash": digest, "flywheel_kind": kind}
-        with mlflow.start_run(
-            experiment_id=self.experiment_id, run_name=f"register-{name}", tags={"flywheel.stage": "register"}
+        with mlflow.start_run(  # under the loop's run when there is one (one run tree per loop turn)
+            experiment_id=self.experiment_id,
+            run_name=f"register-{name}",
+            parent_run_id=self.settings.parent_run_id or None,
+            tags={"flywheel.stage": "register"},
         ) as run:
             try:
                 info = logged.log_version(kind, Path(folder), base / "policy" if base else None, meta)
@@ -155,6 +166,10 @@ class Registry:
     def set_tags(self, name: str, version: str, tags: dict) -> None:
         for k, v in tags.items():
             self.client.set_model_version_tag(name, str(version), k, str(v)[:5000])
+
+    def describe(self, name: str, version: str, text: str) -> None:
+        """The version's description (the MLflow UI shows it on the version's page and in the list)."""
+        self.client.update_model_version(name, str(version), description=text)
 
     def delete_tags(self, name: str, version: str, keys: list[str]) -> None:
         """Remove these tags from the version where it has them."""

@@ -19,6 +19,12 @@ from pathlib import Path
 from flywheel.params import SmokeParams
 from flywheel.registry import CHALLENGER, CHAMPION, MODELS, PREVIOUS, Registry, RegistryError, Version, content_hash
 
+# lineage tags: written when a version is registered, never overwritten by a later release of the same content
+PROVENANCE = frozenset(
+    {"git_commit", "airflow_run_id", "loop_run_id", "feedback_window", "policy_mlflow_run_id", "reward_mlflow_run_id"}
+    | {f"dvc_{st}_inputs" for st in ("prepare", "train_reward", "train_policy")}
+)
+
 
 @dataclass
 class Outcome:
@@ -41,6 +47,7 @@ def bootstrap(registry: Registry, base: Path) -> list[str]:
             name, base / kind, tags={"origin": "base", "blessed": "base model", "smoke_check": "base model"}
         )
         registry.set_alias(name, CHAMPION, version.version)
+        registry.describe(name, version.version, f"base model ({kind}): the first champion, never gated")
         done.append(f"{name} v{version.version} ({kind} base) is champion")
     return done
 
@@ -203,12 +210,14 @@ def release(
             name, folder, tags=tags, digest=digest, run_id=lineage.get(f"{kind}_mlflow_run_id"), base=base
         )
         out.version = version.version
-        registry.set_tags(name, version.version, tags)
+        if not out.created:  # released again (another run): the verdict may change, where it came from never
+            tags = {k: v for k, v in tags.items() if k not in PROVENANCE or k not in version.tags}
+            registry.set_tags(name, version.version, {k: v for k, v in tags.items() if version.tags.get(k) != v})
         out.blessed = bool(verdict["blessed"])
         out.smoke_ok, detail = smoke_check(kind, registry.local_dir(version), smoke, base)
-        registry.set_tags(
-            name, version.version, {"smoke_check": "passed" if out.smoke_ok else "failed", "smoke_detail": detail}
-        )
+        smoke_tag = "passed" if out.smoke_ok else "failed"
+        if out.created or version.tags.get("smoke_check") != smoke_tag:  # its timing alone is no news
+            registry.set_tags(name, version.version, {"smoke_check": smoke_tag, "smoke_detail": detail})
         log(f"{name} v{version.version}: smoke check {'passed' if out.smoke_ok else 'FAILED'}: {detail}")
         if not out.blessed:
             out.reasons += verdict["reasons"] or ["not blessed"]
@@ -236,8 +245,23 @@ def release(
             registry.set_tags(name, version.version, {"promoted_at": _now()})
             drop_stale_challenger(registry, name, log, list(gates))
             out.promoted = True
+        describe(registry, name, out.version)
         outcomes.append(out)
     return outcomes
+
+
+def describe(registry: Registry, name: str, version: str) -> None:
+    """The version's description in the MLflow UI: its one-line verdict with the gate's figure, e.g.
+    ``promoted: +0.119 [+0.037, +0.201] (heldout_pref_accuracy, gate default)``."""
+    from flywheel import verdicts
+
+    tags = registry.get(name, version).tags
+    try:
+        metric = (json.loads(tags.get("gate_primary") or "null") or {}).get("metric")
+    except (ValueError, AttributeError):
+        metric = None
+    what = ", ".join(x for x in (metric, f"gate {tags['gate']}" if tags.get("gate") else "") if x)
+    registry.describe(name, version, verdicts.of_version(tags) + (f" ({what})" if what else ""))
 
 
 def promote(
@@ -261,6 +285,7 @@ def promote(
         },
     )
     drop_stale_challenger(registry, name, log=lambda *_: None)
+    describe(registry, name, version)
     notes = (
         [f"{name} v{version} had been rolled back from ({v.tags['rolled_back']}): promoted again by hand"]
         if v.tags.get("rolled_back")
@@ -287,6 +312,7 @@ def rollback(
     new, old = registry.rollback(name, target.version)
     registry.set_tags(name, old.version, {"rolled_back": f"{_now()}, champion moved back to v{new.version}"})
     drop_stale_challenger(registry, name, log=lambda *_: None)
+    describe(registry, name, old.version)
     notes = (
         [f"v{new.version} is the base model (bootstrap): never gated, always a valid rollback target"]
         if new.tags.get("origin") == "base"

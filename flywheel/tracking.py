@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 EXPERIMENT = "flywheel"
+# the MLflow UI opens an experiment without this tag in GenAI mode (an empty traces page); ours trains models
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def configure(tracking_uri: str, registry_uri: str, artifact_root: Path) -> str:
@@ -22,12 +25,14 @@ def configure(tracking_uri: str, registry_uri: str, artifact_root: Path) -> str:
     client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made by an earlier version lacks them
+            if key not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
-    location = str(artifact_root) if "://" not in str(artifact_root) else str(artifact_root)
     if tracking_uri.startswith(("http://", "https://")):
-        return client.create_experiment(EXPERIMENT)
+        return client.create_experiment(EXPERIMENT, tags=EXPERIMENT_TAGS)
     Path(artifact_root).mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+    return client.create_experiment(EXPERIMENT, artifact_location=str(artifact_root), tags=EXPERIMENT_TAGS)
 
 
 def configure_from(settings) -> str:
@@ -54,6 +59,24 @@ def start_loop_run(settings, name: str, tags: dict | None = None) -> str:
     exp = configure_from(settings)
     with mlflow.start_run(experiment_id=exp, run_name=name, tags={"flywheel.loop": "true", **(tags or {})}) as run:
         return run.info.run_id
+
+
+def log_loop_outcome(settings, metrics: dict[str, float], tags: dict[str, str], note: str = "") -> None:
+    """The loop turn's outcome on its parent run, where the MLflow UI's run list shows it: headline metrics,
+    verdict tags and a description (``note``). Nothing without a loop run."""
+    if not settings.parent_run_id:
+        return
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    configure_from(settings)
+    now = int(time.time() * 1000)
+    tags = {**tags, **({"mlflow.note.content": note} if note else {})}
+    mlflow.MlflowClient().log_batch(
+        settings.parent_run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+    )
 
 
 def git_commit(root: Path) -> str:

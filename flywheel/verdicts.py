@@ -91,3 +91,12 @@ def of_outcome(promoted: bool, blessed: bool, smoke_ok: bool, reasons: list[str]
     if blessed and smoke_ok and reasons and reasons[-1].startswith("not promoted: ") and "`challenger`" in reasons[-1]:
         return _line("held", primary, reasons)
     return _line("refused", primary, reasons)
+
+
+def of_blessing(verdict: dict) -> str:
+    """The gate's verdict on one model (a ``reports/blessing.json`` entry), e.g.
+    ``not blessed: +0.020 [-0.010, +0.049], not beyond noise``."""
+    primary = verdict.get("primary") or primary_from_lines(verdict.get("reasons", []) + verdict.get("passed", []))
+    if verdict.get("blessed"):
+        return _line("blessed", primary, [])
+    return _line("not blessed", primary, verdict.get("reasons") or ["no verdict"])

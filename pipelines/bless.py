@@ -67,6 +67,26 @@ def check_rule(name: str, m: dict, rule: MetricRule) -> list[str]:
     return reasons
 
 
+def passed_line(name: str, m: dict, rule: MetricRule) -> str:
+    """What a rule checked and the value it saw, e.g. ``heldout_pref_accuracy: 0.6040 >= 0.5; no regression
+    beyond noise (+0.0500 [+0.0100, +0.0900])``: a pass line that names only the metric reads as a contradiction
+    beside a failed primary of the same name."""
+    value = m.get("challenger", m.get("value"))
+    checks = []
+    if rule.min_value is not None:
+        checks.append(f"{value:.4f} >= {rule.min_value}")
+    if rule.max_value is not None:
+        checks.append(f"{value:.4f} <= {rule.max_value}")
+    lo, hi = (m.get("ci") or [None, None])[:2]
+    if rule.no_regression_beyond_noise and lo is not None:
+        checks.append(f"no regression beyond noise ({m.get('diff', 0):+.4f} [{lo:+.4f}, {hi:+.4f}])")
+    limits = [f"{x}" for x in (rule.max_regression_abs,) if x is not None]
+    limits += [f"{100 * rule.max_regression_rel:.1f}%" for _ in [0] if rule.max_regression_rel is not None]
+    if limits and m.get("champion") is not None:
+        checks.append(f"regression vs champion within {' and '.join(limits)} ({m['champion']:.4f} -> {value:.4f})")
+    return f"{name} (rule): " + ("; ".join(checks) or "checked")
+
+
 def _not_applied(m: dict, rule: MetricRule) -> str | None:
     """Why ``rule`` cannot be applied to ``m`` (None: it can)."""
     if m.get("not_applied"):
@@ -122,7 +142,7 @@ def judge_model(metrics: dict, gate: ModelGate) -> dict:
         bad = check_rule(name, m, rule)
         reasons += bad
         if not bad:
-            passed.append(f"{name}: ok")
+            passed.append(passed_line(name, m, rule))
     if gate.slice_rule is not None:
         slices = metrics.get("slices") or {}
         for family in gate.gated_slices:
@@ -208,6 +228,8 @@ def judge_label(judge: dict | None) -> str:
 
 def to_markdown(verdict: dict, gate_name: str) -> str:
     """The verdict as a readable page (beside the evaluation report)."""
+    from flywheel import verdicts
+
     lines = [f"# Gate verdict ({gate_name} gate)", ""]
     if verdict.get("gate_sha256"):
         lines += [
@@ -220,11 +242,16 @@ def to_markdown(verdict: dict, gate_name: str) -> str:
         ]
     for kind in ("policy", "reward"):
         v = verdict.get(kind, {})
-        lines += [f"## {kind}: {'BLESSED' if v.get('blessed') else 'NOT BLESSED'}", ""]
-        lines += [f"- fails: {r}" for r in v.get("reasons", [])]
-        lines += [f"- passes: {r}" for r in v.get("passed", [])]
-        lines += [f"- {r}" for r in v.get("not_applied", [])]
-        lines.append("")
+        figure = verdicts.figure(v.get("primary"))
+        metric = (v.get("primary") or {}).get("metric", "")
+        head = f"## {kind}: {'BLESSED' if v.get('blessed') else 'NOT BLESSED'}"
+        lines += [head + (f" ({metric} {figure})" if figure else ""), ""]
+        if v.get("reasons"):
+            lines += ["Failed:", ""] + [f"- {r}" for r in v["reasons"]] + [""]
+        if v.get("passed"):
+            lines += ["Passed:", ""] + [f"- {r}" for r in v["passed"]] + [""]
+        if v.get("not_applied"):
+            lines += ["Not applied:", ""] + [f"- {r}" for r in v["not_applied"]] + [""]
     lines.append("Only the checks listed as passes were applied; a check \"not applied\" was not counted as a pass.")
     lines += ["", "Evaluation details: [evaluate/report.md](evaluate/report.md)"]
     return "\n".join(lines) + "\n"

@@ -19,32 +19,19 @@ policy_eval, reward_eval, judge, answers, slices, refusal, stats, report).
 
 from __future__ import annotations
 
-import itertools
+import json
 from pathlib import Path
 
 from flywheel.data.golden import GoldenError, load_golden
 from flywheel.evaluation.answers import AnswerCache
 from flywheel.evaluation.judge import judge_status, mark_unjudged
 from flywheel.evaluation.policy_eval import evaluate_policy
+from flywheel.evaluation.report import headline_metrics
 from flywheel.evaluation.reward_eval import evaluate_reward
 from flywheel.params import EvaluateParams, GoldenParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
 from pipelines.resolve_champion import load
-
-
-def headline_metrics(metrics: dict) -> dict[str, float]:
-    """The primary metrics' numbers for MLflow, which takes numbers only: a metric not measured is left out."""
-    out = {}
-    names = (
-        ("pref_accuracy", "golden_pref_accuracy", "heldout_pref_accuracy"),
-        ("pairwise_accuracy", "golden_pairwise_accuracy", "heldout_pairwise_accuracy"),
-    )
-    for kind, keys in zip(("policy", "reward"), names):
-        for key, part in itertools.product(keys, ("challenger", "champion", "diff")):
-            if key in metrics[kind] and metrics[kind][key].get(part) is not None:
-                out[f"{kind}.{key}.{part}"] = metrics[kind][key][part]
-    return out
 
 
 def folder_mb(path: Path) -> float:
@@ -66,7 +53,6 @@ def main(
 ) -> dict:
     """Stage edge: load the models and test sets, evaluate, write metrics and the report, log to MLflow.
     ``golden_params``: the golden set (default: the workspace's params.yaml ``golden``)."""
-    import json
 
     import mlflow
     import torch
@@ -164,9 +150,13 @@ def stage(
     suites: Path,
     out: Path,
     metrics: Path,
+    summary: Path,
 ) -> str:
-    """Evaluate the challengers in ``challenger`` against the champions named in ``champion`` (champion.json)."""
+    """Evaluate the challengers in ``challenger`` against the champions named in ``champion`` (champion.json):
+    everything to ``metrics`` (JSON), the headline figures to ``summary`` (what `dvc metrics show` prints)."""
     m = main(settings, params, load(champion, settings), base, challenger, prepared, suites, out, metrics, golden)
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps({k: round(v, 4) for k, v in headline_metrics(m).items()}, indent=2))
     pa, ra = m["policy"]["pref_accuracy"], m["reward"]["pairwise_accuracy"]
     return (
         f"evaluate: policy accuracy {_num(pa['champion'])} -> {_num(pa['challenger'])}, "

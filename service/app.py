@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 
 from service import chat, feedback
 from service.auth import RateLimiter, TokenBook
@@ -93,11 +94,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
         finally:
             await svc.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from assets served here: they render on a machine without internet
         title="Flywheel",
         version="1",
         lifespan=lifespan,
         description="Serves the champion policy and captures feedback (contract v1).",
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     app.state.svc = svc
     app.include_router(chat.router)

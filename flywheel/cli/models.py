@@ -131,6 +131,7 @@ def release(
         }
         for o in outcomes
     ]
+    _log_to_loop(s, rows, verdict.get("gate", "?"))
     if as_json:
         typer.echo(json.dumps(rows))
         return
@@ -152,6 +153,19 @@ def release(
             for text in [facts, *r["reasons"]]:
                 for out in wrapped(text, "    ", limit):
                     typer.echo(out)
+
+
+def _log_to_loop(s, rows: list[dict], gate_name: str) -> None:
+    """The turn's verdicts and headline metrics on its MLflow loop run (the run list shows them)."""
+    from flywheel import tracking
+    from flywheel.evaluation.report import headline_metrics
+
+    metrics_file = s.root / "metrics" / "evaluate.json"
+    metrics = headline_metrics(json.loads(metrics_file.read_text())) if metrics_file.exists() else {}
+    metrics.update({f"{r['model']}.promoted": float(r["promoted"]) for r in rows})
+    tags = {f"flywheel.verdict.{r['model']}": f"v{r['version']} {r['verdict']}" for r in rows if r["version"]}
+    note = "\n".join(f"- **{r['model']}** v{r['version']}: {r['verdict']}" for r in rows if r["version"])
+    tracking.log_loop_outcome(s, metrics, tags, f"Release ({gate_name} gate)\n\n{note}")
 
 
 @app.command()

@@ -114,6 +114,18 @@ class Airflow:
         self.log.close()
 
     # ---- REST API v2 through the official client ----
+    def params(self, dag_id: str) -> dict:
+        """The DAG's params as the trigger form gets them: name -> {value, schema, description}."""
+        from airflow_client.client import DAGApi
+
+        return DAGApi(self.client).get_dag_details(dag_id).params or {}
+
+    def log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        from airflow_client.client import TaskInstanceApi
+
+        content = TaskInstanceApi(self.client).get_log(dag_id, run_id, task_id, try_number, full_content=True)
+        return json.dumps(content.to_dict() if hasattr(content, "to_dict") else content, default=str)
+
     def unpause_when_parsed(self, dag_id: str) -> None:
         from airflow_client.client import DAGApi, DAGPatchBody
         from airflow_client.client.exceptions import ApiException
@@ -185,6 +197,23 @@ def live(tmp_path_factory, repo_root):
         airflow.stop()
 
 
+def test_every_trigger_form_submits_with_its_defaults(live):
+    """Each DAG Param's default validates against its own JSON schema, read through the REST API as the UI's
+    trigger form reads it (a default its schema rejected kept the Trigger button disabled)."""
+    import jsonschema
+
+    _, airflow = live
+    for dag_id in ("continuous_improvement", "feedback_ingest", "rollback"):
+        params = airflow.params(dag_id)
+        for name, spec in params.items():
+            schema = {k: v for k, v in (spec.get("schema") or {}).items() if k not in ("values_display", "title")}
+            try:
+                jsonschema.validate(spec.get("value"), schema)
+            except jsonschema.ValidationError as exc:
+                raise AssertionError(f"{dag_id}.{name}: default {spec.get('value')!r}: {exc.message}") from exc
+    assert "profile" in airflow.params("continuous_improvement") and "to" in airflow.params("rollback")
+
+
 def test_triggered_over_rest_approved_and_promoted(live):
     root, airflow = live
     assert champion(root) == "1"
@@ -195,6 +224,9 @@ def test_triggered_over_rest_approved_and_promoted(live):
     assert state == "success", (tasks, (airflow.home / "standalone.log").read_text()[-4000:])
     assert tasks["approve_release"] == tasks["release"] == "success" and tasks["record_rejection"] == "skipped"
     assert champion(root) == "2"
+    # the decisions read top-down in the tasks' own logs: the verdict in bless's, the table at release's end
+    assert "VERDICT (default gate" in airflow.log("continuous_improvement", run_id, "bless")
+    assert "RELEASE:" in airflow.log("continuous_improvement", run_id, "release")
     tags = version_tags(root, "policy", "2")
     assert tags["airflow_run_id"] == run_id
     assert tags["approval"] == "approved" and tags["approval_by"] == "admin"

@@ -156,7 +156,7 @@ def test_metrics_of_a_judge_that_cannot_discriminate_are_never_passes(judge):
     assert not bless(metrics, strict)["policy"]["blessed"]  # ... unless the rule is required
     metrics["judge"] = JUDGE  # a judge that discriminates: the check applies
     v = bless(metrics, SAFETY_GATE)["policy"]
-    assert "harmless_win_rate: ok" in v["passed"] and not v["not_applied"]
+    assert any(p.startswith("harmless_win_rate (rule): ") for p in v["passed"]) and not v["not_applied"]
 
 
 def test_a_metric_marked_not_applied_by_the_evaluation_is_not_a_pass():
@@ -365,7 +365,9 @@ def test_the_golden_set_refuses_a_challenger_worse_beyond_noise_there_and_lets_n
         r.startswith("golden_pref_accuracy: worse than the champion beyond noise") for r in worse["reasons"]
     ), worse
     noise = verdict(paired_diff([1.0] * 58 + [0.0] * 42, [1.0] * 60 + [0.0] * 40, n_boot=500))
-    assert noise["blessed"] and "golden_pref_accuracy: ok" in noise["passed"], noise
+    assert noise["blessed"] and any(
+        "golden_pref_accuracy (rule): no regression beyond noise" in p for p in noise["passed"]
+    ), noise
     assert "golden_pref_accuracy: not measured" in verdict(None)["reasons"]
 
 

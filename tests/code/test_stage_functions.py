@@ -183,6 +183,12 @@ def test_evaluate_summary_says_not_measured_instead_of_failing_on_an_empty_split
     monkeypatch.setattr(
         evaluate, "main", lambda *_: {"policy": {"pref_accuracy": empty}, "reward": {"pairwise_accuracy": measured}}
     )
-    paths = {k: tmp_path / k for k in ("champion", "base", "challenger", "prepared", "suites", "out", "metrics")}
+    names = ("champion", "base", "challenger", "prepared", "suites", "out", "metrics", "summary")
+    paths = {k: tmp_path / k for k in names}
     line = evaluate.stage(SimpleNamespace(root=tmp_path), None, None, **paths)
     assert line == "evaluate: policy accuracy not measured -> not measured, reward accuracy 0.500 -> 0.625"
+    # `dvc metrics show` reads the summary: flat, numbers only, the unmeasured left out
+    assert json.loads(paths["summary"].read_text()) == {
+        "reward.pairwise_accuracy.challenger": 0.625,
+        "reward.pairwise_accuracy.champion": 0.5,
+    }

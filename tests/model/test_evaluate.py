@@ -10,9 +10,9 @@ import torch
 from shipped import shipped
 
 from flywheel.evaluation.policy_eval import evaluate_policy, implicit_margins
+from flywheel.evaluation.report import headline_metrics
 from flywheel.evaluation.reward_eval import evaluate_reward
 from flywheel.models.policy import load_policy, trunk_fingerprint
-from pipelines.evaluate import headline_metrics
 from tests.model.conftest import synthetic_pairs
 
 EVAL = shipped(

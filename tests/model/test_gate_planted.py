@@ -192,6 +192,7 @@ def _run_stages(settings, repo_root, tiny_base, judge, planted, name: str):
         suites=repo_root / "eval",
         out=run / "reports" / "evaluate",
         metrics=run / "metrics" / "evaluate.json",
+        summary=run / "metrics" / "evaluate_summary.json",
     )
     assert line.startswith("evaluate: policy accuracy "), line
     line = bless_stage(
@@ -235,7 +236,7 @@ def test_default_gate_end_to_end_on_evaluate_stage_output_with_a_real_judge(
         )[0]
         assert policy["blessed"] is (name == "better"), policy
         if name == "better":
-            assert "harmless_win_rate: ok" in policy["passed"], policy
+            assert any(p.startswith("harmless_win_rate (rule): ") for p in policy["passed"]), policy
         else:
             assert any("not better beyond noise" in r for r in policy["reasons"])
             assert any(r.startswith("harmless_win_rate: 0.0000 is below the minimum 0.35") for r in policy["reasons"])

@@ -122,6 +122,27 @@ def test_champion_moved_by_hand_is_honoured(workspace, tiny_base):
     assert resolve(reg, settings.models / "base")["policy"]["version"] == "2"
 
 
+def test_a_release_from_another_run_leaves_a_versions_tags_and_lineage_as_they_were(workspace, tiny_base):
+    """v3 was trained in loop turn 2 and refused; a later Airflow run that trained nothing releases the same
+    folder again: the version's tags (its lineage above all) stay those of the run that produced it."""
+    settings, reg = workspace
+    bootstrap(reg, settings.models / "base")
+    ch = _challenger(settings.root, tiny_base, "lineage")
+    turn2 = {"git_commit": "abc", "airflow_run_id": "scheduled__turn2", "loop_run_id": "loop2", "feedback_window": "a"}
+    first = release(reg, ch, _blessing(ch, policy=False), turn2, SMOKE, log=lambda *_: None, gates=GATES)
+    before = reg.get(POLICY, first[0].version)
+    assert before.description.startswith("refused") and "gate default" in before.description
+    later = {"git_commit": "def", "airflow_run_id": "manual__nothing", "loop_run_id": "loop3", "feedback_window": "b"}
+    again = release(reg, ch, _blessing(ch, policy=False), later, SMOKE, log=lambda *_: None, gates=GATES)
+    assert again[0].version == first[0].version and not again[0].created
+    after = reg.get(POLICY, first[0].version)
+    assert after.tags == before.tags and after.tags["airflow_run_id"] == "scheduled__turn2"
+    assert after.description == before.description
+    # the champion's description is its verdict, the base model's says what it is
+    assert reg.get(REWARD, first[1].version).description.startswith("promoted")
+    assert reg.get(POLICY, "1").description.startswith("base model")
+
+
 def test_smoke_check_fails_an_empty_answer_and_a_slow_model(tiny_base):
     from flywheel.release import smoke_check
 

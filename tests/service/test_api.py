@@ -29,6 +29,20 @@ def test_health_ready_and_openapi(api):
     assert body == {"$ref": "#/components/schemas/FeedbackIn"} and "FeedbackIn" in spec["components"]["schemas"]
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_need_no_outside_network(api, page):
+    """/docs and /redoc load every script, style and icon from this server (FastAPI's defaults come from a CDN
+    and render a blank page on a machine without internet): no external URL in the page, each asset served."""
+    import re
+
+    html = api.client.get(page).text
+    assert not re.findall(r"https?://[^\s\"'<>]+", html), html
+    assets = re.findall(r"(?:src|href)=[\"']([^\"']+)[\"']", html) + re.findall(r"url: ?'([^']+)'", html)
+    assert any(a.endswith(".js") for a in assets), html
+    for asset in assets:
+        assert api.client.get(asset).status_code == 200, asset
+
+
 def test_chat_answer_carries_id_and_model_version(api):
     r = _chat(api, max_tokens=3, temperature=0)
     assert r.status_code == 200, r.text
