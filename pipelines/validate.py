@@ -111,7 +111,7 @@ def window_suite(frame: pd.DataFrame, params: ValidateParams) -> list[Check]:
             Check(
                 "ExpectColumnMeanToBeBetween",
                 "new_response_chars",
-                {"min_value": mean / ratio, "max_value": mean * ratio},
+                {"min_value": round(mean / ratio, 2), "max_value": round(mean * ratio, 2)},  # readable in the docs
                 "answer-length drift vs previous window",
             )
         )
@@ -120,7 +120,7 @@ def window_suite(frame: pd.DataFrame, params: ValidateParams) -> list[Check]:
             Check(
                 "ExpectColumnMeanToBeBetween",
                 "new_negative",
-                {"max_value": min(1.0, neg + params.max_negative_rate_rise)},
+                {"max_value": round(min(1.0, neg + params.max_negative_rate_rise), 4)},
                 "negative-feedback drift vs previous window",
             )
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import typer
@@ -26,8 +27,20 @@ app.add_typer(contract_app, name="contract")
 
 @app.command()
 def ingest(
-    files: list[Path] = typer.Argument(..., help="JSONL or JSONL.gz files, read as one batch"),
-    fmt: str = typer.Option("native", "--format", help="native (contract v1) or hh-rlhf"),
+    files: list[Path] = typer.Argument(None, help="JSONL or JSONL.gz files, read as one batch"),
+    fmt: str = typer.Option(
+        "native",
+        "--format",
+        help="native (contract v1), hh-rlhf or openai-log (README: feedback from where it is already logged)",
+    ),
+    source: str | None = typer.Option(
+        None, "--from", help="mlflow: the human assessments on an experiment's traces (with --experiment)"
+    ),
+    experiment: str | None = typer.Option(None, help="--from mlflow: the experiment whose traces to read"),
+    tracking_uri: str | None = typer.Option(None, help="--from mlflow: its tracking URI (default: the workspace's)"),
+    since: str | None = typer.Option(
+        None, help="--from mlflow: only assessments made after this RFC 3339 time (default: after the last ingest)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the counts as one JSON object"),
     track: bool = typer.Option(True, help="`dvc add` the raw store after a committed batch"),
 ) -> None:
@@ -37,15 +50,29 @@ def ingest(
     from flywheel.data.ingest import ingest as run_ingest
 
     s = settings()
+    if bool(files) == bool(source):
+        fail("give the files to ingest, or --from mlflow --experiment NAME (not both)")
     no_track_with_remote(s, track)
-    with changing_raw_store(s, "ingest"):
+    pulled: dict = {}
+    with changing_raw_store(s, "ingest"), tempfile.TemporaryDirectory() as tmp:
+        if source:
+            files, fmt, pulled = _from_mlflow(s, source, experiment, tracking_uri or s.tracking_uri, since, Path(tmp))
+            if not files:  # nothing new since the watermark: nothing to store, not an error
+                counts = dict.fromkeys(("read", "accepted", "duplicates", "quarantined"), 0)
+                counts.update({k: pulled[k] for k in ("traces", "skipped_not_human", "skipped_invalid")})
+                print_record(counts, as_json, "ingest")
+                return
         try:
             result = run_ingest(files, fmt, s.raw_store, s.quarantine, s.params.ingest, s.params.contract)
         except IngestError as exc:
             fail(str(exc))
         if result.accepted and track:
             workspace.track(s.root, s.raw_store)
+        if pulled and result.ok:  # the watermark moves only past a batch that was stored
+            _watermarks(s, {pulled["key"]: pulled["latest_ms"]})
     summary = {k: getattr(result, k) for k in ("read", "accepted", "duplicates", "quarantined")}
+    if pulled:
+        summary.update({k: pulled[k] for k in ("traces", "skipped_not_human", "skipped_invalid")})
     summary.update(batch_id=result.batch_id, pii_redacted=result.pii)
     if result.quarantine_dir:
         summary["quarantine"] = result.quarantine_dir
@@ -59,6 +86,44 @@ def ingest(
             + f"\nData Docs: {result.quarantine_dir}/data_docs/index.html",
             code=1,
         )
+
+
+def _watermarks(s, update: dict | None = None) -> dict:
+    """``--from`` sources' watermarks (the newest assessment time ingested, ms), beside the raw store."""
+    path = s.raw_store.parent / "ingest-watermarks.json"
+    marks = json.loads(path.read_text()) if path.is_file() else {}
+    if update:
+        marks.update(update)
+        path.write_text(json.dumps(marks, indent=2, sort_keys=True))
+    return marks
+
+
+def _from_mlflow(s, source: str, experiment: str | None, uri: str, since: str | None, tmp: Path):
+    """The human assessments on the experiment's traces newer than the watermark (or ``since``), as an
+    ``mlflow-trace`` file to ingest; returns (files, format, what was pulled)."""
+    import hashlib
+    from datetime import datetime
+
+    from flywheel.data.sources import mlflow_assessment_lines
+
+    if source != "mlflow":
+        fail(f"--from {source}: the one source read is mlflow (files: --format openai-log, native, hh-rlhf)")
+    if not experiment:
+        fail("--from mlflow needs --experiment NAME")
+    key = f"mlflow:{hashlib.sha256(uri.encode()).hexdigest()[:16]}:{experiment}"
+    after = _watermarks(s).get(key, 0)
+    if since:
+        try:
+            after = int(datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp() * 1000)
+        except ValueError:
+            fail(f"--since {since!r}: not an RFC 3339 time (e.g. 2026-11-27T10:00:00Z)")
+    try:
+        lines, counts = mlflow_assessment_lines(uri, experiment, after)
+    except ValueError as exc:
+        fail(str(exc))
+    path = tmp / "mlflow-assessments.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return ([path] if lines else []), "mlflow-trace", {"key": key, **counts}
 
 
 @app.command("export")

@@ -80,7 +80,8 @@ def run(s: Settings, turns: int = 2) -> dict:
         + s.tracking_uri
         + " --port 5000   then http://127.0.0.1:5000"
     )
-    print("Evaluation report:   " + str(root / "reports/evaluate/report.md"))
+    print("Evaluation report:   " + str(root / "reports/evaluate/report.html") + " (or report.md)")
+    print("Data Docs:           " + str(root / "reports/validate/data_docs/index.html"))
     return timings
 
 

@@ -162,6 +162,14 @@ def _log_to_loop(s, rows: list[dict], gate_name: str) -> None:
 
     metrics_file = s.root / "metrics" / "evaluate.json"
     metrics = headline_metrics(json.loads(metrics_file.read_text())) if metrics_file.exists() else {}
+    # validate and prepare log no MLflow run of their own (importing MLflow would cost each a few seconds in
+    # the DAG): their figures land on the loop run
+    for stage, name in (("data", "data_quality.json"), ("prepare", "prepare.json")):
+        path = s.root / "metrics" / name
+        figures = json.loads(path.read_text()) if path.exists() else {}
+        metrics.update(
+            {f"{stage}.{k}": v for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        )
     metrics.update({f"{r['model']}.promoted": float(r["promoted"]) for r in rows})
     tags = {f"flywheel.verdict.{r['model']}": f"v{r['version']} {r['verdict']}" for r in rows if r["version"]}
     note = "\n".join(f"- **{r['model']}** v{r['version']}: {r['verdict']}" for r in rows if r["version"])

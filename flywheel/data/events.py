@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flywheel.contract import FEEDBACK_COLUMNS, FEEDBACK_TEXT_COLUMNS, ContractError, parse_event
+from flywheel.data.sources import mlflow_to_event, openai_to_event
 from flywheel.redact import pseudonymise_id, redact
 
-FORMATS = ("native", "hh-rlhf")
+FORMATS = ("native", "hh-rlhf", "openai-log", "mlflow-trace")
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
 _PROMPT_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False), built once
 
@@ -108,7 +109,14 @@ def event_row(event, found: Counter) -> dict:
 
 
 def parse_line(raw: bytes, fmt: str, ingested_at: str, max_chars: int, max_turns: int):
-    """One line of a ``native`` (contract events) or ``hh-rlhf`` file as a checked contract event; ContractError
-    names what is wrong. Ingest, eval-reward/eval-policy and the golden set read lines through it."""
-    line = json.dumps(hh_to_event(raw, ingested_at)) if fmt == "hh-rlhf" else raw
+    """One line of a ``native`` (contract events), ``hh-rlhf`` or ``openai-log`` file as a checked contract event;
+    ContractError names what is wrong. Ingest, eval-reward/eval-policy and the golden set read lines through it."""
+    if fmt == "hh-rlhf":
+        line = json.dumps(hh_to_event(raw, ingested_at))
+    elif fmt == "openai-log":
+        line = json.dumps(openai_to_event(raw))
+    elif fmt == "mlflow-trace":  # a line `flywheel ingest --from mlflow` exported
+        line = json.dumps(mlflow_to_event(raw))
+    else:
+        line = raw
     return parse_event(line, max_chars, max_turns)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,11 @@ def run_suite(frame: pd.DataFrame, name: str, checks: list[Check], docs_dir: Pat
     suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
     vd = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch_def, suite=suite))
     checkpoint = context.checkpoints.add(gx.Checkpoint(name=name, validation_definitions=[vd], actions=actions))
-    run = checkpoint.run(batch_parameters={"dataframe": frame})
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    # a run name the Data Docs show (GX's default is "__none__"); it is a folder name in the site
+    run_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.environ.get("FLYWHEEL_AIRFLOW_RUN_ID") or "flywheel-validate")
+    run = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
     failures, results = [], []
     for suite_result in run.run_results.values():
         for r in suite_result.results:
@@ -131,6 +136,9 @@ def run_suite(frame: pd.DataFrame, name: str, checks: list[Check], docs_dir: Pat
                 failures.append(_describe(cfg.type, column, kwargs, _plain(observed), meta))
     index = None
     if docs_dir is not None:
+        from flywheel.data.offline_docs import make_offline
+
+        make_offline(docs_dir)  # GX's pages load their scripts from CDNs: blank on a machine without internet
         found = sorted(docs_dir.glob("**/index.html"))
         index = str(found[0]) if found else None
     return SuiteOutcome(success=not failures, failures=failures, results=results, docs_index=index)

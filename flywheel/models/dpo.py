@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -80,13 +81,23 @@ class TrunkCache:
         self.ref: dict[int, tuple[float, ...]] = {}
 
     @torch.no_grad()
-    def fill(self, idx: list[int], items: list[Encoded], bf16: bool, chunk: int = 8) -> None:
-        """Trunk rows and reference log-probs of the items ``idx`` not seen yet, from the model as it is now."""
+    def fill(
+        self,
+        idx: list[int],
+        items: list[Encoded],
+        bf16: bool,
+        chunk: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Trunk rows and reference log-probs of the items ``idx`` not seen yet, from the model as it is now;
+        ``progress(done, total)`` after each chunk (minutes on a CPU for a few hundred pairs)."""
         todo = [i for i in dict.fromkeys(idx) if i not in self.ref]
         was_training = self.model.training
         self.model.eval()
         try:
             for at in range(0, len(todo), chunk):
+                if progress is not None and at:
+                    progress(at, len(todo))
                 part = todo[at : at + chunk]
                 chosen = [items[i] for i in part]
                 batch = answers_batch(chosen, self.pad_id)
@@ -226,7 +237,15 @@ def train_dpo(
         cast_frozen(model, k)
     plan = schedule(len(pairs), params.batch_size, params.steps, rng)
     cache = TrunkCache(model, k, pad_id, params.cache_trunk)
-    cache.fill([i for idx in plan for i in idx], pairs, params.bf16)  # the reference: the starting model
+    t0 = time.perf_counter()
+
+    def filling(done: int, total: int) -> None:  # every ~10%: the reference pass is a good part of the stage
+        if on_step is not None and done // 8 % max(1, total // 80) == 0:
+            took = time.perf_counter() - t0
+            print(f"train_policy: reference pass {done}/{total} items ({took:.0f} s)", flush=True)
+
+    # the reference: the starting model
+    cache.fill([i for idx in plan for i in idx], pairs, params.bf16, progress=filling)
     opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
     warm = max(1, params.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -741,3 +741,54 @@ def test_no_track_is_refused_when_a_dvc_remote_is_set(tmp_path, make_event, repo
         proc = subprocess.run([flywheel, *args], cwd=root, env=env, text=True, capture_output=True)
         assert proc.returncode == 2 and "--no-track cannot be used with a DVC remote" in proc.stderr, proc.stderr
     assert not rawstore.batch_files(root / "data" / "raw")
+
+
+# --- feedback logged elsewhere: OpenAI-style chat-completion logs (flywheel/data/sources.py) -------------------------
+OPENAI_LOG = Path(__file__).parents[1] / "fixtures" / "openai-log.jsonl"
+
+
+def test_openai_log_lines_become_events_and_each_unmappable_record_is_quarantined_with_its_reason(ws):
+    res = ws.run([OPENAI_LOG], fmt="openai-log")
+    assert (res.read, res.accepted, res.duplicates, res.quarantined) == (16, 8, 1, 7), res.summary()
+    rows = pq.read_table(res.batch_file).to_pylist()
+    by_id = {r["event_id"]: r for r in rows}
+    assert set(by_id) == {
+        "openai-chatcmpl-001-thumbs",
+        "openai-chatcmpl-002-thumbs",
+        "openai-chatcmpl-003-rating",
+        "openai-chatcmpl-004-correction",
+        "openai-chatcmpl-005-rejected",
+        "openai-chatcmpl-006-thumbs",
+        "openai-chatcmpl-007-thumbs",
+        "openai-chatcmpl-008-rating",
+    }
+    one, two = by_id["openai-chatcmpl-001-thumbs"], by_id["openai-chatcmpl-002-thumbs"]
+    assert (
+        one["model_version"] == "acme-chat-7b-v3"
+        and one["thumbs"] == "up"
+        and one["timestamp"] == "2025-12-01T00:00:01Z"
+    )
+    assert one["conversation_id"] == "chatcmpl-001" and two["conversation_id"] == "conv-2" and two["thumbs"] == "down"
+    assert json.loads(one["prompt"])[0] == {"role": "system", "content": "Be brief."}
+    assert by_id["openai-chatcmpl-003-rating"]["rating"] == 4 and by_id["openai-chatcmpl-008-rating"]["rating"] == 2
+    assert by_id["openai-chatcmpl-004-correction"]["feedback_type"] == "correction"
+    assert by_id["openai-chatcmpl-005-rejected"]["rejected"] == "Answer 5: eggs cannot be boiled."
+    assert by_id["openai-chatcmpl-006-thumbs"]["timestamp"] == "2026-11-30T10:00:00Z"
+    seven = json.loads(by_id["openai-chatcmpl-007-thumbs"]["prompt"])
+    assert seven == [
+        {"role": "system", "content": "Answer in one line."},
+        {"role": "user", "content": "Question 7:\neggs?"},
+    ]
+    reasons = {
+        r["line"]: r["reason"]
+        for f in Path(res.quarantine_dir).glob("*.jsonl")
+        for r in map(json.loads, f.read_text().splitlines())
+    }
+    assert sorted(reasons) == [10, 11, 12, 13, 14, 15, 16], reasons
+    assert reasons[10].startswith("invalid JSON")
+    assert "needs objects 'request'" in reasons[11]
+    assert "exactly one of thumbs, rating, correction, rejected per record (found thumbs, rating)" in reasons[12]
+    assert reasons[13].startswith("feedback.rating") or "rating" in reasons[13]
+    assert "request.messages[0].role: 'tool'" in reasons[14]
+    assert "response.id" in reasons[15]
+    assert "feedback.thumbs: 'sideways'" in reasons[16]

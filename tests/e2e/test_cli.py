@@ -110,3 +110,74 @@ def test_quarantined_batch_exits_1_naming_the_check(ws, sh, make_event):
     )
     assert "data_docs/index.html" in proc.stderr
     assert not list(ws.glob("data/raw/date=*/*.parquet"))
+
+
+USER_APP = r'''
+import sys
+import mlflow
+from mlflow.entities import AssessmentSource
+
+mlflow.set_tracking_uri(sys.argv[1])
+mlflow.set_experiment("support-bot")
+
+
+@mlflow.trace
+def answer(messages: list) -> dict:  # an OpenAI-style chat call, traced as a user's app would trace it
+    question = messages[-1]["content"]
+    return {"choices": [{"message": {"role": "assistant", "content": f"About {question}: restart it."}}]}
+
+
+def traced(question: str, session: str) -> str:
+    answer([{"role": "user", "content": question}])
+    return mlflow.get_last_active_trace_id()
+
+
+human = AssessmentSource(source_type="HUMAN", source_id="user-42")
+judge = AssessmentSource(source_type="LLM_JUDGE", source_id="gpt-judge")
+t1, t2, t3, t4 = (traced(q, s) for q, s in [("the router", "s1"), ("the modem", "s1"), ("wifi", "s2"), ("dns", "s3")])
+mlflow.flush_trace_async_logging()  # traces are written off the calling thread
+mlflow.log_feedback(trace_id=t1, name="user_thumbs", value=True, source=human)
+mlflow.log_feedback(trace_id=t2, name="user_thumbs", value=False, source=human)
+mlflow.log_feedback(trace_id=t3, name="rating", value=4, source=human)
+mlflow.log_expectation(trace_id=t2, name="expected_response", value="Unplug the modem for 30 s.", source=human)
+mlflow.log_feedback(trace_id=t4, name="relevance", value=0.2, source=judge)  # a judge: not user feedback
+mlflow.log_feedback(trace_id=t4, name="rating", value=9, source=human)  # no mapping: quarantined with why
+print(t1, t2, t3, t4)
+'''
+
+
+def test_ingest_from_mlflow_turns_the_human_assessments_on_traces_into_events_once(ws, sh, tmp_path):
+    """A user's app (another process) traces its calls and logs human feedback with MLflow's own API;
+    `flywheel ingest --from mlflow` turns exactly the human assessments into events (thumbs, rating, a
+    correction), quarantines the one it cannot map, skips the judge's, and a second run finds nothing new."""
+    import sys
+
+    store = f"sqlite:///{tmp_path / 'app-traces.db'}"
+    app = tmp_path / "app.py"
+    app.write_text(USER_APP)
+    logged = sh([sys.executable, str(app), store], tmp_path)
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    cmd = ["flywheel", "ingest", "--from", "mlflow", "--experiment", "support-bot", "--tracking-uri", store, "--json"]
+    first = sh(cmd, ws)
+    assert first.returncode == 0, first.stderr[-3000:]
+    counts = json.loads(first.stdout.strip().splitlines()[-1])
+    assert {k: counts[k] for k in ("read", "accepted", "duplicates", "quarantined", "skipped_not_human")} == {
+        "read": 5,
+        "accepted": 4,
+        "duplicates": 0,
+        "quarantined": 1,
+        "skipped_not_human": 1,
+    }, counts
+    import pyarrow.parquet as pq
+
+    rows = [r for f in (ws / "data" / "raw").glob("date=*/batch-*.parquet") for r in pq.read_table(f).to_pylist()]
+    kinds = sorted((r["feedback_type"], r["thumbs"] or r["rating"] or r["correction"]) for r in rows)
+    assert kinds == [("correction", "Unplug the modem for 30 s."), ("rating", 4), ("thumbs", "down"), ("thumbs", "up")]
+    assert all(r["event_id"].startswith("mlflow-") and r["model_version"] for r in rows)
+    assert {json.loads(r["prompt"])[-1]["content"] for r in rows} == {"the router", "the modem", "wifi"}
+    assert any("About the router: restart it." == r["response"] for r in rows)
+    reasons = [json.loads(x) for f in (ws / "data" / "quarantine").rglob("*.jsonl") for x in f.read_text().splitlines()]
+    assert len(reasons) == 1 and "is not a thumbs (boolean, up/down) nor a 1-5 rating" in reasons[0]["reason"]
+    again = sh(cmd, ws)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["read"] == 0  # the watermark: nothing new

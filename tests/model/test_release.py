@@ -10,7 +10,7 @@ import pytest
 from shipped import shipped
 
 from flywheel.params import BlessParams
-from flywheel.registry import CHALLENGER, CHAMPION, POLICY, PREVIOUS, REWARD, RegistryError, content_hash
+from flywheel.registry import CHALLENGER, CHAMPION, POLICY, PREVIOUS, REWARD, Registry, RegistryError, content_hash
 from flywheel.release import GateMismatch, bootstrap, promote, release, rollback
 from pipelines.resolve_champion import resolve
 
@@ -289,3 +289,39 @@ def test_cli_release_refuses_another_gates_blessing_unless_allowed_out_loud(work
     rows = {r["version"]: r for r in json.loads(status.output.strip().splitlines()[-1]) if r["model"] == POLICY}
     assert rows["2"]["gate"] == "permissive" and rows["2"]["rolled_back"] and rows["1"]["aliases"] == ["champion"]
     assert runner.invoke(app, ["status"]).exit_code == 0
+
+
+def test_a_release_nests_under_its_loop_run_which_carries_the_verdicts_and_figures(workspace, tiny_base):
+    """One run tree per loop turn: the register runs sit under the loop run, and the loop run holds the
+    release's verdicts, the evaluation's headline figures and the data stages' figures (the MLflow run list's
+    columns), in an experiment the MLflow UI opens in model-training mode."""
+    import mlflow
+
+    from flywheel import tracking
+    from flywheel.cli.models import _log_to_loop
+    from flywheel.release import lineage
+    from flywheel.settings import load_settings
+
+    settings, _ = workspace
+    loop = tracking.start_loop_run(settings, "loop turn 1")
+    s = load_settings(settings.root, env={"FLYWHEEL_PARENT_RUN_ID": loop})
+    reg = Registry(s)
+    bootstrap(reg, s.models / "base")
+    (s.root / "metrics").mkdir()
+    (s.root / "metrics" / "data_quality.json").write_text(json.dumps({"rows": 120, "by_feedback_type": {"x": 1}}))
+    ch = _challenger(s.root, tiny_base, "tree")
+    out = release(reg, ch, _blessing(ch, reward=False), lineage(s), SMOKE, log=lambda *_: None, gates=GATES)
+    rows = [
+        {"model": o.kind, "version": o.version, "promoted": o.promoted, "verdict": "promoted" if o.promoted else "x"}
+        for o in out
+    ]
+    _log_to_loop(s, rows, "default")
+    client = mlflow.MlflowClient(s.tracking_uri)
+    run = client.get_run(loop)
+    assert run.data.tags["flywheel.verdict.policy"] == f"v{out[0].version} promoted"
+    assert run.data.metrics["policy.promoted"] == 1.0 and run.data.metrics["reward.promoted"] == 0.0
+    assert run.data.metrics["data.rows"] == 120 and "Release (default gate)" in run.data.tags["mlflow.note.content"]
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{loop}'")
+    assert {c.info.run_name for c in children} >= {"register-flywheel-policy", "register-flywheel-reward"}
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
