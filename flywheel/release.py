@@ -11,6 +11,7 @@ model folder is never registered twice, and promoting the current champion does 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from flywheel.registry import CHALLENGER, CHAMPION, MODELS, PREVIOUS, Registry, 
 
 # lineage tags: written when a version is registered, never overwritten by a later release of the same content
 PROVENANCE = frozenset(
-    {"git_commit", "airflow_run_id", "loop_run_id", "feedback_window", "policy_mlflow_run_id", "reward_mlflow_run_id"}
-    | {f"dvc_{st}_inputs" for st in ("prepare", "train_reward", "train_policy")}
+    {"git_commit", "airflow_run_id", "loop_run_id", "feedback_window", "dvc_inputs"}
+    | {"policy_mlflow_run_id", "reward_mlflow_run_id"}
 )
 
 
@@ -339,9 +340,12 @@ def lineage(settings) -> dict:
     lock = s.root / "dvc.lock"
     if lock.exists():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for st in ("prepare", "train_reward", "train_policy"):
-            deps = stages.get(st, {}).get("deps", [])
-            out[f"dvc_{st}_inputs"] = json.dumps({d["path"]: d.get("md5") for d in deps})
+        inputs = {
+            st: {d["path"]: d.get("md5") for d in stages.get(st, {}).get("deps", [])}
+            for st in ("prepare", "train_reward", "train_policy")
+        }
+        # one short tag (the MLflow UI cuts long ones); the inputs themselves: dvc.lock, logged on the loop run
+        out["dvc_inputs"] = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
     window = rawstore.read_columns(s.raw_store, ["ingested_at", "batch_id"])
     if window.num_rows:
         col = window.column("ingested_at").to_pylist()

@@ -17,6 +17,7 @@ from flywheel.cli._common import (
     print_record,
     settings,
 )
+from flywheel.contract import ContractError
 
 app = typer.Typer()
 quarantine_app = typer.Typer(no_args_is_help=True, help="Inspect and purge quarantined input.")
@@ -31,7 +32,7 @@ def ingest(
     fmt: str = typer.Option(
         "native",
         "--format",
-        help="native (contract v1), hh-rlhf or openai-log (README: feedback from where it is already logged)",
+        help="native (contract v1), hh-rlhf, openai-log or langfuse (README: feedback from where it is logged)",
     ),
     source: str | None = typer.Option(
         None, "--from", help="mlflow: the human assessments on an experiment's traces (with --experiment)"
@@ -55,24 +56,25 @@ def ingest(
     no_track_with_remote(s, track)
     pulled: dict = {}
     with changing_raw_store(s, "ingest"), tempfile.TemporaryDirectory() as tmp:
+        if fmt == "langfuse" and not source:
+            files, fmt, pulled = _from_langfuse(files, Path(tmp))
         if source:
             files, fmt, pulled = _from_mlflow(s, source, experiment, tracking_uri or s.tracking_uri, since, Path(tmp))
-            if not files:  # nothing new since the watermark: nothing to store, not an error
-                counts = dict.fromkeys(("read", "accepted", "duplicates", "quarantined"), 0)
-                counts.update({k: pulled[k] for k in ("traces", "skipped_not_human", "skipped_invalid")})
-                print_record(counts, as_json, "ingest")
-                return
+        if pulled and not files:  # nothing new since the watermark (or no human score): not an error
+            counts = dict.fromkeys(("read", "accepted", "duplicates", "quarantined"), 0)
+            counts.update({k: v for k, v in pulled.items() if k not in ("key", "latest_ms")})
+            print_record(counts, as_json, "ingest")
+            return
         try:
             result = run_ingest(files, fmt, s.raw_store, s.quarantine, s.params.ingest, s.params.contract)
         except IngestError as exc:
             fail(str(exc))
         if result.accepted and track:
             workspace.track(s.root, s.raw_store)
-        if pulled and result.ok:  # the watermark moves only past a batch that was stored
+        if pulled.get("key") and result.ok:  # the watermark moves only past a batch that was stored
             _watermarks(s, {pulled["key"]: pulled["latest_ms"]})
     summary = {k: getattr(result, k) for k in ("read", "accepted", "duplicates", "quarantined")}
-    if pulled:
-        summary.update({k: pulled[k] for k in ("traces", "skipped_not_human", "skipped_invalid")})
+    summary.update({k: v for k, v in pulled.items() if k not in ("key", "latest_ms")})
     summary.update(batch_id=result.batch_id, pii_redacted=result.pii)
     if result.quarantine_dir:
         summary["quarantine"] = result.quarantine_dir
@@ -96,6 +98,26 @@ def _watermarks(s, update: dict | None = None) -> dict:
         marks.update(update)
         path.write_text(json.dumps(marks, indent=2, sort_keys=True))
     return marks
+
+
+def _from_langfuse(files: list[Path], tmp: Path):
+    """A Langfuse export (traces and scores) as one ``langfuse-score`` line per human score, to ingest."""
+    from flywheel.data.ingest import IngestError
+    from flywheel.data.sources import langfuse_records
+
+    lines, counts = [], {"traces": 0, "scores": 0, "skipped_not_human": 0}
+    for f in files:
+        try:
+            got, c = langfuse_records(Path(f).read_bytes())
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(str(IngestError(f"cannot read {f}: {exc}")))
+        except ContractError as exc:
+            fail(f"{f}: {exc.reason}")
+        lines += got
+        counts = {k: counts[k] + c[k] for k in counts}
+    path = tmp / "langfuse-scores.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return ([path] if lines else []), "langfuse-score", counts
 
 
 def _from_mlflow(s, source: str, experiment: str | None, uri: str, since: str | None, tmp: Path):

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flywheel.contract import FEEDBACK_COLUMNS, FEEDBACK_TEXT_COLUMNS, ContractError, parse_event
-from flywheel.data.sources import mlflow_to_event, openai_to_event
+from flywheel.data.sources import langfuse_to_event, mlflow_to_event, openai_to_event
 from flywheel.redact import pseudonymise_id, redact
 
-FORMATS = ("native", "hh-rlhf", "openai-log", "mlflow-trace")
+# line formats; mlflow-trace and langfuse-score are what `ingest --from mlflow` and `--format langfuse` write
+FORMATS = ("native", "hh-rlhf", "openai-log", "mlflow-trace", "langfuse-score")
 _TURN = re.compile(r"\n\n(Human|Assistant): ?")
 _PROMPT_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(..., ensure_ascii=False), built once
 
@@ -117,6 +118,8 @@ def parse_line(raw: bytes, fmt: str, ingested_at: str, max_chars: int, max_turns
         line = json.dumps(openai_to_event(raw))
     elif fmt == "mlflow-trace":  # a line `flywheel ingest --from mlflow` exported
         line = json.dumps(mlflow_to_event(raw))
+    elif fmt == "langfuse-score":  # a line `flywheel ingest --format langfuse` made of the export
+        line = json.dumps(langfuse_to_event(raw))
     else:
         line = raw
     return parse_event(line, max_chars, max_turns)

@@ -130,7 +130,12 @@ def _when(ms) -> str:
 def _request_messages(raw) -> list[dict]:
     """The user's side of a traced call: ``{"messages": [...]}`` (an OpenAI-style request), a list of messages, or
     one string field (``{"question": "..."}``)."""
-    value = json.loads(raw) if isinstance(raw, str) else raw
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a plain question, as Langfuse often records a trace's input
     if isinstance(value, dict):
         for key in _REQUEST_KEYS:
             if isinstance(value.get(key), list):
@@ -149,7 +154,12 @@ def _request_messages(raw) -> list[dict]:
 
 def _response_text(raw) -> str:
     """The answer of a traced call: a string, an OpenAI chat completion, or one string field."""
-    value = json.loads(raw) if isinstance(raw, str) and raw[:1] in "{[\"" else raw
+    value = raw
+    if isinstance(raw, str) and raw[:1] in "{[\"":
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
@@ -270,3 +280,77 @@ def mlflow_assessment_lines(tracking_uri: str, experiment: str, since_ms: int = 
             }
             lines.append(json.dumps(record, default=str).encode())
     return lines, counts
+
+
+# ---- Langfuse: an export of traces and scores -------------------------------------------------------------------
+# Scores people gave (the SDK or API from an app's thumbs, annotation in the Langfuse UI) are feedback; an EVAL
+# score (an LLM judge) is not
+HUMAN_SCORE_SOURCES = ("API", "ANNOTATION")
+
+
+def langfuse_records(raw: bytes) -> tuple[list[bytes], dict]:
+    """A Langfuse export (``{"traces": [...], "scores": [...]}`` as the public API's list endpoints return them, or
+    JSONL of trace and score objects) as one line per human score with its trace (``None`` when the export lacks
+    it: that line is quarantined). Counts: ``traces``, ``scores``, ``skipped_not_human``."""
+    text = raw.decode("utf-8")
+    try:
+        doc = json.loads(text)
+        objects = (doc.get("traces") or []) + (doc.get("scores") or []) if isinstance(doc, dict) else doc
+    except json.JSONDecodeError:
+        objects = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    objects.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    objects.append({"_invalid": f"line {n}: invalid JSON: {exc}"})
+    if not isinstance(objects, list):
+        raise ContractError("a Langfuse export is {'traces': [...], 'scores': [...]} or JSONL of traces and scores")
+    traces = {o["id"]: o for o in objects if isinstance(o, dict) and "traceId" not in o and "id" in o}
+    lines, counts = [], {"traces": len(traces), "scores": 0, "skipped_not_human": 0}
+    for o in objects:
+        if isinstance(o, dict) and "traceId" not in o and "id" in o:
+            for score in o.get("scores") or []:  # a trace with its scores embedded (GET /traces/{id})
+                if isinstance(score, dict):
+                    objects.append({**score, "traceId": o["id"]})
+            continue
+        if not isinstance(o, dict) or "_invalid" in o:
+            lines.append(json.dumps({"invalid": (o or {}).get("_invalid", "not an object")}).encode())
+            continue
+        counts["scores"] += 1
+        if o.get("source", "API") not in HUMAN_SCORE_SOURCES:
+            counts["skipped_not_human"] += 1
+            continue
+        lines.append(json.dumps({"score": o, "trace": traces.get(o.get("traceId"))}).encode())
+    return lines, counts
+
+
+def langfuse_to_event(line: bytes) -> dict:
+    """One human score with its trace (``langfuse_records``) as a contract event dict."""
+    row = json.loads(line)
+    if "invalid" in row:
+        raise ContractError(row["invalid"])
+    score, trace = row.get("score") or {}, row.get("trace")
+    sid = score.get("id")
+    if not sid:
+        raise ContractError("score: an 'id' is required")
+    if trace is None:
+        raise ContractError(f"score {sid}: its trace {score.get('traceId')!r} is not in the export")
+    kind, value = score.get("dataType", "NUMERIC"), score.get("value")
+    if kind == "BOOLEAN":
+        value = bool(value) if value in (0, 1, True, False) else value
+    elif kind in ("CATEGORICAL", "CORRECTION"):
+        value = score.get("stringValue", value)
+    a = {"name": score.get("name", ""), "value": value, "kind": "expectation" if kind == "CORRECTION" else "feedback"}
+    event = {
+        "event_id": f"langfuse-{sid}",
+        "timestamp": score.get("timestamp") or trace.get("timestamp") or "",
+        "conversation_id": trace.get("sessionId") or trace.get("id"),
+        "model_version": trace.get("release") or trace.get("version") or "unknown",
+        "prompt": _request_messages(trace.get("input")),
+        "response": _response_text(trace.get("output")),
+        "feedback": assessment_feedback(a),
+    }
+    if trace.get("userId"):
+        event["user_id"] = str(trace["userId"])
+    return event

@@ -792,3 +792,32 @@ def test_openai_log_lines_become_events_and_each_unmappable_record_is_quarantine
     assert "request.messages[0].role: 'tool'" in reasons[14]
     assert "response.id" in reasons[15]
     assert "feedback.thumbs: 'sideways'" in reasons[16]
+
+
+LANGFUSE = Path(__file__).parents[1] / "fixtures" / "langfuse-export.json"
+
+
+def test_a_langfuse_export_becomes_one_event_per_human_score_and_a_score_without_its_trace_is_quarantined(ws):
+    from flywheel.data.sources import langfuse_records
+
+    lines, counts = langfuse_records(LANGFUSE.read_bytes())
+    assert counts == {"traces": 3, "scores": 9, "skipped_not_human": 1}  # sc-5 is an LLM judge's (EVAL)
+    path = ws.inputs / "scores.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    res = ws.run([path], fmt="langfuse-score")
+    assert (res.read, res.accepted, res.duplicates, res.quarantined) == (8, 5, 0, 3), res.summary()
+    by_id = {r["event_id"]: r for r in pq.read_table(res.batch_file).to_pylist()}
+    assert sorted(by_id) == [f"langfuse-sc-{i}" for i in ("1", "2", "3", "4", "embedded")]
+    one = by_id["langfuse-sc-1"]
+    assert one["thumbs"] == "up" and one["conversation_id"] == "sess-1" and one["model_version"] == "bot-2026.11"
+    assert json.loads(one["prompt"]) == [{"role": "user", "content": "How do I reset my password?"}]
+    assert one["response"] == "Open Settings, then Security, then Reset."
+    assert by_id["langfuse-sc-2"]["rating"] == 4 and by_id["langfuse-sc-3"]["thumbs"] == "down"
+    assert by_id["langfuse-sc-4"]["correction"].startswith("I have cancelled order")
+    assert by_id["langfuse-sc-embedded"]["thumbs"] == "down" and by_id["langfuse-sc-embedded"]["model_version"] == "v7"
+    reasons = sorted(
+        json.loads(x)["reason"] for f in Path(res.quarantine_dir).glob("*.jsonl") for x in f.read_text().splitlines()
+    )
+    assert any("score sc-6: its trace 'tr-404' is not in the export" in r for r in reasons), reasons
+    assert any("value 0.7 is not a thumbs" in r for r in reasons), reasons
+    assert any("'tool'" in r for r in reasons), reasons

@@ -181,3 +181,19 @@ def test_ingest_from_mlflow_turns_the_human_assessments_on_traces_into_events_on
     again = sh(cmd, ws)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["read"] == 0  # the watermark: nothing new
+
+
+def test_ingest_a_langfuse_export_from_the_command_line(ws, sh, repo_root):
+    fixture = repo_root / "tests" / "fixtures" / "langfuse-export.json"
+    proc = sh(["flywheel", "ingest", "--format", "langfuse", str(fixture), "--json"], ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: counts[k] for k in ("read", "accepted", "duplicates", "quarantined", "skipped_not_human")} == {
+        "read": 8,
+        "accepted": 5,
+        "duplicates": 0,
+        "quarantined": 3,
+        "skipped_not_human": 1,
+    }, counts
+    again = sh(["flywheel", "ingest", "--format", "langfuse", str(fixture), "--json"], ws)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["duplicates"] == 5
