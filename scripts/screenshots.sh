@@ -4,7 +4,7 @@
 # (every user an admin, so no login page) on free local ports, triggers one continuous_improvement run over the
 # REST API (every stage is up to date after the demo: the run shows the verdicts and "NOTHING RETRAINED"), takes
 # the screenshots into OUT (default screenshots/), then stops what it started. Nothing leaves this machine.
-#   scripts/screenshots.sh [OUT]
+#   scripts/screenshots.sh [OUT]        (SCREENSHOTS_AIRFLOW=0: the MLflow, report, Data Docs and /docs pages only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-screenshots}")
@@ -32,13 +32,17 @@ setsid mlflow ui --backend-store-uri "$tracking" --host 127.0.0.1 --port "$mlflo
 pids+=($!)
 setsid flywheel serve --port "$api_port" >"$out/serve.log" 2>&1 &
 pids+=($!)
+with_airflow=${SCREENSHOTS_AIRFLOW:-1}
+if [[ $with_airflow == 1 ]]; then
 export AIRFLOW_HOME=${AIRFLOW_HOME:-$PWD/.airflow-screenshots} AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True
 export AIRFLOW__API__PORT=$airflow_port AIRFLOW__API__BASE_URL=http://127.0.0.1:$airflow_port
 export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=$(free_port) AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=$(free_port)
 setsid scripts/airflow.sh >"$out/airflow.log" 2>&1 &
 pids+=($!)
+fi
 wait_for "http://127.0.0.1:$mlflow_port/health" "the MLflow UI"
 wait_for "http://127.0.0.1:$api_port/healthz" "flywheel serve"
+if [[ $with_airflow == 1 ]]; then
 wait_for "http://127.0.0.1:$airflow_port/api/v2/version" "Airflow" 240
 
 api=http://127.0.0.1:$airflow_port/api/v2
@@ -53,26 +57,31 @@ for _ in $(seq 1 300); do
 done
 echo "    $state"
 enc=$(python -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$run_id")
+fi
 read -r exp loop < <(python -c "
 import mlflow
 from flywheel.settings import load_settings
 s = load_settings(); mlflow.set_tracking_uri(s.tracking_uri)
 e = mlflow.get_experiment_by_name('flywheel')
-r = mlflow.search_runs([e.experiment_id], filter_string=\"tags.\`flywheel.loop\` = 'true'\", order_by=['attributes.start_time DESC'], max_results=1, output_format='list')
+r = mlflow.search_runs([e.experiment_id], filter_string=\"tags.\`flywheel.loop\` = 'true'\", order_by=['attributes.start_time DESC'], output_format='list')
+r = [x for x in r if 'verdict_policy' in x.data.tags] or r  # the latest turn that released
 print(e.experiment_id, r[0].info.run_id if r else '')")
 
 echo "==> screenshots in $out"
 a=http://127.0.0.1:$airflow_port m=http://127.0.0.1:$mlflow_port
+if [[ $with_airflow == 1 ]]; then
 shot airflow-dag "$a/dags/continuous_improvement" 12000
 shot airflow-trigger-form "$a/dags/continuous_improvement/trigger/single" 12000
 shot airflow-grid "$a/dags/continuous_improvement/runs/$enc" 12000
 shot airflow-graph "$a/dags/continuous_improvement/runs/$enc?mode=graph" 12000
 shot airflow-bless-log "$a/dags/continuous_improvement/runs/$enc/tasks/bless" 12000
 shot airflow-release-log "$a/dags/continuous_improvement/runs/$enc/tasks/release" 12000
-shot mlflow-experiment "$m/#/experiments/$exp" 12000
-shot mlflow-loop-run "$m/#/experiments/$exp/runs/$loop" 12000
-shot mlflow-registry "$m/#/models/flywheel-policy" 12000
-shot mlflow-version "$m/#/models/flywheel-policy/versions/2" 12000
+fi
+ml="workflowType=machine_learning"  # the UI's mode switch (GenAI by default) as a URL parameter
+shot mlflow-experiment "$m/#/experiments/$exp/runs?$ml" 12000
+shot mlflow-loop-run "$m/#/experiments/$exp/runs/$loop?$ml" 12000
+shot mlflow-registry "$m/#/models/flywheel-policy?$ml" 12000
+shot mlflow-version "$m/#/models/flywheel-policy/versions/2?$ml" 12000
 shot report "file://$PWD/reports/evaluate/report.html"
 shot data-docs "file://$PWD/reports/validate/data_docs/index.html"
 shot api-docs "http://127.0.0.1:$api_port/docs" 10000

@@ -78,7 +78,7 @@ def run(s: Settings, turns: int = 2) -> dict:
     print(
         "Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri "
         + s.tracking_uri
-        + " --port 5000   then http://127.0.0.1:5000"
+        + " --port 5000\n  then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
     )
     print("Evaluation report:   " + str(root / "reports/evaluate/report.html") + " (or report.md)")
     print("Data Docs:           " + str(root / "reports/validate/data_docs/index.html"))

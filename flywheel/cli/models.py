@@ -171,7 +171,7 @@ def _log_to_loop(s, rows: list[dict], gate_name: str) -> None:
             {f"{stage}.{k}": v for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         )
     metrics.update({f"{r['model']}.promoted": float(r["promoted"]) for r in rows})
-    tags = {f"flywheel.verdict.{r['model']}": f"v{r['version']} {r['verdict']}" for r in rows if r["version"]}
+    tags = {f"verdict_{r['model']}": f"v{r['version']} {r['verdict']}" for r in rows if r["version"]}
     note = "\n".join(f"- **{r['model']}** v{r['version']}: {r['verdict']}" for r in rows if r["version"])
     tracking.log_loop_outcome(s, metrics, tags, f"Release ({gate_name} gate)\n\n{note}")
 

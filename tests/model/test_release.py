@@ -318,7 +318,7 @@ def test_a_release_nests_under_its_loop_run_which_carries_the_verdicts_and_figur
     _log_to_loop(s, rows, "default")
     client = mlflow.MlflowClient(s.tracking_uri)
     run = client.get_run(loop)
-    assert run.data.tags["flywheel.verdict.policy"] == f"v{out[0].version} promoted"
+    assert run.data.tags["verdict_policy"] == f"v{out[0].version} promoted"
     assert run.data.metrics["policy.promoted"] == 1.0 and run.data.metrics["reward.promoted"] == 0.0
     assert run.data.metrics["data.rows"] == 120 and "Release (default gate)" in run.data.tags["mlflow.note.content"]
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{loop}'")
