@@ -58,6 +58,16 @@ speeds only, and `flywheel release` accepts only a blessing from the gate params
 """
 
 
+def _say(*lines: str) -> None:
+    """Decision lines (RETRAIN/STOP, VERDICT, RELEASE) through the task's own logger, so they land in order
+    before Airflow's "Done." line (a print goes through another channel and may come after it)."""
+    import structlog
+
+    log = structlog.get_logger("flywheel")
+    for line in lines:
+        log.info(line)
+
+
 def _env(profile: str | None = None):
     from flywheel.orchestration import command_env
 
@@ -123,8 +133,7 @@ def _stage(stage: str):
                 env=env,
             )
         )
-        for line in orch.stage_outcome(CFG.root, stage, env):  # e.g. bless's verdict, run or skipped by DVC
-            orch.say(line)
+        _say(*orch.stage_outcome(CFG.root, stage, env))  # e.g. bless's verdict, whether DVC ran or skipped it
         return result
 
     return run_stage()
@@ -214,7 +223,7 @@ def continuous_improvement():
                 settings, f"airflow {ctx['run_id']}", {"airflow.run_id": ctx["run_id"]}
             )
         ctx["ti"].xcom_push(key="decision", value=out)
-        orch.say(("RETRAIN: " if decision.retrain else "STOP: ") + decision.reason)
+        _say(("RETRAIN: " if decision.retrain else "STOP: ") + decision.reason)
         return decision.retrain
 
     @task(multiple_outputs=False)
@@ -261,8 +270,7 @@ def continuous_improvement():
             env=env,
         )
         ran = [t for t in CFG.stages if (ctx["ti"].xcom_pull(task_ids=t) or {}).get("ran")]
-        for line in orch.release_summary(rows, ran):
-            orch.say(line)
+        _say(*orch.release_summary(rows, ran))
         return rows
 
     @task(pool=ORCH.pool, trigger_rule=TriggerRule.NONE_FAILED)

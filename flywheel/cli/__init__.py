@@ -58,6 +58,7 @@ class _RootGroup(TyperGroup):
         repeated = _repeated_option(ctx)
         if repeated:
             fail(f"option {repeated} given twice; give it once")
+        quiet_libraries()  # no progress bars in a log (release, serve, eval-*: not only the stages)
         return super().invoke(ctx)
 
 
