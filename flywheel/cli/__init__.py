@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from flywheel.cli import data, demo, models, ops, service, stages
-from flywheel.cli._common import console, fail
+from flywheel.cli._common import console, fail, quiet_libraries
 from flywheel.settings import SettingsError
 
 
