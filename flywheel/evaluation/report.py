@@ -55,7 +55,7 @@ def plot_slices(kind: str, metrics: dict, out: Path) -> Path:
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("accuracy")
     ax.set_title(f"{kind}: held-out preference accuracy by slice")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)  # off the bars
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -224,7 +224,9 @@ def write(metrics: dict, out_dir: Path) -> list[Path]:
         )
     for k in ("judged_win_rate", "harmless_win_rate"):
         m = p[k]
-        lines.append(f"| {k.replace('_', ' ')} (challenger wins) | | {_fmt(m['value'])} | | {_ci(m)} | {m['n']} |")
+        lo, hi = m.get("ci") or [None, None]
+        ci = "-" if lo is None else f"[{lo:.3f}, {hi:.3f}]"  # of the rate itself, not of a difference
+        lines.append(f"| {k.replace('_', ' ')} (challenger wins) | | {_fmt(m['value'])} | | {ci} | {m['n']} |")
     lines += ["", f"Pick-the-shorter-answer baseline on the policy test pairs: {_fmt(p['length_baseline'])}.", ""]
     if p.get("gain_only_where_shorter_wins"):
         lines += [

@@ -147,3 +147,9 @@ def test_an_empty_test_split_is_reported_not_measured(tiny_base, tmp_path):
     files = report.write(metrics, tmp_path)  # the report says "-" where nothing was measured
     assert (tmp_path / "report.md") in files and "| 0 |" in (tmp_path / "report.md").read_text()
     assert headline_metrics(metrics) == {}  # MLflow gets no nulls
+    # read as a document: the outcome first, versions as people name them, the plots inside the HTML page
+    text = (tmp_path / "report.md").read_text().splitlines()
+    assert text[2] == "- **policy**: not measured (no held-out pairs)" and "Champion: policy v1; judge: j v1." in text
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "](policy_slices.png)" not in page and "<table>" in page
+    assert report.cut("a fairly long answer " * 20, 30) == "a fairly long answer a fairly …"
