@@ -4,7 +4,7 @@
 # (every user an admin, so no login page) on free local ports, triggers one continuous_improvement run over the
 # REST API (every stage is up to date after the demo: the run shows the verdicts and "NOTHING RETRAINED"), takes
 # the screenshots into OUT (default screenshots/), then stops what it started. Nothing leaves this machine. The
-# trigger form is a dialog (a click away): tests/airflow/test_live.py checks its params' defaults instead.
+# trigger forms are dialogs: scripts/screenshot_dialog.py clicks "Trigger" over the DevTools protocol first.
 #   scripts/screenshots.sh [OUT]        (SCREENSHOTS_AIRFLOW=0: the MLflow, report, Data Docs and /docs pages only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +72,8 @@ echo "==> screenshots in $out"
 a=http://127.0.0.1:$airflow_port m=http://127.0.0.1:$mlflow_port
 if [[ $with_airflow == 1 ]]; then
 shot airflow-dag "$a/dags/continuous_improvement" 12000
+python scripts/screenshot_dialog.py "$a/dags/continuous_improvement" Trigger "$out/airflow-trigger-form.png" --browser "$browser"
+python scripts/screenshot_dialog.py "$a/dags/rollback" Trigger "$out/airflow-trigger-rollback.png" --browser "$browser"
 shot airflow-grid "$a/dags/continuous_improvement/runs/$enc" 12000
 shot airflow-graph "$a/dags/continuous_improvement/runs/$enc?mode=graph" 12000
 shot airflow-bless-log "$a/dags/continuous_improvement/runs/$enc/tasks/bless" 12000
