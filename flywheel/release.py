@@ -197,15 +197,15 @@ def release(
             out.version, out.reasons = champion.version, ["already the champion"]
             outcomes.append(out)
             continue
-        tags = {
+        tags = {  # short ones (the MLflow UI cuts long values); each run's own id only (training_run_id)
             "blessed": str(verdict["blessed"]).lower(),
             "gate_reasons": json.dumps(verdict["reasons"]),
-            "gate_not_applied": json.dumps(verdict.get("not_applied", [])),
+            **({"gate_not_applied": json.dumps(verdict["not_applied"])} if verdict.get("not_applied") else {}),
             "gate": blessing["gate"],
             "gate_primary": json.dumps(verdict.get("primary")),
             "gate_sha256": blessing["gate_sha256"],
             "judge": blessing.get("judge") or "none",
-            **{k: v for k, v in lineage.items() if v},
+            **{k: v for k, v in lineage.items() if v and not k.endswith("_mlflow_run_id")},
         }
         version, out.created = registry.register(
             name, folder, tags=tags, digest=digest, run_id=lineage.get(f"{kind}_mlflow_run_id"), base=base
