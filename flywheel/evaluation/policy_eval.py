@@ -5,6 +5,7 @@ behaviour suite, slices beside the length baseline, latency."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,9 +40,16 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def log_ratios(
-    reference, models: dict, tok, records: list[dict], params: EvaluateParams, fields=("chosen", "rejected")
+    reference,
+    models: dict,
+    tok,
+    records: list[dict],
+    params: EvaluateParams,
+    fields=("chosen", "rejected"),
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Per model, per record, per answer field: log p(answer) − log p_ref(answer), the implicit reward.
+    """Per model, per record, per answer field: log p(answer) − log p_ref(answer), the implicit reward;
+    ``progress(done, total)`` after each batch (minutes for a few hundred records on a CPU).
 
     Models whose frozen trunk equals the reference's reuse its trunk output: one trunk pass per batch.
     """
@@ -74,18 +82,25 @@ def log_ratios(
                 lp = top_logps(model, t, batch, k)
             d = (lp - ref).tolist()
             out[name].extend([d[w * n + j] for w in range(width)] for j in range(n))
+        if progress is not None:
+            progress(i + n, len(enc))
     return out
 
 
-def implicit_margins(reference, models: dict, tok, pairs: list[dict], params: EvaluateParams) -> dict[str, list[float]]:
+def implicit_margins(
+    reference, models: dict, tok, pairs: list[dict], params: EvaluateParams, progress=None
+) -> dict[str, list[float]]:
     """Per model, per pair: (log p(chosen) − log p_ref(chosen)) − (log p(rejected) − log p_ref(rejected))."""
-    ratios = log_ratios(reference, models, tok, pairs, params)
+    ratios = log_ratios(reference, models, tok, pairs, params, progress=progress)
     return {name: [c - r for c, r in rows] for name, rows in ratios.items()}
 
 
-def golden_correct(reference, champion, challenger, tok, pairs: list[dict], params: EvaluateParams) -> dict:
+def golden_correct(
+    reference, champion, challenger, tok, pairs: list[dict], params: EvaluateParams, progress=None
+) -> dict:
     """Per model, per golden pair: 1 when the implicit reward prefers the chosen answer (0.5 on a tie)."""
-    margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
+    models = {"champion": champion, "challenger": challenger}
+    margins = implicit_margins(reference, models, tok, pairs, params, progress)
     return {k: stats.correct_from_margin(v) for k, v in margins.items()}
 
 
@@ -105,12 +120,15 @@ def unpaired_scores(ratios: list[float], desirable: list[bool]) -> list[float]:
     return out
 
 
-def unpaired_accuracy(reference, champion, challenger, tok, examples: list[dict], params: EvaluateParams) -> dict:
+def unpaired_accuracy(
+    reference, champion, challenger, tok, examples: list[dict], params: EvaluateParams, progress=None
+) -> dict:
     """Held-out accuracy of the implicit reward on unpaired (KTO) examples: how often a desirable answer scores above
     an undesirable one, challenger against champion on the same examples (paired bootstrap over the desirable
     ones)."""
     flags = [bool(e["desirable"]) for e in examples]
-    ratios = log_ratios(reference, {"champion": champion, "challenger": challenger}, tok, examples, params, ("answer",))
+    models = {"champion": champion, "challenger": challenger}
+    ratios = log_ratios(reference, models, tok, examples, params, ("answer",), progress)
     scores = {name: unpaired_scores([r[0] for r in rows], flags) for name, rows in ratios.items()}
     keys = [e["conversation_id"] for e, good in zip(examples, flags) if good] if scores["challenger"] else None
     out = stats.paired_diff(
@@ -152,8 +170,19 @@ def evaluate_policy(
         seconds[name] = round(seconds.get(name, 0.0) + now - t, 2)
         t = now
 
+    def progress(what: str):
+        began, shown = time.perf_counter(), [0]
+
+        def report(done: int, total: int) -> None:  # about every quarter: the margins are most of the stage
+            if done * 4 // max(1, total) > shown[0] and done < total:
+                shown[0] = done * 4 // max(1, total)
+                log(f"evaluate:   {done}/{total} {what} ({time.perf_counter() - began:.0f} s)")
+
+        return report
+
     log(f"evaluate: implicit-reward accuracy on {len(pairs)} test pairs")
-    margins = implicit_margins(reference, {"champion": champion, "challenger": challenger}, tok, pairs, params)
+    both_models = {"champion": champion, "challenger": challenger}
+    margins = implicit_margins(reference, both_models, tok, pairs, params, progress("test pairs"))
     correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
     out: dict = {
         "pref_accuracy": stats.paired_diff(
@@ -167,10 +196,12 @@ def evaluate_policy(
     }
     if unpaired:
         log(f"evaluate: implicit-reward accuracy on {len(unpaired)} unpaired test examples")
-        out["unpaired_accuracy"] = unpaired_accuracy(reference, champion, challenger, tok, unpaired, params)
+        out["unpaired_accuracy"] = unpaired_accuracy(
+            reference, champion, challenger, tok, unpaired, params, progress("unpaired examples")
+        )
     if golden is not None:
         log(f"evaluate: implicit-reward accuracy on the golden set ({len(golden)} pairs)")
-        g = golden_correct(reference, champion, challenger, tok, golden, params)
+        g = golden_correct(reference, champion, challenger, tok, golden, params, progress("golden pairs"))
         out["golden_pref_accuracy"] = golden_metric(g["challenger"], g["champion"], golden, params)
         out["heldout_pref_accuracy"] = heldout_metric(correct, g, pairs, golden, params)
     out["length_baseline"] = mean_length_baseline(pairs)

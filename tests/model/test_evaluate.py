@@ -80,7 +80,9 @@ def test_implicit_margins_run_with_accelerator_weights(tiny_base):
     with torch.no_grad():
         other.model.layers[3].mlp.up_proj.weight.mul_(1.5)
     pairs = synthetic_pairs(5)
-    expected = implicit_margins(ref, {"other": other}, tok, pairs, EVAL)
+    seen = []
+    expected = implicit_margins(ref, {"other": other}, tok, pairs, EVAL, progress=lambda *a: seen.append(a))
+    assert seen and seen[-1] == (5, 5) and all(0 < d <= 5 for d, _ in seen)  # long margins show their progress
     got = implicit_margins(
         on_accelerator(copy.deepcopy(ref)), {"other": on_accelerator(copy.deepcopy(other))}, tok, pairs, EVAL
     )
