@@ -120,7 +120,7 @@ class Airflow:
 
         return DAGApi(self.client).get_dag_details(dag_id).params or {}
 
-    def log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
         from airflow_client.client import TaskInstanceApi
 
         api = TaskInstanceApi(self.client)  # the raw body: no client-side model of each log line to trip on
@@ -226,9 +226,9 @@ def test_triggered_over_rest_approved_and_promoted(live):
     assert tasks["approve_release"] == tasks["release"] == "success" and tasks["record_rejection"] == "skipped"
     assert champion(root) == "2"
     # the decisions read top-down in the tasks' own logs: the verdict in bless's, the table at release's end
-    bless_log = airflow.log("continuous_improvement", run_id, "bless")  # the workspace's gate: permissive
+    bless_log = airflow.task_log("continuous_improvement", run_id, "bless")  # the workspace's gate: permissive
     assert "VERDICT (permissive gate, judge: " in bless_log and "  policy: blessed" in bless_log, bless_log[-3000:]
-    release_log = airflow.log("continuous_improvement", run_id, "release")
+    release_log = airflow.task_log("continuous_improvement", run_id, "release")
     assert "RELEASE:" in release_log and "Downloading artifacts" not in release_log, release_log[-3000:]
     tags = version_tags(root, "policy", "2")
     assert tags["airflow_run_id"] == run_id
