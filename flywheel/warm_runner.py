@@ -115,7 +115,18 @@ def serve(
     private_dir_check(Path(path).parent)
     key = env_key(os.environ)  # before anything below changes the environment
     os.environ.setdefault("MPLBACKEND", "Agg")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the finally below: the socket goes
+    stopping: list[bool] = []
+
+    def _on_term(*_) -> None:
+        # the socket and pid file go at once (a library import under way may swallow the SystemExit; the loop
+        # then ends on ``stopping``); the finally below removes them too
+        stopping.append(True)
+        if _pid_of(path) == os.getpid():
+            Path(path).unlink(missing_ok=True)
+            Path(path + ".pid").unlink(missing_ok=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, _on_term)
     for name in preload:
         _import(name)
     later = list(preload_later)
@@ -135,7 +146,7 @@ def serve(
     last = time.monotonic()
     print(f"warm runner ready on {path} (pid {os.getpid()})", flush=True)
     try:
-        while running or time.monotonic() - last < idle_timeout:
+        while (running or time.monotonic() - last < idle_timeout) and not stopping:
             events = sel.select(timeout=0 if later else 0.2)
             if not events and later:
                 _import(later.pop(0))  # nothing waiting: the next heavy import (forks see it from now on)
