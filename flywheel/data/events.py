@@ -109,17 +109,19 @@ def event_row(event, found: Counter) -> dict:
     }
 
 
+# a format's line -> a contract event dict; native lines are contract events already. mlflow-trace and
+# langfuse-score are the lines `ingest --from mlflow` and `--format langfuse` write
+_CONVERTERS = {
+    "hh-rlhf": hh_to_event,
+    "openai-log": lambda raw, _at: openai_to_event(raw),
+    "mlflow-trace": lambda raw, _at: mlflow_to_event(raw),
+    "langfuse-score": lambda raw, _at: langfuse_to_event(raw),
+}
+
+
 def parse_line(raw: bytes, fmt: str, ingested_at: str, max_chars: int, max_turns: int):
     """One line of a ``native`` (contract events), ``hh-rlhf`` or ``openai-log`` file as a checked contract event;
     ContractError names what is wrong. Ingest, eval-reward/eval-policy and the golden set read lines through it."""
-    if fmt == "hh-rlhf":
-        line = json.dumps(hh_to_event(raw, ingested_at))
-    elif fmt == "openai-log":
-        line = json.dumps(openai_to_event(raw))
-    elif fmt == "mlflow-trace":  # a line `flywheel ingest --from mlflow` exported
-        line = json.dumps(mlflow_to_event(raw))
-    elif fmt == "langfuse-score":  # a line `flywheel ingest --format langfuse` made of the export
-        line = json.dumps(langfuse_to_event(raw))
-    else:
-        line = raw
+    convert = _CONVERTERS.get(fmt)
+    line = json.dumps(convert(raw, ingested_at)) if convert else raw
     return parse_event(line, max_chars, max_turns)

@@ -306,16 +306,20 @@ def langfuse_records(raw: bytes) -> tuple[list[bytes], dict]:
                     objects.append({"_invalid": f"line {n}: invalid JSON: {exc}"})
     if not isinstance(objects, list):
         raise ContractError("a Langfuse export is {'traces': [...], 'scores': [...]} or JSONL of traces and scores")
-    traces = {o["id"]: o for o in objects if isinstance(o, dict) and "traceId" not in o and "id" in o}
+
+    def is_trace(o) -> bool:
+        return isinstance(o, dict) and "traceId" not in o and "id" in o
+
+    traces = {o["id"]: o for o in objects if is_trace(o)}
+    # the scores: those listed on their own, then those embedded in a trace (GET /traces/{id})
+    embedded = [
+        {**sc, "traceId": t["id"]} for t in traces.values() for sc in t.get("scores") or [] if isinstance(sc, dict)
+    ]
     lines, counts = [], {"traces": len(traces), "scores": 0, "skipped_not_human": 0}
-    for o in objects:
-        if isinstance(o, dict) and "traceId" not in o and "id" in o:
-            for score in o.get("scores") or []:  # a trace with its scores embedded (GET /traces/{id})
-                if isinstance(score, dict):
-                    objects.append({**score, "traceId": o["id"]})
-            continue
+    for o in [o for o in objects if not is_trace(o)] + embedded:
         if not isinstance(o, dict) or "_invalid" in o:
-            lines.append(json.dumps({"invalid": (o or {}).get("_invalid", "not an object")}).encode())
+            why = o["_invalid"] if isinstance(o, dict) else "not an object"
+            lines.append(json.dumps({"invalid": why}).encode())
             continue
         counts["scores"] += 1
         if o.get("source", "API") not in HUMAN_SCORE_SOURCES:

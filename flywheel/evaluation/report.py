@@ -120,8 +120,8 @@ def at_a_glance(metrics: dict) -> list[str]:
         ("policy", ("heldout_pref_accuracy", "pref_accuracy")),
         ("reward", ("heldout_pairwise_accuracy", "pairwise_accuracy")),
     ):
-        m = next((metrics[kind][k] for k in keys if (metrics[kind].get(k) or {}).get("diff") is not None), None)
-        key = next((k for k in keys if metrics[kind].get(k) is m), keys[0])
+        key = next((k for k in keys if (metrics[kind].get(k) or {}).get("diff") is not None), None)
+        m = metrics[kind][key] if key else None
         if m is None:
             lines.append(f"- **{kind}**: not measured (no held-out pairs)")
             continue

@@ -821,3 +821,19 @@ def test_a_langfuse_export_becomes_one_event_per_human_score_and_a_score_without
     assert any("score sc-6: its trace 'tr-404' is not in the export" in r for r in reasons), reasons
     assert any("value 0.7 is not a thumbs" in r for r in reasons), reasons
     assert any("'tool'" in r for r in reasons), reasons
+
+
+def test_a_langfuse_export_of_odd_records_is_quarantined_line_by_line_or_refused_whole():
+    from flywheel.contract import ContractError
+    from flywheel.data.sources import langfuse_records, langfuse_to_event
+
+    lines, counts = langfuse_records(b'[1, "x", {"id": "s1", "traceId": "nowhere", "value": true}]')
+    assert counts == {"traces": 0, "scores": 1, "skipped_not_human": 0} and len(lines) == 3
+    reasons = []
+    for line in lines:
+        with pytest.raises(ContractError) as err:
+            langfuse_to_event(line)
+        reasons.append(err.value.reason)
+    assert reasons == ["not an object", "not an object", "score s1: its trace 'nowhere' is not in the export"]
+    with pytest.raises(ContractError, match="a Langfuse export is"):
+        langfuse_records(b'"just a string"')
