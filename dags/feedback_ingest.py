@@ -29,6 +29,10 @@ store since the last export into the raw store (checked, redacted, de-duplicated
 whose extra holds the export's counts; `continuous_improvement` is scheduled on it. No new events: the task is
 skipped with the reason in its log, and no event is emitted. An install without the `flywheel` executable or its
 `export` command is broken: the task fails at once (no retries), never skipped.
+
+Then `ingest_traces` runs `flywheel ingest --from mlflow --json`: the human assessments your own app logged on
+the traces of MLflow experiment `{CFG.trace_experiment or "(none: params.yaml ingest.traces.experiment)"}` since the
+last pull become a raw-store batch, announced on the same asset. With no experiment set it is skipped.
 """
 
 
@@ -75,7 +79,33 @@ def feedback_ingest():
         print(f"exported {new} new events: {counts}")
         return counts
 
-    export_feedback()
+    @task(
+        pool=ORCH.pool,
+        outlets=[FEEDBACK],
+        execution_timeout=timedelta(minutes=ORCH.stage_timeout_minutes),
+        trigger_rule="none_failed",  # after the export, whether it exported anything or not
+    )
+    def ingest_traces() -> dict:
+        """Human assessments on the configured MLflow experiment's traces into the raw store."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from flywheel import orchestration as orch
+
+        if not CFG.trace_experiment:
+            raise AirflowSkipException("no trace store configured (params.yaml ingest.traces.experiment is empty)")
+        ctx = get_current_context()
+        env = orch.command_env(CFG.root, ctx["run_id"])
+        counts, _ = orch.synced(
+            CFG.root, env, ctx["run_id"], "ingest_traces", None, lambda: orch.run_trace_ingest(CFG.root, env)
+        )
+        new = orch.exported_events(counts)
+        if not new:
+            raise AirflowSkipException(f"no new assessments on {CFG.trace_experiment!r} ({counts}); no asset event")
+        ctx["outlet_events"][FEEDBACK].extra = {"new_events": new, **counts}
+        print(f"ingested {new} new events from MLflow experiment {CFG.trace_experiment!r}: {counts}")
+        return counts
+
+    export_feedback() >> ingest_traces()
 
 
 feedback_ingest()

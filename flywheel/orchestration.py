@@ -56,6 +56,7 @@ class DagConfig:
     stages: list[str]
     profiles: list[str]
     feedback_asset: str = FEEDBACK_ASSET
+    trace_experiment: str = ""  # params ingest.traces.experiment: feedback_ingest also pulls its assessments
 
 
 def workspace_root(dag_file: str | Path) -> Path:
@@ -72,7 +73,8 @@ def dag_config(dag_file: str | Path) -> DagConfig:
     params = load_params(root / "params.yaml", os.environ.get("FLYWHEEL_PROFILE"))
     stages = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}))
     raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    return DagConfig(root, params.orchestration, stages, sorted(raw.get("profiles") or {}))
+    profiles = sorted(raw.get("profiles") or {})
+    return DagConfig(root, params.orchestration, stages, profiles, trace_experiment=params.ingest.traces.experiment)
 
 
 # ---- the retrain threshold -------------------------------------------------------------------------
@@ -408,6 +410,20 @@ def run_export(root: Path, env: dict[str, str], log: Log = say, timeout: float |
     counts = _last_json(res.stdout)
     if not isinstance(counts, dict):
         raise ValueError(f"flywheel export --json printed {counts!r}, expected an object of counts")
+    return counts
+
+
+def run_trace_ingest(root: Path, env: dict[str, str], log: Log = say, timeout: float | None = None) -> dict:
+    """``flywheel ingest --from mlflow --json``: the human assessments made since the last pull on the traces of
+    params ``ingest.traces.experiment``, as a raw-store batch; returns its counts."""
+    cmd = [console_script("flywheel"), "ingest", "--from", "mlflow", "--json"]
+    res = run_command(cmd, root, env, log, what="flywheel ingest --from mlflow", timeout=timeout, check=False)
+    if res.returncode != 0:  # a batch quarantined whole fails too: someone must look (its watermark stays)
+        tail = "\n".join(res.stderr_tail)
+        raise CommandFailed(f"flywheel ingest --from mlflow failed (exit {res.returncode}):\n{tail}")
+    counts = _last_json(res.stdout)
+    if not isinstance(counts, dict):
+        raise ValueError(f"flywheel ingest --json printed {counts!r}, expected an object of counts")
     return counts
 
 

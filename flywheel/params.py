@@ -73,10 +73,19 @@ class IngestChecks(Section):
     min_events_for_rate_checks: int = Field(ge=0)
 
 
+class TraceSource(Section):
+    """Where ``flywheel ingest --from mlflow`` (and feedback_ingest's ``ingest_traces`` task) reads traces with
+    human assessments: an MLflow experiment ("" is off) and its tracking URI ("" is the workspace's)."""
+
+    experiment: str
+    tracking_uri: str
+
+
 class IngestParams(Section):
     chunk_events: int = Field(gt=0)
     checks: IngestChecks
     quarantine_retention_days: int = Field(ge=0)
+    traces: TraceSource
 
 
 class ValidateParams(Section):
@@ -325,6 +334,16 @@ class RateLimit(Section):
     burst: int = Field(gt=0)
 
 
+class TracingParams(Section):
+    """The service's answers as MLflow traces and their feedback as assessments (service/tracing.py), in
+    ``experiment`` of the workspace's tracking store; written off the request path through a queue of
+    ``max_queue`` records (a full queue drops the trace, never the request)."""
+
+    enabled: bool
+    experiment: str = Field(min_length=1)
+    max_queue: int = Field(gt=0)
+
+
 class ServeParams(Section):
     host: str
     port: int = Field(ge=0, le=65535)
@@ -352,6 +371,7 @@ class ServeParams(Section):
     access_log: bool
     chat_rate: RateLimit
     feedback_rate: RateLimit  # events; burst bounds the largest batch
+    tracing: TracingParams
 
 
 class OrchestrationParams(Section):

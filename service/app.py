@@ -43,6 +43,12 @@ class Service:
         self.limiter = RateLimiter()
         self.batchers = {kind: self._batcher(kind) for kind in ("champion", "challenger") if kind in self.models.kinds}
         self._poller: asyncio.Task | None = None
+        self.tracer = None
+        if config.tracking_uri and config.params.tracing.enabled:
+            from service.tracing import Tracer
+
+            t = config.params.tracing
+            self.tracer = Tracer(config.tracking_uri, t.experiment, t.max_queue, self.metrics)
 
     def _batcher(self, kind: str) -> Batcher:
         from service.generation import run_batch
@@ -69,6 +75,8 @@ class Service:
             torch.set_num_threads(self.params.threads)
         self._gen_pool = ThreadPoolExecutor(1, thread_name_prefix="flywheel-generate")
         self.writer.start()
+        if self.tracer is not None:
+            self.tracer.start()
         for b in self.batchers.values():
             b.start(self._gen_pool)
         self._poller = asyncio.get_running_loop().create_task(self.models.poll(self.params.reload_poll_s))
@@ -79,6 +87,8 @@ class Service:
         for b in self.batchers.values():
             await b.stop()
         await self.writer.stop()
+        if self.tracer is not None:  # what was answered or stored reaches MLflow before the process ends
+            await asyncio.to_thread(self.tracer.stop)
         self._gen_pool.shutdown(wait=True)
         self.store.engine.dispose()
 

@@ -81,12 +81,13 @@ def _chunk(answer_id: str, created: int, version: str, variant: str, delta: dict
     responses={**ERRORS, 200: _STREAM},
 )
 async def chat_completions(req: ChatRequest, request: Request, _=Depends(require("chat"))):
-    svc = request.app.state.svc
+    svc, start_ns = request.app.state.svc, time.time_ns()
     max_tokens, best_of = _limits(req, svc)
     if not svc.models.ready:
         raise HTTPException(503, "no model is loaded yet", headers={"Retry-After": "5"})
     variant = _variant(svc, req.user)
-    job = Job([m.model_dump() for m in req.messages], max_tokens, req.temperature, req.top_p, best_of, req.stream)
+    messages = [m.model_dump() for m in req.messages]
+    job = Job(messages, max_tokens, req.temperature, req.top_p, best_of, req.stream)
     try:
         svc.batchers[variant].submit(job)
     except Overloaded:
@@ -97,12 +98,16 @@ async def chat_completions(req: ChatRequest, request: Request, _=Depends(require
         [], [{"answer_id": answer_id, "model_version": version, "variant": variant, "created_at": utcnow()}]
     )
     headers = {"X-Model-Version": version, "X-Model-Variant": variant, "X-Answer-Id": answer_id}
+    trace = _tracer(svc, answer_id, messages, variant, req.user, start_ns)
     if req.stream:
         return StreamingResponse(
-            _events(svc, job, answer_id, created, version, variant), media_type="text/event-stream", headers=headers
+            _events(svc, job, answer_id, created, version, variant, trace),
+            media_type="text/event-stream",
+            headers=headers,
         )
     answer = await job.result
     _count(svc, answer, variant)
+    trace(answer)
     body = ChatResponse(
         id=answer_id,
         created=created,
@@ -119,6 +124,15 @@ async def chat_completions(req: ChatRequest, request: Request, _=Depends(require
     return JSONResponse(body.model_dump(), headers=headers)
 
 
+def _tracer(svc, answer_id: str, messages: list[dict], variant: str, user: str | None, start_ns: int):
+    """What to call with the finished answer: queue its MLflow trace (a no-op with tracing off)."""
+    if svc.tracer is None:
+        return lambda _answer: None
+    from service.tracing import answer_record
+
+    return lambda answer: svc.tracer.answer(answer_record(answer_id, messages, answer, variant, user, start_ns))
+
+
 def _count(svc, answer, variant: str) -> None:
     svc.metrics.inc("flywheel_answers_total", model_version=answer.model_version, variant=variant)
     svc.metrics.inc(
@@ -128,7 +142,7 @@ def _count(svc, answer, variant: str) -> None:
     )
 
 
-async def _events(svc, job: Job, answer_id: str, created: int, version: str, variant: str):
+async def _events(svc, job: Job, answer_id: str, created: int, version: str, variant: str, trace):
     yield _chunk(answer_id, created, version, variant, {"role": "assistant", "content": ""}, None)
     while (piece := await job.deltas.get()) is not None:
         yield _chunk(answer_id, created, version, variant, {"content": piece}, None)
@@ -138,5 +152,6 @@ async def _events(svc, job: Job, answer_id: str, created: int, version: str, var
         yield 'data: {"error": {"message": "generation failed", "type": "server_error"}}\n\n'
         return
     _count(svc, answer, variant)
+    trace(answer)
     yield _chunk(answer_id, created, version, variant, {}, answer.finish_reason)
     yield "data: [DONE]\n\n"

@@ -30,3 +30,4 @@ class ServiceConfig:
     fallback_reward: Path | None = None
     registry: object | None = None
     base_policy: Path | None = None  # the base model adapter versions load on (models/base/policy)
+    tracking_uri: str | None = None  # MLflow tracking store the answers are traced to (None: no tracing)

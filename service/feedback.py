@@ -63,18 +63,23 @@ async def _check_answers(svc, events: list[FeedbackIn], prefix: list) -> None:
         raise Invalid(errors)
 
 
-def _record(event: FeedbackIn, received_at: str) -> tuple[dict, int]:
+def _record(event: FeedbackIn, received_at: str) -> tuple[dict, int, dict]:
+    """(the feedback-store record, how much personal data was redacted, the raw-store row it holds)"""
     found: Counter = Counter()
     row = event_row(event, found)  # ids holding personal data come back pseudonymised: store those
-    return {
-        "event_id": row["event_id"],
-        "received_at": received_at,
-        "answer_id": event.answer_id,
-        "model_version": event.model_version,
-        "feedback_type": event.feedback.type,
-        "user_id": row["user_id"],
-        "row": orjson.dumps(row).decode(),
-    }, row["pii_found"]
+    return (
+        {
+            "event_id": row["event_id"],
+            "received_at": received_at,
+            "answer_id": event.answer_id,
+            "model_version": event.model_version,
+            "feedback_type": event.feedback.type,
+            "user_id": row["user_id"],
+            "row": orjson.dumps(row).decode(),
+        },
+        row["pii_found"],
+        row,
+    )
 
 
 async def _store(svc, events: list[FeedbackIn]) -> list[dict]:
@@ -82,14 +87,16 @@ async def _store(svc, events: list[FeedbackIn]) -> list[dict]:
     received_at = utcnow()
     records = [_record(e, received_at) for e in events]
     try:
-        flags = await svc.writer.write([r for r, _ in records])
+        flags = await svc.writer.write([r for r, _, _ in records])
     except Exception as exc:  # the database failed: nothing is acknowledged, the client may retry
         svc.log.error("feedback store write failed: %s", type(exc).__name__)
         raise HTTPException(503, "the feedback store is unavailable; retry later") from None
     acks, tally = [], Counter()
     known = svc.models.known_versions
-    for e, (_, pii), new in zip(events, records, flags):
+    for e, (_, pii, row), new in zip(events, records, flags):
         status = "stored" if new else "duplicate"
+        if new and e.answer_id and svc.tracer is not None:  # shown on the answer's MLflow trace
+            svc.tracer.feedback(e.answer_id, row)
         tally[e.feedback.type, e.model_version if e.model_version in known else "other", status] += 1
         acks.append({"event_id": e.event_id, "status": status, "pii_redacted": pii})
     for (kind, version, status), n in tally.items():

@@ -32,6 +32,7 @@ def config_from_settings(settings, model_dir: Path | None = None, use_registry: 
         fallback_reward=(settings.root / params.fallback_reward).resolve(),
         registry=registry,
         base_policy=(Path(settings.models) / "base" / "policy").resolve(),
+        tracking_uri=settings.tracking_uri,
     )
 
 

@@ -37,8 +37,12 @@ def ingest(
     source: str | None = typer.Option(
         None, "--from", help="mlflow: the human assessments on an experiment's traces (with --experiment)"
     ),
-    experiment: str | None = typer.Option(None, help="--from mlflow: the experiment whose traces to read"),
-    tracking_uri: str | None = typer.Option(None, help="--from mlflow: its tracking URI (default: the workspace's)"),
+    experiment: str | None = typer.Option(
+        None, help="--from mlflow: the experiment whose traces to read (default: params ingest.traces.experiment)"
+    ),
+    tracking_uri: str | None = typer.Option(
+        None, help="--from mlflow: its tracking URI (default: ingest.traces.tracking_uri, else the workspace's)"
+    ),
     since: str | None = typer.Option(
         None, help="--from mlflow: only assessments made after this RFC 3339 time (default: after the last ingest)"
     ),
@@ -59,7 +63,9 @@ def ingest(
         if fmt == "langfuse" and not source:
             files, fmt, pulled = _from_langfuse(files, Path(tmp))
         if source:
-            files, fmt, pulled = _from_mlflow(s, source, experiment, tracking_uri or s.tracking_uri, since, Path(tmp))
+            src = s.params.ingest.traces
+            uri = tracking_uri or src.tracking_uri or s.tracking_uri
+            files, fmt, pulled = _from_mlflow(s, source, experiment or src.experiment, uri, since, Path(tmp))
         if pulled and not files:  # nothing new since the watermark (or no human score): not an error
             counts = dict.fromkeys(("read", "accepted", "duplicates", "quarantined"), 0)
             counts.update({k: v for k, v in pulled.items() if k not in ("key", "latest_ms")})
@@ -131,7 +137,7 @@ def _from_mlflow(s, source: str, experiment: str | None, uri: str, since: str | 
     if source != "mlflow":
         fail(f"--from {source}: the one source read is mlflow (files: --format openai-log, native, hh-rlhf)")
     if not experiment:
-        fail("--from mlflow needs --experiment NAME")
+        fail("--from mlflow needs --experiment NAME (or params.yaml ingest.traces.experiment)")
     key = f"mlflow:{hashlib.sha256(uri.encode()).hexdigest()[:16]}:{experiment}"
     after = _watermarks(s).get(key, 0)
     if since:
@@ -206,6 +212,7 @@ def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous u
         committed, uncommitted = workspace.commit_outputs(s.root, result.outputs_rewritten)
         push += committed
     mlflow_deleted, mlflow_how = erasure.erase_mlflow_copies(s)
+    traces = _erase_traces(s, user_id)
     print_record(
         {
             "user_id": user_id,
@@ -216,6 +223,8 @@ def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous u
             "evaluation_samples_removed": result.evaluation_samples,
             "answer_cache_files_removed": result.answer_cache_files,
             "mlflow_reports_removed": mlflow_deleted,
+            "mlflow_traces_removed": traces.traces,
+            "mlflow_assessments_removed": traces.assessments,
         },
         False,
         "erase",
@@ -233,6 +242,31 @@ def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous u
         "The quarantine and the answer cache are local to each workspace: run this erase on every "
         "machine that runs `flywheel ingest` or `evaluate` too."
     )
+
+
+def _erase_traces(s, user_id: str):
+    """The user's traces and the assessments they left on others' traces, in the service's MLflow experiment
+    (serve.tracing) and the one ingest reads (ingest.traces): erased there too, so no later ingest brings them
+    back. A tracking store that cannot be reached fails the erase (run it again)."""
+    from flywheel.data.erase import forms
+    from flywheel.tracing_store import TraceErasure, erase_user
+
+    total, src = TraceErasure(), s.params.ingest.traces
+    places = {(s.tracking_uri, s.params.serve.tracing.experiment)}
+    if src.experiment:
+        places.add((src.tracking_uri or s.tracking_uri, src.experiment))
+    for uri, experiment in sorted(places):
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+            continue  # no tracking store yet: nothing was ever traced
+        try:
+            done = erase_user(uri, experiment, forms(user_id))
+        except Exception as exc:
+            fail(
+                f"the other stores are erased, but the MLflow traces in {experiment!r} could not be "
+                f"({type(exc).__name__}: {exc}); run the erase again when the tracking store is reachable"
+            )
+        total.traces, total.assessments = total.traces + done.traces, total.assessments + done.assessments
+    return total
 
 
 @app.command()

@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime
 
 from flywheel.contract import ContractError
+from flywheel.tracing_store import EVENT_KEY
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 THUMBS = {"up": "up", "down": "down", "+1": "up", "-1": "down", "1": "up"}
@@ -230,7 +231,8 @@ def mlflow_to_event(line: bytes) -> dict:
 
 def mlflow_assessment_lines(tracking_uri: str, experiment: str, since_ms: int = 0) -> tuple[list[bytes], dict]:
     """One JSON line per human assessment created after ``since_ms`` on the traces of ``experiment``, with its trace
-    (request, response, metadata); and counts: ``traces``, ``skipped_not_human`` (judges, code), ``skipped_invalid``
+    (request, response, metadata); and counts: ``traces``, ``skipped_not_human`` (judges, code),
+    ``skipped_from_service`` (Flywheel's service mirrored them from its feedback store), ``skipped_invalid``
     (overridden assessments), ``latest_ms`` (the new watermark)."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -241,10 +243,11 @@ def mlflow_assessment_lines(tracking_uri: str, experiment: str, since_ms: int = 
         raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        traces = mlflow.search_traces(experiment_ids=[exp.experiment_id], return_type="list")
+        traces = mlflow.search_traces(locations=[exp.experiment_id], return_type="list")
     except MlflowException as exc:
         raise ValueError(f"cannot read the traces of {experiment!r}: {exc}") from None
-    lines, counts = [], {"traces": len(traces), "skipped_not_human": 0, "skipped_invalid": 0, "latest_ms": since_ms}
+    counts = {"traces": len(traces), "skipped_not_human": 0, "skipped_invalid": 0, "skipped_from_service": 0}
+    lines, counts["latest_ms"] = [], since_ms
     for trace in traces:
         info = trace.info
         for a in info.assessments or []:
@@ -257,6 +260,9 @@ def mlflow_assessment_lines(tracking_uri: str, experiment: str, since_ms: int = 
                 continue
             if getattr(a.source, "source_type", "") != "HUMAN":
                 counts["skipped_not_human"] += 1
+                continue
+            if (a.metadata or {}).get(EVENT_KEY):  # the service's own feedback: `flywheel export` stores it
+                counts["skipped_from_service"] += 1
                 continue
             kind = "expectation" if a.expectation is not None else "feedback"
             value = a.expectation.value if a.expectation is not None else (a.feedback.value if a.feedback else None)

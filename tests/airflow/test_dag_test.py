@@ -100,7 +100,9 @@ def test_feedback_ingest_exports_captured_feedback_and_emits_the_asset(ws):
     before = raw_event_ids(root)
     ids = capture_feedback(root, 6, "dagtest")
     run, out = dag_test("feedback_ingest", env, root)
-    assert run["state"] == "success" and run["tasks"] == {"export_feedback": "success"}, out[-4000:]
+    tasks = {"export_feedback": "success", "ingest_traces": "skipped"}  # no trace store configured
+    assert run["state"] == "success" and run["tasks"] == tasks, out[-4000:]
+    assert "no trace store configured (params.yaml ingest.traces.experiment is empty)" in out
     (event,) = run["asset_events"]
     assert event["new_events"] == event["exported"] == 6 and event["duplicates"] == 0, event
     after = raw_event_ids(root)
@@ -108,8 +110,41 @@ def test_feedback_ingest_exports_captured_feedback_and_emits_the_asset(ws):
     assert (root / "data/raw.dvc").read_text().count("md5") >= 1
     # nothing new since: the task is skipped and no asset event says otherwise
     again, out = dag_test("feedback_ingest", env, root)
-    assert again["tasks"] == {"export_feedback": "skipped"} and again["asset_events"] == [], out[-4000:]
-    assert raw_event_ids(root) == after
+    assert again["tasks"] == {"export_feedback": "skipped", "ingest_traces": "skipped"}, out[-4000:]
+    assert again["asset_events"] == [] and raw_event_ids(root) == after
+
+
+def test_feedback_ingest_pulls_the_human_assessments_of_the_configured_trace_store(ws, tmp_path):
+    """params ingest.traces names the MLflow experiment a user's app traces to: the DAG's ingest_traces task
+    turns the human assessments logged there (by another process, with MLflow's own API) into a raw-store batch
+    and announces it on the feedback asset; the next run finds nothing new (the watermark) and is skipped."""
+    import sys
+
+    import yaml
+
+    from tests.e2e.test_cli import USER_APP
+
+    root, env = ws
+    store = f"sqlite:///{tmp_path / 'app-traces.db'}"
+    (tmp_path / "app.py").write_text(USER_APP)
+    sh([sys.executable, str(tmp_path / "app.py"), store], tmp_path)
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["ingest"]["traces"] = {"experiment": "support-bot", "tracking_uri": store}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        before = raw_event_ids(root)
+        run, out = dag_test("feedback_ingest", env, root)
+        assert run["tasks"] == {"export_feedback": "skipped", "ingest_traces": "success"}, out[-4000:]
+        (event,) = run["asset_events"]
+        assert event["new_events"] == event["accepted"] == 4 and event["quarantined"] == 1, event
+        new = [i for i in raw_event_ids(root) if i not in before]
+        assert len(new) == 4 and all(i.startswith("mlflow-") for i in new)
+        again, out = dag_test("feedback_ingest", env, root)
+        assert again["tasks"] == {"export_feedback": "skipped", "ingest_traces": "skipped"}, out[-4000:]
+        assert again["asset_events"] == [] and "no new assessments on 'support-bot'" in out
+    finally:
+        (root / "params.yaml").write_text(original)
 
 
 def test_rollback_dag_moves_the_champion_back(ws):

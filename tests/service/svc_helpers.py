@@ -25,7 +25,9 @@ _spec.loader.exec_module(tiny)
 PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 
 
-def make_config(tmp_path: Path, models: Path, store: str | None = None, registry=None, **params) -> ServiceConfig:
+def make_config(
+    tmp_path: Path, models: Path, store: str | None = None, registry=None, tracking_uri: str | None = None, **params
+) -> ServiceConfig:
     defaults = {
         "max_new_tokens": 16,
         "default_max_tokens": 4,
@@ -43,6 +45,7 @@ def make_config(tmp_path: Path, models: Path, store: str | None = None, registry
         fallback_policy=models / "policy",
         fallback_reward=models / "reward",
         registry=registry,
+        tracking_uri=tracking_uri,
     )
 
 
