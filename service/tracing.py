@@ -108,7 +108,7 @@ class Tracer:
             self._mlflow.flush_trace_async_logging()
 
     def _drain_failed(self) -> None:
-        while (record := self._queue.get()) is not None:
+        while self._queue.get() is not None:
             self._count("failed")
 
     def _write_answer(self, r: AnswerTrace) -> None:
