@@ -177,7 +177,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _workspace(work: Path, policy: Path) -> tuple[dict, str]:
+def _workspace(work: Path, policy: Path, traced: bool) -> tuple[dict, str]:
     import yaml
 
     from service.auth import create_token
@@ -190,6 +190,7 @@ def _workspace(work: Path, policy: Path) -> tuple[dict, str]:
         "max_best_of": 1,
         "chat_rate": {"per_s": 1e6, "burst": 10**6},
         "feedback_rate": {"per_s": 1e6, "burst": 10**6},
+        "tracing": {**params["serve"]["tracing"], "enabled": traced},
     }
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     store = FeedbackStore(f"sqlite:///{work / 'feedback.db'}")
@@ -212,6 +213,9 @@ def main() -> None:
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw")
     ap.add_argument("--only", default="feedback,batch,chat")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--tracing", choices=["off", "on", "both"], default="both", help="serve.tracing (both: off, then on)"
+    )
     args = ap.parse_args()
     parts, out = set(args.only.split(",")), {}
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))
@@ -252,7 +256,66 @@ def main() -> None:
         finally:
             _stop(proc)
         print("bare FastAPI + SQLite WAL:", out["feedback_bare"], flush=True)
-    env, token = _workspace(work, policy)
+    for traced in {"off": [False], "on": [True], "both": [False, True]}[args.tracing]:
+        _service(args, parts, out, work, policy, traced, "_traced" if traced and args.tracing == "both" else "")
+        if traced and args.tracing == "both":
+            for leg in ("feedback_service", "batch_service", "chat_1", "chat_8"):
+                if leg in out:  # throughput with tracing on / off, each alone in turn
+                    key = "tokens_per_s" if leg.startswith("chat") else "rps"
+                    out[f"tracing_ratio_{leg}"] = round(out[f"{leg}_traced"][key] / out[leg][key], 2)
+    if {"feedback", "batch"} & parts:  # every acknowledged event is in the store, once (all ids are unique)
+        from service.store import FeedbackStore
+
+        acked = sum(
+            r.get("codes", {}).get(200, 0) * (args.batch_events if key.startswith("batch") else 1)
+            for key, r in out.items()
+            if key.startswith(("feedback_service", "batch_service"))
+        )
+        store = FeedbackStore(f"sqlite:///{work / 'feedback.db'}")
+        out["acknowledged_events"], out["stored_events"] = acked, store.count()
+        store.close()
+        print(
+            f"acknowledged events: {acked}, in the store: {out['stored_events']}"
+            + ("" if acked == out["stored_events"] else "  <-- MISMATCH"),
+            flush=True,
+        )
+    out["policy"] = str(policy)
+    out["load_average_after"] = os.getloadavg()
+    print(json.dumps({k: v for k, v in out.items() if "ratio" in k or "speedup" in k}))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+def _answers(port: int, token: str, n: int) -> list[tuple[str, str]]:
+    """``n`` answers to give feedback on: (answer id, model version)."""
+    import httpx
+
+    got = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}) as c:
+        for i in range(n):
+            chat = {"messages": [{"role": "user", "content": f"tip {i}?"}], "max_tokens": 2, "temperature": 0}
+            r = c.post("/v1/chat/completions", json=chat, timeout=60).json()
+            got.append((r["id"], r["model_version"]))
+    return got
+
+
+def _settle(port: int, token: str, timeout: float = 300) -> float:
+    """Wait until the service's MLflow writer has caught up (flywheel_traces_queued 0); the seconds waited."""
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {token}"}).text
+        queued = [ln for ln in text.splitlines() if ln.startswith("flywheel_traces_queued")]
+        if not queued or float(queued[0].split()[-1]) <= 0:
+            break
+        time.sleep(0.5)
+    return round(time.monotonic() - t0, 1)
+
+
+def _service(args, parts: set[str], out: dict, work: Path, policy: Path, traced: bool, suffix: str) -> None:
+    """The feedback, batch and chat legs against ``flywheel serve`` (tracing to MLflow on or off)."""
+    env, token = _workspace(work, policy, traced)
     port = _port()
     proc = _serve(
         [
@@ -268,30 +331,42 @@ def main() -> None:
         port,
         work / "service.log",
     )
+    base = (4 if traced else 3) * 10**9  # event ids never repeat across runs (the store is shared)
     try:
-        if "feedback" in parts:
-            out["feedback_service"] = asyncio.run(
+        if "feedback" in parts:  # feedback names answers: with tracing on, each becomes an assessment on one
+            answers = _answers(port, token, 64)
+
+            def feedback_body(n: int) -> bytes:
+                answer_id, version = answers[n % len(answers)]
+                return json.dumps({**_event(base + n), "answer_id": answer_id, "model_version": version}).encode()
+
+            out["feedback_service" + suffix] = asyncio.run(
                 _load(
                     port,
                     "/v1/feedback",
-                    lambda n: feedback_body(10**9 + n),
+                    feedback_body,
                     args.conns,
                     args.seconds,
                     token,
                     args.client,
                 )
             )
-            print("flywheel serve /v1/feedback:", out["feedback_service"], flush=True)
-            out["feedback_ratio"] = round(out["feedback_service"]["rps"] / out["feedback_bare"]["rps"], 2)
+            print(f"flywheel serve /v1/feedback{suffix}:", out["feedback_service" + suffix], flush=True)
+            if not suffix:
+                out["feedback_ratio"] = round(out["feedback_service"]["rps"] / out["feedback_bare"]["rps"], 2)
+        if traced:  # each leg measured from an idle writer: the previous leg's backlog is not this one's cost
+            out["tracing_catch_up_s" + suffix] = _settle(port, token)
         if "batch" in parts:
             k = args.batch_events
-            body = lambda n: json.dumps({"events": [_event(2 * 10**9 + n * k + i) for i in range(k)]}).encode()  # noqa: E731
+            body = lambda n: json.dumps({"events": [_event(base + 10**8 + n * k + i) for i in range(k)]}).encode()  # noqa: E731
             r = asyncio.run(_load(port, "/v1/feedback/batch", body, args.batch_conns, args.seconds, token, args.client))
             r["events_per_s"] = round(r["rps"] * k, 1)
-            out["batch_service"] = r
-            print(f"flywheel serve /v1/feedback/batch ({k} events a request):", r, flush=True)
+            out["batch_service" + suffix] = r
+            print(f"flywheel serve /v1/feedback/batch{suffix} ({k} events a request):", r, flush=True)
         if "chat" in parts:
             for conns in (1, 8):
+                if traced:
+                    out[f"tracing_catch_up_s_before_chat_{conns}"] = _settle(port, token)
                 tokens = []
                 chat = {
                     "messages": [{"role": "user", "content": "Give me one tip for sleeping well."}],
@@ -311,31 +386,12 @@ def main() -> None:
                     )
                 )
                 r["tokens_per_s"] = round(sum(tokens) / r["seconds"], 1)
-                out[f"chat_{conns}"] = r
-                print(f"chat, {conns} concurrent:", r, flush=True)
-            out["chat_speedup_8_vs_1"] = round(out["chat_8"]["tokens_per_s"] / out["chat_1"]["tokens_per_s"], 2)
+                out[f"chat_{conns}{suffix}"] = r
+                print(f"chat{suffix}, {conns} concurrent:", r, flush=True)
+            if not suffix:
+                out["chat_speedup_8_vs_1"] = round(out["chat_8"]["tokens_per_s"] / out["chat_1"]["tokens_per_s"], 2)
     finally:
         _stop(proc)
-    if {"feedback", "batch"} & parts:  # every acknowledged event is in the store, once (all ids are unique)
-        from service.store import FeedbackStore
-
-        acked = (
-            out.get("feedback_service", {}).get("codes", {}).get(200, 0)
-            + out.get("batch_service", {}).get("codes", {}).get(200, 0) * args.batch_events
-        )
-        store = FeedbackStore(f"sqlite:///{work / 'feedback.db'}")
-        out["acknowledged_events"], out["stored_events"] = acked, store.count()
-        store.close()
-        print(
-            f"acknowledged events: {acked}, in the store: {out['stored_events']}"
-            + ("" if acked == out["stored_events"] else "  <-- MISMATCH"),
-            flush=True,
-        )
-    out["policy"] = str(policy)
-    out["load_average_after"] = os.getloadavg()
-    print(json.dumps({k: v for k, v in out.items() if "ratio" in k or "speedup" in k}))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

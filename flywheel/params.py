@@ -139,6 +139,7 @@ class PrepareParams(Section):
     sft_min_rating: int = Field(ge=1, le=5)
     pair_min_rating_gap: int = Field(ge=1, le=4)
     kto: KtoLabels
+    sft_requires_review: bool  # corrections reach SFT only once a reviewer approved them (flywheel review)
 
 
 class GoldenParams(Section):
@@ -344,6 +345,13 @@ class TracingParams(Section):
     max_queue: int = Field(gt=0)
 
 
+class ReviewParams(Section):
+    """What ``flywheel review export`` hands to reviewers (flywheel/data/review.py)."""
+
+    max_rating: int = Field(ge=1, le=5)  # ratings at or below this are reviewed, besides every correction
+    batch: int = Field(gt=0)  # tasks per exported file
+
+
 class ServeParams(Section):
     host: str
     port: int = Field(ge=0, le=65535)
@@ -416,6 +424,7 @@ class Params(Section):
     evaluate: EvaluateParams
     bless: BlessParams
     release: ReleaseParams
+    review: ReviewParams
     serve: ServeParams
     orchestration: OrchestrationParams
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from flywheel.data import rawstore
+from flywheel.data import rawstore, review
 from flywheel.data.golden import Golden, GoldenError, load_golden
 from flywheel.params import GoldenParams, PrepareParams, SplitParams
 from flywheel.settings import Settings
@@ -225,16 +225,25 @@ class PrepareResult:
     metrics: dict = field(default_factory=dict)
 
 
-def prepare(events: list[dict], params: PrepareParams, golden: Golden | None = None) -> PrepareResult:
-    """``golden``: the golden set, whose conversations and prompts are held out of every set (counted)."""
+def prepare(
+    events: list[dict], params: PrepareParams, golden: Golden | None = None, reviews: dict | None = None
+) -> PrepareResult:
+    """``golden``: the golden set, whose conversations and prompts are held out of every set (counted);
+    ``reviews``: human reviews by event id (flywheel/data/review.py), applied before anything is compiled."""
     total = len(events)
     if golden is not None:
         events = [e for e in events if not golden.holds(e)]
+    held_golden = total - len(events)
+    reviewed = review.apply(events, reviews or {}, params.sft_requires_review)
+    events = reviewed.events
     kept, report = deduplicate(events, params)
     sets = compile_sets(kept, params)
     metrics = {
         "events": total,
-        "golden_held_out": total - len(events),
+        "golden_held_out": held_golden,
+        "review_rejected": reviewed.rejected,
+        "review_revised": reviewed.revised,
+        "unreviewed_corrections_held_out": reviewed.unreviewed_held_out,
         "exact_duplicates": report.exact,
         "near_duplicates": report.near,
     }
@@ -264,7 +273,7 @@ def read_set(out_dir: Path, name: str, split: str) -> list[dict]:
 def main(
     raw_store: Path, params: PrepareParams, out_dir: Path, metrics_file: Path, golden: Golden | None = None
 ) -> PrepareResult:
-    result = prepare(load_events(raw_store), params, golden)
+    result = prepare(load_events(raw_store), params, golden, review.load(raw_store))
     write_sets(result, out_dir)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(result.metrics, indent=2))

@@ -28,6 +28,13 @@ from service.store import FeedbackStore
 from service.writer import GroupWriter
 
 log = logging.getLogger("flywheel.service")
+TRACING_METRICS = {
+    "traces": "flywheel_traces_written_total",
+    "assessments": "flywheel_assessments_written_total",
+    "no_trace": "flywheel_assessments_without_trace_total",  # feedback on an answer traced nowhere
+    "failed": "flywheel_traces_failed_total",  # MLflow refused or could not be reached
+    "dropped": "flywheel_traces_dropped_total",  # no room on the queue (serve.tracing.max_queue)
+}
 
 
 class Service:
@@ -48,7 +55,7 @@ class Service:
             from service.tracing import Tracer
 
             t = config.params.tracing
-            self.tracer = Tracer(config.tracking_uri, t.experiment, t.max_queue, self.metrics)
+            self.tracer = Tracer(config.tracking_uri, t.experiment, t.max_queue)
 
     def _batcher(self, kind: str) -> Batcher:
         from service.generation import run_batch
@@ -148,6 +155,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
         m.counters["flywheel_model_load_errors_total"][()] = svc.models.errors
         for kind, b in svc.batchers.items():
             m.set("flywheel_chat_queue_waiting", b.waiting, variant=kind)
+        if svc.tracer is not None:  # MLflow tracing (serve.tracing): what the writer did, what it had no room for
+            for what, n in svc.tracer.written.items():
+                m.counters[TRACING_METRICS[what]][()] = n
+            m.set("flywheel_traces_queued", svc.tracer.queued)
         return PlainTextResponse(m.render(), media_type="text/plain; version=0.0.4")
 
     def openapi() -> dict:

@@ -1,6 +1,6 @@
 """Chat answers as MLflow traces and their feedback as MLflow assessments (``params.yaml: serve.tracing``).
 
-One background thread writes them, off the request path: a request only puts a record on a bounded queue. The
+A writer process writes them, off the request path: a request only puts a record on a bounded queue. The
 feedback store stays the source of truth; a record the queue has no room for, or that MLflow refuses, is counted
 (``flywheel_traces_dropped_total``, ``flywheel_traces_failed_total``) and never fails a request. What reaches
 MLflow is redacted as the feedback store's rows are (prompts, answers, corrections; user ids pseudonymised), and
@@ -10,8 +10,8 @@ MLflow is redacted as the feedback store's rows are (prompts, answers, correctio
 from __future__ import annotations
 
 import logging
+import os
 import queue
-import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -44,16 +44,42 @@ class FeedbackAssessment:
     row: dict  # the stored raw-store row (redacted)
 
 
-class Tracer:
-    """Writes ``AnswerTrace`` and ``FeedbackAssessment`` records to an MLflow experiment from its own thread."""
+COUNTS = ("traces", "assessments", "failed", "no_trace")  # what the writer process did, shared with the service
 
-    def __init__(self, tracking_uri: str, experiment: str, max_queue: int, metrics=None):
-        self.tracking_uri, self.experiment, self.metrics = tracking_uri, experiment, metrics
-        self._queue: queue.Queue = queue.Queue(max_queue)
-        self._thread: threading.Thread | None = None
-        self._trace_ids: OrderedDict[str, str] = OrderedDict()
-        self._unflushed = False
-        self.written: Counter = Counter()  # traces, assessments, failed, dropped (also in /metrics)
+
+class Tracer:
+    """The service's side: puts ``AnswerTrace`` and ``FeedbackAssessment`` records on a bounded queue that a
+    writer process drains into an MLflow experiment.
+
+    A process, at the lowest CPU priority, not a thread: writing one trace and one assessment costs MLflow about
+    17 ms of CPU (measured here, SQLite store), and a thread would take it from the requests under the GIL
+    (benchmarks/bench_service.py --tracing both: a thread cut feedback throughput by 36%, chat by 55%). The
+    writer uses idle CPU; when the service is saturated the queue fills and traces are dropped (counted)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, max_queue: int):
+        import multiprocessing
+
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self._mp = multiprocessing.get_context("spawn")  # no copy of the service's models and threads
+        self._queue = self._mp.Queue(max_queue)
+        self._counts = self._mp.Array("q", len(COUNTS))
+        self._dropped = 0
+        self._process = None
+
+    @property
+    def written(self) -> Counter:
+        """traces, assessments, failed, no_trace (feedback on an answer with no trace), dropped."""
+        got = Counter(dict(zip(COUNTS, self._counts[:], strict=True)))
+        got["dropped"] = self._dropped
+        return got
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for the writer."""
+        try:
+            return self._queue.qsize()
+        except NotImplementedError:  # macOS
+            return -1
 
     # ---- the request side: never blocks, never raises ----------------------------------------------------------
     def answer(self, record: AnswerTrace) -> None:
@@ -66,52 +92,73 @@ class Tracer:
         try:
             self._queue.put_nowait(record)
         except queue.Full:
-            self._count("dropped")
+            self._dropped += 1
 
-    # ---- the writer thread ----------------------------------------------------------------------------------------
+    # ---- the writer process ------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="flywheel-tracing", daemon=True)
-            self._thread.start()
+        if self._process is None or not self._process.is_alive():
+            self._process = self._mp.Process(
+                target=_write_all,
+                args=(self._queue, self._counts, self.tracking_uri, self.experiment),
+                name="flywheel-tracing",
+                daemon=True,
+            )
+            self._process.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write what is queued (up to ``timeout``), then end the thread."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
-
-    def _count(self, what: str) -> None:
-        self.written[what] += 1
-        if self.metrics is not None and what in ("failed", "dropped"):
-            self.metrics.inc(f"flywheel_traces_{what}_total")
-
-    def _run(self) -> None:
-        try:
-            import mlflow
-
-            mlflow.set_tracking_uri(self.tracking_uri)
-            self._mlflow, self._exp = mlflow, experiment_id(self.tracking_uri, self.experiment, create=True)
-        except Exception as exc:  # a tracking store that cannot be reached: tracing is off, the service runs on
-            log.error("MLflow tracing is off: %s: %s", type(exc).__name__, exc)
-            self._drain_failed()
+        """Write what is queued (up to ``timeout``), then end the writer."""
+        if self._process is None or not self._process.is_alive():
             return
-        while (record := self._queue.get()) is not None:
-            try:
-                if isinstance(record, AnswerTrace):
-                    self._write_answer(record)
-                else:
-                    self._write_feedback(record)
-            except Exception as exc:
-                self._count("failed")
-                log.warning("an MLflow trace was not written: %s", type(exc).__name__)
-        if self._unflushed:
-            self._mlflow.flush_trace_async_logging()
+        try:
+            self._queue.put(None, timeout=timeout)
+            self._process.join(timeout)
+        except queue.Full:
+            pass
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
 
-    def _drain_failed(self) -> None:
-        while self._queue.get() is not None:
-            self._count("failed")
 
-    def _write_answer(self, r: AnswerTrace) -> None:
+def _write_all(q, counts, tracking_uri: str, experiment: str) -> None:
+    """The writer process: every record on ``q`` into MLflow until ``None``."""
+    os.nice(19)
+    writer = _Writer(counts)
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        writer.mlflow, writer.exp = mlflow, experiment_id(tracking_uri, experiment, create=True)
+    except Exception as exc:  # a tracking store that cannot be reached: nothing is traced, the service runs on
+        log.error("MLflow tracing is off: %s: %s", type(exc).__name__, exc)
+        while q.get() is not None:
+            writer.count("failed")
+        return
+    while (record := q.get()) is not None:
+        try:
+            if isinstance(record, AnswerTrace):
+                writer.answer(record)
+            else:
+                writer.feedback(record)
+        except Exception as exc:
+            writer.count("failed")
+            log.warning("an MLflow trace was not written: %s", type(exc).__name__)
+    if writer.unflushed:
+        writer.mlflow.flush_trace_async_logging()
+
+
+class _Writer:
+    """Writes records to MLflow; remembers which trace holds which answer."""
+
+    def __init__(self, counts):
+        self.counts, self.mlflow, self.exp = counts, None, None
+        self.trace_ids: OrderedDict[str, str] = OrderedDict()
+        self.unflushed = False
+
+    def count(self, what: str) -> None:
+        with self.counts.get_lock():
+            self.counts[COUNTS.index(what)] += 1
+
+    def answer(self, r: AnswerTrace) -> None:
         from mlflow.entities import SpanType
         from mlflow.tracing.constant import SpanAttributeKey
 
@@ -120,14 +167,14 @@ class Tracer:
         metadata = {}
         if r.user:
             metadata[USER_KEY] = pseudonymise_id(r.user, found)
-        span = self._mlflow.start_span_no_context(
+        span = self.mlflow.start_span_no_context(
             name="chat",
             span_type=SpanType.CHAT_MODEL,
             inputs={"messages": messages},
             attributes={"model_version": r.model_version, "variant": r.variant},
             tags={ANSWER_TAG: r.answer_id, VERSION_TAG: r.model_version, "variant": r.variant},
             metadata=metadata,
-            experiment_id=self._exp,
+            experiment_id=self.exp,
             start_time_ns=r.start_ns,
         )
         usage = {"input_tokens": r.prompt_tokens, "output_tokens": r.completion_tokens}
@@ -141,36 +188,36 @@ class Tracer:
             }
         )
         span.end(end_time_ns=r.end_ns)
-        self._trace_ids[r.answer_id] = span.trace_id
-        if len(self._trace_ids) > _REMEMBERED:
-            self._trace_ids.popitem(last=False)
-        self._unflushed = True
-        self._count("traces")
+        self.trace_ids[r.answer_id] = span.trace_id
+        if len(self.trace_ids) > _REMEMBERED:
+            self.trace_ids.popitem(last=False)
+        self.unflushed = True
+        self.count("traces")
 
     def _trace_of(self, answer_id: str) -> str | None:
-        if answer_id in self._trace_ids:
-            return self._trace_ids[answer_id]
-        found = self._mlflow.search_traces(
-            locations=[self._exp], filter_string=f"tag.`{ANSWER_TAG}` = '{answer_id}'", return_type="list"
+        if answer_id in self.trace_ids:
+            return self.trace_ids[answer_id]
+        found = self.mlflow.search_traces(
+            locations=[self.exp], filter_string=f"tag.`{ANSWER_TAG}` = '{answer_id}'", return_type="list"
         )
         return found[0].info.trace_id if found else None
 
-    def _write_feedback(self, r: FeedbackAssessment) -> None:
+    def feedback(self, r: FeedbackAssessment) -> None:
         from mlflow.entities import AssessmentSource
 
-        if self._unflushed:  # the answer's trace may still be on MLflow's own export queue
-            self._mlflow.flush_trace_async_logging()
-            self._unflushed = False
+        if self.unflushed:  # the answer's trace may still be on MLflow's own export queue
+            self.mlflow.flush_trace_async_logging()
+            self.unflushed = False
         trace_id = self._trace_of(r.answer_id)
         if trace_id is None:  # answered before tracing was on (or by another replica): nothing to attach to
-            self._count("no_trace")
+            self.count("no_trace")
             return
         row = r.row
         source = AssessmentSource(source_type="HUMAN", source_id=row.get("user_id") or "anonymous")
         meta = {EVENT_KEY: row["event_id"], VERSION_TAG: row["model_version"]}
         kind = row["feedback_type"]
         if kind == "correction":
-            self._mlflow.log_expectation(
+            self.mlflow.log_expectation(
                 trace_id=trace_id, name="expected_response", value=row["correction"], source=source, metadata=meta
             )
         else:
@@ -179,10 +226,10 @@ class Tracer:
                 "rating": ("rating", row.get("rating"), None),
                 "preference": ("preferred", True, "preferred over another answer: " + (row.get("rejected") or "")),
             }[kind]
-            self._mlflow.log_feedback(
+            self.mlflow.log_feedback(
                 trace_id=trace_id, name=name, value=value, source=source, rationale=why, metadata=meta
             )
-        self._count("assessments")
+        self.count("assessments")
 
 
 def answer_record(answer_id, messages, answer, variant, user, start_ns) -> AnswerTrace:

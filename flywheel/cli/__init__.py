@@ -13,7 +13,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
-from flywheel.cli import data, demo, models, ops, service, stages
+from flywheel.cli import data, demo, models, ops, review, service, stages
 from flywheel.cli._common import console, fail, quiet_libraries
 from flywheel.settings import SettingsError
 
@@ -68,7 +68,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="The `flywheel` command line: the edge where settings are read once and steps are called.",
 )
-for _part in (ops, demo, data, models, service):
+for _part in (ops, demo, data, review, models, service):
     app.add_typer(_part.app)  # no name: the part's commands join the root
 app.add_typer(stages.app, name="stage")
 

@@ -218,6 +218,7 @@ def erase(user_id: str = typer.Option(..., "--user-id", help="the pseudonymous u
             "user_id": user_id,
             "feedback_store_events_removed": store_rows,
             "raw_events_removed": result.raw_events,
+            "reviews_removed": result.reviews,
             "quarantined_removed": result.quarantined,
             "training_records_removed": result.training_records,
             "evaluation_samples_removed": result.evaluation_samples,

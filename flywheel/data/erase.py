@@ -4,7 +4,7 @@ Where user text lives and how ``erase_user`` reaches it (README, Security model,
 (rows rewritten), the quarantine (quarantined batches' rows; rejected lines that name the id, however it was
 written), the training sets (records built from the user's events), the evaluation output written before
 evaluation samples were drawn only from the shipped suites (those samples dropped) and the answer cache
-(emptied: answers to held-out prompts may echo them). Ids are compared as Unicode text in NFC form, as given
+(emptied: answers to held-out prompts may echo them), and the reviews of their events. Ids are compared as Unicode text in NFC form, as given
 and as their pseudonym, so an id stored in another normal form, pseudonymised or JSON-escaped
 (``j\\u00f3zef``, ``bob\\u0040corp``) is found too.
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flywheel.data import rawstore
+from flywheel.data import rawstore, review
 
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 LEGACY_SAMPLES = "## Sample answers\n"  # the report section that quoted held-out prompts (before suites-only)
@@ -38,6 +38,7 @@ class EraseResult:
     answer_cache_files: int = 0
     variants: list[str] = field(default_factory=list)  # the id as found, when stored in another Unicode form
     outputs_rewritten: list[str] = field(default_factory=list)  # DVC stage outputs changed (to record in dvc.lock)
+    reviews: int = 0  # reviews of their events dropped, or naming them as the reviewer (flywheel/data/review.py)
 
 
 @functools.lru_cache(maxsize=16)
@@ -192,9 +193,12 @@ def erase_user(
     ``service.store.FeedbackStore.erase_user``; MLflow copies: ``evaluation_runs_with_samples``.)"""
     if not user_id:
         raise ValueError("user id is empty")
-    stored = rawstore.read_columns(raw_store, ["user_id"]).column("user_id").to_pylist()
+    table = rawstore.read_columns(raw_store, ["user_id", "event_id"])
+    stored = table.column("user_id").to_pylist()
     variants = _stored_variants([v for v in stored if v is not None], user_id)
+    theirs = {e for u, e in zip(stored, table.column("event_id").to_pylist(), strict=True) if u in variants}
     raw = sum(rawstore.rewrite_without(raw_store, "user_id", v) for v in sorted(variants))
+    reviews = review.erase(raw_store, theirs, forms(user_id))
     records, touched = 0, []
     for path in sorted(prepared.glob("*.jsonl")) if prepared.exists() else []:
         with open(path, encoding="utf-8") as fh:
@@ -211,6 +215,7 @@ def erase_user(
         touched,
         erase_quarantine(user_id, quarantine) if quarantine else 0,
         variants=sorted(variants - {user_id}),
+        reviews=reviews,
     )
     if touched:
         result.outputs_rewritten.append(str(prepared))

@@ -74,6 +74,7 @@ UNKNOWN = {  # a misspelt key per section, at the top of the section and, where 
         "gates.default.policy.metrics.heldout_pref_accuracy.min_val",
     ],
     "release": ["smok", "smoke.prompt"],
+    "review": ["max_ratings"],
     "serve": ["prot", "chat_rate.per_second"],
     "orchestration": ["retry"],
 }
@@ -90,6 +91,7 @@ WRONG = {  # a value of the wrong type (or out of range) per section
     "evaluate": ("slices", ["feedback_typ"]),
     "bless": ("gates.default.policy.metrics.heldout_pref_accuracy.direction", "up"),
     "release": ("smoke.timeout_s", "soon"),
+    "review": ("max_rating", 9),
     "serve": ("chat_rate.burst", "lots"),
     "orchestration": ("retries", -1),
 }
