@@ -456,3 +456,60 @@ def _raw_events(ws: Path) -> int:
     )
     out = sh([sys.executable, "-c", code], ws, clean_env(FLYWHEEL_ROOT=str(ws)))
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_service_traces_to_the_mlflow_server_and_ingest_reads_a_users_app_from_it(platform, tmp_path):
+    """Against the PostgreSQL-backed MLflow server: `flywheel serve` (the platform's settings) writes each answer
+    as a trace and the feedback on it as an assessment; a user's app (another process) traces its calls and logs
+    human feedback there with MLflow's own API, and `flywheel ingest --from mlflow` turns exactly those into
+    events, once."""
+    from mlflow import MlflowClient
+
+    from tests.e2e.test_cli import USER_APP
+
+    p = platform
+    ws, port = p["ws"]["default"], _free_port()
+    env = clean_env(**p["flywheel"], FLYWHEEL_ROOT=str(ws))
+    token = sh(["flywheel", "tokens", "create", "--scope", "admin"], ws, env).stdout.strip().splitlines()[-1]
+    server = p["svc"].start("serve", ["flywheel", "serve", "--no-registry", "--port", str(port)], env, ws)
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=auth, method="POST")
+        return json.loads(urllib.request.urlopen(req, timeout=120).read())
+
+    try:
+        _wait("flywheel serve", lambda: server.poll() is None and _http_up(url + "/readyz"), 300, 1)
+        answer = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "One tip?"}], "max_tokens": 4})
+        event = {
+            "event_id": "dist-trace-1",
+            "timestamp": "2026-11-30T10:00:00Z",
+            "conversation_id": "dist-conv-1",
+            "model_version": answer["model_version"],
+            "answer_id": answer["id"],
+            "prompt": [{"role": "user", "content": "One tip?"}],
+            "response": answer["choices"][0]["message"]["content"] or "(empty)",
+            "feedback": {"type": "rating", "value": 4},
+        }
+        assert post("/v1/feedback", event)["status"] == "stored"
+    finally:
+        server.send_signal(signal.SIGTERM)  # the lifespan's end writes what is queued
+        server.wait(120)
+    client = MlflowClient(p["tracking"])
+    exp = client.get_experiment_by_name("flywheel-service")
+    (trace,) = client.search_traces(locations=[exp.experiment_id])
+    assert trace.info.tags["flywheel.answer_id"] == answer["id"]
+    assert trace.info.tags["model_version"] == answer["model_version"]
+    assert [(a.name, a.feedback.value) for a in trace.info.assessments] == [("rating", 4)]
+
+    app = tmp_path / "app.py"
+    app.write_text(USER_APP)
+    sh([sys.executable, str(app), p["tracking"]], tmp_path, clean_env())
+    plain = tmp_path / "ws"
+    plain.mkdir()
+    shutil.copy(ws / "params.yaml", plain / "params.yaml")
+    cmd = ["flywheel", "ingest", "--from", "mlflow", "--experiment", "support-bot", "--tracking-uri", p["tracking"]]
+    first = json.loads(sh([*cmd, "--json"], plain, clean_env(FLYWHEEL_ROOT=str(plain))).stdout.splitlines()[-1])
+    assert (first["read"], first["accepted"], first["quarantined"], first["skipped_not_human"]) == (5, 4, 1, 1)
+    again = json.loads(sh([*cmd, "--json"], plain, clean_env(FLYWHEEL_ROOT=str(plain))).stdout.splitlines()[-1])
+    assert again["read"] == 0

@@ -197,3 +197,60 @@ def test_ingest_a_langfuse_export_from_the_command_line(ws, sh, repo_root):
     }, counts
     again = sh(["flywheel", "ingest", "--format", "langfuse", str(fixture), "--json"], ws)
     assert json.loads(again.stdout.strip().splitlines()[-1])["duplicates"] == 5
+
+
+def _annotated(tasks: list[dict], verdicts: dict[str, tuple[str, str | None]]) -> list[dict]:
+    """A Label Studio JSON export of ``tasks``: per event id a (verdict, revised text) by one reviewer."""
+    out = []
+    for i, t in enumerate(tasks):
+        verdict, revised = verdicts[t["data"]["event_id"]]
+        result = [{"from_name": "verdict", "to_name": "feedback", "type": "choices", "value": {"choices": [verdict]}}]
+        if revised:
+            result.append({"from_name": "revised", "type": "textarea", "value": {"text": [revised]}})
+        who = {"id": 1, "email": "reviewer@example.com"}
+        out.append({"id": i + 1, **t, "annotations": [{"completed_by": who, "result": result, "was_cancelled": False}]})
+    return out
+
+
+def test_review_exports_corrections_and_low_ratings_and_imports_the_verdicts(ws, sh, make_event):
+    """`flywheel review export` writes the corrections and low ratings as Label Studio tasks with the labeling
+    interface; `review import` stores the verdicts of a Label Studio export (a task it cannot take is named,
+    the others kept); reviewed events are not exported again; a file that is no export is refused."""
+    events = [
+        make_event(feedback={"type": "correction", "text": "Water it weekly."}),
+        make_event(feedback={"type": "rating", "value": 1}),
+        make_event(feedback={"type": "rating", "value": 5}),
+        make_event(feedback={"type": "thumbs", "value": "down"}),
+    ]
+    (ws / "b.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert sh(["flywheel", "ingest", "b.jsonl"], ws).returncode == 0
+    out = sh(["flywheel", "review", "export", "--out", "review/tasks.json", "--json"], ws)
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout)
+    assert (counts["tasks"], counts["correction"], counts["rating"]) == (2, 1, 1)
+    tasks = json.loads((ws / "review/tasks.json").read_text())
+    assert {t["data"]["event_id"] for t in tasks} == {events[0]["event_id"], events[1]["event_id"]}
+    assert '<Choices name="verdict"' in (ws / "review/tasks.xml").read_text()
+    export = _annotated(
+        tasks, {events[0]["event_id"]: ("approve", "Weekly, in the morning."), events[1]["event_id"]: ("reject", None)}
+    )
+    export.append({"id": 9, "data": {"event_id": "evt-erased"}, "annotations": export[0]["annotations"]})
+    (ws / "export.json").write_text(json.dumps(export))
+    got = sh(["flywheel", "review", "import", "export.json", "--json"], ws)
+    assert got.returncode == 0, got.stderr
+    summary = json.loads(got.stdout.splitlines()[0])
+    assert {k: summary[k] for k in ("reviewed", "approved", "rejected", "revised", "refused")} == {
+        "reviewed": 2,
+        "approved": 1,
+        "rejected": 1,
+        "revised": 1,
+        "refused": 1,
+    }
+    assert "refused: task 3 (evt-erased): no stored event with this event_id" in got.stdout
+    stored = [json.loads(x) for x in (ws / "data/raw/reviews/reviews.jsonl").read_text().splitlines()]
+    assert {r["verdict"] for r in stored} == {"approve", "reject"} and "reviewer@example.com" not in str(stored)
+    again = sh(["flywheel", "review", "export", "--out", "review/tasks-2.json", "--json"], ws)
+    assert json.loads(again.stdout)["tasks"] == 0
+    (ws / "bad.json").write_text('{"not": "an export"}')
+    bad = sh(["flywheel", "review", "import", "bad.json"], ws)
+    assert bad.returncode == 2 and "bad.json: not a Label Studio JSON export: expected a list of tasks" in bad.stderr
