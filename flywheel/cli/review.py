@@ -79,8 +79,8 @@ def review_import(
         "unreviewed": result.unreviewed,
         "refused": len(result.refused),
     }
-    print_record(summary, as_json, "review import")
-    for why in result.refused:
+    print_record({**summary, "refusals": result.refused} if as_json else summary, as_json, "review import")
+    for why in result.refused:  # on stderr, beside the JSON or the table
         console.print(f"refused: {why}", markup=False, highlight=False, soft_wrap=True)
     if result.refused and not result.reviews:
         fail("no task of the file could be taken (reasons above)", 1)

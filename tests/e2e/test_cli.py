@@ -246,7 +246,8 @@ def test_review_exports_corrections_and_low_ratings_and_imports_the_verdicts(ws,
         "revised": 1,
         "refused": 1,
     }
-    assert "refused: task 3 (evt-erased): no stored event with this event_id" in got.stdout
+    assert "refused: task 3 (evt-erased): no stored event with this event_id" in got.stderr
+    assert summary["refusals"] == [got.stderr.strip()[len("refused: ") :]]
     stored = [json.loads(x) for x in (ws / "data/raw/reviews/reviews.jsonl").read_text().splitlines()]
     assert {r["verdict"] for r in stored} == {"approve", "reject"} and "reviewer@example.com" not in str(stored)
     again = sh(["flywheel", "review", "export", "--out", "review/tasks-2.json", "--json"], ws)
