@@ -68,6 +68,34 @@ r = mlflow.search_runs([e.experiment_id], filter_string=\"tags.\`flywheel.loop\`
 r = [x for x in r if 'verdict_policy' in x.data.tags] or r  # the latest turn that released
 print(e.experiment_id, r[0].info.run_id if r else '')")
 
+# one conversation through the service, with feedback on its answer: its MLflow trace (serve.tracing) is a page too
+python - "$api_port" <<'PY'
+import json, subprocess, sys, urllib.request
+port = sys.argv[1]
+token = subprocess.run(["flywheel", "tokens", "create", "--scope", "admin", "--name", "screenshots"],
+                       capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+def post(path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), method="POST",
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=300).read())
+for _ in range(300):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5); break
+    except Exception:
+        __import__("time").sleep(1)
+q = [{"role": "user", "content": "Give me one tip for sleeping well."}]
+a = post("/v1/chat/completions", {"messages": q, "max_tokens": 48, "user": "screenshot-user"})
+post("/v1/feedback", {"event_id": "screenshot-1", "timestamp": "2026-12-01T10:00:00Z", "conversation_id": "shot-1",
+     "model_version": a["model_version"], "answer_id": a["id"], "prompt": q, "user_id": "screenshot-user",
+     "response": a["choices"][0]["message"]["content"], "feedback": {"type": "rating", "value": 4}})
+PY
+sleep 15  # the service's trace writer (a separate process) writes the trace and its assessment
+traces=$(python -c "
+import mlflow
+from flywheel.settings import load_settings
+s = load_settings(); e = mlflow.MlflowClient(s.tracking_uri).get_experiment_by_name(s.params.serve.tracing.experiment)
+print(e.experiment_id if e else '')")
+
 echo "==> screenshots in $out"
 a=http://127.0.0.1:$airflow_port m=http://127.0.0.1:$mlflow_port
 if [[ $with_airflow == 1 ]]; then
@@ -84,6 +112,7 @@ shot mlflow-experiment "$m/#/experiments/$exp/runs?$ml" 12000
 shot mlflow-loop-run "$m/#/experiments/$exp/runs/$loop?$ml" 12000
 shot mlflow-registry "$m/#/models/flywheel-policy?$ml" 12000
 shot mlflow-version "$m/#/models/flywheel-policy/versions/2?$ml" 12000
+[[ -n $traces ]] && shot mlflow-traces "$m/#/experiments/$traces/traces" 12000
 shot report "file://$PWD/reports/evaluate/report.html"
 shot data-docs "file://$PWD/reports/validate/data_docs/index.html"
 shot api-docs "http://127.0.0.1:$api_port/docs" 10000
