@@ -130,20 +130,32 @@ def test_hot_reload_switches_versions_without_a_failed_request(tmp_path, tiny_mo
 
 
 def test_cli_erase_reaches_the_feedback_store(tmp_path, tiny_models, servers):
+    """...and the service's MLflow traces: the user's conversation and the feedback they gave on another's."""
     ws = workspace(tmp_path, **RATES)
-    token = _token(ws, "feedback")
+    token = _token(ws, "admin")
     srv = servers(ws, ["--no-registry", "--model-dir", str(tiny_models / "policy")])
     with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as c:
+        chats = [
+            c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "user": u}).json()
+            for u in ("user-gone", "user-stay")
+        ]
+        named = [{"answer_id": a["id"], "model_version": a["model_version"]} for a in chats]
         r = c.post(
             "/v1/feedback/batch",
-            json={"events": [event(i, user_id="user-gone" if i % 2 else "user-stay") for i in range(6)]},
+            json={
+                "events": [event(i, user_id="user-gone" if i % 2 else "user-stay", **named[i % 2]) for i in range(6)]
+            },
         )
         assert r.status_code == 200 and r.json()["stored"] == 6
+    srv.stop()  # its trace writer wrote what was queued
     proc = flywheel(ws, "erase", "--user-id", "user-gone")
     assert proc.returncode == 0, proc.stderr
     import re
 
     assert re.search(r"feedback_store_events_removed\W+3\b", proc.stdout), proc.stdout
+    # their trace (with the 3 thumbs user-stay gave it), and the 3 they gave user-stay's answer
+    assert re.search(r"mlflow_traces_removed\W+1\b", proc.stdout), proc.stdout
+    assert re.search(r"mlflow_assessments_removed\W+3\b", proc.stdout), proc.stdout
     store = FeedbackStore(f"sqlite:///{ws / 'feedback.db'}")
     assert sorted(store.event_ids()) == ["svc-0", "svc-2", "svc-4"]
 
