@@ -28,6 +28,8 @@ def review_export(
     interface to create the project with (OUT with .xml)."""
     from flywheel.data import review
 
+    if out.suffix.lower() == ".xml":
+        fail(f"--out {out}: the tasks are JSON (the labeling interface is written beside them as .xml)")
     s = settings()
     p = s.params.review
     events = review.candidates(s.raw_store, p.max_rating, limit or p.batch)
