@@ -252,6 +252,7 @@ class EvaluateParams(Section):
     frozen_layers: int = Field(ge=0)
     bf16: bool  # frozen trunk in bf16 for the margins, bf16 copies to generate
     golden_pairs: int = Field(ge=0)  # score the golden set's first N pairs (0: all); prepare holds out every one
+    score_cache_gb: float = Field(ge=0)  # trunk outputs kept for later turns (models/score-cache; 0: none)
     judged_prompts: int = Field(ge=0)
     redteam_prompts: int = Field(ge=0)
     benign_prompts: int = Field(ge=0)

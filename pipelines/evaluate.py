@@ -28,6 +28,7 @@ from flywheel.evaluation.judge import judge_status, mark_unjudged
 from flywheel.evaluation.policy_eval import evaluate_policy
 from flywheel.evaluation.report import headline_metrics
 from flywheel.evaluation.reward_eval import evaluate_reward
+from flywheel.evaluation.scores import SCORE_CACHE, ScoreCache
 from flywheel.params import EvaluateParams, GoldenParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
@@ -88,8 +89,13 @@ def main(
     challenger_policy, _ = load_policy(challenger / "policy", device=device, base=base / "policy")
     judge = RewardModel.load(champion_info["reward"]["path"])
     challenger_reward = RewardModel.load(challenger / "reward")
-    keys = {"challenger": content_hash(challenger / "policy"), "champion": content_hash(champ_path)}
+    keys = {
+        "challenger": content_hash(challenger / "policy"),
+        "champion": content_hash(champ_path),
+        "reference": content_hash(base / "policy"),
+    }
     cache = AnswerCache(settings.models / "answer-cache")
+    scores = ScoreCache(settings.models / SCORE_CACHE, int(params.score_cache_gb * 2**30))
     with tracking.stage_run(settings, "evaluate", tags={"flywheel.samples": "suites"}) as run:
         policy = evaluate_policy(
             reference,
@@ -106,7 +112,9 @@ def main(
             keys=keys,
             unpaired=unpaired,
             golden=golden_pairs,
+            scores=scores,
         )
+        scores.close()
         print(f"evaluate: {cache.hits} answers read from the answer cache; seconds: {policy['seconds']}", flush=True)
         print(f"evaluate: reward models on {len(reward_pairs)} test pairs and {len(golden_pairs)} golden", flush=True)
         reward = evaluate_reward(judge, challenger_reward, reward_pairs, params, golden_pairs)

@@ -13,6 +13,7 @@ import torch
 from flywheel.evaluation import stats
 from flywheel.evaluation.answers import AnswerCache, behaviour_pass, redteam_prompts, suite_samples
 from flywheel.evaluation.refusal import is_refusal
+from flywheel.evaluation.scores import ScoreCache, seq_key
 from flywheel.evaluation.slices import (
     cluster_keys,
     golden_metric,
@@ -29,6 +30,7 @@ from flywheel.models.policy import (
     decoder_layers,
     device_of,
     encode,
+    param_dtype,
     run_trunk,
     top_logps,
     trunk_fingerprint,
@@ -47,11 +49,16 @@ def log_ratios(
     params: EvaluateParams,
     fields=("chosen", "rejected"),
     progress: Callable[[int, int], None] | None = None,
+    cache: ScoreCache | None = None,
+    keys: dict[str, str | None] | None = None,
 ) -> dict[str, list[list[float]]]:
     """Per model, per record, per answer field: log p(answer) − log p_ref(answer), the implicit reward;
     ``progress(done, total)`` after each batch (minutes for a few hundred records on a CPU).
 
-    Models whose frozen trunk equals the reference's reuse its trunk output: one trunk pass per batch.
+    Models whose frozen trunk equals the reference's reuse its trunk output: one trunk pass per sequence.
+    ``cache`` (flywheel/evaluation/scores.py) + ``keys`` (content hashes by model name, ``reference`` included):
+    log-probabilities and trunk outputs computed by earlier evaluations are read back, new ones stored; a sequence
+    met twice (a pair's half is an unpaired example too) is scored once. Without keys, scores live in memory only.
     """
     # the ratios do not depend on the split (only the time does): one below the model's depth at most
     k = min(params.frozen_layers, len(decoder_layers(reference)[1]) - 1)
@@ -64,43 +71,110 @@ def log_ratios(
         original, reference = reference, copy.deepcopy(reference)
         cast_frozen(reference, k)  # the weights are bf16-exact: the fingerprints below do not change
         models = {name: (reference if m is original else m) for name, m in models.items()}
-    ref_fp = trunk_fingerprint(reference, k)
-    shared = {name: trunk_fingerprint(m, k) == ref_fp for name, m in models.items()}
-    out: dict[str, list[list[float]]] = {name: [] for name in models}
-    width = len(fields)
-    for i in range(0, len(enc), params.batch_size):
-        items = enc[i : i + params.batch_size]
-        batch = collate([(e.prompt, e.answers[w]) for w in range(width) for e in items], tok.pad_token_id)
-        n = len(items)
-        trunk = run_trunk(reference, batch, k)
-        ref = top_logps(reference, trunk, batch, k)
-        for name, model in models.items():
-            if model is reference:
-                lp = ref
-            else:
-                t = trunk if shared[name] else run_trunk(model, batch, k)
-                lp = top_logps(model, t, batch, k)
-            d = (lp - ref).tolist()
-            out[name].extend([d[w * n + j] for w in range(width)] for j in range(n))
+    cache = cache or ScoreCache(None)
+    roles = {"reference": reference, **models}
+    trunks = _trunk_sources(reference, roles, k)
+    score_key = {name: _score_key(name, m, keys or {}, trunks[name][1]) for name, m in roles.items()}
+    scorers = {score_key[name]: name for name in reversed(roles)}  # one per score key (a champion = the base)
+    seqs = [(e.prompt, e.answers[w]) for e in enc for w in range(len(fields))]
+    skeys = [seq_key(p, a) for p, a in seqs]
+    by_key = dict(zip(skeys, seqs))
+    known = {key: cache.scores(key, skeys) for key in scorers}
+    cache.hits["scores"] += sum(len(v) for v in known.values())
+    todo = [s for s in by_key if any(s not in v for v in known.values())]
+    step = params.batch_size * len(fields)
+    for i in range(0, len(todo), step):
+        chunk, hidden = todo[i : i + step], {}
+        for key, name in scorers.items():
+            need = [s for s in chunk if s not in known[key]]
+            if need:
+                rows = _trunk_outputs(cache, hidden, *trunks[name], k, [(s, by_key[s]) for s in need], tok)
+                batch = collate([by_key[s] for s in need], tok.pad_token_id)
+                scored = dict(zip(need, top_logps(roles[name], _padded(rows, batch), batch, k).tolist()))
+                known[key].update(scored)
+                cache.put_scores(key, scored)
         if progress is not None:
-            progress(i + n, len(enc))
+            progress(min(len(enc), (i + len(chunk)) * len(enc) // max(1, len(todo))), len(enc))
+    width, ref = len(fields), known[score_key["reference"]]
+    out: dict[str, list[list[float]]] = {}
+    for name in models:
+        mine = known[score_key[name]]
+        out[name] = [
+            [mine[skeys[j * width + w]] - ref[skeys[j * width + w]] for w in range(width)] for j in range(len(enc))
+        ]
+    return out
+
+
+def _trunk_sources(reference, roles: dict, k: int) -> dict[str, tuple]:
+    """Per model: (the model whose trunk pass serves it, that trunk's key). A model whose frozen trunk equals the
+    reference's is served by the reference's pass (in bf16 when the reference's trunk was cast)."""
+    ref_fp = trunk_fingerprint(reference, k)
+    out = {}
+    for name, m in roles.items():
+        fp = ref_fp if m is reference else trunk_fingerprint(m, k)
+        src = reference if fp == ref_fp else m
+        dtype = str(param_dtype(decoder_layers(src)[0].get_input_embeddings())).removeprefix("torch.")
+        out[name] = (src, f"{fp}-{dtype}-k{k}-{device_of(src).type}")
+    return out
+
+
+def _trunk_outputs(cache: ScoreCache, hidden: dict, src, tkey: str, k: int, seqs: list[tuple], tok) -> list:
+    """Trunk outputs (length, width) of ``seqs`` ((key, (prompt, answer)) each), in the top layers' dtype: from
+    this batch's passes (``hidden``, per trunk key), else the cache, else a trunk pass by ``src`` (stored)."""
+    have = hidden.setdefault(tkey, {})
+    top_dt = param_dtype(decoder_layers(src)[1][k])
+    dev = device_of(src)
+    lacking = [s for s, _ in seqs if s not in have]
+    if lacking:
+        have.update({s: t.to(dev, top_dt) for s, t in cache.trunks(tkey, lacking).items()})
+    lacking = [(s, seq) for s, seq in seqs if s not in have]
+    if lacking:
+        out = run_trunk(src, collate([seq for _, seq in lacking], tok.pad_token_id), k)
+        new = {s: out[b, : len(p) + len(a)] for b, (s, (p, a)) in enumerate(lacking)}
+        stored = param_dtype(decoder_layers(src)[0].get_input_embeddings())  # the trunk's own dtype: lossless
+        cache.put_trunks(tkey, {s: t.to(stored) for s, t in new.items()})
+        have.update(new)
+    return [have[s] for s, _ in seqs]
+
+
+def _score_key(name: str, model, keys: dict, trunk_key: str) -> str:
+    """Scores of one model on one trunk: persistent when the model's and the reference's content hashes are known
+    (an adapter's scores depend on its base), else for this process only."""
+    if keys.get(name) and keys.get("reference"):
+        return f"{keys[name][:24]}-{keys['reference'][:24]}-{trunk_key}"
+    return f"mem:{id(model)}-{trunk_key}"
+
+
+def _padded(rows: list[torch.Tensor], batch) -> torch.Tensor:
+    """Per-sequence trunk outputs (length, width) as one right-padded (B, T, width) batch, in the top's dtype."""
+    out = rows[0].new_zeros((len(rows), batch.ids.shape[1], rows[0].shape[-1]))
+    for b, t in enumerate(rows):
+        out[b, : t.shape[0]] = t
     return out
 
 
 def implicit_margins(
-    reference, models: dict, tok, pairs: list[dict], params: EvaluateParams, progress=None
+    reference, models: dict, tok, pairs: list[dict], params: EvaluateParams, progress=None, cache=None, keys=None
 ) -> dict[str, list[float]]:
     """Per model, per pair: (log p(chosen) − log p_ref(chosen)) − (log p(rejected) − log p_ref(rejected))."""
-    ratios = log_ratios(reference, models, tok, pairs, params, progress=progress)
+    ratios = log_ratios(reference, models, tok, pairs, params, progress=progress, cache=cache, keys=keys)
     return {name: [c - r for c, r in rows] for name, rows in ratios.items()}
 
 
 def golden_correct(
-    reference, champion, challenger, tok, pairs: list[dict], params: EvaluateParams, progress=None
+    reference,
+    champion,
+    challenger,
+    tok,
+    pairs: list[dict],
+    params: EvaluateParams,
+    progress=None,
+    cache=None,
+    keys=None,
 ) -> dict:
     """Per model, per golden pair: 1 when the implicit reward prefers the chosen answer (0.5 on a tie)."""
     models = {"champion": champion, "challenger": challenger}
-    margins = implicit_margins(reference, models, tok, pairs, params, progress)
+    margins = implicit_margins(reference, models, tok, pairs, params, progress, cache, keys)
     return {k: stats.correct_from_margin(v) for k, v in margins.items()}
 
 
@@ -121,14 +195,22 @@ def unpaired_scores(ratios: list[float], desirable: list[bool]) -> list[float]:
 
 
 def unpaired_accuracy(
-    reference, champion, challenger, tok, examples: list[dict], params: EvaluateParams, progress=None
+    reference,
+    champion,
+    challenger,
+    tok,
+    examples: list[dict],
+    params: EvaluateParams,
+    progress=None,
+    cache=None,
+    keys=None,
 ) -> dict:
     """Held-out accuracy of the implicit reward on unpaired (KTO) examples: how often a desirable answer scores above
     an undesirable one, challenger against champion on the same examples (paired bootstrap over the desirable
     ones)."""
     flags = [bool(e["desirable"]) for e in examples]
     models = {"champion": champion, "challenger": challenger}
-    ratios = log_ratios(reference, models, tok, examples, params, ("answer",), progress)
+    ratios = log_ratios(reference, models, tok, examples, params, ("answer",), progress, cache, keys)
     scores = {name: unpaired_scores([r[0] for r in rows], flags) for name, rows in ratios.items()}
     keys = [e["conversation_id"] for e, good in zip(examples, flags) if good] if scores["challenger"] else None
     out = stats.paired_diff(
@@ -153,14 +235,17 @@ def evaluate_policy(
     keys: dict[str, str] | None = None,
     unpaired: list[dict] | None = None,
     golden: list[dict] | None = None,
+    scores: ScoreCache | None = None,
 ) -> dict:
     """Every policy metric for challenger and champion on the same items (``unpaired``: the held-out KTO examples;
     ``golden``: the golden set's pairs, scored beside the test split).
 
-    ``cache`` + ``keys`` (model content hashes by role): greedy answers known from earlier runs are reused.
+    ``cache`` + ``keys`` (model content hashes by role, ``reference`` included): greedy answers known from earlier
+    runs are reused; ``scores``: so are log-probabilities and trunk outputs (flywheel/evaluation/scores.py).
     """
     cache = cache or AnswerCache(None)
     keys = keys or {}
+    scores = scores or ScoreCache(None)  # in memory at least: a pair's halves are unpaired examples too
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -182,7 +267,7 @@ def evaluate_policy(
 
     log(f"evaluate: implicit-reward accuracy on {len(pairs)} test pairs")
     both_models = {"champion": champion, "challenger": challenger}
-    margins = implicit_margins(reference, both_models, tok, pairs, params, progress("test pairs"))
+    margins = implicit_margins(reference, both_models, tok, pairs, params, progress("test pairs"), scores, keys)
     correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
     out: dict = {
         "pref_accuracy": stats.paired_diff(
@@ -197,11 +282,11 @@ def evaluate_policy(
     if unpaired:
         log(f"evaluate: implicit-reward accuracy on {len(unpaired)} unpaired test examples")
         out["unpaired_accuracy"] = unpaired_accuracy(
-            reference, champion, challenger, tok, unpaired, params, progress("unpaired examples")
+            reference, champion, challenger, tok, unpaired, params, progress("unpaired examples"), scores, keys
         )
     if golden is not None:
         log(f"evaluate: implicit-reward accuracy on the golden set ({len(golden)} pairs)")
-        g = golden_correct(reference, champion, challenger, tok, golden, params, progress("golden pairs"))
+        g = golden_correct(reference, champion, challenger, tok, golden, params, progress("golden pairs"), scores, keys)
         out["golden_pref_accuracy"] = golden_metric(g["challenger"], g["champion"], golden, params)
         out["heldout_pref_accuracy"] = heldout_metric(correct, g, pairs, golden, params)
     out["length_baseline"] = mean_length_baseline(pairs)
@@ -211,6 +296,10 @@ def evaluate_policy(
         yes and no and yes["ci"][0] is not None and yes["ci"][0] > 0 and (no["diff"] or 0) <= 0
     )
     lap("implicit_margins")
+    log(
+        f"evaluate: {scores.computed['scores']} answer log-probabilities computed, {scores.hits['scores']} reused; "
+        f"{scores.computed['trunks']} trunk passes, {scores.hits['trunks']} read back"
+    )
     if params.bf16 and device.bf16_fast(device_of(champion)):  # generation: whole-model bf16 copies (answers are
         # cached per dtype); not where bf16 is emulated (many times slower than fp32)
         import copy

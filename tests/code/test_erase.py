@@ -284,12 +284,17 @@ def test_erase_drops_held_out_evaluation_samples_and_the_answer_cache(tmp_path):
         "Anna's secret\n\n- champion (+0.20): b\n"
     )
     (cache / "abc.jsonl").write_text('{"k": "h", "a": "an answer quoting my bank"}\n')
+    score_cache = tmp_path / "score-cache"  # beside the answer cache: trunk outputs derived from held-out text
+    score_cache.mkdir()
+    (score_cache / "scores.sqlite").write_bytes(b"stand-in")
+    (score_cache / "scores.sqlite-wal").write_bytes(b"stand-in")
 
     result = erase_user(
         "anyone", tmp_path / "raw", tmp_path / "prepared", evaluation=(metrics, report_dir), answer_cache=cache
     )
 
-    assert (result.evaluation_samples, result.answer_cache_files) == (2, 1)
+    assert (result.evaluation_samples, result.answer_cache_files) == (2, 3)
+    assert not list(score_cache.iterdir())
     data = json.loads(metrics.read_text())
     assert data["policy"]["samples"] == [suite] and data["policy"]["pref_accuracy"] == {"n": 3}
     text = (report_dir / "report.md").read_text()

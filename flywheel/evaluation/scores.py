@@ -1,0 +1,147 @@
+"""Log-probabilities already computed, kept across evaluations: per sequence (the token ids of a prompt and an
+answer) the trunk's output and each model's answer log-probability.
+
+Measured reason: the margins were most of a loop turn (demo, AMX Xeon: 306 s of turn 1's 409 s evaluation,
+451 s of turn 2's 574 s), and most of that work repeats. The golden set never changes, the base model (the
+reference) never changes, turn N's champion is turn N-1's challenger, the test split only grows, and the unpaired
+test examples are mostly halves of the test pairs. A sequence scored before needs only the new challenger's top
+layers on its stored trunk output: about a quarter of a forward pass (6 of 30 layers and the output head).
+
+Keys are hashes: of the token ids (a sequence), of the model's content, the reference's content and the trunk that
+computed the hidden states (a score). No text is stored, but trunk outputs are derived from user text: `flywheel
+erase` empties the cache (``clear``), as it empties the answer cache. Trunk outputs are kept in their own dtype
+(float32 here; bf16 where the trunk runs in bf16), so a stored one is bit-identical to a recomputed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where tensors are read (`flywheel erase` clears the cache without it)
+    import torch
+
+FILE = "scores.sqlite"
+SCORE_CACHE = "score-cache"  # the folder under settings.models
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def seq_key(prompt: list[int], answer: list[int]) -> str:
+    """A sequence's key: its prompt and answer token ids (the tokenizer, template and truncation are in them)."""
+    h = hashlib.sha256(np.asarray(prompt, dtype=np.int64).tobytes())
+    h.update(b"|")
+    h.update(np.asarray(answer, dtype=np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+class ScoreCache:
+    """Answer log-probabilities per (score key, sequence key) and trunk outputs per (trunk key, sequence key).
+
+    ``folder`` None: kept in memory for this process only (an evaluation still scores a sequence it meets twice
+    once: a test pair's halves are unpaired test examples too). ``max_trunk_bytes``: trunk outputs stop being
+    stored past it (a 7B model's hidden states are large; 0 stores none); scores are always stored.
+    """
+
+    def __init__(self, folder: Path | None, max_trunk_bytes: int = 0):
+        self.max_trunk_bytes = max_trunk_bytes
+        self.memory: dict[tuple[str, str], float] = {}
+        self.db: sqlite3.Connection | None = None
+        self.trunk_bytes = 0
+        self.hits = {"scores": 0, "trunks": 0}
+        self.computed = {"scores": 0, "trunks": 0}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(folder / FILE, timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS scores (model TEXT, seq TEXT, logp REAL, PRIMARY KEY (model, seq))"
+            )
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS trunks (trunk TEXT, seq TEXT, dtype TEXT, length INTEGER, "
+                "width INTEGER, data BLOB, PRIMARY KEY (trunk, seq))"
+            )
+            self.trunk_bytes = self.db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM trunks").fetchone()[0]
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    # ---- scores ------------------------------------------------------------------------------------------------
+    def scores(self, model: str, seqs: list[str]) -> dict[str, float]:
+        """The known log-probabilities of ``seqs`` under the score key ``model``."""
+        found = {s: self.memory[(model, s)] for s in seqs if (model, s) in self.memory}
+        rest = [s for s in dict.fromkeys(seqs) if s not in found]
+        if self.db is not None and rest and not model.startswith("mem:"):
+            for i in range(0, len(rest), 500):
+                chunk = rest[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self.db.execute(
+                    f"SELECT seq, logp FROM scores WHERE model = ? AND seq IN ({marks})", [model, *chunk]
+                )
+                for s, lp in rows:
+                    found[s] = lp
+                    self.memory[(model, s)] = lp
+        return found
+
+    def put_scores(self, model: str, values: dict[str, float]) -> None:
+        for s, lp in values.items():
+            self.memory[(model, s)] = lp
+        self.computed["scores"] += len(values)
+        if self.db is not None and values and not model.startswith("mem:"):
+            with self.db:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO scores VALUES (?, ?, ?)", [(model, s, lp) for s, lp in values.items()]
+                )
+
+    # ---- trunk outputs -----------------------------------------------------------------------------------------
+    def trunks(self, trunk: str, seqs: list[str]) -> dict[str, torch.Tensor]:
+        """Stored trunk outputs (length, width) of ``seqs`` under the trunk key ``trunk``."""
+        if self.db is None or not self.max_trunk_bytes or not seqs:
+            return {}
+        import torch
+
+        found = {}
+        marks = ",".join("?" * len(seqs))
+        rows = self.db.execute(
+            f"SELECT seq, dtype, length, width, data FROM trunks WHERE trunk = ? AND seq IN ({marks})", [trunk, *seqs]
+        )
+        for s, dtype, length, width, data in rows:
+            raw = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype))
+            found[s] = raw.reshape(length, width)
+        self.hits["trunks"] += len(found)
+        return found
+
+    def put_trunks(self, trunk: str, values: dict[str, torch.Tensor]) -> None:
+        """Store trunk outputs (length, width), while the store is under its size limit."""
+        self.computed["trunks"] += len(values)
+        if self.db is None or not self.max_trunk_bytes:
+            return
+        import torch
+
+        rows = []
+        for s, t in values.items():
+            t = t.detach().to("cpu").contiguous()
+            name = str(t.dtype).removeprefix("torch.")
+            if name not in _DTYPES:
+                continue
+            data = t.view(torch.uint8).numpy().tobytes()
+            if self.trunk_bytes + len(data) > self.max_trunk_bytes:
+                break
+            self.trunk_bytes += len(data)
+            rows.append((trunk, s, name, t.shape[0], t.shape[1], data))
+        if rows:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO trunks VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+
+def clear(folder: Path) -> int:
+    """Remove the cache's files (``flywheel erase``); returns how many were removed."""
+    files = sorted(folder.glob(FILE + "*")) if folder.is_dir() else []
+    for f in files:
+        f.unlink()
+    return len(files)

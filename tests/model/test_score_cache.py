@@ -1,0 +1,99 @@
+"""The evaluation's score cache (flywheel/evaluation/scores.py): margins read back from it equal margins computed
+afresh, a later evaluation with a new challenger reuses the reference's scores and the stored trunk outputs, a
+sequence met twice is scored once, nothing without content keys persists, and `flywheel erase` empties it."""
+
+from __future__ import annotations
+
+import copy
+import sqlite3
+
+import pytest
+import torch
+from shipped import shipped
+
+from flywheel.evaluation.policy_eval import implicit_margins, log_ratios, unpaired_accuracy
+from flywheel.evaluation.scores import FILE, ScoreCache
+from flywheel.models.policy import load_policy
+from tests.model.conftest import synthetic_pairs
+
+EVAL = shipped("evaluate", max_prompt_tokens=32, max_answer_tokens=8, batch_size=4, frozen_layers=2, bf16=False)
+
+
+def _perturbed(model, layer: int, factor: float):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[layer].mlp.up_proj.weight.mul_(factor)
+    return other
+
+
+@pytest.fixture
+def models(tiny_base):
+    ref, tok = load_policy(tiny_base / "policy")
+    return ref, _perturbed(ref, 3, 1.5), _perturbed(ref, 2, 0.7), tok
+
+
+def test_a_later_evaluation_reads_back_the_reference_and_the_trunk(models, tmp_path):
+    ref, first, second, tok = models
+    pairs = synthetic_pairs(6)
+    keys = {"reference": "base-hash", "champion": "base-hash", "challenger": "first-hash"}
+    turn1 = ScoreCache(tmp_path, max_trunk_bytes=2**30)
+    got1 = implicit_margins(ref, {"champion": ref, "challenger": first}, tok, pairs, EVAL, cache=turn1, keys=keys)
+    assert turn1.computed["scores"] == 24  # 6 pairs x 2 answers, for the base once (it is the champion too), the
+    # challenger
+    assert turn1.computed["trunks"] == 12 and turn1.hits["trunks"] == 0
+    turn1.close()
+
+    # turn 2: the first challenger is the champion, a new challenger comes; the base's trunk serves both
+    keys2 = {"reference": "base-hash", "champion": "first-hash", "challenger": "second-hash"}
+    turn2 = ScoreCache(tmp_path, max_trunk_bytes=2**30)
+    got2 = implicit_margins(ref, {"champion": first, "challenger": second}, tok, pairs, EVAL, cache=turn2, keys=keys2)
+    assert turn2.computed == {"scores": 12, "trunks": 0}  # only the new challenger's answers, on stored trunks
+    assert turn2.hits["trunks"] == 12
+
+    fresh = implicit_margins(ref, {"champion": first, "challenger": second}, tok, pairs, EVAL)
+    assert got2["champion"] == pytest.approx(fresh["champion"], abs=1e-5)
+    assert got2["challenger"] == pytest.approx(fresh["challenger"], abs=1e-5)
+    assert got1["challenger"] == pytest.approx(fresh["champion"], abs=1e-5)
+    assert any(abs(m) > 1e-3 for m in fresh["challenger"])  # the perturbation shows: the check compares something
+
+
+def test_stored_trunk_outputs_are_exact_and_bounded(models, tmp_path):
+    ref, first, _, tok = models
+    pairs = synthetic_pairs(4)
+    keys = {"reference": "r", "challenger": "c"}
+    cache = ScoreCache(tmp_path, max_trunk_bytes=2**30)
+    log_ratios(ref, {"challenger": first}, tok, pairs, EVAL, cache=cache, keys=keys)
+    rows = cache.db.execute("SELECT trunk, seq FROM trunks").fetchall()
+    assert len(rows) == 8
+    stored = cache.trunks(rows[0][0], [rows[0][1]])[rows[0][1]]
+    assert stored.dtype == torch.float32 and stored.shape[1] == ref.config.hidden_size
+    cache.close()
+
+    small = ScoreCache(tmp_path / "small", max_trunk_bytes=3 * stored.numel() * 4)
+    log_ratios(ref, {"challenger": first}, tok, pairs, EVAL, cache=small, keys=keys)
+    assert small.db.execute("SELECT COUNT(*) FROM trunks").fetchone()[0] <= 3
+    assert small.db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 16  # scores are always kept
+
+
+def test_a_pairs_halves_as_unpaired_examples_are_scored_once(models):
+    ref, first, _, tok = models
+    pairs = synthetic_pairs(4)
+    halves = [
+        {"prompt": p["prompt"], "answer": p[f], "desirable": f == "chosen", "conversation_id": p["conversation_id"]}
+        for p in pairs
+        for f in ("chosen", "rejected")
+    ]
+    cache = ScoreCache(None)
+    implicit_margins(ref, {"champion": ref, "challenger": first}, tok, pairs, EVAL, cache=cache)
+    before = dict(cache.computed)
+    unpaired_accuracy(ref, ref, first, tok, halves, EVAL, cache=cache)
+    assert cache.computed == before  # every half was scored with its pair
+
+
+def test_without_content_keys_nothing_persists(models, tmp_path):
+    ref, first, _, tok = models
+    cache = ScoreCache(tmp_path, max_trunk_bytes=2**30)
+    log_ratios(ref, {"challenger": first}, tok, synthetic_pairs(3), EVAL, cache=cache)
+    cache.close()
+    with sqlite3.connect(tmp_path / FILE) as db:
+        assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 0
