@@ -152,6 +152,12 @@ class GoldenParams(Section):
 # ---- training and evaluation ---------------------------------------------------------------------------------
 
 
+class ScoreCacheParams(Section):
+    # models/score-cache (flywheel/models/scores.py): trunk outputs and answer log-probabilities kept across turns,
+    # read by train_policy and evaluate; trunk outputs stop being kept past this size (0: none are)
+    max_gb: float = Field(ge=0)
+
+
 class ModelSource(Section):
     # a folder | a Hugging Face hub id (with `revision`; only where the hub is reachable) | models:/NAME/VERSION
     # (or models:/NAME@ALIAS) | shipped:smollm2 (policy) | shipped:minilm (reward)
@@ -252,7 +258,6 @@ class EvaluateParams(Section):
     frozen_layers: int = Field(ge=0)
     bf16: bool  # frozen trunk in bf16 for the margins, bf16 copies to generate
     golden_pairs: int = Field(ge=0)  # score the golden set's first N pairs (0: all); prepare holds out every one
-    score_cache_gb: float = Field(ge=0)  # trunk outputs kept for later turns (models/score-cache; 0: none)
     judged_prompts: int = Field(ge=0)
     redteam_prompts: int = Field(ge=0)
     benign_prompts: int = Field(ge=0)
@@ -419,6 +424,7 @@ class Params(Section):
     prepare: PrepareParams
     golden: GoldenParams
     models: ModelsParams
+    score_cache: ScoreCacheParams
     profile: str  # the profile in force ("" for none)
     train_reward: TrainRewardParams
     train_policy: TrainPolicyParams

@@ -28,8 +28,8 @@ from flywheel.evaluation.judge import judge_status, mark_unjudged
 from flywheel.evaluation.policy_eval import evaluate_policy
 from flywheel.evaluation.report import headline_metrics
 from flywheel.evaluation.reward_eval import evaluate_reward
-from flywheel.evaluation.scores import SCORE_CACHE, ScoreCache
-from flywheel.params import EvaluateParams, GoldenParams
+from flywheel.models.scores import SCORE_CACHE, ScoreCache
+from flywheel.params import EvaluateParams, GoldenParams, ScoreCacheParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
 from pipelines.resolve_champion import load
@@ -51,6 +51,7 @@ def main(
     out_dir: Path,
     metrics_file: Path,
     golden_params: GoldenParams | None = None,
+    cache_params: ScoreCacheParams | None = None,
 ) -> dict:
     """Stage edge: load the models and test sets, evaluate, write metrics and the report, log to MLflow.
     ``golden_params``: the golden set (default: the workspace's params.yaml ``golden``)."""
@@ -95,7 +96,8 @@ def main(
         "reference": content_hash(base / "policy"),
     }
     cache = AnswerCache(settings.models / "answer-cache")
-    scores = ScoreCache(settings.models / SCORE_CACHE, int(params.score_cache_gb * 2**30))
+    max_gb = (cache_params or settings.params.score_cache).max_gb
+    scores = ScoreCache(settings.models / SCORE_CACHE, int(max_gb * 2**30))
     with tracking.stage_run(settings, "evaluate", tags={"flywheel.samples": "suites"}) as run:
         policy = evaluate_policy(
             reference,
@@ -150,6 +152,7 @@ def stage(
     settings: Settings,
     params: EvaluateParams,
     golden: GoldenParams,
+    score_cache: ScoreCacheParams,
     *,
     champion: Path,
     base: Path,
@@ -162,7 +165,19 @@ def stage(
 ) -> str:
     """Evaluate the challengers in ``challenger`` against the champions named in ``champion`` (champion.json):
     everything to ``metrics`` (JSON), the headline figures to ``summary`` (what `dvc metrics show` prints)."""
-    m = main(settings, params, load(champion, settings), base, challenger, prepared, suites, out, metrics, golden)
+    m = main(
+        settings,
+        params,
+        load(champion, settings),
+        base,
+        challenger,
+        prepared,
+        suites,
+        out,
+        metrics,
+        golden,
+        score_cache,
+    )
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps({k: round(v, 4) for k, v in headline_metrics(m).items()}, indent=2))
     pa, ra = m["policy"]["pref_accuracy"], m["reward"]["pairwise_accuracy"]

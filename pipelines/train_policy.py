@@ -12,8 +12,9 @@ import torch
 from flywheel import distributed
 from flywheel.models.dpo import attach_lora, train_dpo, train_kto
 from flywheel.models.policy import ADAPTER_INFO, base_hash, best_device, check_split, encode, is_adapter, load_policy
+from flywheel.models.scores import SCORE_CACHE, ScoreCache
 from flywheel.models.trl_backend import GATHERED
-from flywheel.params import TrainPolicyParams
+from flywheel.params import ScoreCacheParams, TrainPolicyParams
 from flywheel.settings import Settings
 from pipelines.prepare import read_set
 from pipelines.resolve_champion import load
@@ -35,11 +36,19 @@ def start_point(params: TrainPolicyParams, champion: Path, info: dict, base: Pat
     return champion, on_base(champion, info, base)
 
 
-def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyParams, base: Path, log=print):
+def fit(
+    champion: Path,
+    pairs: list[dict],
+    sft: list[dict],
+    params: TrainPolicyParams,
+    base: Path,
+    log=print,
+    store: ScoreCache | None = None,
+):
     """Load the champion, train its top layers (or a LoRA adapter on them, continuing the champion's adapter
     when it has one) by DPO on ``pairs`` or, with ``train_policy.method: kto``, by KTO on ``pairs`` = unpaired
     examples (prompt, answer, desirable), with the fast loop or TRL (``train_policy.backend``); returns (model,
-    tokenizer, history, seconds)."""
+    tokenizer, history, seconds). ``store``: trunk outputs kept across runs (the fast loop reads and adds)."""
     if params.threads:
         torch.set_num_threads(params.threads)
     adapter = params.adapter in ("lora", "qlora")
@@ -68,9 +77,9 @@ def fit(champion: Path, pairs: list[dict], sft: list[dict], params: TrainPolicyP
 
         history = trl_backend.train_policy(model, tok, enc_pairs, params, flags, on_step)
     elif params.method == "kto":
-        history = train_kto(model, enc_pairs, flags, enc_sft, tok.pad_token_id, params, on_step)
+        history = train_kto(model, enc_pairs, flags, enc_sft, tok.pad_token_id, params, on_step, store)
     else:
-        history = train_dpo(model, enc_pairs, enc_sft, tok.pad_token_id, params, on_step)
+        history = train_dpo(model, enc_pairs, enc_sft, tok.pad_token_id, params, on_step, store=store)
     return model, tok, history, time.perf_counter() - t0
 
 
@@ -109,6 +118,7 @@ def main(
     out: Path,
     metrics_file: Path,
     base: Path,
+    store: ScoreCache | None = None,
 ) -> dict:
     import mlflow
 
@@ -134,7 +144,7 @@ def main(
                 "policy.sft_examples": len(sft),
             }
         )
-        model, tok, history, seconds = fit(start, pairs, sft, params, base)
+        model, tok, history, seconds = fit(start, pairs, sft, params, base, store=store)
         for row in history:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         plot = tracking.log_curve(
@@ -170,6 +180,7 @@ def main(
 def stage(
     settings: Settings,
     params: TrainPolicyParams,
+    score_cache: ScoreCacheParams,
     *,
     champion: Path,
     base: Path,
@@ -186,7 +197,19 @@ def stage(
         metrics.unlink(missing_ok=True)
         distributed.run("train_policy", options, n, params.accelerate_config)
         return f"train_policy: {json.loads(metrics.read_text())}"
-    summary = main(
-        settings, params, Path(info["policy"]["path"]), info["policy"], prepared, out, metrics, base / "policy"
-    )
+    store = ScoreCache(settings.models / SCORE_CACHE, int(score_cache.max_gb * 2**30))
+    try:
+        summary = main(
+            settings,
+            params,
+            Path(info["policy"]["path"]),
+            info["policy"],
+            prepared,
+            out,
+            metrics,
+            base / "policy",
+            store,
+        )
+    finally:
+        store.close()
     return f"train_policy: {summary}"

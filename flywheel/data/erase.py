@@ -172,9 +172,9 @@ def erase_evaluation_samples(metrics_file: Path, report_dir: Path) -> int:
 
 def clear_answer_cache(folder: Path) -> int:
     """Empty the evaluation's answer cache (answers to held-out prompts may echo them) and, beside it, its score
-    cache (trunk outputs are derived from held-out text: flywheel/evaluation/scores.py); returns files removed.
+    cache (trunk outputs are derived from held-out text: flywheel/models/scores.py); returns files removed.
     The next evaluation generates and scores again."""
-    from flywheel.evaluation import scores
+    from flywheel.models import scores
 
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     for f in files:

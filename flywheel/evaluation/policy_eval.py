@@ -13,7 +13,6 @@ import torch
 from flywheel.evaluation import stats
 from flywheel.evaluation.answers import AnswerCache, behaviour_pass, redteam_prompts, suite_samples
 from flywheel.evaluation.refusal import is_refusal
-from flywheel.evaluation.scores import ScoreCache, seq_key
 from flywheel.evaluation.slices import (
     cluster_keys,
     golden_metric,
@@ -30,11 +29,10 @@ from flywheel.models.policy import (
     decoder_layers,
     device_of,
     encode,
-    param_dtype,
-    run_trunk,
     top_logps,
     trunk_fingerprint,
 )
+from flywheel.models.scores import ScoreCache, padded, seq_key, trunk_key, trunk_rows
 
 if TYPE_CHECKING:
     from flywheel.params import EvaluateParams
@@ -56,7 +54,7 @@ def log_ratios(
     ``progress(done, total)`` after each batch (minutes for a few hundred records on a CPU).
 
     Models whose frozen trunk equals the reference's reuse its trunk output: one trunk pass per sequence.
-    ``cache`` (flywheel/evaluation/scores.py) + ``keys`` (content hashes by model name, ``reference`` included):
+    ``cache`` (flywheel/models/scores.py) + ``keys`` (content hashes by model name, ``reference`` included):
     log-probabilities and trunk outputs computed by earlier evaluations are read back, new ones stored; a sequence
     met twice (a pair's half is an unpaired example too) is scored once. Without keys, scores live in memory only.
     """
@@ -88,9 +86,12 @@ def log_ratios(
         for key, name in scorers.items():
             need = [s for s in chunk if s not in known[key]]
             if need:
-                rows = _trunk_outputs(cache, hidden, *trunks[name], k, [(s, by_key[s]) for s in need], tok)
+                src, tkey = trunks[name]
+                memo = hidden.setdefault(tkey, {})
+                rows = trunk_rows(cache, memo, src, tkey, k, [(s, by_key[s]) for s in need], tok.pad_token_id)
                 batch = collate([by_key[s] for s in need], tok.pad_token_id)
-                scored = dict(zip(need, top_logps(roles[name], _padded(rows, batch), batch, k).tolist()))
+                h = padded(rows, batch.ids.shape[1])
+                scored = dict(zip(need, top_logps(roles[name], h, batch, k).tolist()))
                 known[key].update(scored)
                 cache.put_scores(key, scored)
         if progress is not None:
@@ -109,32 +110,12 @@ def _trunk_sources(reference, roles: dict, k: int) -> dict[str, tuple]:
     """Per model: (the model whose trunk pass serves it, that trunk's key). A model whose frozen trunk equals the
     reference's is served by the reference's pass (in bf16 when the reference's trunk was cast)."""
     ref_fp = trunk_fingerprint(reference, k)
+    ref_key = trunk_key(reference, k)
     out = {}
     for name, m in roles.items():
-        fp = ref_fp if m is reference else trunk_fingerprint(m, k)
-        src = reference if fp == ref_fp else m
-        dtype = str(param_dtype(decoder_layers(src)[0].get_input_embeddings())).removeprefix("torch.")
-        out[name] = (src, f"{fp}-{dtype}-k{k}-{device_of(src).type}")
+        shared = m is reference or trunk_fingerprint(m, k) == ref_fp
+        out[name] = (reference, ref_key) if shared else (m, trunk_key(m, k))
     return out
-
-
-def _trunk_outputs(cache: ScoreCache, hidden: dict, src, tkey: str, k: int, seqs: list[tuple], tok) -> list:
-    """Trunk outputs (length, width) of ``seqs`` ((key, (prompt, answer)) each), in the top layers' dtype: from
-    this batch's passes (``hidden``, per trunk key), else the cache, else a trunk pass by ``src`` (stored)."""
-    have = hidden.setdefault(tkey, {})
-    top_dt = param_dtype(decoder_layers(src)[1][k])
-    dev = device_of(src)
-    lacking = [s for s, _ in seqs if s not in have]
-    if lacking:
-        have.update({s: t.to(dev, top_dt) for s, t in cache.trunks(tkey, lacking).items()})
-    lacking = [(s, seq) for s, seq in seqs if s not in have]
-    if lacking:
-        out = run_trunk(src, collate([seq for _, seq in lacking], tok.pad_token_id), k)
-        new = {s: out[b, : len(p) + len(a)] for b, (s, (p, a)) in enumerate(lacking)}
-        stored = param_dtype(decoder_layers(src)[0].get_input_embeddings())  # the trunk's own dtype: lossless
-        cache.put_trunks(tkey, {s: t.to(stored) for s, t in new.items()})
-        have.update(new)
-    return [have[s] for s, _ in seqs]
 
 
 def _score_key(name: str, model, keys: dict, trunk_key: str) -> str:
@@ -143,14 +124,6 @@ def _score_key(name: str, model, keys: dict, trunk_key: str) -> str:
     if keys.get(name) and keys.get("reference"):
         return f"{keys[name][:24]}-{keys['reference'][:24]}-{trunk_key}"
     return f"mem:{id(model)}-{trunk_key}"
-
-
-def _padded(rows: list[torch.Tensor], batch) -> torch.Tensor:
-    """Per-sequence trunk outputs (length, width) as one right-padded (B, T, width) batch, in the top's dtype."""
-    out = rows[0].new_zeros((len(rows), batch.ids.shape[1], rows[0].shape[-1]))
-    for b, t in enumerate(rows):
-        out[b, : t.shape[0]] = t
-    return out
 
 
 def implicit_margins(
@@ -241,7 +214,7 @@ def evaluate_policy(
     ``golden``: the golden set's pairs, scored beside the test split).
 
     ``cache`` + ``keys`` (model content hashes by role, ``reference`` included): greedy answers known from earlier
-    runs are reused; ``scores``: so are log-probabilities and trunk outputs (flywheel/evaluation/scores.py).
+    runs are reused; ``scores``: so are log-probabilities and trunk outputs (flywheel/models/scores.py).
     """
     cache = cache or AnswerCache(None)
     keys = keys or {}

@@ -32,6 +32,7 @@ from flywheel.models.policy import (
     run_trunk,
     top_logps,
 )
+from flywheel.models.scores import ScoreCache, padded, seq_key, trunk_key, trunk_rows
 from flywheel.params import TrainPolicyParams
 
 
@@ -75,8 +76,10 @@ class TrunkCache:
     computed in, so cached rows can be re-padded into any later batch.
     """
 
-    def __init__(self, model, k: int, pad_id: int, keep_hidden: bool = True):
+    def __init__(self, model, k: int, pad_id: int, keep_hidden: bool = True, store: ScoreCache | None = None):
         self.model, self.k, self.pad_id, self.keep_hidden = model, k, pad_id, keep_hidden
+        self.store = store  # trunk outputs kept across runs (flywheel/models/scores.py): a later turn reuses them
+        self.key = trunk_key(model, k) if store is not None else ""
         self.rows: dict[int, tuple[torch.Tensor, ...]] = {}
         self.ref: dict[int, tuple[float, ...]] = {}
 
@@ -102,7 +105,13 @@ class TrunkCache:
                 chosen = [items[i] for i in part]
                 batch = answers_batch(chosen, self.pad_id)
                 with _autocast(bf16, device_of(self.model).type):
-                    hidden = run_trunk(self.model, batch, self.k)
+                    if self.store is not None and not bf16:  # autocast computes other trunk outputs: not stored
+                        seqs = [(e.prompt, e.answers[w]) for w in range(len(chosen[0].answers)) for e in chosen]
+                        keyed = [(seq_key(*q), q) for q in seqs]
+                        rows = trunk_rows(self.store, {}, self.model, self.key, self.k, keyed, self.pad_id)
+                        hidden = padded(rows, batch.ids.shape[1])
+                    else:
+                        hidden = run_trunk(self.model, batch, self.k)
                     ref = top_logps(self.model, hidden, batch, self.k).float()
                 n = len(chosen)
                 for j, (i, e) in enumerate(zip(part, chosen)):
@@ -203,11 +212,12 @@ def train_kto(
     pad_id: int,
     params: TrainPolicyParams,
     on_step: Callable[[int, dict], None] | None = None,
+    store: ScoreCache | None = None,
 ) -> list[dict]:
     """KTO on unpaired examples (one answer each, desirable or not), as ``train_dpo`` trains on pairs."""
     if len(examples) != len(desirable):
         raise ValueError("one desirable flag per KTO example")
-    return train_dpo(model, examples, sft, pad_id, params, on_step, desirable=desirable)
+    return train_dpo(model, examples, sft, pad_id, params, on_step, desirable=desirable, store=store)
 
 
 def train_dpo(
@@ -218,10 +228,11 @@ def train_dpo(
     params: TrainPolicyParams,
     on_step: Callable[[int, dict], None] | None = None,
     desirable: list[bool] | None = None,
+    store: ScoreCache | None = None,
 ) -> list[dict]:
     """Train ``model`` in place from its current weights (also the reference): its top layers, or its LoRA
     adapter when it is a PEFT model. DPO on ``pairs``, or, with ``desirable`` (one flag per item), KTO on single
-    answers (``train_kto``)."""
+    answers (``train_kto``). ``store``: trunk outputs from earlier runs are read from it, new ones kept."""
     if not pairs and not sft:
         raise ValueError("nothing to train on: no preference data and no SFT examples")
     torch.manual_seed(params.seed)
@@ -236,7 +247,8 @@ def train_dpo(
     if params.frozen_bf16:
         cast_frozen(model, k)
     plan = schedule(len(pairs), params.batch_size, params.steps, rng)
-    cache = TrunkCache(model, k, pad_id, params.cache_trunk)
+    cache = TrunkCache(model, k, pad_id, params.cache_trunk, store)
+    sft_rows: dict = {}  # an SFT example's trunk output, computed once (a few examples recur in every step)
     t0 = time.perf_counter()
 
     def filling(done: int, total: int) -> None:  # every ~10%: the reference pass is a good part of the stage
@@ -290,7 +302,14 @@ def train_dpo(
             batch = collate([(sft[i].prompt, sft[i].answers[0]) for i in idx], pad_id)
             with _autocast(params.bf16, device_of(model).type):
                 with torch.no_grad():
-                    hidden = run_trunk(model, batch, k)
+                    if params.cache_trunk and not params.bf16:
+                        was_training = model.training
+                        model.eval()
+                        keyed = [(f"sft{i}", (sft[i].prompt, sft[i].answers[0])) for i in idx]
+                        hidden = padded(trunk_rows(None, sft_rows, model, "", k, keyed, pad_id), batch.ids.shape[1])
+                        model.train(was_training)
+                    else:
+                        hidden = run_trunk(model, batch, k)
                 lp = top_logps(model, hidden, batch, k)
             nll = -lp.float().sum() / max(1, batch.targets.numel())
             loss = loss + params.sft_weight * nll

@@ -1,4 +1,4 @@
-"""The evaluation's score cache (flywheel/evaluation/scores.py): margins read back from it equal margins computed
+"""The evaluation's score cache (flywheel/models/scores.py): margins read back from it equal margins computed
 afresh, a later evaluation with a new challenger reuses the reference's scores and the stored trunk outputs, a
 sequence met twice is scored once, nothing without content keys persists, and `flywheel erase` empties it."""
 
@@ -12,8 +12,8 @@ import torch
 from shipped import shipped
 
 from flywheel.evaluation.policy_eval import implicit_margins, log_ratios, unpaired_accuracy
-from flywheel.evaluation.scores import FILE, ScoreCache
 from flywheel.models.policy import load_policy
+from flywheel.models.scores import FILE, ScoreCache
 from tests.model.conftest import synthetic_pairs
 
 EVAL = shipped("evaluate", max_prompt_tokens=32, max_answer_tokens=8, batch_size=4, frozen_layers=2, bf16=False)
@@ -97,3 +97,30 @@ def test_without_content_keys_nothing_persists(models, tmp_path):
     cache.close()
     with sqlite3.connect(tmp_path / FILE) as db:
         assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 0
+
+
+def test_a_later_training_run_reads_the_trunk_outputs_back(tiny_base, tmp_path):
+    from flywheel.models.dpo import train_dpo
+    from flywheel.models.policy import encode
+
+    params = shipped(
+        "train_policy", frozen_layers=2, steps=3, batch_size=2, warmup_steps=1, sft_weight=0.5, sft_batch_size=2
+    )
+    _, tok = load_policy(tiny_base / "policy")
+    pairs = encode(tok, synthetic_pairs(6), 32, 8)
+    sft = encode(
+        tok, [{"prompt": p["prompt"], "completion": p["chosen"]} for p in synthetic_pairs(2)], 32, 8, ("completion",)
+    )
+
+    def run(store):
+        model, _ = load_policy(tiny_base / "policy")
+        return [row["loss"] for row in train_dpo(model, pairs, sft, tok.pad_token_id, params, store=store)]
+
+    plain = run(None)
+    first = ScoreCache(tmp_path, max_trunk_bytes=2**30)
+    assert run(first) == pytest.approx(plain, abs=1e-5)
+    assert first.computed["trunks"] == 12 and first.hits["trunks"] == 0  # the schedule visits all 6 pairs
+    first.close()
+    again = ScoreCache(tmp_path, max_trunk_bytes=2**30)
+    assert run(again) == pytest.approx(plain, abs=1e-5)
+    assert again.computed["trunks"] == 0 and again.hits["trunks"] == 12
