@@ -28,7 +28,7 @@ from flywheel.evaluation.judge import judge_status, mark_unjudged
 from flywheel.evaluation.policy_eval import evaluate_policy
 from flywheel.evaluation.report import headline_metrics
 from flywheel.evaluation.reward_eval import evaluate_reward
-from flywheel.models.scores import SCORE_CACHE, ScoreCache
+from flywheel.models.scores import SCORE_CACHE, ScoreCache, answers_hash, weights_hash
 from flywheel.params import EvaluateParams, GoldenParams, ScoreCacheParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
@@ -90,10 +90,12 @@ def main(
     challenger_policy, _ = load_policy(challenger / "policy", device=device, base=base / "policy")
     judge = RewardModel.load(champion_info["reward"]["path"])
     challenger_reward = RewardModel.load(challenger / "reward")
-    keys = {
-        "challenger": content_hash(challenger / "policy"),
-        "champion": content_hash(champ_path),
-        "reference": content_hash(base / "policy"),
+    # the caches' keys: not the content hash (the registry's copy of a version re-saves its tokenizer config)
+    keys = {"challenger": answers_hash(challenger / "policy"), "champion": answers_hash(champ_path)}
+    weights = {
+        "challenger": weights_hash(challenger / "policy"),
+        "champion": weights_hash(champ_path),
+        "reference": weights_hash(base / "policy"),
     }
     cache = AnswerCache(settings.models / "answer-cache")
     max_gb = (cache_params or settings.params.score_cache).max_gb
@@ -115,6 +117,7 @@ def main(
             unpaired=unpaired,
             golden=golden_pairs,
             scores=scores,
+            score_keys=weights,
         )
         scores.close()
         print(f"evaluate: {cache.hits} answers read from the answer cache; seconds: {policy['seconds']}", flush=True)
@@ -134,7 +137,10 @@ def main(
             },
             "profile": settings.profile,
             "champion": {k: v["version"] for k, v in champion_info.items()},
-            "candidates": {"policy": keys["challenger"], "reward": content_hash(challenger / "reward")},
+            "candidates": {
+                "policy": content_hash(challenger / "policy"),
+                "reward": content_hash(challenger / "reward"),
+            },
             "size_mb": {"policy": folder_mb(challenger / "policy"), "reward": folder_mb(challenger / "reward")},
             "mlflow_run_id": run.info.run_id,
         }

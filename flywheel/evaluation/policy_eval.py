@@ -209,12 +209,14 @@ def evaluate_policy(
     unpaired: list[dict] | None = None,
     golden: list[dict] | None = None,
     scores: ScoreCache | None = None,
+    score_keys: dict[str, str] | None = None,
 ) -> dict:
     """Every policy metric for challenger and champion on the same items (``unpaired``: the held-out KTO examples;
     ``golden``: the golden set's pairs, scored beside the test split).
 
     ``cache`` + ``keys`` (model content hashes by role, ``reference`` included): greedy answers known from earlier
-    runs are reused; ``scores``: so are log-probabilities and trunk outputs (flywheel/models/scores.py).
+    runs are reused; ``scores`` + ``score_keys`` (weights hashes by role, ``reference`` included): so are
+    log-probabilities and trunk outputs (flywheel/models/scores.py).
     """
     cache = cache or AnswerCache(None)
     keys = keys or {}
@@ -240,7 +242,7 @@ def evaluate_policy(
 
     log(f"evaluate: implicit-reward accuracy on {len(pairs)} test pairs")
     both_models = {"champion": champion, "challenger": challenger}
-    margins = implicit_margins(reference, both_models, tok, pairs, params, progress("test pairs"), scores, keys)
+    margins = implicit_margins(reference, both_models, tok, pairs, params, progress("test pairs"), scores, score_keys)
     correct = {k: stats.correct_from_margin(v) for k, v in margins.items()}
     out: dict = {
         "pref_accuracy": stats.paired_diff(
@@ -255,11 +257,13 @@ def evaluate_policy(
     if unpaired:
         log(f"evaluate: implicit-reward accuracy on {len(unpaired)} unpaired test examples")
         out["unpaired_accuracy"] = unpaired_accuracy(
-            reference, champion, challenger, tok, unpaired, params, progress("unpaired examples"), scores, keys
+            reference, champion, challenger, tok, unpaired, params, progress("unpaired examples"), scores, score_keys
         )
     if golden is not None:
         log(f"evaluate: implicit-reward accuracy on the golden set ({len(golden)} pairs)")
-        g = golden_correct(reference, champion, challenger, tok, golden, params, progress("golden pairs"), scores, keys)
+        g = golden_correct(
+            reference, champion, challenger, tok, golden, params, progress("golden pairs"), scores, score_keys
+        )
         out["golden_pref_accuracy"] = golden_metric(g["challenger"], g["champion"], golden, params)
         out["heldout_pref_accuracy"] = heldout_metric(correct, g, pairs, golden, params)
     out["length_baseline"] = mean_length_baseline(pairs)

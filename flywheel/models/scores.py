@@ -139,6 +139,51 @@ class ScoreCache:
                 self.db.executemany("INSERT OR REPLACE INTO trunks VALUES (?, ?, ?, ?, ?, ?)", rows)
 
 
+def weights_hash(folder: Path) -> str:
+    """A hash of a model folder's weight files (and an adapter's config): the scores' model key. Not the folder's
+    content hash: the registry's copy of a version re-saves the tokenizer's config (MLflow's transformers flavor
+    drops two keys), which changes no log-probability (the token ids are in the sequence key)."""
+    h = hashlib.sha256()
+    names = ("*.safetensors", "*.bin", "*.pt", "adapter_config.json")
+    files = sorted({f for pattern in names for f in Path(folder).rglob(pattern) if f.is_file()})
+    if not files:
+        raise FileNotFoundError(f"no weight files in {folder}")
+    for f in files:
+        h.update(str(f.relative_to(folder)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+VOLATILE_KEYS = ("is_local", "local_files_only")  # written by some loaders of a tokenizer, dropped by others
+
+
+def answers_hash(folder: Path) -> str:
+    """A hash of what a model's greedy answers depend on: its weights and every other file, JSON files read with
+    the keys some loaders add or drop (``VOLATILE_KEYS``) left out, so the registry's copy of a version shares its
+    answer-cache entries with the challenger folder it was registered from."""
+    import json
+
+    h = hashlib.sha256(weights_hash(folder).encode())
+    weights = ("*.safetensors", "*.bin", "*.pt")
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        if any(f.match(w) for w in weights):
+            continue
+        h.update(str(f.relative_to(folder)).encode())
+        data = f.read_bytes()
+        if f.suffix == ".json":
+            try:
+                obj = json.loads(data)
+                if isinstance(obj, dict):
+                    obj = {k: v for k, v in obj.items() if k not in VOLATILE_KEYS}
+                data = json.dumps(obj, sort_keys=True).encode()
+            except ValueError:
+                pass
+        h.update(data)
+    return h.hexdigest()
+
+
 def trunk_key(model, k: int) -> str:
     """The key of a model's trunk outputs: its frozen part's fingerprint, dtype (a bf16 trunk computes other
     numbers), split and device type."""

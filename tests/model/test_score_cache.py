@@ -124,3 +124,36 @@ def test_a_later_training_run_reads_the_trunk_outputs_back(tiny_base, tmp_path):
     again = ScoreCache(tmp_path, max_trunk_bytes=2**30)
     assert run(again) == pytest.approx(plain, abs=1e-5)
     assert again.computed["trunks"] == 0 and again.hits["trunks"] == 12
+
+
+def test_the_registry_copy_of_a_version_keeps_its_scores_key(tiny_base, tmp_path):
+    import json
+    import shutil
+
+    from flywheel.models.scores import weights_hash
+
+    copy_ = shutil.copytree(tiny_base / "policy", tmp_path / "registry-copy")
+    cfg = copy_ / "tokenizer_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "is_local": True}))  # as MLflow's re-save differs
+    assert weights_hash(copy_) == weights_hash(tiny_base / "policy")
+    other = _perturbed(load_policy(tiny_base / "policy")[0], 3, 1.5)
+    other.save_pretrained(tmp_path / "trained")
+    assert weights_hash(tmp_path / "trained") != weights_hash(tiny_base / "policy")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        weights_hash(tmp_path / "empty")
+
+
+def test_the_registry_copy_of_a_version_reads_its_cached_answers(tiny_base, tmp_path):
+    import json
+    import shutil
+
+    from flywheel.models.scores import answers_hash
+
+    copy_ = shutil.copytree(tiny_base / "policy", tmp_path / "registry-copy")
+    cfg = copy_ / "tokenizer_config.json"
+    original = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps({**original, "is_local": True, "local_files_only": False}, indent=1))
+    assert answers_hash(copy_) == answers_hash(tiny_base / "policy")
+    cfg.write_text(json.dumps({**original, "chat_template": "{{ messages }}"}))  # answers would change
+    assert answers_hash(copy_) != answers_hash(tiny_base / "policy")
