@@ -28,7 +28,7 @@ from flywheel.evaluation.judge import judge_status, mark_unjudged
 from flywheel.evaluation.policy_eval import evaluate_policy
 from flywheel.evaluation.report import headline_metrics
 from flywheel.evaluation.reward_eval import evaluate_reward
-from flywheel.models.scores import SCORE_CACHE, ScoreCache, answers_hash, weights_hash
+from flywheel.models.scores import SCORE_CACHE, CachedRewards, ScoreCache, answers_hash, weights_hash
 from flywheel.params import EvaluateParams, GoldenParams, ScoreCacheParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
@@ -80,16 +80,7 @@ def main(
     benign = yaml.safe_load((suites / "benign.yaml").read_text())["instructions"]
     behaviour = yaml.safe_load((suites / "behaviour.yaml").read_text())["cases"]
     device = best_device()
-    reference, tok = load_policy(base / "policy", device=device)
     champ_path = Path(champion_info["policy"]["path"])
-    champion = (
-        reference
-        if champ_path.resolve() == (base / "policy").resolve()
-        else load_policy(champ_path, device=device, base=base / "policy")[0]
-    )
-    challenger_policy, _ = load_policy(challenger / "policy", device=device, base=base / "policy")
-    judge = RewardModel.load(champion_info["reward"]["path"])
-    challenger_reward = RewardModel.load(challenger / "reward")
     # the caches' keys: not the content hash (the registry's copy of a version re-saves its tokenizer config)
     keys = {"challenger": answers_hash(challenger / "policy"), "champion": answers_hash(champ_path)}
     weights = {
@@ -97,9 +88,21 @@ def main(
         "champion": weights_hash(champ_path),
         "reference": weights_hash(base / "policy"),
     }
+    reference, tok = load_policy(base / "policy", device=device)
+    champion = (
+        reference
+        if weights["champion"] == weights["reference"]  # the base (or its registered copy) is the champion
+        else load_policy(champ_path, device=device, base=base / "policy")[0]
+    )
+    challenger_policy, _ = load_policy(challenger / "policy", device=device, base=base / "policy")
     cache = AnswerCache(settings.models / "answer-cache")
     max_gb = (cache_params or settings.params.score_cache).max_gb
     scores = ScoreCache(settings.models / SCORE_CACHE, int(max_gb * 2**30))
+    judge_path = Path(champion_info["reward"]["path"])
+    judge = CachedRewards(RewardModel.load(judge_path), answers_hash(judge_path), scores)
+    challenger_reward = CachedRewards(
+        RewardModel.load(challenger / "reward"), answers_hash(challenger / "reward"), scores
+    )
     with tracking.stage_run(settings, "evaluate", tags={"flywheel.samples": "suites"}) as run:
         policy = evaluate_policy(
             reference,
@@ -119,10 +122,10 @@ def main(
             scores=scores,
             score_keys=weights,
         )
-        scores.close()
         print(f"evaluate: {cache.hits} answers read from the answer cache; seconds: {policy['seconds']}", flush=True)
         print(f"evaluate: reward models on {len(reward_pairs)} test pairs and {len(golden_pairs)} golden", flush=True)
         reward = evaluate_reward(judge, challenger_reward, reward_pairs, params, golden_pairs)
+        scores.close()
         judged_by = judge_status(reward["champion_accuracy"])
         mark_unjudged(policy, judged_by)
         print(f"evaluate: judge {judged_by['status']}: {judged_by['reason']}", flush=True)

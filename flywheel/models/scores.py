@@ -225,6 +225,32 @@ def padded(rows: list, length: int):
     return out
 
 
+class CachedRewards:
+    """A reward model whose ``score`` reads known rewards from the cache and keeps new ones (key: the model's
+    ``answers_hash``, which covers its weights and its max length; a sequence is the text the model reads). A
+    champion reward model scored the golden set and the older test pairs when it was the challenger. Everything
+    else is the wrapped model's."""
+
+    def __init__(self, model, key: str, cache: ScoreCache):
+        self.model, self.key, self.cache = model, f"reward-{key[:32]}", cache
+
+    def score(self, prompts: list[list[dict]], answers: list[str], batch_size: int = 32) -> list[float]:
+        texts = [self.model.text(p, a) for p, a in zip(prompts, answers)]
+        keys = [hashlib.sha256(t.encode()).hexdigest()[:32] for t in texts]
+        known = self.cache.scores(self.key, keys)
+        self.cache.hits["scores"] += len(known)
+        todo = [i for k, i in {k: i for i, k in reversed(list(enumerate(keys)))}.items() if k not in known]
+        if todo:
+            new = self.model.score([prompts[i] for i in todo], [answers[i] for i in todo], batch_size)
+            fresh = {keys[i]: v for i, v in zip(todo, new)}
+            self.cache.put_scores(self.key, fresh)
+            known.update(fresh)
+        return [known[k] for k in keys]
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
 def clear(folder: Path) -> int:
     """Remove the cache's files (``flywheel erase``); returns how many were removed."""
     files = sorted(folder.glob(FILE + "*")) if folder.is_dir() else []

@@ -157,3 +157,24 @@ def test_the_registry_copy_of_a_version_reads_its_cached_answers(tiny_base, tmp_
     assert answers_hash(copy_) == answers_hash(tiny_base / "policy")
     cfg.write_text(json.dumps({**original, "chat_template": "{{ messages }}"}))  # answers would change
     assert answers_hash(copy_) != answers_hash(tiny_base / "policy")
+
+
+def test_a_reward_models_scores_are_read_back_by_a_later_evaluation(tiny_base, tmp_path):
+    from flywheel.models.reward import RewardModel, pairwise_correct
+    from flywheel.models.scores import CachedRewards, answers_hash
+
+    model = RewardModel.load(tiny_base / "reward")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a head that does not score everything alike
+    pairs = synthetic_pairs(5)
+    plain = pairwise_correct(model, pairs)
+    key = answers_hash(tiny_base / "reward")
+    first = ScoreCache(tmp_path)
+    assert pairwise_correct(CachedRewards(model, key, first), pairs) == plain
+    assert first.computed["scores"] == 10
+    first.close()
+    again = ScoreCache(tmp_path)
+    wrapped = CachedRewards(model, key, again)
+    assert pairwise_correct(wrapped, pairs) == plain and again.computed["scores"] == 0
+    assert wrapped.max_length == model.max_length  # everything else is the model's
