@@ -159,8 +159,9 @@ def test_train_policy_starts_from_the_policy_champion_json_names(monkeypatch, tm
         lambda s, p, champion, info, *rest: seen.update(champion=champion, info=info, rest=rest) or {"steps": 1},
     )
     line = train_policy.stage(
-        SimpleNamespace(root=tmp_path),
+        SimpleNamespace(root=tmp_path, models=tmp_path / "models"),
         shipped("train_policy"),
+        shipped("score_cache"),
         champion=tmp_path / "champion.json",
         base=tmp_path / "base",
         prepared=tmp_path / "prepared",
@@ -168,7 +169,13 @@ def test_train_policy_starts_from_the_policy_champion_json_names(monkeypatch, tm
         metrics=tmp_path / "m.json",
     )
     assert seen["champion"] == tmp_path / "policy" and seen["info"]["version"] == "4"  # relative to the workspace
-    assert seen["rest"] == (tmp_path / "prepared", tmp_path / "out", tmp_path / "m.json", tmp_path / "base" / "policy")
+    assert seen["rest"][:4] == (
+        tmp_path / "prepared",
+        tmp_path / "out",
+        tmp_path / "m.json",
+        tmp_path / "base" / "policy",
+    )
+    assert (tmp_path / "models" / "score-cache" / "scores.sqlite").is_file()  # the store the fast loop reads
     assert line == "train_policy: {'steps': 1}"
 
 
@@ -185,7 +192,7 @@ def test_evaluate_summary_says_not_measured_instead_of_failing_on_an_empty_split
     )
     names = ("champion", "base", "challenger", "prepared", "suites", "out", "metrics", "summary")
     paths = {k: tmp_path / k for k in names}
-    line = evaluate.stage(SimpleNamespace(root=tmp_path), None, None, **paths)
+    line = evaluate.stage(SimpleNamespace(root=tmp_path), None, None, None, **paths)
     assert line == "evaluate: policy accuracy not measured -> not measured, reward accuracy 0.500 -> 0.625"
     # `dvc metrics show` reads the summary: flat, numbers only, the unmeasured left out
     assert json.loads(paths["summary"].read_text()) == {

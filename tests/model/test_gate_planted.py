@@ -185,6 +185,7 @@ def _run_stages(settings, repo_root, tiny_base, judge, planted, name: str):
         settings,
         STAGE_EVAL.updated(golden_pairs=20),  # of the golden file's 24 pairs
         shipped("golden", path="golden.jsonl", format="hh-rlhf"),
+        shipped("score_cache"),
         champion=run / "champion.json",
         base=tiny_base,
         challenger=run / "challenger",
