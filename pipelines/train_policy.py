@@ -11,7 +11,16 @@ import torch
 
 from flywheel import distributed
 from flywheel.models.dpo import attach_lora, train_dpo, train_kto
-from flywheel.models.policy import ADAPTER_INFO, base_hash, best_device, check_split, encode, is_adapter, load_policy
+from flywheel.models.policy import (
+    ADAPTER_INFO,
+    base_hash,
+    best_device,
+    check_split,
+    encode,
+    is_adapter,
+    load_policy,
+    retie_head,
+)
 from flywheel.models.scores import SCORE_CACHE, ScoreCache
 from flywheel.models.trl_backend import GATHERED
 from flywheel.params import ScoreCacheParams, TrainPolicyParams
@@ -105,7 +114,9 @@ def save(model, tok, out: Path, base: Path | None = None, adapter_only: bool = F
         return "adapter"
     if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
-    model.to("cpu", torch.bfloat16).save_pretrained(out)
+    model.to("cpu", torch.bfloat16)
+    retie_head(model)
+    model.save_pretrained(out)
     return "full"
 
 

@@ -403,6 +403,23 @@ def cast_frozen(model, k: int, dtype: torch.dtype = torch.bfloat16) -> None:
         layer.to(dtype)
 
 
+def retie_head(model) -> bool:
+    """Tie the output head back to the input embeddings where the config ties them and ``cast_frozen`` gave the head
+    its own copy that still equals them: the saved folder then holds the embedding once (56 MB less for
+    SmolLM2-135M in bf16), as the registry's copy of the version does. Returns whether it tied them."""
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return False
+    lm = causal_lm(model)
+    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if head is None or head.weight is embed.weight or head.weight.shape != embed.weight.shape:
+        return False
+    if head.weight.dtype != embed.weight.dtype or not torch.equal(head.weight.detach(), embed.weight.detach()):
+        return False
+    head.weight = embed.weight
+    return True
+
+
 def trunk_fingerprint(model, k: int) -> str:
     """A hash of the frozen part (embeddings and lower ``k`` layers): equal fingerprints share a trunk."""
     decoder, layers = decoder_layers(model)

@@ -139,20 +139,62 @@ class ScoreCache:
                 self.db.executemany("INSERT OR REPLACE INTO trunks VALUES (?, ?, ?, ?, ?, ?)", rows)
 
 
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight")  # output heads that ``tie_word_embeddings`` ties to the input
+
+
+def _safetensors_digests(path: Path) -> dict[str, str]:
+    """Per tensor of a safetensors file: its dtype, shape and a hash of its bytes (read from the header's offsets,
+    without torch: a tensor's content, whatever the file's layout, metadata or sharding)."""
+    import json
+    import mmap
+
+    out = {}
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        start = 8 + size
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                lo, hi = info["data_offsets"]
+                digest = hashlib.sha256(mm[start + lo : start + hi]).hexdigest()
+                out[name] = f"{info['dtype']}{info['shape']}:{digest}"
+    return out
+
+
 def weights_hash(folder: Path) -> str:
-    """A hash of a model folder's weight files (and an adapter's config): the scores' model key. Not the folder's
-    content hash: the registry's copy of a version re-saves the tokenizer's config (MLflow's transformers flavor
-    drops two keys), which changes no log-probability (the token ids are in the sequence key)."""
-    h = hashlib.sha256()
+    """A hash of a model's weights (and an adapter's config): the scores' model key. Not the folder's content hash:
+    the registry's copy of a version re-saves its files (MLflow's transformers flavor drops two tokenizer-config
+    keys, and writes a tied output head once where the challenger's folder held a copy of it), which changes no
+    log-probability (the token ids are in the sequence key). Safetensors are hashed per tensor (name, dtype, shape,
+    bytes), so sharding, file metadata and an output head stored beside the embedding it equals do not count;
+    other weight files by their bytes."""
+    folder = Path(folder)
     names = ("*.safetensors", "*.bin", "*.pt", "adapter_config.json")
-    files = sorted({f for pattern in names for f in Path(folder).rglob(pattern) if f.is_file()})
+    files = sorted({f for pattern in names for f in folder.rglob(pattern) if f.is_file()})
     if not files:
         raise FileNotFoundError(f"no weight files in {folder}")
+    h = hashlib.sha256()
+    tensors: dict[str, str] = {}
     for f in files:
-        h.update(str(f.relative_to(folder)).encode())
+        rel = f.relative_to(folder)
+        if f.suffix == ".safetensors":
+            for name, digest in _safetensors_digests(f).items():
+                tensors[f"{rel.parent}/{name}"] = digest
+            continue
+        h.update(str(rel).encode())
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
+    stored = set()
+    for name, digest in tensors.items():
+        if not name.endswith(HEAD_NAMES):
+            stored.add(digest)
+    for name in sorted(tensors):
+        if name.endswith(HEAD_NAMES) and tensors[name] in stored:
+            continue  # a tied head written out: the same weights as the embedding it equals
+        h.update(f"{name}={tensors[name]}".encode())
     return h.hexdigest()
 
 

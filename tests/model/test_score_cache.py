@@ -144,6 +144,41 @@ def test_the_registry_copy_of_a_version_keeps_its_scores_key(tiny_base, tmp_path
         weights_hash(tmp_path / "empty")
 
 
+def test_a_challenger_and_any_re_save_of_it_share_the_scores_key(tiny_base, tmp_path):
+    """The challenger folder train_policy writes, the registry's re-save of it (transformers writes a tied head
+    once), the same tensors sharded, or with the tied head written out: one key; a changed head: another."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from flywheel.models.policy import cast_frozen
+    from flywheel.models.scores import weights_hash
+    from pipelines.train_policy import save
+
+    model, tok = load_policy(tiny_base / "policy")
+    cast_frozen(model, 2)  # the head gets its own copy of the embeddings, as in training
+    assert save(model, tok, tmp_path / "challenger") == "full"
+    with safe_open(tmp_path / "challenger" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied again before saving: the embedding is stored once
+    key = weights_hash(tmp_path / "challenger")
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "challenger", dtype="auto")
+    again.save_pretrained(tmp_path / "registry-copy")
+    assert weights_hash(tmp_path / "registry-copy") == key
+    again.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert weights_hash(tmp_path / "sharded") == key
+
+    tensors = load_file(tmp_path / "challenger" / "model.safetensors")
+    head = tensors["model.embed_tokens.weight"].clone()
+    (tmp_path / "head-copy").mkdir()
+    save_file({**tensors, "lm_head.weight": head}, tmp_path / "head-copy" / "model.safetensors", {"format": "pt"})
+    assert weights_hash(tmp_path / "head-copy") == key
+    head[0, 0] += 1.0
+    save_file({**tensors, "lm_head.weight": head}, tmp_path / "head-copy" / "model.safetensors", {"format": "pt"})
+    assert weights_hash(tmp_path / "head-copy") != key
+
+
 def test_the_registry_copy_of_a_version_reads_its_cached_answers(tiny_base, tmp_path):
     import json
     import shutil
