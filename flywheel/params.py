@@ -194,6 +194,8 @@ class TrainRewardParams(Section):
     backend: Backend  # fast: Flywheel's loop | trl: TRL's RewardTrainer (the model trains as sequence classification)
     devices: Devices  # auto: one process per visible GPU (trl), else one | N: N processes through accelerate launch
     accelerate_config: str  # accelerate config file for devices > 1 ("" : DDP); infra/accelerate/ has DDP, ZeRO-2/3
+    start_from: Literal["champion", "base"]  # champion: continue a trained champion | base: the base on the window
+    champion_epochs: float = Field(gt=0)  # epochs over the window when continuing the champion (from the base: epochs)
     seed: int
 
     @model_validator(mode="after")

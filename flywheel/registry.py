@@ -36,6 +36,15 @@ def content_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
+def base_hash(folder: Path) -> str:
+    """The content hash of a base model folder, read from ``<folder>.sha256`` (written by base_models beside the
+    folder) when present, else computed."""
+    stamp = Path(folder).with_name(Path(folder).name + ".sha256")
+    if stamp.is_file():
+        return stamp.read_text().strip()
+    return content_hash(folder)
+
+
 @dataclass
 class Version:
     name: str

@@ -1,4 +1,5 @@
-"""The ``train_reward`` stage: a reward model trained from the base reward model on the reward pairs."""
+"""The ``train_reward`` stage: a reward model trained on the reward pairs, from the champion reward model (continued)
+or from the base reward model (``train_reward.start_from``)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,46 @@ from pathlib import Path
 
 from flywheel import distributed
 from flywheel.models.device import best_device
-from flywheel.models.reward import RewardModel, pairwise_correct, train_reward
+from flywheel.models.reward import CONFIG, RewardModel, pairwise_correct, train_reward
 from flywheel.params import TrainRewardParams
+from flywheel.registry import base_hash
 from flywheel.settings import Settings
 from pipelines.prepare import read_set
+from pipelines.resolve_champion import load
+
+
+def start_point(params: TrainRewardParams, entry: dict, base: Path) -> tuple[Path | None, str]:
+    """(the champion reward folder training continues, or None: the base; the start, said in a few words). The
+    champion is continued (``start_from: champion``) once it is a trained version: not the base model nor its
+    registered copy, and of the form the backend trains (TRL: a sequence-classification model)."""
+    if params.start_from == "base":
+        return None, "base"
+    folder, version = Path(entry["path"]), entry.get("version")
+    if version == "base" or entry.get("content_hash") == base_hash(base) or folder.resolve() == base.resolve():
+        return None, "base (the champion is the base model)"
+    kind = json.loads((folder / CONFIG).read_text()).get("kind") if (folder / CONFIG).is_file() else None
+    if params.backend == "trl" and kind != "seqcls":
+        return None, f"base (champion v{version} is an encoder and a head; backend trl trains a classifier)"
+    return folder, f"champion v{version}"
 
 
 def fit(
-    base: Path, train: list[dict], val: list[dict], params: TrainRewardParams, log=print
+    base: Path,
+    train: list[dict],
+    val: list[dict],
+    params: TrainRewardParams,
+    log=print,
+    start: Path | None = None,
 ) -> tuple[RewardModel, dict]:
-    """Train from the base reward model (its encoder and a new head, or the whole sequence-classification model);
-    returns the model and its figures."""
+    """Train the champion reward model ``start`` for ``champion_epochs``, or, without one, the base reward model
+    (its encoder and a new head, or the whole sequence-classification model) for ``epochs``; returns the model
+    and its figures."""
     trl = params.backend == "trl"
-    model = RewardModel.from_base(base, params.max_length, params.context_turns, as_seqcls=trl)
+    if start is not None:
+        model = RewardModel.load(start)
+        params = params.model_copy(update={"epochs": params.champion_epochs})
+    else:
+        model = RewardModel.from_base(base, params.max_length, params.context_turns, as_seqcls=trl)
     model.to(best_device())
     t0 = time.perf_counter()
     every = max(1, int(len(train) * params.epochs / params.batch_size) // 10)
@@ -41,6 +69,7 @@ def fit(
         "processes": distributed.processes(params.devices, params.backend),
         "train_pairs": len(train),
         "val_pairs": len(val),
+        "epochs": params.epochs,
         "steps": len(losses),
         "final_loss": losses[-1],
         "train_seconds": round(seconds, 1),
@@ -51,19 +80,34 @@ def fit(
     return model, figures
 
 
-def main(settings, params: TrainRewardParams, base: Path, prepared: Path, out: Path, metrics_file: Path) -> dict:
+def main(
+    settings,
+    params: TrainRewardParams,
+    base: Path,
+    prepared: Path,
+    out: Path,
+    metrics_file: Path,
+    champion: Path | None = None,
+) -> dict:
+    """``champion``: champion.json (resolve_champion's output); without it, training starts from the base."""
     import mlflow
 
     from flywheel import tracking
 
     train = read_set(prepared, "reward_pairs", "train")
     val = read_set(prepared, "reward_pairs", "val")
+    start, said = None, "base"
+    if champion is not None:
+        start, said = start_point(params, load(champion, settings)["reward"], base)
     if distributed.launched() and distributed.rank() != 0:  # one of several processes: train, log nothing
-        fit(base, train, val, params, log=lambda *a: None)
+        fit(base, train, val, params, log=lambda *a: None, start=start)
         return {}
     with tracking.stage_run(settings, "train_reward") as run:
         mlflow.log_params({f"reward.{k}": v for k, v in params.model_dump().items()})
-        model, figures = fit(base, train, val, params)
+        mlflow.log_params({"reward.started_from": said})
+        print(f"train_reward: from {said}, {len(train)} pairs", flush=True)
+        model, figures = fit(base, train, val, params, start=start)
+        figures["start_from"] = said
         for i, loss in enumerate(figures["losses"]):
             mlflow.log_metric("reward_loss", loss, step=i)
         mlflow.log_metrics({k: v for k, v in figures.items() if isinstance(v, (int, float))})
@@ -80,13 +124,21 @@ def main(settings, params: TrainRewardParams, base: Path, prepared: Path, out: P
 
 
 def stage(
-    settings: Settings, params: TrainRewardParams, *, base: Path, prepared: Path, out: Path, metrics: Path
+    settings: Settings,
+    params: TrainRewardParams,
+    *,
+    champion: Path,
+    base: Path,
+    prepared: Path,
+    out: Path,
+    metrics: Path,
 ) -> str:
-    """Train the reward model from the base reward model (``base``) on the prepared reward pairs."""
+    """Train the reward model on the prepared reward pairs: the champion's (``champion``: champion.json) continued,
+    or the base reward model's (``base``), as ``train_reward.start_from`` says."""
     n = distributed.processes(params.devices, params.backend)
     if n > 1 and not distributed.launched():
-        options = {"base": base, "prepared": prepared, "out": out, "metrics": metrics}
+        options = {"champion": champion, "base": base, "prepared": prepared, "out": out, "metrics": metrics}
         metrics.unlink(missing_ok=True)
         distributed.run("train_reward", options, n, params.accelerate_config)
         return f"train_reward: {json.loads(metrics.read_text())}"
-    return f"train_reward: {main(settings, params, base, prepared, out, metrics)}"
+    return f"train_reward: {main(settings, params, base, prepared, out, metrics, champion)}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from flywheel.models.device import best_device  # noqa: F401  (re-exported: callers read it here)
+from flywheel.registry import base_hash  # noqa: F401  (re-exported: the base an adapter records)
 
 
 class UnsupportedModel(ValueError):
@@ -55,17 +56,6 @@ def adapter_base(folder: Path | str, base: Path | str | None) -> Path:
             f"holds another model (sha256 {have[:12]}): set models.policy.source back, or retrain"
         )
     return base
-
-
-def base_hash(folder: Path) -> str:
-    """The content hash of a base model folder, read from ``<folder>.sha256`` (written by base_models beside the
-    folder) when present, else computed."""
-    from flywheel.registry import content_hash
-
-    stamp = Path(folder).with_name(Path(folder).name + ".sha256")
-    if stamp.is_file():
-        return stamp.read_text().strip()
-    return content_hash(folder)
 
 
 def load_policy(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from shipped import shipped
 
 from flywheel.models.reward import RewardModel, pairwise_correct, reward_text, train_reward
@@ -94,3 +95,35 @@ def test_length_grouped_training_learns_too(tiny_base):
     )
     train_reward(model, synthetic_pairs(24), params)
     assert sum(pairwise_correct(model, synthetic_pairs(16, start=300))) / 16 >= 0.9
+
+
+def test_a_later_turn_continues_a_trained_champion_reward_model(tiny_base, tmp_path):
+    """``train_reward.start_from: champion``: a trained champion is continued for ``champion_epochs``; the base model
+    (or its registered copy, the champion of a first turn) and ``start_from: base`` start from the base."""
+    from flywheel.registry import content_hash
+    from pipelines.train_reward import fit, start_point
+
+    base = tiny_base / "reward"
+    planted = shipped("train_reward", frozen_encoder=True, epochs=40, head_lr=5e-2, max_length=64)
+    champion = RewardModel.load(base)
+    train_reward(champion, synthetic_pairs(16), planted)
+    champion.save(tmp_path / "champion")
+    trained = {"path": str(tmp_path / "champion"), "version": "2", "content_hash": content_hash(tmp_path / "champion")}
+    first_turn = {"path": str(base), "version": "1", "content_hash": content_hash(base)}
+
+    params = shipped("train_reward", frozen_encoder=True, head_lr=1e-6, max_length=64, start_from="champion")
+    assert start_point(params, trained, base) == (tmp_path / "champion", "champion v2")
+    assert start_point(params, first_turn, base)[0] is None
+    assert start_point(params.model_copy(update={"start_from": "base"}), trained, base) == (None, "base")
+    trl = params.model_copy(update={"backend": "trl"})  # TRL trains a classifier: not this encoder and head
+    assert start_point(trl, trained, base)[0] is None
+
+    test = synthetic_pairs(8, start=50)
+    prompts, answers = [p["prompt"] for p in test], [p["chosen"] for p in test]
+    few = params.model_copy(update={"champion_epochs": 0.25, "batch_size": 4})
+    continued, figures = fit(base, synthetic_pairs(16), [], few, log=lambda *a: None, start=tmp_path / "champion")
+    assert figures["epochs"] == 0.25 and figures["steps"] == 1  # 16 pairs x 0.25 epochs / 4 per batch
+    assert continued.score(prompts, answers) == pytest.approx(champion.score(prompts, answers), abs=1e-3)
+    fresh, figures = fit(base, synthetic_pairs(16), [], few, log=lambda *a: None)
+    assert figures["epochs"] == few.epochs
+    assert max(abs(s) for s in fresh.score(prompts, answers)) < 1e-3  # a new head, barely trained
