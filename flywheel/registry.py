@@ -45,6 +45,14 @@ def base_hash(folder: Path) -> str:
     return content_hash(folder)
 
 
+def is_base_version(folder: Path, info: dict, base: Path) -> bool:
+    """Whether a champion (its local ``folder`` and champion.json entry ``info``) is the base model ``base``: the
+    base itself, or its registered copy (the same content hash)."""
+    if info.get("version") == "base" or Path(folder).resolve() == Path(base).resolve():
+        return True
+    return info.get("content_hash") == base_hash(base)
+
+
 @dataclass
 class Version:
     name: str

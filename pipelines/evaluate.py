@@ -82,12 +82,9 @@ def main(
     device = best_device()
     champ_path = Path(champion_info["policy"]["path"])
     # the caches' keys: not the content hash (the registry's copy of a version re-saves its tokenizer config)
-    keys = {"challenger": answers_hash(challenger / "policy"), "champion": answers_hash(champ_path)}
-    weights = {
-        "challenger": weights_hash(challenger / "policy"),
-        "champion": weights_hash(champ_path),
-        "reference": weights_hash(base / "policy"),
-    }
+    folders = {"challenger": challenger / "policy", "champion": champ_path, "reference": base / "policy"}
+    weights = {role: weights_hash(folder) for role, folder in folders.items()}
+    keys = {role: answers_hash(folders[role], weights[role]) for role in ("challenger", "champion")}
     reference, tok = load_policy(base / "policy", device=device)
     champion = (
         reference

@@ -24,6 +24,7 @@ from flywheel.models.policy import (
 from flywheel.models.scores import SCORE_CACHE, ScoreCache
 from flywheel.models.trl_backend import GATHERED
 from flywheel.params import ScoreCacheParams, TrainPolicyParams
+from flywheel.registry import is_base_version
 from flywheel.settings import Settings
 from pipelines.prepare import read_set
 from pipelines.resolve_champion import load
@@ -32,9 +33,7 @@ from pipelines.resolve_champion import load
 def on_base(champion: Path, info: dict, base: Path) -> bool:
     """Whether the champion's weights are the base model's: the base itself, its registered copy (the same content
     hash), or an adapter on it. Only then is a LoRA challenger saved adapter-only (an adapter records one base)."""
-    if is_adapter(champion) or info.get("version") == "base" or champion.resolve() == base.resolve():
-        return True
-    return info.get("content_hash") == base_hash(base)
+    return is_adapter(champion) or is_base_version(champion, info, base)
 
 
 def start_point(params: TrainPolicyParams, champion: Path, info: dict, base: Path) -> tuple[Path, bool]:

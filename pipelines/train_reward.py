@@ -11,7 +11,7 @@ from flywheel import distributed
 from flywheel.models.device import best_device
 from flywheel.models.reward import CONFIG, RewardModel, pairwise_correct, train_reward
 from flywheel.params import TrainRewardParams
-from flywheel.registry import base_hash
+from flywheel.registry import is_base_version
 from flywheel.settings import Settings
 from pipelines.prepare import read_set
 from pipelines.resolve_champion import load
@@ -24,7 +24,7 @@ def start_point(params: TrainRewardParams, entry: dict, base: Path) -> tuple[Pat
     if params.start_from == "base":
         return None, "base"
     folder, version = Path(entry["path"]), entry.get("version")
-    if version == "base" or entry.get("content_hash") == base_hash(base) or folder.resolve() == base.resolve():
+    if is_base_version(folder, entry, base):
         return None, "base (the champion is the base model)"
     kind = json.loads((folder / CONFIG).read_text()).get("kind") if (folder / CONFIG).is_file() else None
     if params.backend == "trl" and kind != "seqcls":
@@ -103,8 +103,7 @@ def main(
         fit(base, train, val, params, log=lambda *a: None, start=start)
         return {}
     with tracking.stage_run(settings, "train_reward") as run:
-        mlflow.log_params({f"reward.{k}": v for k, v in params.model_dump().items()})
-        mlflow.log_params({"reward.started_from": said})
+        mlflow.log_params({**{f"reward.{k}": v for k, v in params.model_dump().items()}, "reward.started_from": said})
         print(f"train_reward: from {said}, {len(train)} pairs", flush=True)
         model, figures = fit(base, train, val, params, start=start)
         figures["start_from"] = said

@@ -187,10 +187,7 @@ def weights_hash(folder: Path) -> str:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-    stored = set()
-    for name, digest in tensors.items():
-        if not name.endswith(HEAD_NAMES):
-            stored.add(digest)
+    stored = {digest for name, digest in tensors.items() if not name.endswith(HEAD_NAMES)}
     for name in sorted(tensors):
         if name.endswith(HEAD_NAMES) and tensors[name] in stored:
             continue  # a tied head written out: the same weights as the embedding it equals
@@ -201,13 +198,14 @@ def weights_hash(folder: Path) -> str:
 VOLATILE_KEYS = ("is_local", "local_files_only")  # written by some loaders of a tokenizer, dropped by others
 
 
-def answers_hash(folder: Path) -> str:
+def answers_hash(folder: Path, weights: str | None = None) -> str:
     """A hash of what a model's greedy answers depend on: its weights and every other file, JSON files read with
     the keys some loaders add or drop (``VOLATILE_KEYS``) left out, so the registry's copy of a version shares its
-    answer-cache entries with the challenger folder it was registered from."""
+    answer-cache entries with the challenger folder it was registered from. ``weights``: the folder's
+    ``weights_hash`` when the caller has it (reading the weights once)."""
     import json
 
-    h = hashlib.sha256(weights_hash(folder).encode())
+    h = hashlib.sha256((weights or weights_hash(folder)).encode())
     weights = ("*.safetensors", "*.bin", "*.pt")
     for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         if any(f.match(w) for w in weights):
