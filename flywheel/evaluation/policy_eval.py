@@ -22,17 +22,17 @@ from flywheel.evaluation.slices import (
     slice_metrics,
 )
 from flywheel.models import device
+from flywheel.models.packing import assemble, make_batch
 from flywheel.models.policy import (
     cast_frozen,
     check_split,
-    collate,
     decoder_layers,
     device_of,
     encode,
     top_logps,
     trunk_fingerprint,
 )
-from flywheel.models.scores import ScoreCache, padded, seq_key, trunk_key, trunk_rows
+from flywheel.models.scores import ScoreCache, seq_key, trunk_key, trunk_rows
 
 if TYPE_CHECKING:
     from flywheel.params import EvaluateParams
@@ -80,6 +80,11 @@ def log_ratios(
     known = {key: cache.scores(key, skeys) for key in scorers}
     cache.hits["scores"] += sum(len(v) for v in known.values())
     todo = [s for s in by_key if any(s not in v for v in known.values())]
+    rows: dict[tuple, int] = {}  # a prompt's row: the prompt once and its answers (packed batches)
+    for s in todo:
+        p, a = by_key[s]
+        rows[tuple(p)] = rows.get(tuple(p), len(p)) + len(a)
+    todo.sort(key=lambda s: (rows[tuple(by_key[s][0])], by_key[s][0]))  # a prompt's answers together, short first
     step = params.batch_size * len(fields)
     for i in range(0, len(todo), step):
         chunk, hidden = todo[i : i + step], {}
@@ -89,8 +94,8 @@ def log_ratios(
                 src, tkey = trunks[name]
                 memo = hidden.setdefault(tkey, {})
                 rows = trunk_rows(cache, memo, src, tkey, k, [(s, by_key[s]) for s in need], tok.pad_token_id)
-                batch = collate([by_key[s] for s in need], tok.pad_token_id)
-                h = padded(rows, batch.ids.shape[1])
+                batch = make_batch(roles[name], k, [by_key[s] for s in need], tok.pad_token_id)
+                h = assemble(rows, batch)
                 scored = dict(zip(need, top_logps(roles[name], h, batch, k).tolist()))
                 known[key].update(scored)
                 cache.put_scores(key, scored)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from flywheel.models import device
+from flywheel.models.packing import assemble, make_batch, packed_length, split
 from flywheel.models.policy import (
     Batch,
     Encoded,
@@ -32,7 +33,7 @@ from flywheel.models.policy import (
     run_trunk,
     top_logps,
 )
-from flywheel.models.scores import ScoreCache, padded, seq_key, trunk_key, trunk_rows
+from flywheel.models.scores import ScoreCache, seq_key, trunk_key, trunk_rows
 from flywheel.params import TrainPolicyParams
 
 
@@ -40,10 +41,12 @@ def _autocast(enabled: bool, device: str = "cpu"):
     return torch.autocast(device, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
-def answers_batch(items: list[Encoded], pad_id: int) -> Batch:
-    """Every item's first answer, then every item's second (chosen sequences first, then rejected), in one batch."""
+def answers_batch(items: list[Encoded], pad_id: int, model=None, k: int = 0) -> Batch:
+    """Every item's first answer, then every item's second (chosen sequences first, then rejected), in one batch:
+    packed (a pair's prompt once, flywheel/models/packing.py) where ``model`` is given and takes it."""
     width = len(items[0].answers)
-    return collate([(e.prompt, e.answers[w]) for w in range(width) for e in items], pad_id)
+    seqs = [(e.prompt, e.answers[w]) for w in range(width) for e in items]
+    return collate(seqs, pad_id) if model is None else make_batch(model, k, seqs, pad_id)
 
 
 def kto_loss(
@@ -95,6 +98,7 @@ class TrunkCache:
         """Trunk rows and reference log-probs of the items ``idx`` not seen yet, from the model as it is now;
         ``progress(done, total)`` after each chunk (minutes on a CPU for a few hundred pairs)."""
         todo = [i for i in dict.fromkeys(idx) if i not in self.ref]
+        todo.sort(key=lambda i: packed_length(items[i].prompt, items[i].answers))  # little padding in a chunk
         was_training = self.model.training
         self.model.eval()
         try:
@@ -103,37 +107,33 @@ class TrunkCache:
                     progress(at, len(todo))
                 part = todo[at : at + chunk]
                 chosen = [items[i] for i in part]
-                batch = answers_batch(chosen, self.pad_id)
+                batch = answers_batch(chosen, self.pad_id, self.model, self.k)
                 with _autocast(bf16, device_of(self.model).type):
                     if self.store is not None and not bf16:  # autocast computes other trunk outputs: not stored
                         seqs = [(e.prompt, e.answers[w]) for w in range(len(chosen[0].answers)) for e in chosen]
                         keyed = [(seq_key(*q), q) for q in seqs]
                         rows = trunk_rows(self.store, {}, self.model, self.key, self.k, keyed, self.pad_id)
-                        hidden = padded(rows, batch.ids.shape[1])
+                        hidden = assemble(rows, batch)
                     else:
                         hidden = run_trunk(self.model, batch, self.k)
+                        rows = split(hidden, batch)
                     ref = top_logps(self.model, hidden, batch, self.k).float()
                 n = len(chosen)
                 for j, (i, e) in enumerate(zip(part, chosen)):
                     width = range(len(e.answers))
                     self.ref[i] = tuple(ref[w * n + j].item() for w in width)
                     if self.keep_hidden:
-                        self.rows[i] = tuple(
-                            hidden[w * n + j, : len(e.prompt) + len(e.answers[w])].float().clone() for w in width
-                        )
+                        self.rows[i] = tuple(rows[w * n + j].float().clone() for w in width)
         finally:
             self.model.train(was_training)
 
     def batch(self, idx: list[int], items: list[Encoded], bf16: bool) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         """(batch, trunk output, reference log-probs) for the items ``idx``, first answers first."""
         self.fill(idx, items, bf16)
-        batch = answers_batch([items[i] for i in idx], self.pad_id)
-        n, width = len(idx), len(items[idx[0]].answers)
+        batch = answers_batch([items[i] for i in idx], self.pad_id, self.model, self.k)
+        width = len(items[idx[0]].answers)
         if self.keep_hidden:
-            hidden = torch.zeros((*batch.ids.shape, self.rows[idx[0]][0].shape[-1]), device=device_of(self.model))
-            for j, i in enumerate(idx):
-                for w, row in enumerate(self.rows[i]):
-                    hidden[w * n + j, : row.shape[0]] = row
+            hidden = assemble([self.rows[i][w] for w in range(width) for i in idx], batch)
         else:
             with torch.no_grad(), _autocast(bf16, device_of(self.model).type):
                 hidden = run_trunk(self.model, batch, self.k).float()
@@ -306,7 +306,7 @@ def train_dpo(
                         was_training = model.training
                         model.eval()
                         keyed = [(f"sft{i}", (sft[i].prompt, sft[i].answers[0])) for i in idx]
-                        hidden = padded(trunk_rows(None, sft_rows, model, "", k, keyed, pad_id), batch.ids.shape[1])
+                        hidden = assemble(trunk_rows(None, sft_rows, model, "", k, keyed, pad_id), batch)
                         model.train(was_training)
                     else:
                         hidden = run_trunk(model, batch, k)

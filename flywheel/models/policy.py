@@ -201,6 +201,29 @@ class Batch:
     target_pos: torch.Tensor  # (N,) flat positions (b * T + t) whose next token is an answer token
     targets: torch.Tensor  # (N,) the answer tokens
     seq_of_target: torch.Tensor  # (N,) which sequence each target belongs to
+    layout: list[tuple[int, int, int, int]] | None = None  # per sequence: row, prompt length, answer start, length
+    position_ids: torch.Tensor | None = None  # (B, T): packed rows only (flywheel/models/packing.py)
+    segments: torch.Tensor | None = None  # (B, T) packed rows: 0 the prompt, s the s-th answer, -1 padding
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.layout) if self.layout is not None else self.ids.shape[0]
+
+    def forward_args(self, model, dtype: torch.dtype, dev) -> dict:
+        """The attention arguments of a forward pass over this batch: the padding mask, or for packed rows (answers
+        sharing their prompt) a 4D mask where an answer sees the prompt and itself, and the positions each answer
+        would have alone. SDPA takes a boolean mask; other attention code adds a float one to its scores."""
+        if self.segments is None:
+            return {"attention_mask": self.attention.to(dev)}
+        seg = self.segments.to(dev)
+        width = seg.shape[1]
+        query, key = seg[:, :, None], seg[:, None, :]
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+        allowed |= (query < 0) & (torch.arange(width, device=dev) == 0)  # a padding query sees token 0: no NaN
+        if getattr(causal_lm(model).config, "_attn_implementation", "") != "sdpa":
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+        return {"attention_mask": allowed[:, None], "position_ids": self.position_ids.to(dev)}
 
 
 def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
@@ -217,7 +240,8 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
             pos.append(b * width + len(p) + j - 1)
             tgt.append(a[j])
             which.append(b)
-    return Batch(ids, att, torch.tensor(pos), torch.tensor(tgt), torch.tensor(which))
+    layout = [(b, len(p), len(p), len(a)) for b, (p, a) in enumerate(seqs)]
+    return Batch(ids, att, torch.tensor(pos), torch.tensor(tgt), torch.tensor(which), layout)
 
 
 class _Stop(Exception):
@@ -294,9 +318,10 @@ def run_trunk(model, batch: Batch, k: int) -> torch.Tensor:
     decoder, layers = decoder_layers(model)
     dev = device_of(model)
     top_dt = param_dtype(layers[k]) if k < len(layers) else param_dtype(decoder)
-    ids, att = batch.ids.to(dev), batch.attention.to(dev)
+    ids = batch.ids.to(dev)
     if k == 0:
         return decoder.get_input_embeddings()(ids).to(top_dt)
+    extra = batch.forward_args(model, param_dtype(decoder.get_input_embeddings()), dev)
     got: list[torch.Tensor] = []
 
     def grab(_module, _args, output):
@@ -305,7 +330,7 @@ def run_trunk(model, batch: Batch, k: int) -> torch.Tensor:
 
     handle = layers[k - 1].register_forward_hook(grab)
     try:
-        decoder(input_ids=ids, attention_mask=att, use_cache=False)
+        decoder(input_ids=ids, use_cache=False, **extra)
     except _Stop:
         pass
     finally:
@@ -319,8 +344,9 @@ def top_logits(model, hidden: torch.Tensor, batch: Batch, k: int) -> torch.Tenso
     decoder, layers = decoder_layers(model)
     lm = causal_lm(model)
     dev = hidden.device
+    extra = batch.forward_args(model, hidden.dtype, dev)
     with _skipping(layers, k):
-        h = decoder(inputs_embeds=hidden, attention_mask=batch.attention.to(dev), use_cache=False).last_hidden_state
+        h = decoder(inputs_embeds=hidden, use_cache=False, **extra).last_hidden_state
     flat = h.reshape(-1, h.shape[-1])[batch.target_pos.to(dev)]
     head = lm.get_output_embeddings()
     logits = head(flat.to(param_dtype(head))).float()
@@ -333,7 +359,7 @@ def top_logits(model, hidden: torch.Tensor, batch: Batch, k: int) -> torch.Tenso
 def _sum_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     dev = logits.device
     lp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.to(dev).unsqueeze(1)).squeeze(1)
-    out = torch.zeros(batch.ids.shape[0], dtype=lp.dtype, device=dev)
+    out = torch.zeros(batch.n_seqs, dtype=lp.dtype, device=dev)
     return out.index_add(0, batch.seq_of_target.to(dev), lp)
 
 

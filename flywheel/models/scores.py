@@ -239,7 +239,8 @@ def trunk_rows(
     """Trunk outputs (length, width) of ``seqs`` ((sequence key, (prompt ids, answer ids)) each) by ``src``'s
     trunk (key ``key``), in its top layers' dtype: from ``memo`` (this run's, filled), else the cache, else one
     trunk pass over the rest (stored in the cache, in the trunk's own dtype: lossless)."""
-    from flywheel.models.policy import collate, decoder_layers, device_of, param_dtype, run_trunk
+    from flywheel.models.packing import make_batch, split
+    from flywheel.models.policy import decoder_layers, device_of, param_dtype, run_trunk
 
     top_dt = param_dtype(decoder_layers(src)[1][k])
     dev = device_of(src)
@@ -248,21 +249,14 @@ def trunk_rows(
         memo.update({s: t.to(dev, top_dt) for s, t in cache.trunks(key, lacking).items()})
     lacking = [(s, seq) for s, seq in seqs if s not in memo]
     if lacking:
-        out = run_trunk(src, collate([seq for _, seq in lacking], pad_id), k)
-        new = {s: out[b, : len(p) + len(a)] for b, (s, (p, a)) in enumerate(lacking)}
+        batch = make_batch(src, k, [seq for _, seq in lacking], pad_id)  # a pair's prompt runs once
+        rows = split(run_trunk(src, batch, k), batch)
+        new = {s: rows[b] for b, (s, _) in enumerate(lacking)}
         if cache is not None:
             stored = param_dtype(decoder_layers(src)[0].get_input_embeddings())
             cache.put_trunks(key, {s: t.to(stored) for s, t in new.items()})
         memo.update(new)
     return [memo[s] for s, _ in seqs]
-
-
-def padded(rows: list, length: int):
-    """Per-sequence trunk outputs (length_i, width) as one right-padded (B, ``length``, width) batch."""
-    out = rows[0].new_zeros((len(rows), length, rows[0].shape[-1]))
-    for b, t in enumerate(rows):
-        out[b, : t.shape[0]] = t
-    return out
 
 
 class CachedRewards:

@@ -39,9 +39,8 @@ def test_cached_trunk_rows_repad_to_the_same_log_probs(tiny_base):
     cache.batch([0, 1], pairs, bf16=False)  # fills rows 0 and 1 in a batch of their own
     batch, hidden, ref = cache.batch([1, 2, 3], pairs, bf16=False)  # re-pads row 1 beside new rows
     with torch.no_grad():
-        direct = top_logps(
-            model, run_trunk(model, answers_batch([pairs[i] for i in (1, 2, 3)], tok.pad_token_id), 2), batch, 2
-        )
+        plain = answers_batch([pairs[i] for i in (1, 2, 3)], tok.pad_token_id)  # padded, not packed
+        direct = top_logps(model, run_trunk(model, plain, 2), plain, 2)
         from_rows = top_logps(model, hidden, batch, 2)
     assert torch.allclose(ref, direct, atol=1e-4)
     assert torch.allclose(from_rows, direct, atol=1e-4)
