@@ -4,7 +4,7 @@ pair its schedule visits), its first DPO steps, and the held-out margins of ``ev
 seconds and the packed/padded ratio of each, the tokens each layout runs, and the largest difference between the
 two layouts' log-probabilities (they compute the same numbers, up to float rounding).
 
-    python benchmarks/bench_packing.py [--steps 12] [--work benchmarks/out/pref]
+    python benchmarks/bench_packing.py [--steps 12] [--test-pairs 80] [--work benchmarks/out/pref]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from _prefdata import ROOT, params_section, prepared_sets
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12, help="DPO steps per layout (their pairs: the reference pass)")
+    ap.add_argument("--test-pairs", type=int, default=80, help="held-out pairs scored per layout (0: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "pref")
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base" / "policy")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -40,6 +41,7 @@ def main() -> None:
         build_policy(args.base)
     prepared = prepared_sets(args.work)
     train, test = read_set(prepared, "pairs", "train"), read_set(prepared, "pairs", "test")
+    test = test[: args.test_pairs or None]
     params = params_section("train_policy")
     evalp = params_section("evaluate")
     base, tok = load_policy(args.base)
