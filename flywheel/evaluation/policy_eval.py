@@ -80,11 +80,11 @@ def log_ratios(
     known = {key: cache.scores(key, skeys) for key in scorers}
     cache.hits["scores"] += sum(len(v) for v in known.values())
     todo = [s for s in by_key if any(s not in v for v in known.values())]
-    rows: dict[tuple, int] = {}  # a prompt's row: the prompt once and its answers (packed batches)
+    row_len: dict[tuple, int] = {}  # a prompt's packed row: the prompt once, then its answers
     for s in todo:
         p, a = by_key[s]
-        rows[tuple(p)] = rows.get(tuple(p), len(p)) + len(a)
-    todo.sort(key=lambda s: (rows[tuple(by_key[s][0])], by_key[s][0]))  # a prompt's answers together, short first
+        row_len[tuple(p)] = row_len.get(tuple(p), len(p)) + len(a)
+    todo.sort(key=lambda s: (row_len[tuple(by_key[s][0])], by_key[s][0]))  # a prompt's answers together, short first
     step = params.batch_size * len(fields)
     for i in range(0, len(todo), step):
         chunk, hidden = todo[i : i + step], {}
