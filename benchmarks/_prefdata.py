@@ -43,3 +43,18 @@ def params_section(name: str):
     from flywheel.settings import load_settings
 
     return load_settings(ROOT, env={}).params.section(name)
+
+
+def policy_pairs(base: Path, work: Path) -> tuple[list[dict], list[dict]]:
+    """The prepared train and test preference pairs, with the base policy built in ``base`` when missing and
+    torch on the machine's 2 cores (what the policy benchmarks start with)."""
+    import torch
+
+    from pipelines.base_models import build_policy
+    from pipelines.prepare import read_set
+
+    torch.set_num_threads(2)
+    if not (base / "model.safetensors").exists():
+        build_policy(base)
+    prepared = prepared_sets(work)
+    return read_set(prepared, "pairs", "train"), read_set(prepared, "pairs", "test")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from _common import load_line, machine_line
-from _prefdata import ROOT, params_section, prepared_sets
+from _prefdata import ROOT, params_section, policy_pairs
 
 
 def main() -> None:
@@ -27,20 +27,13 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=ROOT / "models" / "base" / "policy")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
-    import torch
 
     from flywheel.evaluation.policy_eval import log_ratios
     from flywheel.models import packing
     from flywheel.models.dpo import train_dpo
     from flywheel.models.policy import encode, load_policy
-    from pipelines.base_models import build_policy
-    from pipelines.prepare import read_set
 
-    torch.set_num_threads(2)
-    if not (args.base / "model.safetensors").exists():
-        build_policy(args.base)
-    prepared = prepared_sets(args.work)
-    train, test = read_set(prepared, "pairs", "train"), read_set(prepared, "pairs", "test")
+    train, test = policy_pairs(args.base, args.work)
     test = test[: args.test_pairs or None]
     params = params_section("train_policy")
     evalp = params_section("evaluate")

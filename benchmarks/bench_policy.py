@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _prefdata import ROOT, params_section, prepared_sets
+from _prefdata import ROOT, params_section, policy_pairs
 
 
 def main() -> None:
@@ -42,20 +42,13 @@ def main() -> None:
     ap.add_argument("--no-full", action="store_true", help="skip the full-parameter arm")
     ap.add_argument("--no-default", action="store_true", help="skip the default-recipe arm")
     args = ap.parse_args()
-    import torch
 
     from flywheel.evaluation.policy_eval import implicit_margins
     from flywheel.evaluation.stats import correct_from_margin, mean_ci, paired_diff
     from flywheel.models.dpo import attach_lora, train_dpo
     from flywheel.models.policy import encode, load_policy
-    from pipelines.base_models import build_policy
-    from pipelines.prepare import read_set
 
-    torch.set_num_threads(2)
-    if not (args.base / "model.safetensors").exists():
-        build_policy(args.base)
-    prepared = prepared_sets(args.work)
-    train, test = read_set(prepared, "pairs", "train"), read_set(prepared, "pairs", "test")
+    train, test = policy_pairs(args.base, args.work)
     default = params_section("train_policy")
     if args.steps:
         default = default.updated(steps=args.steps)
