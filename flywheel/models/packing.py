@@ -16,8 +16,8 @@ from flywheel.models.policy import (
     Batch,
     causal_lm,
     collate,
-    param_dtype,
     run_trunk,
+    split_tolerance,
     top_logits,
 )
 
@@ -115,7 +115,7 @@ def _probe(model, k: int) -> bool:
     if a.shape != b.shape or not torch.isfinite(b).all():
         return False
     rel = float((a - b).abs().max() / a.abs().max().clamp(min=1e-6))
-    return rel <= (1e-3 if param_dtype(model) == torch.float32 else 5e-2)
+    return rel <= split_tolerance(model)
 
 
 def packs(model, k: int) -> bool:
