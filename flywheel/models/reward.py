@@ -176,9 +176,14 @@ class RewardModel(nn.Module):
         """Scalar rewards for (prompt, answer) pairs."""
         self.eval()
         texts = [self.text(p, a) for p, a in zip(prompts, answers)]
-        out: list[float] = []
-        for i in range(0, len(texts), batch_size):
-            out.extend(self(texts[i : i + batch_size]).tolist())
+        # batches of similar lengths, each padded to its own longest: on the demo's 239 test pairs 8.9 s instead
+        # of 11.0 in data order (AMX Xeon, fp32). A text's score does not depend on its batch.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = [0.0] * len(texts)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            for j, v in zip(idx, self([texts[j] for j in idx]).tolist()):
+                out[j] = v
         return out
 
 

@@ -127,3 +127,18 @@ def test_a_later_turn_continues_a_trained_champion_reward_model(tiny_base, tmp_p
     fresh, figures = fit(base, synthetic_pairs(16), [], few, log=lambda *a: None)
     assert figures["epochs"] == few.epochs
     assert max(abs(s) for s in fresh.score(prompts, answers)) < 1e-3  # a new head, barely trained
+
+
+def test_batched_scores_come_back_in_the_callers_order(tiny_base):
+    """``score`` batches texts of similar lengths together; each score still lands at its own text's index."""
+    import torch
+
+    model = RewardModel.load(tiny_base / "reward")
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.head.weight)  # a head that tells texts apart (the base head scores all alike)
+    prompts = [[{"role": "user", "content": "q " * (n % 5 + 1)}] for n in range(11)]
+    answers = ["word " * ((7 * n) % 11 + 1) for n in range(11)]  # lengths out of order
+    batched = model.score(prompts, answers, batch_size=4)
+    alone = [model.score([p], [a])[0] for p, a in zip(prompts, answers)]
+    assert len(set(round(s, 4) for s in alone)) > 5
+    assert batched == pytest.approx(alone, abs=1e-5)
