@@ -142,3 +142,14 @@ def test_batched_scores_come_back_in_the_callers_order(tiny_base):
     alone = [model.score([p], [a])[0] for p, a in zip(prompts, answers)]
     assert len(set(round(s, 4) for s in alone)) > 5
     assert batched == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_zero_head_scores_its_bias_without_running_the_encoder(tiny_base):
+    import torch
+
+    model = RewardModel.load(tiny_base / "reward")
+    torch.nn.init.constant_(model.head.bias, 0.25)
+    prompts, answers = [[{"role": "user", "content": "hi"}]] * 3, ["a", "bb bb", "ccc ccc ccc"]
+    full = model(list(map(model.text, prompts, answers))).tolist()  # what running the encoder gives
+    model.encoder.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the encoder ran"))
+    assert model.score(prompts, answers) == pytest.approx(full) == [0.25] * 3
