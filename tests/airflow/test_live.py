@@ -190,6 +190,11 @@ class Airflow:
             return state == "awaiting_input"
 
         _wait("the approval request", waiting, timeout, 5)
+        # as a person answers: not within the second the task paused. An answer that fast can reach the scheduler
+        # before it has taken in the executor's report of the pause; it then re-queues the task, reads that report
+        # as "finished while queued" and fails it (Airflow 3's scheduler; seen in a CI run: answered 0.5 s after the
+        # pause, the approval task was marked failed and the run with it)
+        time.sleep(10)
         TaskInstanceApi(self.client).update_hitl_detail(
             dag_id, run_id, "approve_release", -1, UpdateHITLDetailPayload(chosen_options=[option])
         )
