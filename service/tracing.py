@@ -99,7 +99,7 @@ class Tracer:
         if self._process is None or not self._process.is_alive():
             self._process = self._mp.Process(
                 target=_write_all,
-                args=(self._queue, self._counts, self.tracking_uri, self.experiment),
+                args=(self._queue, self._counts, self.tracking_uri, self.experiment, os.getpid()),
                 name="flywheel-tracing",
                 daemon=True,
             )
@@ -119,8 +119,9 @@ class Tracer:
             self._process.join(5)
 
 
-def _write_all(q, counts, tracking_uri: str, experiment: str) -> None:
-    """The writer process: every record on ``q`` into MLflow until ``None``."""
+def _write_all(q, counts, tracking_uri: str, experiment: str, service: int) -> None:
+    """The writer process: every record on ``q`` into MLflow until ``None`` (or until ``service``, the process
+    that started it, is gone)."""
     os.nice(19)
     writer = _Writer(counts)
     try:
@@ -130,10 +131,10 @@ def _write_all(q, counts, tracking_uri: str, experiment: str) -> None:
         writer.mlflow, writer.exp = mlflow, experiment_id(tracking_uri, experiment, create=True)
     except Exception as exc:  # a tracking store that cannot be reached: nothing is traced, the service runs on
         log.error("MLflow tracing is off: %s: %s", type(exc).__name__, exc)
-        while q.get() is not None:
+        for _ in _records(q, service):
             writer.count("failed")
         return
-    while (record := q.get()) is not None:
+    for record in _records(q, service):
         try:
             if isinstance(record, AnswerTrace):
                 writer.answer(record)
@@ -144,6 +145,21 @@ def _write_all(q, counts, tracking_uri: str, experiment: str) -> None:
             log.warning("an MLflow trace was not written: %s", type(exc).__name__)
     if writer.unflushed:
         writer.mlflow.flush_trace_async_logging()
+
+
+def _records(q, service: int, every: float = 1.0):
+    """The records on ``q`` until ``None``, or until the service is gone (killed: it never sends ``None``, and this
+    process would wait on the queue for ever) and nothing is left on the queue."""
+    while True:
+        try:
+            record = q.get(timeout=every)
+        except queue.Empty:
+            if os.getppid() != service:  # the service died: this process was handed to another parent
+                return
+            continue
+        if record is None:
+            return
+        yield record
 
 
 class _Writer:

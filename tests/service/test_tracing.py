@@ -128,3 +128,49 @@ def test_a_full_queue_drops_traces_and_counts_them(tmp_path, tiny_models, queue)
         assert tracer.written["dropped"] == 2
         metrics = api.client.get("/metrics", headers=api.h()).text
         assert "flywheel_traces_dropped_total 2" in metrics
+
+
+def test_the_trace_writer_ends_when_the_service_is_killed(tmp_path, repo_root):
+    """A killed service never sends the writer its ``None``: the writer sees it is gone and ends (it used to wait
+    on the queue for ever, one stray process per crash)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from service.tracing import Tracer\n"
+        "t = Tracer(sys.argv[1], 'flywheel-service', 10)\n"
+        "t.start()\n"
+        "print(t._process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-c", script, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    writer = int(service.stdout.readline())
+
+    def alive(pid: int) -> bool:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    assert alive(writer)
+    os.kill(service.pid, signal.SIGKILL)
+    service.wait()
+    deadline = time.monotonic() + 90  # the writer may still be importing MLflow when the service dies
+    while alive(writer) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        assert not alive(writer), "the trace writer outlived the killed service"
+    finally:
+        if alive(writer):
+            os.kill(writer, signal.SIGKILL)
