@@ -12,7 +12,11 @@ native batch ingested, base models built and bootstrapped, so ``base_models`` is
   MLflow and GX again (what ``dvc repro`` costs without the runner);
 - **DAG run**: ``continuous_improvement`` with ``dag.test()`` (``force``, ``skip_release``): the threshold
   task, one task per stage each running ``dvc repro --single-item`` inside the task's own process tree (never
-  a warm runner: a task's timeout and kill must reach the stage), the watermark.
+  the workspace's warm runner: a task's timeout and kill must reach the stage; each task starts a runner of its
+  own, its child, that imports the stage's libraries while DVC starts: flywheel/orchestration.py
+  ``stage_runner``), the watermark;
+- **DAG run, no task runner**: the same with ``orchestration.warm_runner: false`` (every stage cold in its
+  task), on a fifth copy with its own Airflow home.
 
 Overhead per stage = (wall time - baseline) / number of dvc.yaml stages; and, less exposed to the load of a
 shared machine (training and generation move by tens of seconds), the median over the light stages
@@ -142,9 +146,13 @@ def main() -> None:
     commands = stage_commands(base)
     n_stages = len(commands)
     to_run = [(name, cmd) for name, cmd in commands if name != "base_models"]  # up to date everywhere
-    spaces = {k: work / k for k in ("inproc", "dvc", "cold", "dag")}
+    spaces = {k: work / k for k in ("inproc", "dvc", "cold", "dag", "dag_cold")}
     for dest in spaces.values():
         shutil.copytree(base, dest, symlinks=True)
+    tiny = "    orchestration: {retries: 1, retry_delay_minutes: 0.05, warm_idle_seconds: 120}\n"
+    params = spaces["dag_cold"] / "params.yaml"
+    assert tiny in params.read_text()
+    params.write_text(params.read_text().replace(tiny, tiny.replace("}", ", warm_runner: false}")))
 
     env = clean_env(FLYWHEEL_ROOT=str(spaces["inproc"]))
     took, out = _timed(
@@ -185,6 +193,12 @@ def main() -> None:
     print(f"DAG run: {run['seconds']:.1f} s (dag.test process {dag_wall:.1f} s)  {dag_walls}  load {_load()}")
     noop_run, _ = dag_test("continuous_improvement", aenv, spaces["dag"], {"force": True, "skip_release": True})
     print(f"DAG run, nothing changed: {noop_run['seconds']:.1f} s")
+    cenv = airflow_env(work / "airflow-home-cold", spaces["dag_cold"])
+    init_airflow(cenv, spaces["dag_cold"])
+    crun, out = dag_test("continuous_improvement", cenv, spaces["dag_cold"], {"force": True, "skip_release": True})
+    assert crun["state"] == "success", out[-4000:]
+    cold_dag_walls = {name: round(float(crun["durations"][name]), 2) for name, _ in to_run}
+    print(f"DAG run, no task runner: {crun['seconds']:.1f} s  {cold_dag_walls}  load {_load()}")
 
     base_s = baseline["seconds"]
     result = {
@@ -202,6 +216,10 @@ def main() -> None:
         "noop_dvc_repro_no_runner_s": round(noop_fresh_s, 2),
         "noop_cold_repro_s": round(noop_cold, 2),
         "noop_dag_run_s": round(noop_run["seconds"], 2),
+        "dag_no_task_runner_s": round(crun["seconds"], 2),
+        "dag_no_task_runner_overhead_per_stage_s": round((crun["seconds"] - base_s) / n_stages, 2),
+        "dag_no_task_runner_overhead_light_stage_s": _overhead(cold_dag_walls, baseline["stages"]),
+        "dag_no_task_runner_task_s": cold_dag_walls,
         "noop_dag_per_stage_s": round(noop_run["seconds"] / n_stages, 2),
         "light_stages": list(LIGHT),
         "dvc_overhead_light_stage_s": _overhead(dvc_walls, baseline["stages"]),
@@ -213,7 +231,7 @@ def main() -> None:
         "dag_task_s": dag_walls,
         "load_after": _load(),
     }
-    _stop_runners(spaces["dag"])  # none expected: DAG tasks never start one
+    _stop_runners(spaces["dag"])  # none expected: a task's own runner goes with its task
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -128,7 +128,9 @@ def _stage(stage: str):
         result = orch.as_dict(
             _synced(
                 stage,
-                lambda: orch.run_stage(CFG.root, stage, env, timeout=ORCH.stage_timeout_minutes * 60),
+                lambda: orch.run_stage(
+                    CFG.root, stage, env, timeout=ORCH.stage_timeout_minutes * 60, warm=ORCH.warm_runner
+                ),
                 push=[stage],
                 env=env,
             )

@@ -324,16 +324,73 @@ class StageResult:
     seconds: float
 
 
-def run_stage(root: Path, stage: str, env: dict[str, str], log: Log = say, timeout: float | None = None) -> StageResult:
+def run_stage(
+    root: Path,
+    stage: str,
+    env: dict[str, str],
+    log: Log = say,
+    timeout: float | None = None,
+    warm: bool = True,
+    entry: str | None = None,
+) -> StageResult:
     """Run one dvc.yaml stage in the workspace (DVC skips it when nothing it depends on changed), inside this
     process's tree: ``timeout`` or a kill of the task stops it and its children (see ``run_command``). Never in a
-    local warm runner (flywheel/warm.py; one another process started, outside the task's tree, timeout and
-    cgroup): ``FLYWHEEL_WARM=0`` whatever ``env`` says."""
+    local warm runner (flywheel/warm.py: one another process started, outside the task's tree, timeout and
+    cgroup); with ``warm`` (params ``orchestration.warm_runner``), in this task's own runner (``stage_runner``),
+    which imports the stage's libraries while DVC starts."""
     env = {**{k: v for k, v in env.items() if k != "FLYWHEEL_WARM_SOCKET"}, "FLYWHEEL_WARM": "0"}
-    res = run_command(stage_command(stage), root, env, log, what=f"stage {stage!r} (dvc repro)", timeout=timeout)
+    with stage_runner(root, env, stage, log, entry) if warm else contextlib.nullcontext() as sock:
+        run_env = {**env, "FLYWHEEL_WARM_SOCKET": sock} if sock else env
+        res = run_command(
+            stage_command(stage), root, run_env, log, what=f"stage {stage!r} (dvc repro)", timeout=timeout
+        )
     ran = f"Running stage '{stage}'" in res.stdout
     log(f"stage {stage}: {'ran' if ran else 'up to date, skipped by DVC'} in {res.seconds:.1f} s")
     return StageResult(stage, ran, round(res.seconds, 2))
+
+
+@contextlib.contextmanager
+def stage_runner(root: Path, env: dict[str, str], stage: str, log: Log = say, entry: str | None = None):
+    """A warm runner (flywheel/warm_runner.py) for one task's stage, started as this process's child and in its
+    process group, so the task's timeout, kill and cgroup reach the stage it forks (``--in-group``); it listens in
+    a fresh 0700 folder of its own and gets ``env`` (the stage's environment). It imports MLflow and the stage's
+    step (``pipelines.STAGE`` and its ``PRELOAD`` list: torch, transformers, GX, ...) while `dvc repro` starts; a
+    stage in a task otherwise paid them after DVC's own start. Yields
+    its socket, or None where it cannot start (the stage then runs cold, as before); stopped on exit.
+    ``entry``: what its child calls (default: the flywheel CLI)."""
+    import shutil
+    import tempfile
+
+    from flywheel import warm
+
+    folder = proc = None
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="task-", dir=warm.private_dir(env)))  # mode 0700
+        path = str(folder / "s.sock")
+        if len(path.encode()) > warm._MAX_SOCKET_PATH:
+            raise OSError(f"socket path too long: {path}")
+        modules = (f"pipelines.{stage}",)
+        cmd = warm.runner_command(path, entry or warm.DEFAULT_ENTRY, 24 * 3600.0, in_group=True, modules=modules)
+        with open(folder / "runner.log", "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # it binds before it imports anything heavy: milliseconds
+        if not os.path.exists(path):
+            raise OSError("it did not start")
+    except OSError as exc:
+        log(f"no warm runner for this task ({exc}): the stage runs in its own process")
+        path = None
+    try:
+        yield path
+    finally:
+        if proc is not None:
+            stop_tree(proc, grace=5.0)  # with its child when the stage was stopped early (timeout, failure)
+            with contextlib.suppress(OSError):
+                if "refused" in (folder / "runner.log").read_text(errors="replace"):
+                    log("the task's warm runner refused the stage (another environment): it ran in its own process")
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _last_json(stdout: str):

@@ -408,7 +408,7 @@ class OrchestrationParams(Section):
     default_queue: str  # Celery queues (ignored by the local executors)
     gpu_queue: str
     gpu_stages: list[str]
-    warm_runner: bool  # local `dvc repro` only (flywheel/warm.py); never a DAG's tasks
+    warm_runner: bool  # local `dvc repro`: the workspace's runner; a DAG task: a runner of its own, in its tree
     warm_idle_seconds: float = Field(gt=0)
 
 

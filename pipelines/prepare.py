@@ -28,6 +28,10 @@ from flywheel.params import GoldenParams, PrepareParams, SplitParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = ("datasketch",)
+
 SETS = ("pairs", "sft", "reward_pairs", "kto")
 SPLITS = ("train", "val", "test")
 

@@ -29,6 +29,16 @@ from flywheel.settings import Settings
 from pipelines.prepare import read_set
 from pipelines.resolve_champion import load
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = (
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.llama.modeling_llama",
+    "matplotlib.pyplot",
+)
+
 
 def on_base(champion: Path, info: dict, base: Path) -> bool:
     """Whether the champion's weights are the base model's: the base itself, its registered copy (the same content

@@ -16,6 +16,16 @@ from flywheel.settings import Settings
 from pipelines.prepare import read_set
 from pipelines.resolve_champion import load
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = (
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.bert.modeling_bert",
+    "matplotlib.pyplot",
+)
+
 
 def start_point(params: TrainRewardParams, entry: dict, base: Path) -> tuple[Path | None, str]:
     """(the champion reward folder training continues, or None: the base; the start, said in a few words). The

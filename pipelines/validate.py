@@ -22,6 +22,10 @@ from flywheel.params import ValidateParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = ("great_expectations", "great_expectations.checkpoint")
+
 COLUMNS = [
     "event_id",
     "timestamp",

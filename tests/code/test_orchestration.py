@@ -232,18 +232,91 @@ def test_a_kill_of_the_task_reaches_the_stage_tree(tmp_path):
         _kill_all(_wait_for_tree(pids_file, wait=0) if pids_file.exists() else [])
 
 
-def test_a_tasks_stage_never_goes_to_a_warm_runner(tmp_path, monkeypatch):
-    """Whatever the worker's environment says, the stage's command gets FLYWHEEL_WARM=0 and no runner socket."""
+def test_a_tasks_stage_never_goes_to_a_local_warm_runner(tmp_path, monkeypatch):
+    """Whatever the worker's environment says, the stage's command gets FLYWHEEL_WARM=0 and no local runner's
+    socket: the task's own runner (in a fresh private folder, gone after the stage), or none with ``warm=False``."""
     env_file = tmp_path / "env.json"
     code = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
     monkeypatch.setattr(orch, "stage_command", lambda stage: [sys.executable, "-c", code, str(env_file)])
     monkeypatch.setenv("FLYWHEEL_WARM", "1")
     monkeypatch.setenv("FLYWHEEL_WARM_SOCKET", str(tmp_path / "some.sock"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir(mode=0o700)
     env = orch.command_env(tmp_path)
     assert "FLYWHEEL_WARM_SOCKET" not in env
-    orch.run_stage(tmp_path, "validate", {**env, "FLYWHEEL_WARM": "1", "FLYWHEEL_WARM_SOCKET": "x"}, lambda _line: None)
+    given = {**env, "FLYWHEEL_WARM": "1", "FLYWHEEL_WARM_SOCKET": "x"}
+    orch.run_stage(tmp_path, "validate", given, lambda _line: None, warm=False)
     seen = json.loads(env_file.read_text())
     assert seen["FLYWHEEL_WARM"] == "0" and "FLYWHEEL_WARM_SOCKET" not in seen
+    orch.run_stage(tmp_path, "validate", given, lambda _line: None)
+    seen = json.loads(env_file.read_text())
+    sock = Path(seen["FLYWHEEL_WARM_SOCKET"])
+    assert seen["FLYWHEEL_WARM"] == "0" and sock.parent.parent == tmp_path / "run" / "flywheel"
+    assert not sock.parent.exists(), "the task's runner folder outlived the stage"
+
+
+# A task's runner: the entry point its child calls (instead of the flywheel CLI) starts the same stage-like tree.
+_ENTRY = """
+import subprocess, sys
+
+
+def main():
+    sys.exit(subprocess.run([sys.executable, "-c", sys.argv[1], sys.argv[2]]).returncode)
+"""
+_CLIENT = """
+import sys
+from flywheel.warm import run_stage
+code = run_stage(sys.argv, entry="stage_entry:main")
+with open(sys.argv[2], "a") as fh:
+    fh.write("" if code is None else "delegated ")
+sys.exit(1 if code is None else code)
+"""
+
+
+def test_a_stage_in_the_tasks_runner_stays_in_the_tasks_tree_and_group(tmp_path):
+    """With the task's runner, the stage runs in a fork of it: still a descendant of the task and in its process
+    group, so a kill of the task's group (what Airflow sends) stops the stage and its workers."""
+    (tmp_path / "stage_entry.py").write_text(_ENTRY)
+    (tmp_path / "run").mkdir(mode=0o700)
+    pids_file = tmp_path / "pids"
+    task = (
+        "import sys; from pathlib import Path; from flywheel import orchestration as orch; "
+        f"orch.stage_command = lambda stage: [sys.executable, '-c', {_CLIENT!r}, {_STAGE!r}, {str(pids_file)!r}]; "
+        "env = {**orch.command_env(Path.cwd()), 'PYTHONPATH': str(Path.cwd()), 'XDG_RUNTIME_DIR': sys.argv[1]}; "
+        "orch.run_stage(Path.cwd(), 'train', env, lambda line: None, entry='stage_entry:main')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", task, str(tmp_path / "run")], cwd=tmp_path, start_new_session=True)
+    try:
+        pids = _wait_for_tree(pids_file, n=3)
+        tree = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+        assert set(pids) <= tree, "the stage is not under the task"
+        runner = [p for p in psutil.Process(proc.pid).children() if "flywheel.warm_runner" in " ".join(p.cmdline())]
+        assert runner and pids[0] in {c.pid for c in runner[0].children(recursive=True)}, "not run by the runner"
+        assert {os.getpgid(pid) for pid in pids} == {proc.pid}, "the stage left the task's process group"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert _still_running(pids + [runner[0].pid]) == []
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_all(_wait_for_tree(pids_file, n=3, wait=0) if pids_file.exists() else [])
+
+
+def test_a_stage_in_the_tasks_runner_reports_its_exit_status(tmp_path):
+    """The task's runner runs the stage and hands back its exit status (a failed stage fails the task)."""
+    (tmp_path / "stage_entry.py").write_text(_ENTRY)
+    (tmp_path / "run").mkdir(mode=0o700)
+    out = tmp_path / "out"
+    env = {**orch.command_env(tmp_path), "PYTHONPATH": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    for code, fails in ((0, False), (3, True)):
+        stage = f"import sys; sys.exit({code})"
+        cmd = [sys.executable, "-c", _CLIENT, stage, str(out)]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(pytest.MonkeyPatch.context()).setattr(orch, "stage_command", lambda _s, c=cmd: c)
+            if fails:
+                stack.enter_context(pytest.raises(orch.CommandFailed, match="failed"))
+            orch.run_stage(tmp_path, "train", env, lambda _line: None, entry="stage_entry:main")
+    assert out.read_text().split() == ["delegated", "delegated"]
 
 
 def _fake_flywheel(folder: Path, body: str) -> None:
