@@ -19,9 +19,9 @@ from pathlib import Path
 
 from flywheel.warm import _REFUSED, DEFAULT_ENTRY, _pid_of, env_key, private_dir_check
 
-# Imported before the runner listens: what every stage command needs (the CLI and the MLflow registry read of
-# resolve_champion, the first stage of every run; MLflow's SQL store modules are otherwise imported lazily, ~1 s).
-PRELOAD = (
+# What MLflow's client needs here (its SQL store modules are otherwise imported lazily, ~1 s): a step's PRELOAD
+# names the group as "mlflow".
+PRELOAD_MLFLOW = (
     "mlflow",
     "mlflow.tracking",
     "mlflow.store.tracking.sqlalchemy_store",
@@ -30,11 +30,11 @@ PRELOAD = (
     "alembic.command",
     "alembic.runtime.migration",
     "sqlalchemy",
-    "typer",
-    "rich.console",
-    "yaml",
-    "pydantic",
 )
+PRELOAD_CLI = ("typer", "rich.console", "yaml", "pydantic")  # every `flywheel stage` command
+# Imported before the first request is taken: what every stage command needs (the CLI and the MLflow registry
+# read of resolve_champion, the first stage of every run).
+PRELOAD = PRELOAD_MLFLOW + PRELOAD_CLI
 # Imported one by one while the runner waits for requests, in the order the stages need them (a command that
 # arrives first imports what it lacks itself, as a cold process would).
 PRELOAD_LATER = (
@@ -121,7 +121,8 @@ def _import(name: str) -> None:
     try:
         module = importlib.import_module(name)
         for more in getattr(module, "PRELOAD", ()):
-            importlib.import_module(more)
+            for one in PRELOAD_MLFLOW if more == "mlflow" else (more,):
+                importlib.import_module(one)
     except Exception:  # noqa: BLE001 - a library that fails to import fails in the stage that needs it
         pass
 
@@ -278,7 +279,8 @@ def main() -> None:
         "(a task's runner: pipelines.STAGE)",
     )
     args = ap.parse_args()
-    preload = (PRELOAD + tuple(args.preload_module), ()) if args.preload_module else (PRELOAD, PRELOAD_LATER)
+    # a task's runner: the CLI's libraries and the step's own (its PRELOAD names "mlflow" when it needs MLflow)
+    preload = (PRELOAD_CLI + tuple(args.preload_module), ()) if args.preload_module else (PRELOAD, PRELOAD_LATER)
     preload = ((), ()) if args.no_preload else preload
     serve(args.socket, args.entry, args.idle_timeout, *preload, own_groups=not args.in_group)
 

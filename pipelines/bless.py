@@ -24,6 +24,10 @@ from flywheel.params import BlessParams, GateParams, MetricRule, ModelGate
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = ("mlflow",)
+
 
 def _lookup(metrics: dict, name: str) -> dict | None:
     value = metrics.get(name)

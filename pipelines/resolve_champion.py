@@ -13,6 +13,10 @@ from pathlib import Path
 from flywheel.registry import CHAMPION, MODELS, Registry
 from flywheel.settings import Settings
 
+# What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
+# (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
+PRELOAD = ("mlflow",)
+
 
 def _portable(path: Path, root: Path | None) -> str:
     """Relative to the workspace when inside it: the file reads the same on every worker's clone (DVC

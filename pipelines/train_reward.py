@@ -19,6 +19,7 @@ from pipelines.resolve_champion import load
 # What this step's functions import, imported ahead by a DAG task's warm runner while DVC starts
 # (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
 PRELOAD = (
+    "mlflow",
     "transformers",
     "transformers.models.auto.modeling_auto",
     "transformers.models.auto.tokenization_auto",
