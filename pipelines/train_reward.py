@@ -10,6 +10,7 @@ from pathlib import Path
 from flywheel import distributed
 from flywheel.models.device import best_device
 from flywheel.models.reward import CONFIG, RewardModel, pairwise_correct, train_reward
+from flywheel.models.sources import LOADING_LIBRARIES
 from flywheel.params import TrainRewardParams
 from flywheel.registry import is_base_version
 from flywheel.settings import Settings
@@ -20,9 +21,7 @@ from pipelines.resolve_champion import load
 # (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
 PRELOAD = (
     "mlflow",
-    "transformers",
-    "transformers.models.auto.modeling_auto",
-    "transformers.models.auto.tokenization_auto",
+    *LOADING_LIBRARIES,
     "transformers.models.bert.modeling_bert",
     "matplotlib.pyplot",
 )
