@@ -31,6 +31,16 @@ PRELOAD_MLFLOW = (
     "alembic.runtime.migration",
     "sqlalchemy",
 )
+# What loading a model folder imports (transformers' auto classes): a step's PRELOAD names the group as "models",
+# then the model classes of the shipped models it loads.
+PRELOAD_MODELS = (
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+)
+# The groups a step's PRELOAD may name: a name, not an import of this module, so that a step file depends (for
+# dvc.yaml's deps) on no code it does not run.
+PRELOAD_GROUPS = {"mlflow": PRELOAD_MLFLOW, "models": PRELOAD_MODELS}
 PRELOAD_CLI = ("typer", "rich.console", "yaml", "pydantic")  # every `flywheel stage` command
 # Imported before the first request is taken: what every stage command needs (the CLI and the MLflow registry
 # read of resolve_champion, the first stage of every run).
@@ -121,7 +131,7 @@ def _import(name: str) -> None:
     try:
         module = importlib.import_module(name)
         for more in getattr(module, "PRELOAD", ()):
-            for one in PRELOAD_MLFLOW if more == "mlflow" else (more,):
+            for one in PRELOAD_GROUPS.get(more, (more,)):
                 importlib.import_module(one)
     except Exception:  # noqa: BLE001 - a library that fails to import fails in the stage that needs it
         pass

@@ -19,7 +19,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from flywheel.models.sources import LOADING_LIBRARIES, ModelSourceError, torch_dtype
+from flywheel.models.sources import ModelSourceError, torch_dtype
 from flywheel.params import ModelSource, ModelsParams, TrainRewardParams
 from flywheel.settings import Settings
 
@@ -27,7 +27,7 @@ from flywheel.settings import Settings
 # (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
 PRELOAD = (
     "torch",
-    *LOADING_LIBRARIES,
+    "models",
     "transformers.models.llama.modeling_llama",
 )
 

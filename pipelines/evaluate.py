@@ -29,7 +29,6 @@ from flywheel.evaluation.policy_eval import evaluate_policy
 from flywheel.evaluation.report import headline_metrics
 from flywheel.evaluation.reward_eval import evaluate_reward
 from flywheel.models.scores import SCORE_CACHE, CachedRewards, ScoreCache, answers_hash, weights_hash
-from flywheel.models.sources import LOADING_LIBRARIES
 from flywheel.params import EvaluateParams, GoldenParams, ScoreCacheParams
 from flywheel.settings import Settings
 from flywheel.stages import StageFailed
@@ -39,7 +38,7 @@ from pipelines.resolve_champion import load
 # (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
 PRELOAD = (
     "mlflow",
-    *LOADING_LIBRARIES,
+    "models",
     "transformers.models.llama.modeling_llama",
     "transformers.models.bert.modeling_bert",
     "matplotlib.pyplot",

@@ -22,7 +22,6 @@ from flywheel.models.policy import (
     retie_head,
 )
 from flywheel.models.scores import SCORE_CACHE, ScoreCache
-from flywheel.models.sources import LOADING_LIBRARIES
 from flywheel.models.trl_backend import GATHERED
 from flywheel.params import ScoreCacheParams, TrainPolicyParams
 from flywheel.registry import is_base_version
@@ -34,7 +33,7 @@ from pipelines.resolve_champion import load
 # (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
 PRELOAD = (
     "mlflow",
-    *LOADING_LIBRARIES,
+    "models",
     "transformers.models.llama.modeling_llama",
     "matplotlib.pyplot",
 )

@@ -10,7 +10,6 @@ from pathlib import Path
 from flywheel import distributed
 from flywheel.models.device import best_device
 from flywheel.models.reward import CONFIG, RewardModel, pairwise_correct, train_reward
-from flywheel.models.sources import LOADING_LIBRARIES
 from flywheel.params import TrainRewardParams
 from flywheel.registry import is_base_version
 from flywheel.settings import Settings
@@ -21,7 +20,7 @@ from pipelines.resolve_champion import load
 # (flywheel/orchestration.py stage_runner): a module missing here is imported by the stage itself.
 PRELOAD = (
     "mlflow",
-    *LOADING_LIBRARIES,
+    "models",
     "transformers.models.bert.modeling_bert",
     "matplotlib.pyplot",
 )

@@ -15,13 +15,6 @@ from pathlib import Path
 from flywheel.params import ModelSource
 
 SHIPPED = {"policy": "shipped:smollm2", "reward": "shipped:minilm"}
-# What loading a model folder imports: the steps that load one list it in their PRELOAD (a DAG task's runner
-# imports them while DVC starts; flywheel/orchestration.py stage_runner), with the shipped models' own classes.
-LOADING_LIBRARIES = (
-    "transformers",
-    "transformers.models.auto.modeling_auto",
-    "transformers.models.auto.tokenization_auto",
-)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -199,3 +199,17 @@ def test_evaluate_summary_says_not_measured_instead_of_failing_on_an_empty_split
         "reward.pairwise_accuracy.challenger": 0.625,
         "reward.pairwise_accuracy.champion": 0.5,
     }
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_what_a_step_preloads_names_a_group_or_an_installed_module(name):
+    """A DAG task's runner imports a step's PRELOAD while DVC starts (flywheel/warm_runner.py): each entry is one of
+    the runner's groups or a module that is installed, so a typo cannot silently leave a stage cold."""
+    import importlib.util
+
+    from flywheel.warm_runner import PRELOAD_GROUPS
+
+    step = importlib.import_module(f"pipelines.{name}")
+    for entry in getattr(step, "PRELOAD", ()):
+        modules = PRELOAD_GROUPS.get(entry, (entry,))
+        assert all(importlib.util.find_spec(m) is not None for m in modules), f"pipelines/{name}.py PRELOAD: {entry!r}"
