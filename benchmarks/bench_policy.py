@@ -12,7 +12,7 @@ A short arm times TRL's own DPOTrainer on the same pairs, with the same lower la
 ``precompute_ref_log_probs=True`` (TRL's option for a frozen reference), so the choice of our training
 loop over TRL's stays checked against the installed TRL (seconds per step only; ``--trl-steps 0`` skips it).
 
-    python benchmarks/bench_policy.py [--steps 24] [--trl-steps 4] [--work benchmarks/out/pref]
+    python benchmarks/bench_policy.py [--steps 24] [--trl-steps 4] [--fp32-top] [--work benchmarks/out/pref]
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA arm (0: skip it)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-parameter arm")
     ap.add_argument("--no-default", action="store_true", help="skip the default-recipe arm")
+    ap.add_argument(
+        "--fp32-top",
+        action="store_true",
+        help="an arm with the trained layers in fp32 (train_policy.bf16: false), against the default's bf16 autocast",
+    )
     args = ap.parse_args()
 
     from flywheel.evaluation.policy_eval import implicit_margins
@@ -61,9 +66,11 @@ def main() -> None:
     arms = [] if args.no_default else [("default recipe (24 frozen, cached trunk)", default)]
     if not args.no_full:
         arms.append(("full-parameter DPO", full))
-    lora = default.updated(adapter="lora", lr=args.lora_lr)
     if args.lora_lr:
+        lora = default.updated(adapter="lora", lr=args.lora_lr)
         arms.append((f"LoRA r={lora.lora.r} on the top layers (lr {args.lora_lr:g})", lora))
+    if args.fp32_top:
+        arms.append(("default recipe, trained layers in fp32", default.updated(bf16=False)))
     for label, recipe in arms:
         model = copy.deepcopy(reference)
         if recipe.adapter == "lora":
@@ -123,6 +130,7 @@ def trl_arm(base: Path, train: list[dict], recipe, steps: int) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from flywheel.models.device import bf16_fast
     from flywheel.models.policy import freeze_trunk, load_policy
 
     model, tok = load_policy(base)
@@ -154,7 +162,7 @@ def trl_arm(base: Path, train: list[dict], recipe, steps: int) -> dict:
             report_to=[],
             save_strategy="no",
             logging_steps=1,
-            bf16=recipe.bf16,
+            bf16=recipe.bf16 and bf16_fast("cpu"),
             precompute_ref_log_probs=True,
             precompute_ref_batch_size=recipe.batch_size,
             dataset_num_proc=None,

@@ -191,6 +191,7 @@ class TrainRewardParams(Section):
     max_length: int = Field(ge=1)  # tokens; the end of the text (the answer) is kept
     context_turns: int = Field(ge=0)
     group_by_length: bool
+    bf16: bool  # bf16 autocast of the encoder while training (where bf16 runs fast); scoring stays fp32
     backend: Backend  # fast: Flywheel's loop | trl: TRL's RewardTrainer (the model trains as sequence classification)
     devices: Devices  # auto: one process per visible GPU (trl), else one | N: N processes through accelerate launch
     accelerate_config: str  # accelerate config file for devices > 1 ("" : DDP); infra/accelerate/ has DDP, ZeRO-2/3

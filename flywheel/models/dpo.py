@@ -108,15 +108,15 @@ class TrunkCache:
                 part = todo[at : at + chunk]
                 chosen = [items[i] for i in part]
                 batch = answers_batch(chosen, self.pad_id, self.model, self.k)
+                if self.store is not None:  # the trunk runs in its own dtype (bf16 autocast is the top's only)
+                    seqs = [(e.prompt, e.answers[w]) for w in range(len(chosen[0].answers)) for e in chosen]
+                    keyed = [(seq_key(*q), q) for q in seqs]
+                    rows = trunk_rows(self.store, {}, self.model, self.key, self.k, keyed, self.pad_id)
+                    hidden = assemble(rows, batch)
+                else:
+                    hidden = run_trunk(self.model, batch, self.k)
+                    rows = split(hidden, batch)
                 with _autocast(bf16, device_of(self.model).type):
-                    if self.store is not None and not bf16:  # autocast computes other trunk outputs: not stored
-                        seqs = [(e.prompt, e.answers[w]) for w in range(len(chosen[0].answers)) for e in chosen]
-                        keyed = [(seq_key(*q), q) for q in seqs]
-                        rows = trunk_rows(self.store, {}, self.model, self.key, self.k, keyed, self.pad_id)
-                        hidden = assemble(rows, batch)
-                    else:
-                        hidden = run_trunk(self.model, batch, self.k)
-                        rows = split(hidden, batch)
                     ref = top_logps(self.model, hidden, batch, self.k).float()
                 n = len(chosen)
                 for j, (i, e) in enumerate(zip(part, chosen)):
@@ -135,7 +135,7 @@ class TrunkCache:
         if self.keep_hidden:
             hidden = assemble([self.rows[i][w] for w in range(width) for i in idx], batch)
         else:
-            with torch.no_grad(), _autocast(bf16, device_of(self.model).type):
+            with torch.no_grad():
                 hidden = run_trunk(self.model, batch, self.k).float()
         ref = torch.tensor([self.ref[i][w] for w in range(width) for i in idx], device=hidden.device)
         return batch, hidden, ref
@@ -300,16 +300,16 @@ def train_dpo(
                 sft_order += more
             idx, sft_order = sft_order[: params.sft_batch_size], sft_order[params.sft_batch_size :]
             batch = collate([(sft[i].prompt, sft[i].answers[0]) for i in idx], pad_id)
+            with torch.no_grad():
+                if params.cache_trunk:
+                    was_training = model.training
+                    model.eval()
+                    keyed = [(f"sft{i}", (sft[i].prompt, sft[i].answers[0])) for i in idx]
+                    hidden = assemble(trunk_rows(None, sft_rows, model, "", k, keyed, pad_id), batch)
+                    model.train(was_training)
+                else:
+                    hidden = run_trunk(model, batch, k)
             with _autocast(params.bf16, device_of(model).type):
-                with torch.no_grad():
-                    if params.cache_trunk and not params.bf16:
-                        was_training = model.training
-                        model.eval()
-                        keyed = [(f"sft{i}", (sft[i].prompt, sft[i].answers[0])) for i in idx]
-                        hidden = assemble(trunk_rows(None, sft_rows, model, "", k, keyed, pad_id), batch)
-                        model.train(was_training)
-                    else:
-                        hidden = run_trunk(model, batch, k)
                 lp = top_logps(model, hidden, batch, k)
             nll = -lp.float().sum() / max(1, batch.targets.numel())
             loss = loss + params.sft_weight * nll

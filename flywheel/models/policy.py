@@ -349,7 +349,8 @@ def top_logits(model, hidden: torch.Tensor, batch: Batch, k: int) -> torch.Tenso
         h = decoder(inputs_embeds=hidden, use_cache=False, **extra).last_hidden_state
     flat = h.reshape(-1, h.shape[-1])[batch.target_pos.to(dev)]
     head = lm.get_output_embeddings()
-    logits = head(flat.to(param_dtype(head))).float()
+    with torch.autocast(dev.type, enabled=False):  # the head in its own dtype under a bf16 autocast of the top
+        logits = head(flat.to(param_dtype(head))).float()  # layers: bf16 logits would blur the log-probs
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

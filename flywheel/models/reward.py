@@ -12,6 +12,7 @@ variant trains the head alone (on cached embeddings for the encoder form: second
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flywheel.models.device import bf16_fast
 from flywheel.params import TrainRewardParams
 
 CONFIG = "flywheel_reward.json"
@@ -162,7 +164,9 @@ class RewardModel(nn.Module):
     def forward(self, texts: list[str]) -> torch.Tensor:
         if self.form == "seqcls":
             return self.encoder(**self._tokens(texts)).logits[:, 0].float()
-        return self.head(self.embed(texts)).squeeze(-1)
+        pooled = self.embed(texts)
+        with torch.autocast(pooled.device.type, enabled=False):  # the head in fp32 under a bf16 autocast
+            return self.head(pooled.float()).squeeze(-1)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters()) if self.head is not None else []
@@ -271,6 +275,10 @@ def train_reward(
             min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(1, steps - warm)) if s >= warm else (s + 1) / warm
         ),
     )
+    # bf16 matrix products where they run fast (AVX512-BF16 / AMX CPUs, GPUs): measured on the demo's turn 1
+    # (benchmarks/bench_reward.py --fp32-encoder), in the params.yaml comment
+    dev = next(model.parameters()).device
+    fast = params.bf16 and bf16_fast(dev)
     order: list[int] = []
     lengths = []
     if params.group_by_length:  # a pair's batch row is as long as the longer of its two sides
@@ -285,7 +293,8 @@ def train_reward(
                 rng.shuffle(more)
             order += more
         idx, order = order[: params.batch_size], order[params.batch_size :]
-        scores = model([chosen[i] for i in idx] + [rejected[i] for i in idx])
+        with torch.autocast(dev.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext():
+            scores = model([chosen[i] for i in idx] + [rejected[i] for i in idx])
         n = len(idx)
         loss = -nn.functional.logsigmoid(scores[:n] - scores[n:]).mean()
         opt.zero_grad()

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from flywheel.models.device import bf16_fast
+
 KEYS = {  # TRL's logged names -> the fast loop's history keys
     "loss": "loss",
     "grad_norm": "grad_norm",
@@ -68,7 +70,10 @@ def _args(config_cls, params, steps: int, batch_size: int, out: str, **extra):
         seed=params.seed,
         data_seed=params.seed,
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported() or (not cuda and getattr(params, "bf16", False)),
+        # bf16 autocast on a CPU only where bf16 runs fast (AMX / AVX512-BF16): emulated, it is many times slower
+        bf16=cuda
+        and torch.cuda.is_bf16_supported()
+        or (not cuda and getattr(params, "bf16", False) and bf16_fast("cpu")),
         fp16=False,
         disable_tqdm=True,
         dataloader_num_workers=0,

@@ -15,7 +15,15 @@ from flywheel.models.policy import encode, load_policy
 from tests.model.conftest import synthetic_pairs
 
 PARAMS = dict(
-    frozen_layers=2, steps=12, batch_size=4, lr=5e-3, warmup_steps=1, beta=0.5, sft_weight=0.0, frozen_bf16=False
+    frozen_layers=2,
+    steps=12,
+    batch_size=4,
+    lr=5e-3,
+    warmup_steps=1,
+    beta=0.5,
+    sft_weight=0.0,
+    frozen_bf16=False,
+    bf16=False,
 )
 EVAL = shipped("evaluate", max_prompt_tokens=32, max_answer_tokens=8, batch_size=8, frozen_layers=2, bf16=False)
 
@@ -31,14 +39,14 @@ def _train(folder, pairs, **over):
     return ref, model, tok, history
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-trunk"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-trunk-and-top"])
 def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_base, bf16, monkeypatch):
     from flywheel.models import device
 
     monkeypatch.setattr(device, "bf16_fast", lambda _: True)  # as on a CPU with AVX512-BF16 / AMX, or a GPU
     test = synthetic_pairs(8, start=100)
-    ref, good, tok, history = _train(tiny_base / "policy", synthetic_pairs(16), frozen_bf16=bf16)
-    _, bad, _, _ = _train(tiny_base / "policy", synthetic_pairs(16, swap=True), frozen_bf16=bf16)
+    ref, good, tok, history = _train(tiny_base / "policy", synthetic_pairs(16), frozen_bf16=bf16, bf16=bf16)
+    _, bad, _, _ = _train(tiny_base / "policy", synthetic_pairs(16, swap=True), frozen_bf16=bf16, bf16=bf16)
     if bf16:
         assert good.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
         assert good.model.layers[2].self_attn.q_proj.weight.dtype == torch.float32

@@ -111,6 +111,24 @@ def test_a_bf16_trunk_stays_close_to_the_fp32_forward_and_trains_the_fp32_top(ti
     assert model.model.layers[3].mlp.up_proj.weight.grad is not None
 
 
+def test_under_a_bf16_autocast_of_the_top_layers_the_output_head_stays_fp32(tiny_base):
+    """train_policy.bf16 runs the trained layers in bf16; the logits (the log-probs DPO compares) come from the head
+    in its own dtype: bf16 logits would blur them."""
+    model, tok = load_policy(tiny_base / "policy")
+    enc = encode(tok, synthetic_pairs(3), 32, 8)
+    batch = collate([(e.prompt, e.answers[0]) for e in enc], tok.pad_token_id)
+    seen = {}
+    model.model.layers[3].mlp.up_proj.register_forward_hook(lambda m, i, out: seen.update(top=out.dtype))
+    model.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.update(head=out.dtype))
+    with torch.no_grad():
+        trunk = run_trunk(model, batch, 2)
+        plain = top_logps(model, trunk, batch, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = top_logps(model, trunk, batch, 2)
+    assert seen == {"top": torch.bfloat16, "head": torch.float32}
+    assert torch.allclose(mixed, plain, rtol=0.02, atol=0.5), (mixed, plain)
+
+
 def test_answer_cache_reuses_greedy_answers_per_model_hash(tmp_path, tiny_base):
     from flywheel.evaluation.answers import AnswerCache, timed_generate
 

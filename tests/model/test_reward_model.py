@@ -28,7 +28,13 @@ def test_frozen_encoder_variant_learns_planted_preference(tiny_base, tmp_path):
     )
 
 
-def test_full_finetuning_learns_and_swapped_labels_invert(tiny_base):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_full_finetuning_learns_and_swapped_labels_invert(tiny_base, bf16, monkeypatch):
+    import torch
+
+    from flywheel.models import reward
+
+    monkeypatch.setattr(reward, "bf16_fast", lambda _: True)  # as on a CPU with AVX512-BF16 / AMX, or a GPU
     params = shipped(
         "train_reward",
         frozen_encoder=False,
@@ -38,9 +44,16 @@ def test_full_finetuning_learns_and_swapped_labels_invert(tiny_base):
         head_lr=1e-2,
         max_length=64,
         group_by_length=False,
+        bf16=bf16,
     )
+    seen = []  # the dtype the encoder's matrix products ran in while training
     good, bad = RewardModel.load(tiny_base / "reward"), RewardModel.load(tiny_base / "reward")
+    linear = next(m for m in good.encoder.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     train_reward(good, synthetic_pairs(16), params)
+    hook.remove()
+    assert set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+    assert all(p.dtype == torch.float32 for p in good.parameters())  # the weights stay fp32 (mixed precision)
     train_reward(bad, synthetic_pairs(16, swap=True), params)
     test = synthetic_pairs(8, start=50)
     assert sum(pairwise_correct(good, test)) / 8 > 0.9

@@ -99,12 +99,25 @@ def test_without_content_keys_nothing_persists(models, tmp_path):
         assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 0
 
 
-def test_a_later_training_run_reads_the_trunk_outputs_back(tiny_base, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_later_training_run_reads_the_trunk_outputs_back(tiny_base, tmp_path, bf16, monkeypatch):
+    """Also with the bf16 trunk and a bf16 autocast of the trained layers: the autocast is the top's alone, so the
+    trunk outputs are the stored ones."""
+    from flywheel.models import device
     from flywheel.models.dpo import train_dpo
     from flywheel.models.policy import encode
 
+    monkeypatch.setattr(device, "bf16_fast", lambda _: True)  # as on a CPU with AVX512-BF16 / AMX, or a GPU
     params = shipped(
-        "train_policy", frozen_layers=2, steps=3, batch_size=2, warmup_steps=1, sft_weight=0.5, sft_batch_size=2
+        "train_policy",
+        frozen_layers=2,
+        steps=3,
+        batch_size=2,
+        warmup_steps=1,
+        sft_weight=0.5,
+        sft_batch_size=2,
+        frozen_bf16=bf16,
+        bf16=bf16,
     )
     _, tok = load_policy(tiny_base / "policy")
     pairs = encode(tok, synthetic_pairs(6), 32, 8)
