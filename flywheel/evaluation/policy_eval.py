@@ -72,7 +72,10 @@ def log_ratios(
     cache = cache or ScoreCache(None)
     roles = {"reference": reference, **models}
     trunks = _trunk_sources(reference, roles, k)
-    score_key = {name: _score_key(name, m, keys or {}, trunks[name][1]) for name, m in roles.items()}
+    # bf16: the models' own top layers run under a bf16 autocast too (the output head stays fp32): their scores are
+    # other numbers than fp32 ones (~0.1 nats per answer), so they are kept under keys of their own
+    top = "-top-bf16" if bf16 else ""
+    score_key = {name: _score_key(name, m, keys or {}, trunks[name][1] + top) for name, m in roles.items()}
     scorers = {score_key[name]: name for name in reversed(roles)}  # one per score key (a champion = the base)
     seqs = [(e.prompt, e.answers[w]) for e in enc for w in range(len(fields))]
     skeys = [seq_key(p, a) for p, a in seqs]
@@ -96,7 +99,8 @@ def log_ratios(
                 rows = trunk_rows(cache, memo, src, tkey, k, [(s, by_key[s]) for s in need], tok.pad_token_id)
                 batch = make_batch(roles[name], k, [by_key[s] for s in need], tok.pad_token_id)
                 h = assemble(rows, batch)
-                scored = dict(zip(need, top_logps(roles[name], h, batch, k).tolist()))
+                with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    scored = dict(zip(need, top_logps(roles[name], h, batch, k).float().tolist()))
                 known[key].update(scored)
                 cache.put_scores(key, scored)
         if progress is not None:

@@ -50,7 +50,11 @@ def test_dpo_learns_the_planted_preference_and_swapped_labels_unlearn_it(tiny_ba
     if bf16:
         assert good.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
         assert good.model.layers[2].self_attn.q_proj.weight.dtype == torch.float32
+    seen = set()  # evaluate's bf16: the challenger's top layers under a bf16 autocast as well
+    hook = good.model.layers[3].mlp.up_proj.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
     m = implicit_margins(ref, {"good": good, "bad": bad, "ref": ref}, tok, test, EVAL.updated(bf16=bf16))
+    hook.remove()
+    assert seen == {torch.bfloat16 if bf16 else torch.float32}
     assert ref.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the caller's model untouched
     assert sum(correct_from_margin(m["good"])) / len(test) == 1.0
     assert sum(correct_from_margin(m["bad"])) / len(test) == 0.0

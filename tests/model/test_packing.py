@@ -84,7 +84,7 @@ def test_dpo_trains_the_same_with_and_without_packing(tiny_base, monkeypatch):
 
     params = shipped(
         "train_policy", frozen_layers=2, steps=4, batch_size=4, lr=5e-3, warmup_steps=1, sft_weight=0.0,
-        frozen_bf16=False,
+        frozen_bf16=False, bf16=False,
     )  # fmt: skip
 
     def run():
