@@ -15,16 +15,9 @@ from flywheel.models.policy import encode, load_policy
 from tests.model.conftest import synthetic_pairs
 
 PARAMS = dict(
-    frozen_layers=2,
-    steps=12,
-    batch_size=4,
-    lr=5e-3,
-    warmup_steps=1,
-    beta=0.5,
-    sft_weight=0.0,
-    frozen_bf16=False,
-    bf16=False,
-)
+    frozen_layers=2, steps=12, batch_size=4, lr=5e-3, warmup_steps=1, beta=0.5, sft_weight=0.0,
+    frozen_bf16=False, bf16=False,
+)  # fmt: skip
 EVAL = shipped("evaluate", max_prompt_tokens=32, max_answer_tokens=8, batch_size=8, frozen_layers=2, bf16=False)
 
 

@@ -109,16 +109,9 @@ def test_a_later_training_run_reads_the_trunk_outputs_back(tiny_base, tmp_path, 
 
     monkeypatch.setattr(device, "bf16_fast", lambda _: True)  # as on a CPU with AVX512-BF16 / AMX, or a GPU
     params = shipped(
-        "train_policy",
-        frozen_layers=2,
-        steps=3,
-        batch_size=2,
-        warmup_steps=1,
-        sft_weight=0.5,
-        sft_batch_size=2,
-        frozen_bf16=bf16,
-        bf16=bf16,
-    )
+        "train_policy", frozen_layers=2, steps=3, batch_size=2, warmup_steps=1, sft_weight=0.5, sft_batch_size=2,
+        frozen_bf16=bf16, bf16=bf16,
+    )  # fmt: skip
     _, tok = load_policy(tiny_base / "policy")
     pairs = encode(tok, synthetic_pairs(6), 32, 8)
     sft = encode(
