@@ -99,7 +99,7 @@ def log_ratios(
                 rows = trunk_rows(cache, memo, src, tkey, k, [(s, by_key[s]) for s in need], tok.pad_token_id)
                 batch = make_batch(roles[name], k, [by_key[s] for s in need], tok.pad_token_id)
                 h = assemble(rows, batch)
-                with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
+                with device.bf16_autocast(h.device.type, bf16):
                     scored = dict(zip(need, top_logps(roles[name], h, batch, k).float().tolist()))
                 known[key].update(scored)
                 cache.put_scores(key, scored)

@@ -35,6 +35,12 @@ def bf16_fast(device: torch.device | str) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
+def bf16_autocast(device_type: str, enabled: bool) -> torch.autocast:
+    """A bf16 autocast of what runs inside (the trained or scored top layers, the reward encoder), or none where
+    ``enabled`` is false; callers enable it only where ``bf16_fast``."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def cpu_summary() -> str:
     """The CPU model and its bf16 support, for the demo's and the benchmarks' summaries: timings differ several
     times between CPUs with AMX, with AVX512-BF16 alone, and with neither."""

@@ -14,7 +14,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -35,10 +34,6 @@ from flywheel.models.policy import (
 )
 from flywheel.models.scores import ScoreCache, seq_key, trunk_key, trunk_rows
 from flywheel.params import TrainPolicyParams
-
-
-def _autocast(enabled: bool, device: str = "cpu"):
-    return torch.autocast(device, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def answers_batch(items: list[Encoded], pad_id: int, model=None, k: int = 0) -> Batch:
@@ -116,7 +111,7 @@ class TrunkCache:
                 else:
                     hidden = run_trunk(self.model, batch, self.k)
                     rows = split(hidden, batch)
-                with _autocast(bf16, device_of(self.model).type):
+                with device.bf16_autocast(device_of(self.model).type, bf16):
                     ref = top_logps(self.model, hidden, batch, self.k).float()
                 n = len(chosen)
                 for j, (i, e) in enumerate(zip(part, chosen)):
@@ -271,7 +266,7 @@ def train_dpo(
         row: dict = {"step": step}
         if plan[step]:
             batch, hidden, ref = cache.batch(plan[step], pairs, params.bf16)
-            with _autocast(params.bf16, device_of(model).type):
+            with device.bf16_autocast(device_of(model).type, params.bf16):
                 pol = top_logps(model, hidden, batch, k)
             if desirable is not None:
                 flags = torch.tensor([desirable[i] for i in plan[step]], device=pol.device)
@@ -309,7 +304,7 @@ def train_dpo(
                     model.train(was_training)
                 else:
                     hidden = run_trunk(model, batch, k)
-            with _autocast(params.bf16, device_of(model).type):
+            with device.bf16_autocast(device_of(model).type, params.bf16):
                 lp = top_logps(model, hidden, batch, k)
             nll = -lp.float().sum() / max(1, batch.targets.numel())
             loss = loss + params.sft_weight * nll

@@ -12,7 +12,6 @@ variant trains the head alone (on cached embeddings for the encoder form: second
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flywheel.models.device import bf16_fast
+from flywheel.models.device import bf16_autocast, bf16_fast
 from flywheel.params import TrainRewardParams
 
 CONFIG = "flywheel_reward.json"
@@ -293,7 +292,7 @@ def train_reward(
                 rng.shuffle(more)
             order += more
         idx, order = order[: params.batch_size], order[params.batch_size :]
-        with torch.autocast(dev.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext():
+        with bf16_autocast(dev.type, fast):
             scores = model([chosen[i] for i in idx] + [rejected[i] for i in idx])
         n = len(idx)
         loss = -nn.functional.logsigmoid(scores[:n] - scores[n:]).mean()

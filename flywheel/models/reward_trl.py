@@ -63,8 +63,8 @@ def train_reward(
     with tempfile.TemporaryDirectory(prefix="flywheel-trl-") as out:
         args = _args(
             RewardConfig,
-            params.updated(bf16=False),  # train_reward.bf16 is the fast loop's: TRL's CPU bf16 did not learn a
-            steps,  # planted preference with the head alone (tests/model/test_trl_backend.py), so fp32 on a CPU
+            params,  # train_reward.bf16 is the fast loop's alone: TRL's CPU bf16 did not learn a planted preference
+            steps,  # with the head alone (tests/model/test_trl_backend.py), so no cpu_bf16 here
             params.batch_size,
             out,
             warmup_steps=max(1, int(steps * params.warmup_ratio)),

@@ -113,6 +113,7 @@ def train_policy(
                     params.steps,
                     params.batch_size,
                     out,
+                    cpu_bf16=params.bf16,
                     desirable_weight=params.kto.desirable_weight,
                     undesirable_weight=params.kto.undesirable_weight,
                     **common,
@@ -125,7 +126,9 @@ def train_policy(
                 losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, params.sft_weight]}
                 if params.sft_weight == 0:
                     losses = {"loss_type": ["sigmoid"]}
-                args = _args(DPOConfig, params, params.steps, params.batch_size, out, **common, **losses)
+                args = _args(
+                    DPOConfig, params, params.steps, params.batch_size, out, cpu_bf16=params.bf16, **common, **losses
+                )
                 trainer_cls = DPOTrainer
             trainer = trainer_cls(
                 model=model,

@@ -50,7 +50,7 @@ def _history_callback(rows: list[dict], on_step: Callable[[int, dict], None] | N
     return History()
 
 
-def _args(config_cls, params, steps: int, batch_size: int, out: str, **extra):
+def _args(config_cls, params, steps: int, batch_size: int, out: str, cpu_bf16: bool = False, **extra):
     """A TRL config from Flywheel's params: the same optimizer, schedule, clipping and seed as the fast loop."""
     from datasets.utils.logging import disable_progress_bar
 
@@ -70,10 +70,9 @@ def _args(config_cls, params, steps: int, batch_size: int, out: str, **extra):
         seed=params.seed,
         data_seed=params.seed,
         use_cpu=not cuda,
-        # bf16 autocast on a CPU only where bf16 runs fast (AMX / AVX512-BF16): emulated, it is many times slower
-        bf16=cuda
-        and torch.cuda.is_bf16_supported()
-        or (not cuda and getattr(params, "bf16", False) and bf16_fast("cpu")),
+        # ``cpu_bf16``: a bf16 autocast on a CPU, only where bf16 runs fast (AMX / AVX512-BF16): emulated, it is
+        # many times slower
+        bf16=cuda and torch.cuda.is_bf16_supported() or (not cuda and cpu_bf16 and bf16_fast("cpu")),
         fp16=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
