@@ -166,3 +166,20 @@ def test_a_zero_head_scores_its_bias_without_running_the_encoder(tiny_base):
     full = model(list(map(model.text, prompts, answers))).tolist()  # what running the encoder gives
     model.encoder.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the encoder ran"))
     assert model.score(prompts, answers) == pytest.approx(full) == [0.25] * 3
+
+
+def test_reward_bf16_is_not_applied_where_bf16_is_emulated(tiny_base, monkeypatch):
+    """A CPU without AVX512-BF16 or AMX runs bf16 products many times slower than fp32: train_reward.bf16 is then
+    left off, and the encoder trains in fp32."""
+    import torch
+
+    from flywheel.models import device
+
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx2", "fma"})
+    model = RewardModel.load(tiny_base / "reward")
+    seen = []
+    linear = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    params = shipped("train_reward", frozen_encoder=False, epochs=1, batch_size=8, max_length=64, bf16=True)
+    train_reward(model, synthetic_pairs(8), params)
+    assert seen and set(seen) == {torch.float32}
