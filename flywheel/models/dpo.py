@@ -33,6 +33,7 @@ from flywheel.models.policy import (
     top_logps,
 )
 from flywheel.models.scores import ScoreCache, seq_key, trunk_key, trunk_rows
+from flywheel.models.training import adamw, disable_dropout
 from flywheel.params import TrainPolicyParams
 
 
@@ -253,13 +254,14 @@ def train_dpo(
 
     # the reference: the starting model
     cache.fill([i for idx in plan for i in idx], pairs, params.bf16, progress=filling)
-    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0)
+    opt = adamw(trainable, lr=params.lr, weight_decay=0.0)
     warm = max(1, params.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (params.steps - s) / max(1, params.steps - warm))
     )
     sft_order: list[int] = []
     history = []
+    disable_dropout(model)  # as TRL's DPOTrainer and KTOTrainer (their default): the reference had none either
     model.train()
     for step in range(params.steps):
         loss = torch.zeros((), device=device_of(model))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from flywheel.models.device import bf16_autocast, bf16_fast
+from flywheel.models.training import adamw, disable_dropout
 from flywheel.params import TrainRewardParams
 
 CONFIG = "flywheel_reward.json"
@@ -250,7 +251,7 @@ def train_reward(
         with torch.no_grad():
             ec = torch.cat([model.embed(chosen[i : i + 64]) for i in range(0, len(chosen), 64)])
             er = torch.cat([model.embed(rejected[i : i + 64]) for i in range(0, len(rejected), 64)])
-        opt = torch.optim.AdamW(model.head.parameters(), lr=params.head_lr, weight_decay=params.weight_decay)
+        opt = adamw(model.head.parameters(), lr=params.head_lr, weight_decay=params.weight_decay)
         for step in range(steps):
             idx = torch.tensor(rng.sample(range(len(pairs)), min(params.batch_size, len(pairs))))
             loss = -nn.functional.logsigmoid(model.head(ec[idx]) - model.head(er[idx])).mean()
@@ -261,12 +262,13 @@ def train_reward(
             if on_step:
                 on_step(step, losses[-1])
         return losses
+    disable_dropout(model)  # as the trl back-end (TRL's default)
     model.train()
     groups = [
         {"params": [p for p in model.body_parameters() if p.requires_grad], "lr": params.lr},
         {"params": model.head_parameters(), "lr": params.head_lr},
     ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=params.weight_decay)
+    opt = adamw([g for g in groups if g["params"]], weight_decay=params.weight_decay)
     warm = max(1, int(steps * params.warmup_ratio))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
