@@ -71,7 +71,7 @@ def gguf_read_once():
 
     gguf.GGUFReader = shared
     try:
-        yield readers
+        yield
     finally:
         gguf.GGUFReader = original
 
