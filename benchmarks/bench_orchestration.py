@@ -146,7 +146,7 @@ def main() -> None:
     commands = stage_commands(base)
     n_stages = len(commands)
     to_run = [(name, cmd) for name, cmd in commands if name != "base_models"]  # up to date everywhere
-    spaces = {k: work / k for k in ("inproc", "dvc", "cold", "dag", "dag_cold")}
+    spaces = {k: work / k for k in ("inproc", "dvc", "cold", "dag", "dag_cold", "dag_pre")}
     for dest in spaces.values():
         shutil.copytree(base, dest, symlinks=True)
     tiny = "    orchestration: {retries: 1, retry_delay_minutes: 0.05, warm_idle_seconds: 120}\n"
@@ -200,8 +200,28 @@ def main() -> None:
     cold_dag_walls = {name: round(float(crun["durations"][name]), 2) for name, _ in to_run}
     print(f"DAG run, no task runner: {crun['seconds']:.1f} s  {cold_dag_walls}  load {_load()}")
 
+    penv = airflow_env(work / "airflow-home-pre", spaces["dag_pre"], FLYWHEEL_DAGRUN_PRELOAD="1")
+    init_airflow(penv, spaces["dag_pre"])
+    t0 = time.perf_counter()
+    prun, out = dag_test("continuous_improvement", penv, spaces["dag_pre"], {"force": True, "skip_release": True})
+    pre_wall = time.perf_counter() - t0
+    assert prun["state"] == "success", out[-4000:]
+    assert "forked from its worker's preloaded libraries" in out, out[-4000:]
+    pre_walls = {name: round(float(prun["durations"][name]), 2) for name, _ in to_run}
+    preload_s = next((float(ln.split(" in ")[1].split()[0]) for ln in out.splitlines() if "preloaded the" in ln), 0.0)
+    print(f"DAG run, preloading worker: {prun['seconds']:.1f} s (preload {preload_s:.1f} s, dag.test process")
+    print(f"  {pre_wall:.1f} s)  {pre_walls}  load {_load()}")
+    noop_pre, _ = dag_test("continuous_improvement", penv, spaces["dag_pre"], {"force": True, "skip_release": True})
+    print(f"DAG run, preloading worker, nothing changed: {noop_pre['seconds']:.1f} s")
+
     base_s = baseline["seconds"]
     result = {
+        "dag_preloaded_s": round(prun["seconds"], 2),
+        "dag_preloaded_overhead_per_stage_s": round((prun["seconds"] - base_s) / n_stages, 2),
+        "dag_preloaded_overhead_light_stage_s": _overhead(pre_walls, baseline["stages"]),
+        "dag_preloaded_task_s": pre_walls,
+        "dag_preload_s": preload_s,
+        "noop_dag_preloaded_s": round(noop_pre["seconds"], 2),
         "stages": n_stages,
         "stages_run": len(to_run),
         "baseline_s": round(base_s, 2),

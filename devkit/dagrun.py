@@ -13,6 +13,10 @@ import sys
 def main() -> None:
     dag_id = sys.argv[1]
     conf = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    if os.environ.get("FLYWHEEL_DAGRUN_PRELOAD") == "1":  # as a preloading worker would (flywheel/airflow_worker.py)
+        from flywheel.warm_runner import preload_worker
+
+        print(f"preloaded the stages' libraries in {preload_worker():.1f} s", file=sys.stderr, flush=True)
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.asset import AssetEvent
     from airflow.models.xcom import XComModel

@@ -349,6 +349,25 @@ def run_stage(
     return StageResult(stage, ran, round(res.seconds, 2))
 
 
+class _Forked:
+    """A forked child seen as ``stop_tree`` sees a ``Popen``: its pid, whether it ended (reaped), a signal."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
 @contextlib.contextmanager
 def stage_runner(root: Path, env: dict[str, str], stage: str, log: Log = say, entry: str | None = None):
     """A warm runner (flywheel/warm_runner.py) for one task's stage, started as this process's child and in its
@@ -361,7 +380,7 @@ def stage_runner(root: Path, env: dict[str, str], stage: str, log: Log = say, en
     import shutil
     import tempfile
 
-    from flywheel import warm
+    from flywheel import warm, warm_runner
 
     folder = proc = None
     try:
@@ -370,9 +389,14 @@ def stage_runner(root: Path, env: dict[str, str], stage: str, log: Log = say, en
         if len(path.encode()) > warm._MAX_SOCKET_PATH:
             raise OSError(f"socket path too long: {path}")
         modules = (f"pipelines.{stage}",)
-        cmd = warm.runner_command(path, entry or warm.DEFAULT_ENTRY, 24 * 3600.0, in_group=True, modules=modules)
-        with open(folder / "runner.log", "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out)
+        if warm_runner.preloaded_for(env):  # this task's worker imported the libraries: fork them, warm
+            pid = warm_runner.fork_serve(path, entry or warm.DEFAULT_ENTRY, env, root, modules, folder / "runner.log")
+            proc = _Forked(pid)
+            log("the task's runner is forked from its worker's preloaded libraries")
+        else:
+            cmd = warm.runner_command(path, entry or warm.DEFAULT_ENTRY, 24 * 3600.0, in_group=True, modules=modules)
+            with open(folder / "runner.log", "wb") as out:
+                proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out)
         deadline = time.monotonic() + 30
         while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)  # it binds before it imports anything heavy: milliseconds

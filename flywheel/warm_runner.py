@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from flywheel.warm import _REFUSED, DEFAULT_ENTRY, _pid_of, env_key, private_dir_check
@@ -61,6 +62,113 @@ PRELOAD_LATER = (
     "matplotlib.pyplot",
 )
 _MAX_REQUEST = 1 << 20
+
+# ---- a worker that preloads ------------------------------------------------------------------------------------
+# An Airflow worker forks each task (Airflow 3's supervisor: os.fork), so what the worker imported before, every
+# task has without paying for it; a task's runner forked from its task (``fork_serve``) then starts warm. The
+# variables a library may read when it is imported rather than when it is called: a task's runner is forked only
+# when the stage's environment has the values the worker imported under, else it starts a fresh interpreter.
+IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA_")
+IMPORT_TIME_PREFIXES += ("MLFLOW_", "GX_", "GE_", "TOKENIZERS_", "SQLALCHEMY_", "LD_")
+IMPORT_TIME_NAMES = frozenset({"PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONNOUSERSITE", "MPLBACKEND"})
+_preloaded_under: dict[str, str] | None = None  # the import-time variables of ``preload_worker``'s imports
+_fresh_path: list[str] = []  # sys.path of ``python -P`` here: the console script's, which a forked runner takes
+_library_handlers: dict[str, list] = {}  # the logging handlers the preloaded libraries attached to their loggers
+
+
+def _import_time_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES) or k in IMPORT_TIME_NAMES}
+
+
+def preload_worker(modules: tuple[str, ...] | None = None) -> float:
+    """Import every stage's third-party libraries (``PRELOAD``, ``PRELOAD_LATER``, or ``modules``; never the
+    project's modules, so a code change is seen by the next task) in this process, an Airflow worker before it
+    forks its tasks (flywheel/airflow_worker.py); the seconds it took."""
+    global _preloaded_under, _fresh_path
+    import subprocess
+
+    started = time.perf_counter()
+    probe = [sys.executable, "-P", "-c", "import json, sys; print(json.dumps(sys.path))"]
+    _fresh_path = json.loads(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
+    os.environ.setdefault("MPLBACKEND", "Agg")  # as ``serve`` sets it before matplotlib is imported
+    for name in PRELOAD_CLI + PRELOAD + PRELOAD_LATER if modules is None else modules:
+        _import(name)
+    _preloaded_under = _import_time_env(os.environ)
+    import logging
+
+    loggers = logging.root.manager.loggerDict.items()
+    _library_handlers.update({k: list(v.handlers) for k, v in loggers if isinstance(v, logging.Logger)})
+    return time.perf_counter() - started
+
+
+def _fresh_process_state() -> None:
+    """In a runner forked from a task: the standard streams, logging and warnings of a new interpreter, not the
+    task's (Airflow sends the task's records to its supervisor over a descriptor the runner closes, and whose
+    number a later socket may take)."""
+    import logging
+    import warnings
+
+    sys.stdin = sys.__stdin__ = open(0, closefd=False)  # noqa: SIM115 - the process's own, for its lifetime
+    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)  # noqa: SIM115
+    logging.captureWarnings(False)
+    warnings.showwarning = warnings._showwarning_orig  # type: ignore[attr-defined]
+    logging.root.handlers.clear()
+    logging.root.setLevel(logging.WARNING)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.handlers[:] = _library_handlers.get(name, [])
+    if "structlog" in sys.modules:
+        sys.modules["structlog"].reset_defaults()
+
+
+def preloaded_for(env: Mapping[str, str]) -> bool:
+    """Whether this process holds ``preload_worker``'s imports, made under ``env``'s import-time variables."""
+    return (
+        bool(_fresh_path)
+        and _preloaded_under is not None
+        and _preloaded_under == _import_time_env({"MPLBACKEND": "Agg", **env})
+    )
+
+
+def fork_serve(path: str, entry: str, env: Mapping[str, str], cwd: Path, modules: tuple[str, ...], log: Path) -> int:
+    """Fork this process (a task whose worker preloaded) into a task's runner: ``serve`` on ``path`` with ``env``
+    in ``cwd``, its children in this process group, importing the CLI's libraries and ``modules`` (the stage's
+    step) ahead; stdout and stderr to ``log``. Returns the runner's pid (the caller stops it). The runner holds
+    none of the task's descriptors (its connections to Airflow): all but its own are closed."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        import gc
+
+        gc.collect()  # what was garbage before the fork is finalized while its descriptors are still valid,
+        gc.freeze()  # and nothing older is finalized after they are closed below (their numbers get reused)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.closerange(3, 1 << 16)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)  # the task's, if it had one, is closed
+        _fresh_process_state()
+        sys.path[:] = _fresh_path  # not the task's (its working directory, Airflow's DAG folder)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        serve(path, entry, 24 * 3600.0, PRELOAD_CLI + modules, (), own_groups=False)
+    except BaseException:  # noqa: BLE001 - reported in the runner's log; the stage then runs in its own process
+        import traceback
+
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+            sys.stderr.flush()
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def _child(request: dict, fds: list[int], entry: str, own_group: bool = True) -> int:

@@ -18,6 +18,8 @@ export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=${AIRFLOW__LOGGING__WORKER_LOG_S
 export AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=${AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT:-8794}
 export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://127.0.0.1:$port}  # tasks reach the execution API here
 export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}                 # LocalExecutor workers (2-core machine)
+# LocalExecutor whose workers import the stages' libraries once, before they fork tasks (flywheel/airflow_worker.py)
+export AIRFLOW__CORE__EXECUTOR=${AIRFLOW__CORE__EXECUTOR:-flywheel.airflow_worker.PreloadingLocalExecutor}
 mkdir -p "$AIRFLOW_HOME"
 airflow db migrate > "$AIRFLOW_HOME/db-migrate.log"
 airflow pools set "$pool" 1 "one DVC command per workspace at a time"

@@ -169,6 +169,8 @@ def platform(tmp_path_factory, repo_root):
             "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{ports['redis']}/0",
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://postgres@127.0.0.1:5432/{airflow_db}",
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+            # workers that import the stages' libraries before they fork their pools (flywheel/airflow_worker.py)
+            "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "flywheel.airflow_worker.CELERY_CONFIG",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__API__PORT": str(ports["api"]),

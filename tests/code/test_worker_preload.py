@@ -1,0 +1,110 @@
+"""A worker that preloads the stages' libraries before it forks its tasks (flywheel/airflow_worker.py): a task
+forks its stage runner from itself, so the stage finds the libraries imported, runs in the task's tree and
+group, and holds none of the task's descriptors; where the stage's environment differs in what a library reads
+at import, the runner is a fresh interpreter as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# the "library" the worker preloads: it records each time it is imported
+_LIBRARY = "import os\nwith open(os.environ['IMPORTS_LOG'], 'a') as fh:\n    fh.write(f'{os.getpid()} ')\n"
+# what the runner's child calls: records what it sees, as a stage would run
+_ENTRY = """
+import json, os, sys
+import psutil
+
+
+def main():
+    seen = {"preloaded": "heavy_lib" in sys.modules, "pid": os.getpid(), "pgid": os.getpgid(0),
+            "ancestors": [p.pid for p in psutil.Process().parents()],
+            "fds": [os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if n not in ("3",)]}
+    import heavy_lib  # noqa: F401
+    import logging
+    logging.getLogger("stage").warning("a stage's warning")
+    json.dump(seen, open(sys.argv[-1], "w"))
+"""
+_CLIENT = """
+import sys
+from flywheel.warm import run_stage
+code = run_stage(["flywheel", "stage", "x", sys.argv[1]], entry="stage_entry:main")
+sys.exit(3 if code is None else code)
+"""
+# the task: a process forked from a worker that preloaded (here the worker and the task are one process, as in
+# `airflow dags test`); it holds a connection of its own (as Airflow's task holds its supervisor's) and a logging
+# handler writing to it
+_TASK = """
+import json, logging, os, socket, sys
+from pathlib import Path
+from flywheel import orchestration as orch, warm_runner
+if sys.argv[3] == "preload":
+    warm_runner.preload_worker(("heavy_lib",))
+held, other = socket.socketpair()
+logging.root.addHandler(logging.StreamHandler(held.makefile("w")))
+Path(sys.argv[2]).write_text(os.readlink("/proc/self/fd/%d" % held.fileno()))
+orch.stage_command = lambda stage: [sys.executable, "-c", {client!r}, {seen!r}]
+env = {{**orch.command_env(Path.cwd()), "XDG_RUNTIME_DIR": sys.argv[1]}}
+env.update(json.loads(sys.argv[4]))
+orch.run_stage(Path.cwd(), "train", env, print, entry="stage_entry:main")
+other.setblocking(False)
+try:
+    got = other.recv(65536).decode()
+except BlockingIOError:
+    got = ""
+print("TASK CONNECTION GOT: " + repr(got))
+"""
+
+
+def _run_task(tmp_path: Path, mode: str, stage_env: dict | None = None) -> tuple[dict, str]:
+    (tmp_path / "heavy_lib.py").write_text(_LIBRARY)
+    (tmp_path / "stage_entry.py").write_text(_ENTRY)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    seen, held = tmp_path / "seen.json", tmp_path / "held"
+    task = _TASK.format(client=_CLIENT, seen=str(seen))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "IMPORTS_LOG": str(tmp_path / "imports")}
+    env.pop("FLYWHEEL_WARM_SOCKET", None)
+    args = [sys.executable, "-c", task, str(run), str(held), mode, json.dumps(stage_env or {})]
+    proc = subprocess.run(
+        args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, start_new_session=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert seen.exists(), proc.stdout + proc.stderr
+    found = json.loads(seen.read_text())
+    found["held"] = held.read_text()
+    found["imports"] = (tmp_path / "imports").read_text().split()
+    return found, proc.stdout + proc.stderr
+
+
+def test_a_preloaded_task_forks_a_warm_runner_in_its_tree_without_its_descriptors(tmp_path):
+    seen, out = _run_task(tmp_path, "preload")
+    assert "forked from its worker's preloaded libraries" in out
+    assert seen["preloaded"], "the stage imported the library again"
+    assert len(seen["imports"]) == 1, f"imported {len(seen['imports'])} times: {seen['imports']}"
+    runner, task = seen["ancestors"][0], seen["ancestors"][1]
+    assert seen["imports"] == [str(task)], "the library was not imported by the task (the worker) before the fork"
+    assert runner != task and seen["pgid"] == task, "the stage is not in the task's process group"
+    assert seen["held"] not in seen["fds"], "the stage holds the task's connection"
+    assert "TASK CONNECTION GOT: ''" in out, "the stage's logging wrote to the task's connection"
+    assert "a stage's warning" in out and "Logging error" not in out, "the stage logged through the task's handlers"
+
+
+def test_a_task_without_a_preloading_worker_starts_its_runner_afresh(tmp_path):
+    seen, out = _run_task(tmp_path, "cold")
+    assert "forked from its worker" not in out
+    assert not seen["preloaded"] and len(seen["imports"]) == 1 and seen["imports"] == [str(seen["pid"])]
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "PYTHONHASHSEED"])
+def test_a_stage_environment_that_libraries_read_at_import_gets_a_fresh_runner(tmp_path, variable):
+    """The libraries were imported under the worker's environment: a stage whose environment changes what a library
+    reads at import (offline mode, the tracking server, hashing) must not inherit them."""
+    seen, out = _run_task(tmp_path, "preload", {variable: "1"})
+    assert "forked from its worker" not in out
+    assert not seen["preloaded"], "the stage inherited libraries imported under another environment"
