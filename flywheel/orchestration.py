@@ -394,6 +394,8 @@ def stage_runner(root: Path, env: dict[str, str], stage: str, log: Log = say, en
             proc = _Forked(pid)
             log("the task's runner is forked from its worker's preloaded libraries")
         else:
+            if differ := warm_runner.preload_differences(env):
+                log(f"the worker preloaded its libraries under other values of {', '.join(differ)}: not shared")
             cmd = warm.runner_command(path, entry or warm.DEFAULT_ENTRY, 24 * 3600.0, in_group=True, modules=modules)
             with open(folder / "runner.log", "wb") as out:
                 proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out)

@@ -69,7 +69,7 @@ _MAX_REQUEST = 1 << 20
 # variables a library may read when it is imported rather than when it is called: a task's runner is forked only
 # when the stage's environment has the values the worker imported under, else it starts a fresh interpreter.
 IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA_")
-IMPORT_TIME_PREFIXES += ("MLFLOW_", "GX_", "GE_", "TOKENIZERS_", "SQLALCHEMY_", "LD_")
+IMPORT_TIME_PREFIXES += ("GX_", "GE_", "TOKENIZERS_", "SQLALCHEMY_", "LD_")  # not MLflow's: read when used
 IMPORT_TIME_NAMES = frozenset({"PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONNOUSERSITE", "MPLBACKEND"})
 _preloaded_under: dict[str, str] | None = None  # the import-time variables of ``preload_worker``'s imports
 _fresh_path: list[str] = []  # sys.path of ``python -P`` here: the console script's, which a forked runner takes
@@ -101,6 +101,18 @@ def preload_worker(modules: tuple[str, ...] | None = None) -> float:
     return time.perf_counter() - started
 
 
+PROJECT_PACKAGES = ("flywheel", "pipelines", "service")
+_KEEP = {"flywheel", "flywheel.warm", "flywheel.warm_runner"}  # the runner's own code, running
+
+
+def _forget_project_modules() -> None:
+    """In a runner forked from a task: the project's modules the task imported are imported afresh by the stage
+    (as in a runner that preloads only libraries), with no state an earlier task of the same process left in
+    them (``airflow dags test`` runs every task in one process)."""
+    for name in [m for m in sys.modules if m.split(".")[0] in PROJECT_PACKAGES and m not in _KEEP]:
+        del sys.modules[name]
+
+
 def _fresh_process_state() -> None:
     """In a runner forked from a task: the standard streams, logging and warnings of a new interpreter, not the
     task's (Airflow sends the task's records to its supervisor over a descriptor the runner closes, and whose
@@ -124,11 +136,16 @@ def _fresh_process_state() -> None:
 
 def preloaded_for(env: Mapping[str, str]) -> bool:
     """Whether this process holds ``preload_worker``'s imports, made under ``env``'s import-time variables."""
-    return (
-        bool(_fresh_path)
-        and _preloaded_under is not None
-        and _preloaded_under == _import_time_env({"MPLBACKEND": "Agg", **env})
-    )
+    return not preload_differences(env) and bool(_fresh_path) and _preloaded_under is not None
+
+
+def preload_differences(env: Mapping[str, str]) -> list[str]:
+    """The import-time variables whose values in ``env`` differ from those ``preload_worker`` imported under
+    (none where nothing was preloaded)."""
+    if _preloaded_under is None:
+        return []
+    now = _import_time_env({"MPLBACKEND": "Agg", **env})
+    return sorted(k for k in set(now) | set(_preloaded_under) if now.get(k) != _preloaded_under.get(k))
 
 
 def fork_serve(path: str, entry: str, env: Mapping[str, str], cwd: Path, modules: tuple[str, ...], log: Path) -> int:
@@ -156,6 +173,7 @@ def fork_serve(path: str, entry: str, env: Mapping[str, str], cwd: Path, modules
         signal.set_wakeup_fd(-1)  # the task's, if it had one, is closed
         _fresh_process_state()
         sys.path[:] = _fresh_path  # not the task's (its working directory, Airflow's DAG folder)
+        _forget_project_modules()
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)

@@ -101,10 +101,43 @@ def test_a_task_without_a_preloading_worker_starts_its_runner_afresh(tmp_path):
     assert not seen["preloaded"] and len(seen["imports"]) == 1 and seen["imports"] == [str(seen["pid"])]
 
 
-@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "PYTHONHASHSEED"])
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_CACHE", "PYTHONHASHSEED"])
 def test_a_stage_environment_that_libraries_read_at_import_gets_a_fresh_runner(tmp_path, variable):
     """The libraries were imported under the worker's environment: a stage whose environment changes what a library
-    reads at import (offline mode, the tracking server, hashing) must not inherit them."""
+    reads at import (offline mode, a cache folder, hashing) must not inherit them."""
     seen, out = _run_task(tmp_path, "preload", {variable: "1"})
-    assert "forked from its worker" not in out
+    assert "forked from its worker" not in out and f"under other values of {variable}" in out
     assert not seen["preloaded"], "the stage inherited libraries imported under another environment"
+
+
+def test_a_stage_environment_that_only_changes_what_is_read_when_used_shares_the_libraries(tmp_path):
+    """MLflow reads its variables when called (the tracking URI a task sets for its stage): still shared."""
+    seen, out = _run_task(tmp_path, "preload", {"MLFLOW_TRACKING_URI": "sqlite:///elsewhere.db", "FLYWHEEL_X": "1"})
+    assert "forked from its worker's preloaded libraries" in out and seen["preloaded"]
+
+
+def test_the_stage_imports_the_projects_modules_afresh(tmp_path):
+    """What the task imported of the project (and any state an earlier task of the same process left in it) is
+    not what the stage runs: it imports the project's modules again, as a fresh process would."""
+    (tmp_path / "heavy_lib.py").write_text(_LIBRARY)
+    (tmp_path / "stage_entry.py").write_text(
+        "import json, sys\n\ndef main():\n"
+        "    json.dump({'settings': 'flywheel.settings' in sys.modules, 'tag': getattr(sys.modules.get("
+        "'flywheel.params'), 'LEFT_BY_A_TASK', None)}, open(sys.argv[-1], 'w'))\n"
+    )
+    (tmp_path / "run").mkdir(mode=0o700)
+    seen = tmp_path / "seen.json"
+    task = (
+        "import sys; from pathlib import Path; from flywheel import orchestration as orch, warm_runner, params\n"
+        "warm_runner.preload_worker(('heavy_lib',)); params.LEFT_BY_A_TASK = 'stale'\n"
+        f"orch.stage_command = lambda stage: [sys.executable, '-c', {_CLIENT!r}, {str(seen)!r}]\n"
+        "env = {**orch.command_env(Path.cwd()), 'XDG_RUNTIME_DIR': sys.argv[1]}\n"
+        "orch.run_stage(Path.cwd(), 'train', env, print, entry='stage_entry:main')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "IMPORTS_LOG": str(tmp_path / "imports")}
+    env.pop("FLYWHEEL_WARM_SOCKET", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", task, str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "forked from its worker" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads(seen.read_text()) == {"settings": False, "tag": None}
