@@ -374,7 +374,9 @@ def stage_runner(root: Path, env: dict[str, str], stage: str, log: Log = say, en
     process group, so the task's timeout, kill and cgroup reach the stage it forks (``--in-group``); it listens in
     a fresh 0700 folder of its own and gets ``env`` (the stage's environment). It imports MLflow and the stage's
     step (``pipelines.STAGE`` and its ``PRELOAD`` list: torch, transformers, GX, ...) while `dvc repro` starts; a
-    stage in a task otherwise paid them after DVC's own start. Yields
+    stage in a task otherwise paid them after DVC's own start. Where this task's worker preloaded the libraries
+    (flywheel/airflow_worker.py) under the stage's import-time environment, the runner is a fork of this task
+    (``warm_runner.fork_serve``), warm at once. Yields
     its socket, or None where it cannot start (the stage then runs cold, as before); stopped on exit.
     ``entry``: what its child calls (default: the flywheel CLI)."""
     import shutil

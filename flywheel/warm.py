@@ -11,7 +11,8 @@ in the child, never by the runner) and exits with its status, which the caller e
 
 Local only. Airflow and Celery tasks never use it (flywheel/orchestration.py sets ``FLYWHEEL_WARM=0``): there a
 stage must run inside the task's process tree, where the task's timeout, kill and cgroup reach it; a task starts
-a runner of its own instead (``orchestration.stage_runner``: its child, in its group, for one stage). Turned off by
+a runner of its own instead (``orchestration.stage_runner``: its child, in its group, for one stage; forked from
+the task where its worker preloaded the libraries, flywheel/airflow_worker.py). Turned off by
 ``orchestration.warm_runner: false`` or ``FLYWHEEL_WARM=0``; a runner that cannot start is not waited on past a
 minute (the command then runs in its own process, as without it).
 

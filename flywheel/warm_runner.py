@@ -113,6 +113,45 @@ def _forget_project_modules() -> None:
         del sys.modules[name]
 
 
+def _forget_connections() -> None:
+    """In a runner forked from a task: a SQLAlchemy pool (MLflow keeps an engine per store URI) never hands out a
+    connection opened by another process (the task's; SQLAlchemy's recipe for a fork: a ``checkout`` listener
+    that drops it without closing it), so a stage opens its own."""
+    if "sqlalchemy" not in sys.modules:
+        return
+    from sqlalchemy import event, exc
+    from sqlalchemy.pool import Pool
+
+    def on_connect(_dbapi_connection, record) -> None:
+        record.info["flywheel_pid"] = os.getpid()
+
+    def on_checkout(_dbapi_connection, record, proxy) -> None:
+        if record.info.get("flywheel_pid") != os.getpid():
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise exc.DisconnectionError("a connection of another process (the task this runner was forked from)")
+
+    event.listen(Pool, "connect", on_connect)
+    event.listen(Pool, "checkout", on_checkout)
+
+
+def _blank_descriptors(keep: tuple[int, ...]) -> None:
+    """In a runner forked from a task: every descriptor it inherited (the task's connections to Airflow, its log,
+    its database connections) now points at /dev/null. Not closed: a Python object of the task that still owns
+    one closes its number when freed, which must not be a socket or file the runner opened since."""
+    null = keep[0]
+    try:
+        inherited = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every number up to the soft limit
+        import resource
+
+        inherited = range(3, min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16))
+    for fd in inherited:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.fstat(fd)
+                os.dup2(null, fd)
+
+
 def _fresh_process_state() -> None:
     """In a runner forked from a task: the standard streams, logging and warnings of a new interpreter, not the
     task's (Airflow sends the task's records to its supervisor over a descriptor the runner closes, and whose
@@ -152,26 +191,26 @@ def fork_serve(path: str, entry: str, env: Mapping[str, str], cwd: Path, modules
     """Fork this process (a task whose worker preloaded) into a task's runner: ``serve`` on ``path`` with ``env``
     in ``cwd``, its children in this process group, importing the CLI's libraries and ``modules`` (the stage's
     step) ahead; stdout and stderr to ``log``. Returns the runner's pid (the caller stops it). The runner holds
-    none of the task's descriptors (its connections to Airflow): all but its own are closed."""
+    none of the task's descriptors (its connections to Airflow, its database connections): they point at
+    /dev/null, and SQLAlchemy's engines forget their pooled connections."""
     pid = os.fork()
     if pid:
         return pid
     code = 0
     try:
-        import gc
-
-        gc.collect()  # what was garbage before the fork is finalized while its descriptors are still valid,
-        gc.freeze()  # and nothing older is finalized after they are closed below (their numbers get reused)
         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null = os.open(os.devnull, os.O_RDONLY)
+        null = os.open(os.devnull, os.O_RDWR)
+        _blank_descriptors(keep=(null, out))
         os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(out, 2)
-        os.closerange(3, 1 << 16)
+        for fd in {null, out} - {0, 1, 2}:
+            os.close(fd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)  # the task's, if it had one, is closed
+        signal.set_wakeup_fd(-1)  # the task's, if it had one, is /dev/null now
         _fresh_process_state()
+        _forget_connections()
         sys.path[:] = _fresh_path  # not the task's (its working directory, Airflow's DAG folder)
         _forget_project_modules()
         os.chdir(cwd)

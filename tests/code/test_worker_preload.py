@@ -21,10 +21,17 @@ import json, os, sys
 import psutil
 
 
+def _target(n):
+    try:
+        return os.readlink(f"/proc/self/fd/{n}")
+    except OSError:  # the listing's own descriptor, closed since
+        return ""
+
+
 def main():
     seen = {"preloaded": "heavy_lib" in sys.modules, "pid": os.getpid(), "pgid": os.getpgid(0),
             "ancestors": [p.pid for p in psutil.Process().parents()],
-            "fds": [os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd") if n not in ("3",)]}
+            "fds": [_target(n) for n in os.listdir("/proc/self/fd")]}
     import heavy_lib  # noqa: F401
     import logging
     logging.getLogger("stage").warning("a stage's warning")
@@ -141,3 +148,37 @@ def test_the_stage_imports_the_projects_modules_afresh(tmp_path):
     )
     assert proc.returncode == 0 and "forked from its worker" in proc.stdout, proc.stdout + proc.stderr
     assert json.loads(seen.read_text()) == {"settings": False, "tag": None}
+
+
+def test_a_database_engine_the_task_used_opens_its_own_connection_in_the_stage(tmp_path):
+    """A library's cached engine (MLflow keeps one per store URI) with a connection the task opened: the stage
+    using it gets a connection of its own, not the task's (whose descriptor the runner no longer holds)."""
+    (tmp_path / "heavy_lib.py").write_text(_LIBRARY)
+    (tmp_path / "stage_entry.py").write_text(
+        "import json, sys\nimport sqlalchemy\n\ndef main():\n"
+        "    with sqlalchemy._cached_engine.connect() as c:\n"
+        "        n = c.execute(sqlalchemy.text('select count(*) from t')).scalar()\n"
+        "    json.dump({'rows': n}, open(sys.argv[-1], 'w'))\n"
+    )
+    (tmp_path / "run").mkdir(mode=0o700)
+    seen = tmp_path / "seen.json"
+    task = (
+        "import sys, sqlalchemy; from pathlib import Path; from flywheel import orchestration as orch, warm_runner\n"
+        "warm_runner.preload_worker(('heavy_lib', 'sqlalchemy'))\n"
+        "engine = sqlalchemy._cached_engine = sqlalchemy.create_engine('sqlite:///' + sys.argv[2])\n"
+        "with engine.begin() as c:\n"
+        "    c.execute(sqlalchemy.text('create table t (x int)'))\n"
+        "    c.execute(sqlalchemy.text('insert into t values (1), (2)'))\n"
+        f"orch.stage_command = lambda stage: [sys.executable, '-c', {_CLIENT!r}, {str(seen)!r}]\n"
+        "env = {**orch.command_env(Path.cwd()), 'XDG_RUNTIME_DIR': sys.argv[1]}\n"
+        "orch.run_stage(Path.cwd(), 'train', env, print, entry='stage_entry:main')\n"
+        "with engine.connect() as c:\n"
+        "    print('TASK ROWS', c.execute(sqlalchemy.text('select count(*) from t')).scalar())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "IMPORTS_LOG": str(tmp_path / "imports")}
+    env.pop("FLYWHEEL_WARM_SOCKET", None)
+    args = [sys.executable, "-c", task, str(tmp_path / "run"), str(tmp_path / "db.sqlite")]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "forked from its worker" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads(seen.read_text()) == {"rows": 2}
+    assert "TASK ROWS 2" in proc.stdout, "the task's own connection broke"

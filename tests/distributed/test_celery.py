@@ -326,6 +326,12 @@ def test_continuous_improvement_on_celery_workers_with_s3_remote_and_mlflow_serv
     worker_logs = {q: (p["logs"] / f"worker-{q}.log").read_text(errors="replace") for q in ("default", "gpu")}
     assert "train_policy" in worker_logs["gpu"] and "train_policy" not in worker_logs["default"], worker_logs
     assert "validate" in worker_logs["default"] and "'validate'" not in worker_logs["gpu"]
+    # each worker imported the stages' libraries before forking its pool, and its tasks' runners shared them
+    for queue in ("default", "gpu"):
+        assert "preloaded the stages' libraries" in worker_logs[queue], worker_logs[queue][-4000:]
+    task_logs = Path(p["env"]["default"]["AIRFLOW_HOME"]) / "logs" / "dag_id=continuous_improvement"
+    forked = [f for f in task_logs.rglob("*.log") if "forked from its worker's preloaded" in f.read_text()]
+    assert {f.parent.name for f in forked} >= {"task_id=train_policy", "task_id=validate"}, forked
     # the gpu clone started empty: what its stages read came from S3; it never ran bless
     assert (ws_gpu / "models/challenger/policy").is_dir() and (ws_gpu / "data/prepared").is_dir()
     assert not (ws_gpu / "reports/blessing.json").exists()
