@@ -17,6 +17,10 @@ native batch ingested, base models built and bootstrapped, so ``base_models`` is
   ``stage_runner``), the watermark;
 - **DAG run, no task runner**: the same with ``orchestration.warm_runner: false`` (every stage cold in its
   task), on a fifth copy with its own Airflow home.
+- **DAG run, preloading worker**: the same in a ``dag.test()`` process that imported the stages' libraries
+  first (``flywheel.warm_runner.preload_worker``, as flywheel/airflow_worker.py's workers do before they fork
+  their tasks): each task forks its runner from itself, warm at once; on a sixth copy. The preload is paid once
+  per worker and is printed apart, not in the run's wall time.
 
 Overhead per stage = (wall time - baseline) / number of dvc.yaml stages; and, less exposed to the load of a
 shared machine (training and generation move by tens of seconds), the median over the light stages
@@ -27,7 +31,7 @@ stage skipped by DVC). Workspaces and Airflow homes come from devkit/ (shared wi
 
     .venv/bin/python benchmarks/bench_orchestration.py [--workdir DIR] [--json FILE]
 
-Heavy: four tiny training runs (about 6 minutes in all on 2 cores). Run it alone on an idle machine; the
+Heavy: six tiny training runs (about 6 minutes in all on 2 fast cores, 15 on a slow AVX2 EPYC). Run it alone on an idle machine; the
 load average is printed beside the figures, and every figure is compared with the baseline measured in
 the same invocation.
 """

@@ -249,6 +249,11 @@ def test_triggered_over_rest_approved_and_promoted(live):
     assert "VERDICT (permissive gate, judge: " in bless_log and "  policy: blessed" in bless_log, bless_log[-3000:]
     release_log = airflow.task_log("continuous_improvement", run_id, "release")
     assert "RELEASE:" in release_log and "Downloading artifacts" not in release_log, release_log[-3000:]
+    # make airflow's LocalExecutor preloaded the stages' libraries; each stage's runner was forked from its task
+    assert "preloaded the stages' libraries" in (airflow.home / "standalone.log").read_text()
+    for stage in ("validate", "train_policy"):
+        stage_log = airflow.task_log("continuous_improvement", run_id, stage)
+        assert "forked from its worker's preloaded libraries" in stage_log, stage_log[-3000:]
     tags = version_tags(root, "policy", "2")
     assert tags["airflow_run_id"] == run_id
     assert tags["approval"] == "approved" and tags["approval_by"] == "admin"
