@@ -123,62 +123,68 @@ def test_a_stage_environment_that_only_changes_what_is_read_when_used_shares_the
     assert "forked from its worker's preloaded libraries" in out and seen["preloaded"]
 
 
-def test_the_stage_imports_the_projects_modules_afresh(tmp_path):
-    """What the task imported of the project (and any state an earlier task of the same process left in it) is
-    not what the stage runs: it imports the project's modules again, as a fresh process would."""
+def _run_custom(tmp_path: Path, entry: str, prelude: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """A task process that runs ``prelude`` (its preload and state), then its stage, whose runner's child calls
+    ``entry``'s ``main``; the task's completed process and what the stage wrote."""
     (tmp_path / "heavy_lib.py").write_text(_LIBRARY)
-    (tmp_path / "stage_entry.py").write_text(
-        "import json, sys\n\ndef main():\n"
-        "    json.dump({'settings': 'flywheel.settings' in sys.modules, 'tag': getattr(sys.modules.get("
-        "'flywheel.params'), 'LEFT_BY_A_TASK', None)}, open(sys.argv[-1], 'w'))\n"
-    )
+    (tmp_path / "stage_entry.py").write_text(entry)
     (tmp_path / "run").mkdir(mode=0o700)
     seen = tmp_path / "seen.json"
     task = (
-        "import sys; from pathlib import Path; from flywheel import orchestration as orch, warm_runner, params\n"
-        "warm_runner.preload_worker(('heavy_lib',)); params.LEFT_BY_A_TASK = 'stale'\n"
-        f"orch.stage_command = lambda stage: [sys.executable, '-c', {_CLIENT!r}, {str(seen)!r}]\n"
+        "import sys; from pathlib import Path; from flywheel import orchestration as orch, warm_runner\n"
+        + prelude
+        + f"orch.stage_command = lambda stage: [sys.executable, '-c', {_CLIENT!r}, {str(seen)!r}]\n"
         "env = {**orch.command_env(Path.cwd()), 'XDG_RUNTIME_DIR': sys.argv[1]}\n"
         "orch.run_stage(Path.cwd(), 'train', env, print, entry='stage_entry:main')\n"
+        "if 'after' in globals(): after()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "IMPORTS_LOG": str(tmp_path / "imports")}
     env.pop("FLYWHEEL_WARM_SOCKET", None)
     proc = subprocess.run(
-        [sys.executable, "-c", task, str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-c", task, str(tmp_path / "run"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0 and "forked from its worker" in proc.stdout, proc.stdout + proc.stderr
-    assert json.loads(seen.read_text()) == {"settings": False, "tag": None}
+    return proc, json.loads(seen.read_text())
+
+
+def test_the_stage_imports_the_projects_modules_afresh(tmp_path):
+    """What the task imported of the project (and any state an earlier task of the same process left in it) is
+    not what the stage runs: it imports the project's modules again, as a fresh process would."""
+    entry = (
+        "import json, sys\n\ndef main():\n"
+        "    json.dump({'settings': 'flywheel.settings' in sys.modules, 'tag': getattr(sys.modules.get("
+        "'flywheel.params'), 'LEFT_BY_A_TASK', None)}, open(sys.argv[-1], 'w'))\n"
+    )
+    prelude = (
+        "from flywheel import params\nwarm_runner.preload_worker(('heavy_lib',)); params.LEFT_BY_A_TASK = 'stale'\n"
+    )
+    _, seen = _run_custom(tmp_path, entry, prelude)
+    assert seen == {"settings": False, "tag": None}
 
 
 def test_a_database_engine_the_task_used_opens_its_own_connection_in_the_stage(tmp_path):
     """A library's cached engine (MLflow keeps one per store URI) with a connection the task opened: the stage
     using it gets a connection of its own, not the task's (whose descriptor the runner no longer holds)."""
-    (tmp_path / "heavy_lib.py").write_text(_LIBRARY)
-    (tmp_path / "stage_entry.py").write_text(
+    entry = (
         "import json, sys\nimport sqlalchemy\n\ndef main():\n"
         "    with sqlalchemy._cached_engine.connect() as c:\n"
         "        n = c.execute(sqlalchemy.text('select count(*) from t')).scalar()\n"
         "    json.dump({'rows': n}, open(sys.argv[-1], 'w'))\n"
     )
-    (tmp_path / "run").mkdir(mode=0o700)
-    seen = tmp_path / "seen.json"
-    task = (
-        "import sys, sqlalchemy; from pathlib import Path; from flywheel import orchestration as orch, warm_runner\n"
-        "warm_runner.preload_worker(('heavy_lib', 'sqlalchemy'))\n"
+    prelude = (
+        "import sqlalchemy\nwarm_runner.preload_worker(('heavy_lib', 'sqlalchemy'))\n"
         "engine = sqlalchemy._cached_engine = sqlalchemy.create_engine('sqlite:///' + sys.argv[2])\n"
         "with engine.begin() as c:\n"
         "    c.execute(sqlalchemy.text('create table t (x int)'))\n"
         "    c.execute(sqlalchemy.text('insert into t values (1), (2)'))\n"
-        f"orch.stage_command = lambda stage: [sys.executable, '-c', {_CLIENT!r}, {str(seen)!r}]\n"
-        "env = {**orch.command_env(Path.cwd()), 'XDG_RUNTIME_DIR': sys.argv[1]}\n"
-        "orch.run_stage(Path.cwd(), 'train', env, print, entry='stage_entry:main')\n"
-        "with engine.connect() as c:\n"
-        "    print('TASK ROWS', c.execute(sqlalchemy.text('select count(*) from t')).scalar())\n"
+        "def after():\n"
+        "    with engine.connect() as c:\n"
+        "        print('TASK ROWS', c.execute(sqlalchemy.text('select count(*) from t')).scalar())\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "IMPORTS_LOG": str(tmp_path / "imports")}
-    env.pop("FLYWHEEL_WARM_SOCKET", None)
-    args = [sys.executable, "-c", task, str(tmp_path / "run"), str(tmp_path / "db.sqlite")]
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0 and "forked from its worker" in proc.stdout, proc.stdout + proc.stderr
-    assert json.loads(seen.read_text()) == {"rows": 2}
+    proc, seen = _run_custom(tmp_path, entry, prelude, str(tmp_path / "db.sqlite"))
+    assert seen == {"rows": 2}
     assert "TASK ROWS 2" in proc.stdout, "the task's own connection broke"
