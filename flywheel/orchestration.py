@@ -390,15 +390,15 @@ def stage_runner(root: Path, env: dict[str, str], stage: str, log: Log = say, en
         path = str(folder / "s.sock")
         if len(path.encode()) > warm._MAX_SOCKET_PATH:
             raise OSError(f"socket path too long: {path}")
-        modules = (f"pipelines.{stage}",)
+        modules, entry = (f"pipelines.{stage}",), entry or warm.DEFAULT_ENTRY
         if warm_runner.preloaded_for(env):  # this task's worker imported the libraries: fork them, warm
-            pid = warm_runner.fork_serve(path, entry or warm.DEFAULT_ENTRY, env, root, modules, folder / "runner.log")
+            pid = warm_runner.fork_serve(path, entry, env, root, modules, folder / "runner.log")
             proc = _Forked(pid)
             log("the task's runner is forked from its worker's preloaded libraries")
         else:
             if differ := warm_runner.preload_differences(env):
                 log(f"the worker preloaded its libraries under other values of {', '.join(differ)}: not shared")
-            cmd = warm.runner_command(path, entry or warm.DEFAULT_ENTRY, 24 * 3600.0, in_group=True, modules=modules)
+            cmd = warm.runner_command(path, entry, 24 * 3600.0, in_group=True, modules=modules)
             with open(folder / "runner.log", "wb") as out:
                 proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out)
         deadline = time.monotonic() + 30

@@ -134,11 +134,10 @@ def _forget_connections() -> None:
     event.listen(Pool, "checkout", on_checkout)
 
 
-def _blank_descriptors(keep: tuple[int, ...]) -> None:
+def _blank_descriptors(null: int, keep: tuple[int, ...]) -> None:
     """In a runner forked from a task: every descriptor it inherited (the task's connections to Airflow, its log,
     its database connections) now points at /dev/null. Not closed: a Python object of the task that still owns
     one closes its number when freed, which must not be a socket or file the runner opened since."""
-    null = keep[0]
     try:
         inherited = [int(n) for n in os.listdir("/proc/self/fd")]
     except OSError:  # no /proc: every number up to the soft limit
@@ -146,7 +145,7 @@ def _blank_descriptors(keep: tuple[int, ...]) -> None:
 
         inherited = range(3, min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], 1 << 16))
     for fd in inherited:
-        if fd > 2 and fd not in keep:
+        if fd > 2 and fd != null and fd not in keep:
             with contextlib.suppress(OSError):
                 os.fstat(fd)
                 os.dup2(null, fd)
@@ -154,8 +153,7 @@ def _blank_descriptors(keep: tuple[int, ...]) -> None:
 
 def _fresh_process_state() -> None:
     """In a runner forked from a task: the standard streams, logging and warnings of a new interpreter, not the
-    task's (Airflow sends the task's records to its supervisor over a descriptor the runner closes, and whose
-    number a later socket may take)."""
+    task's (Airflow sends the task's records to its supervisor over a descriptor that points at /dev/null here)."""
     import logging
     import warnings
 
@@ -175,7 +173,7 @@ def _fresh_process_state() -> None:
 
 def preloaded_for(env: Mapping[str, str]) -> bool:
     """Whether this process holds ``preload_worker``'s imports, made under ``env``'s import-time variables."""
-    return not preload_differences(env) and bool(_fresh_path) and _preloaded_under is not None
+    return _preloaded_under is not None and not preload_differences(env)
 
 
 def preload_differences(env: Mapping[str, str]) -> list[str]:
@@ -200,7 +198,7 @@ def fork_serve(path: str, entry: str, env: Mapping[str, str], cwd: Path, modules
     try:
         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         null = os.open(os.devnull, os.O_RDWR)
-        _blank_descriptors(keep=(null, out))
+        _blank_descriptors(null, keep=(out,))
         os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(out, 2)
