@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from flywheel.params import Params, PathSettings, describe_errors  # noqa: F401  (PathSettings: re-exported)
 
+# libyaml's safe loader where PyYAML has it (params.yaml in 4 ms instead of 24: read by every stage command)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 ENV_PREFIX = "FLYWHEEL_"
 _URI_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "http", "https", "file")
 _AIRFLOW_DB_DIALECTS = ("sqlite", "postgresql", "mysql")  # any SQLAlchemy driver: postgresql+psycopg2, ...
@@ -96,7 +99,7 @@ def load_params(path: Path, profile: str | None = None) -> Params:
     """Parse params.yaml, with the chosen profile's overrides merged in; a wrong key or type fails
     with the key's name."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=SAFE_LOADER) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise SettingsError(f"cannot read {path}: {exc}") from exc
     if not isinstance(raw, dict):

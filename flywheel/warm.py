@@ -280,7 +280,7 @@ def workspace(env: dict[str, str] | None = None) -> tuple[Path, float] | None:
     import yaml
 
     try:
-        raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        raw = yaml.load((root / "params.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         orch = dict(raw.get("orchestration") or {})
         profile = env.get("FLYWHEEL_PROFILE", raw.get("profile") or "")
         orch.update(((raw.get("profiles") or {}).get(profile) or {}).get("orchestration") or {})
